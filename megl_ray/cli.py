@@ -1,0 +1,49 @@
+"""Shared conventions of every ``python -m megl_ray.*`` command.
+
+Each command prints logs to stderr and its result as one JSON object on the last line of stdout, so that scripts
+can read ``tail -n 1``. Errors a user can cause (bad config, missing file, unreachable S3) are raised as
+``UserError`` and become one clear line on stderr, ``{"error": ...}`` on stdout and exit status 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any, Callable, Sequence
+
+from megl_ray.errors import UserError
+
+__all__ = ["UserError", "print_result", "run_cli", "setup_logging"]
+
+
+def print_result(result: dict[str, Any]) -> None:
+    """Print the command's result as one JSON object on the last line of stdout."""
+    sys.stdout.flush()
+    print(json.dumps(result, sort_keys=True, default=str), flush=True)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Logs go to stderr so stdout's last line stays machine-readable."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def run_cli(prog: str, main: Callable[[Sequence[str] | None], dict[str, Any]], argv: Sequence[str] | None = None) -> int:
+    """Run ``main(argv)``, print its result dict as the last stdout line, turn ``UserError`` into one line + exit 2."""
+    try:
+        result = main(argv)
+    except UserError as err:
+        message = " ".join(str(err).split())  # one line, whatever the message held
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        print_result({"error": message})
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    print_result(result)
+    return 0

@@ -1,0 +1,361 @@
+"""The one typed configuration of megl_ray: dataclasses, loaded from YAML with ``key=value`` overrides.
+
+Every section is a dataclass whose fields carry docstrings (as comments) and whose ``__post_init__`` validates its
+values, so a bad value fails at load time with the key named, not deep inside a training run. The resolved config is
+saved inside every checkpoint (``to_dict``) and is what a sweep's best trial writes back as YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+
+from megl_ray.errors import ConfigError
+
+ClassifierName = Literal["tiny", "resnet18", "resnet50", "vit_b_16"]
+VLMPreset = Literal["tiny", "llava", "clip-qwen2"]
+VisualTransform = Literal["none", "gradia", "haics", "gaussian"]
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    """The MEGL model: classifier f, its saliency Â, and the SDTG vision-language model."""
+
+    classifier: ClassifierName = "tiny"
+    """Classifier backbone: ``tiny`` (a small CNN for CPU tests), ``resnet18``, ``resnet50`` or ``vit_b_16``."""
+    classifier_weights: str | None = None
+    """Initial classifier weights: None (random), a torchvision weights name (e.g. ``IMAGENET1K_V1``, downloaded by
+    torchvision where there is internet), or a local/``s3://`` state-dict file (.pt or .safetensors)."""
+    classifier_head: Literal["linear", "mlp"] = "linear"
+    """``linear`` (global-average-pool + linear: Grad-CAM has a closed form) or ``mlp`` (needs the autograd path)."""
+    vit_pool: Literal["mean", "cls"] = "mean"
+    """ViT pooling for the new head: ``mean`` of patch tokens (closed-form CAM) or the ``cls`` token (autograd)."""
+    image_size: int = 64
+    """Side of the square image the classifier sees (224 for the torchvision backbones)."""
+    cam_target: Literal["label", "prediction"] = "label"
+    """Class whose saliency is supervised during training: the ground-truth label (as in explanation supervision)
+    or the predicted class. At inference the prediction is always used."""
+
+    preset: VLMPreset = "tiny"
+    """Vision-language model: ``tiny`` (random init from config, tokenizer trained on the rationales), ``llava``
+    (a ``llava-1.5-7b-hf``-layout directory at ``vlm_path``) or ``clip-qwen2`` (CLIP at ``vision_path`` and a Qwen2
+    causal LM at ``lm_path``, assembled into LLaVA)."""
+    vlm_path: str | None = None
+    """Local or ``s3://`` directory of a LLaVA checkpoint (preset ``llava``)."""
+    vision_path: str | None = None
+    """Local or ``s3://`` directory of a CLIP vision checkpoint (preset ``clip-qwen2``)."""
+    lm_path: str | None = None
+    """Local or ``s3://`` directory of a Qwen2 causal-LM checkpoint and its tokenizer (preset ``clip-qwen2``)."""
+    tokenizer_path: str | None = None
+    """Tokenizer directory for the tiny preset; None trains one on the dataset's rationales."""
+    tiny_hidden_size: int = 64
+    """Hidden size of the tiny preset's CLIP tower and Qwen2 LM."""
+    tiny_vocab_size: int = 512
+    """Vocabulary size of the tokenizer trained for the tiny preset."""
+    tiny_vision_image_size: int = 32
+    """Image side of the tiny CLIP tower (its patch size is 8, so 16 image tokens)."""
+
+    sdtg: bool = True
+    """Saliency-Driven Textual Grounding: image tokens are W_A·CLIP(I ⊙ Â) + W_I·Z_I. False gives the plain-LLaVA
+    baseline of the paper: the VLM sees the plain image and no classifier features."""
+    detach_classifier_features: bool = False
+    """Stop gradients through Z_I, so the text loss reaches the classifier through Â alone (used by tests)."""
+    freeze_vision: bool = True
+    """Freeze the CLIP vision tower, as in the paper."""
+    freeze_lm: bool = False
+    """Freeze the language model's own weights (the projectors still train). LoRA adapters, if any, still train."""
+    lora_r: int = 0
+    """LoRA rank for the language model (0 = no LoRA, full fine-tuning unless ``freeze_lm``)."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator."""
+    lora_dropout: float = 0.05
+    """LoRA dropout."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Names of the LM's linear modules that get LoRA adapters."""
+    prompt_template: str = "USER: <image>\nWhy is this image a {label}? ASSISTANT:"
+    """Prompt before the rationale; ``<image>`` is where the image tokens go, ``{label}`` the class name."""
+    max_text_tokens: int = 48
+    """Maximum number of rationale tokens (prompt and image tokens not counted)."""
+
+    def __post_init__(self) -> None:
+        _check(self.image_size >= 16, "model.image_size", f"must be >= 16, got {self.image_size}")
+        _check(self.max_text_tokens >= 4, "model.max_text_tokens", f"must be >= 4, got {self.max_text_tokens}")
+        _check(self.lora_r >= 0, "model.lora_r", f"must be >= 0, got {self.lora_r}")
+        _check(0.0 <= self.lora_dropout < 1.0, "model.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        _check(self.tiny_hidden_size % 4 == 0, "model.tiny_hidden_size", "must be a multiple of 4 (attention heads)")
+        _check(self.tiny_vocab_size >= 64, "model.tiny_vocab_size", f"must be >= 64, got {self.tiny_vocab_size}")
+        _check(self.tiny_vision_image_size % 8 == 0, "model.tiny_vision_image_size", "must be a multiple of 8")
+        _check("<image>" in self.prompt_template, "model.prompt_template", "must contain '<image>'")
+        if self.preset == "llava":
+            _check(bool(self.vlm_path), "model.vlm_path", "is required with model.preset=llava")
+        if self.preset == "clip-qwen2":
+            _check(bool(self.vision_path), "model.vision_path", "is required with model.preset=clip-qwen2")
+            _check(bool(self.lm_path), "model.lm_path", "is required with model.preset=clip-qwen2")
+        if self.classifier == "vit_b_16":
+            _check(self.image_size % 16 == 0, "model.image_size", "must be a multiple of 16 for vit_b_16")
+
+
+@dataclass
+class LossConfig:
+    """Weights of the MEGL objective ``CE + text·L_text + visual·[I_V·L_visual + (1 − I_V)·dc·L_dc]``."""
+
+    text_weight: float = 1.0
+    """λ_text: weight of the causal-LM loss of the reference rationale."""
+    visual_weight: float = 1.0
+    """λ_vis: weight of the visual-explanation terms."""
+    dc_weight: float = 0.1
+    """λ_dc: weight of the distribution-consistency KL(Â‖Ā) for samples without a ground-truth map."""
+    visual_transform: VisualTransform = "none"
+    """Transform of the ground-truth map before the L1 term: ``none``, ``gradia``, ``haics`` or ``gaussian``."""
+    gaussian_sigma: float = 1.0
+    """Sigma, in saliency-grid cells, of the ``gaussian`` transform."""
+    kl_eps: float = 1e-6
+    """Smoothing added to both maps before they are normalised to distributions for the KL term."""
+
+    def __post_init__(self) -> None:
+        for name in ("text_weight", "visual_weight", "dc_weight"):
+            value = getattr(self, name)
+            _check(value >= 0, f"loss.{name}", f"must be >= 0, got {value}")
+        _check(self.gaussian_sigma > 0, "loss.gaussian_sigma", f"must be > 0, got {self.gaussian_sigma}")
+        _check(0 < self.kl_eps < 1, "loss.kl_eps", f"must be in (0, 1), got {self.kl_eps}")
+
+
+@dataclass
+class DataConfig:
+    """Where the converted dataset lives and how batches are made."""
+
+    uri: str | None = None
+    """Converted dataset (local directory or ``s3://bucket/prefix``); None uses the bundled sample dataset."""
+    batch_size: int = 16
+    """Micro-batch size per worker."""
+    rationale_seed: int = 0
+    """Seed of the per-epoch choice of one rationale per image."""
+    max_rationales: int = 4
+    """Rationales per image kept (tokenised once; one is drawn per image per epoch)."""
+    shuffle_buffer: int = 256
+    """Rows in each worker's seeded local shuffle buffer (reseeded every epoch)."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.max_rationales >= 1, "data.max_rationales", f"must be >= 1, got {self.max_rationales}")
+        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class TrainConfig:
+    """The training schedule and its distribution."""
+
+    epochs: int = 2
+    """Number of passes over the training split."""
+    seed: int = 0
+    """Seed of initialisation, shuffling and rationale sampling."""
+    num_workers: int = 2
+    """Ray Train workers (one GPU each on a GPU cluster)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage (2 or 3)."""
+    grad_accum: int = 1
+    """Gradient-accumulation steps; the global batch is derived: batch_size × grad_accum × num_workers."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.num_workers >= 1, "train.num_workers", f"must be >= 1, got {self.num_workers}")
+        _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _check(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
+
+
+@dataclass
+class RunConfig:
+    """Where a run's checkpoints and logs go."""
+
+    storage_path: str | None = None
+    """Local directory or ``s3://bucket/prefix`` for runs; None uses the embedded default."""
+    name: str = "megl"
+    """Run name: re-running with the same name resumes."""
+
+
+@dataclass
+class MEGLConfig:
+    """The whole configuration: one section per concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with types checked and keys named in every error.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (Literal, Optional, list, bool/int/float/str, dataclass)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {', '.join(repr(a) for a in args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config annotation {tp!r} at {key}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}' (valid: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # a bare string YAML cannot parse (e.g. "a: b") is taken literally
+    return key.split("."), value
+
+
+def _set_path(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path[: i + 1])}: is a value, cannot set '{'.'.join(path)}'")
+        node = child
+    node[path[-1]] = value
+
+
+def config_from_dict(data: dict[str, Any] | None, overrides: Sequence[str] = ()) -> MEGLConfig:
+    """Build a validated ``MEGLConfig`` from a nested dict plus ``key=value`` overrides (values parsed as YAML)."""
+    tree = _deep_copy(data or {})
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(tree).__name__}")
+    for text in overrides:
+        path, value = _parse_override(text)
+        _set_path(tree, path, value)
+    return _build(MEGLConfig, tree, "")
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> MEGLConfig:
+    """Load a YAML config file (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    return config_from_dict(data, overrides)
+
+
+def packaged_config(name: str) -> Path:
+    """Path of a config shipped in ``megl_ray/configs`` (e.g. ``tiny``)."""
+    path = Path(__file__).parent / "configs" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no packaged config named '{name}'")
+    return path

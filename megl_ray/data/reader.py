@@ -1,0 +1,71 @@
+"""Reading a converted dataset without Ray: one process, local or ``s3://`` (small splits, tests, the single-process
+reference trainer). The Ray Data pipeline (``pipeline.py``) streams the same shards with the same row transform."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from megl_ray.data.schema import DATASET_INFO_FILE, DatasetInfo, load_dataset_info
+from megl_ray.errors import UserError
+
+
+def split_paths(uri: str, info: DatasetInfo, split: str) -> tuple[Any, list[str]]:
+    """(pyarrow filesystem, shard paths) of one split."""
+    from megl_ray.storage import pyarrow_filesystem
+
+    if split not in info.shards:
+        raise UserError(f"dataset at {uri} has no split '{split}' (it has {', '.join(info.shards)})")
+    fs, base = pyarrow_filesystem(uri)
+    return fs, [f"{base.rstrip('/')}/{rel}" for rel in info.shards[split]]
+
+
+def read_split(uri: str, split: str, info: DatasetInfo | None = None) -> pa.Table:
+    """The whole split as one Arrow table (rows in shard order)."""
+    info = info or load_dataset_info(uri)
+    fs, paths = split_paths(uri, info, split)
+    if not paths:
+        return pa.table({})
+    return pads.dataset(paths, filesystem=fs, format="parquet").to_table()
+
+
+def epoch_order(num_rows: int, epoch: int, seed: int) -> np.ndarray:
+    """A permutation of the rows that differs between epochs and is the same on every machine."""
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def iter_row_batches(table: pa.Table, batch_size: int, epoch: int, seed: int, shuffle: bool = True,
+                     drop_last: bool = False) -> Iterator[list[dict[str, Any]]]:
+    """Row dicts in batches of ``batch_size``, in the epoch's seeded order."""
+    order = epoch_order(table.num_rows, epoch, seed) if shuffle else np.arange(table.num_rows)
+    end = len(order) - (len(order) % batch_size if drop_last else 0)
+    for start in range(0, end, batch_size):
+        yield table.take(order[start: start + batch_size]).to_pylist()
+
+
+def bundled_dataset_uri(cache_dir: str | Path | None = None) -> str:
+    """The bundled sample dataset converted (once, cached by the sample's content hash) to a local directory."""
+    from megl_ray.data import convert
+    from megl_ray.data.sample import sample_dataset_path
+
+    src = sample_dataset_path()
+    digest = hashlib.sha256((src / "exp_annotation.json").read_bytes()).hexdigest()[:12]
+    root = Path(cache_dir or Path.home() / ".cache" / "megl_ray" / "datasets") / f"digits-{digest}"
+    if not (root / DATASET_INFO_FILE).is_file():
+        # Convert beside the target and rename: concurrent callers (two workers, two tests) never see half a dataset.
+        staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+        convert.main([str(src), str(staging), "--overwrite"])
+        if root.exists() and not (root / DATASET_INFO_FILE).is_file():
+            shutil.rmtree(root, ignore_errors=True)  # left by an interrupted run
+        try:
+            os.replace(staging, root)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(root)

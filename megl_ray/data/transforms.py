@@ -1,0 +1,187 @@
+"""Per-sample transforms from stored rows to model inputs. No Ray: the Ray Data pipeline maps these over batches,
+and tests and single-process code call them directly.
+
+The model consumes one batch dict (see ``collate``):
+    pixels        float32 (B, 3, S, S) in [0, 1]  (the model normalises per consumer: classifier and CLIP differ)
+    labels        int64 (B,)
+    masks         float32 (B, M, M) in [0, 1]     (zeros where has_mask is False)
+    has_mask      bool (B,)
+    input_ids     int64 (B, T)   prompt (with image tokens) + rationale + EOS, right-padded
+    attention_mask int64 (B, T)
+    text_labels   int64 (B, T)   −100 on prompt, image and padding tokens: only the rationale is learned
+    sample_weight float32 (B,)   1, or 0 for rows that only pad a worker's shard to equal length
+
+Stored rows go through two steps: ``preprocess_rows`` (decode, resize, tokenise every rationale; epoch-independent
+and heavy, so the Ray Data pipeline runs it in ``map_batches``) and ``model_batch`` (draw this epoch's rationale,
+build the token sequences; cheap, on the training worker).
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from megl_ray.data.schema import mask_from_bytes
+
+IGNORE_INDEX = -100
+IMAGE_TOKEN = "<image>"
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """Encoded image bytes → float32 (3, size, size) in [0, 1] (RGB, bilinear resize)."""
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        return np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+
+
+def decode_mask(data: bytes | None, mask_size: int) -> np.ndarray:
+    """Stored mask bytes (uint8, mask_size², row-major) → float32 (mask_size, mask_size) in [0, 1]; zeros if None."""
+    if data is None:
+        return np.zeros((mask_size, mask_size), dtype=np.float32)
+    return mask_from_bytes(data, mask_size).astype(np.float32) / 255.0
+
+
+def format_prompt(template: str, label_name: str) -> tuple[str, str]:
+    """Split the prompt template at ``<image>``: (text before, text after with {label} filled)."""
+    before, after = template.split(IMAGE_TOKEN, 1)
+    return before, after.replace("{label}", label_name)
+
+
+def encode_prompt(tokenizer: Any, template: str, label_name: str, num_image_tokens: int) -> list[int]:
+    """Token ids of the prompt with ``num_image_tokens`` copies of the image token where ``<image>`` stands."""
+    before, after = format_prompt(template, label_name)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    ids: list[int] = []
+    if tokenizer.bos_token_id is not None:
+        ids.append(tokenizer.bos_token_id)
+    ids += tokenizer.encode(before, add_special_tokens=False)
+    ids += [image_id] * num_image_tokens
+    ids += tokenizer.encode(after, add_special_tokens=False)
+    return ids
+
+
+def encode_example(tokenizer: Any, template: str, label_name: str, rationale: str, num_image_tokens: int,
+                   max_text_tokens: int) -> dict[str, list[int]]:
+    """Prompt + rationale + EOS as input ids with LM labels that cover the rationale and EOS only."""
+    prompt = encode_prompt(tokenizer, template, label_name, num_image_tokens)
+    answer = tokenizer.encode(" " + rationale.strip(), add_special_tokens=False)[: max_text_tokens - 1]
+    answer.append(tokenizer.eos_token_id)
+    return {
+        "input_ids": prompt + answer,
+        "text_labels": [IGNORE_INDEX] * len(prompt) + answer,
+    }
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int, side: str = "right") -> torch.Tensor:
+    """Pad lists of ids to one (B, T) tensor; left padding is what batched generation needs."""
+    length = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), length), pad_value, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if side == "right":
+            out[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        else:
+            out[i, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
+    return out
+
+
+def tokenize_rationales(tokenizer: Any, rationales: Sequence[str], max_rationales: int,
+                        max_text_tokens: int) -> tuple[np.ndarray, int]:
+    """All of an image's rationales as ids, (max_rationales, max_text_tokens) int32 padded with −1, plus how many
+    there are. Tokenising every rationale up front lets the trainer draw a different one each epoch for free."""
+    out = np.full((max_rationales, max_text_tokens), -1, dtype=np.int32)
+    kept = [r for r in rationales][:max_rationales]
+    for i, text in enumerate(kept):
+        ids = tokenizer.encode(" " + text.strip(), add_special_tokens=False)[: max_text_tokens - 1]
+        ids.append(tokenizer.eos_token_id)
+        out[i, : len(ids)] = ids
+    return out, len(kept)
+
+
+def preprocess_rows(rows: dict[str, Any], tokenizer: Any, image_size: int, mask_size: int, max_rationales: int,
+                    max_text_tokens: int) -> dict[str, np.ndarray]:
+    """The heavy, epoch-independent part, on a columnar batch of stored rows (``schema.PARQUET_SCHEMA`` columns):
+    decode and resize images (kept uint8 to move 4× fewer bytes), decode masks, tokenise rationales. This is what
+    the Ray Data pipeline runs in ``map_batches``; the single-process reader calls it directly."""
+    n = len(rows["id"])
+    pixels = np.empty((n, 3, image_size, image_size), dtype=np.uint8)
+    masks = np.zeros((n, mask_size, mask_size), dtype=np.uint8)
+    rationale_ids = np.empty((n, max_rationales, max_text_tokens), dtype=np.int32)
+    counts = np.empty(n, dtype=np.int32)
+    for i in range(n):
+        pixels[i] = np.rint(decode_image(rows["image"][i], image_size) * 255.0).astype(np.uint8)
+        if rows["has_mask"][i]:
+            masks[i] = mask_from_bytes(rows["mask"][i], mask_size)
+        rationale_ids[i], counts[i] = tokenize_rationales(tokenizer, list(rows["rationales"][i]), max_rationales,
+                                                          max_text_tokens)
+    return {
+        "id": np.asarray(rows["id"], dtype=object),
+        "class_name": np.asarray(rows["class_name"], dtype=object),
+        "label": np.asarray(rows["class_id"], dtype=np.int64),
+        "has_mask": np.asarray(rows["has_mask"], dtype=bool),
+        "pixels": pixels,
+        "mask": masks,
+        "rationale_ids": rationale_ids,
+        "rationale_count": counts,
+        "weight": np.asarray(rows.get("weight", np.ones(n)), dtype=np.float32),
+    }
+
+
+def rationale_index(sample_id: str, count: int, epoch: int, seed: int) -> int:
+    """Which of an image's ``count`` rationales to train on this epoch: reproducible from (seed, epoch, id),
+    whichever worker sees the image and in whatever order."""
+    if count <= 1:
+        return 0
+    return random.Random(f"{seed}:{epoch}:{sample_id}").randrange(count)
+
+
+def model_batch(pre: dict[str, Any], tokenizer: Any, template: str, num_image_tokens: int, epoch: int,
+                seed: int) -> dict[str, torch.Tensor]:
+    """A preprocessed batch (``preprocess_rows``) → the model's batch dict, drawing one rationale per image."""
+    prompts: dict[str, list[int]] = {}
+    input_ids, text_labels = [], []
+    for i, sample_id in enumerate(pre["id"]):
+        name = str(pre["class_name"][i])
+        if name not in prompts:
+            prompts[name] = encode_prompt(tokenizer, template, name, num_image_tokens)
+        k = rationale_index(str(sample_id), int(pre["rationale_count"][i]), epoch, seed)
+        answer = [int(t) for t in pre["rationale_ids"][i][k] if t >= 0]
+        input_ids.append(prompts[name] + answer)
+        text_labels.append([IGNORE_INDEX] * len(prompts[name]) + answer)
+    return {
+        "pixels": torch.as_tensor(np.asarray(pre["pixels"])).float().div_(255.0),
+        "labels": torch.as_tensor(np.asarray(pre["label"], dtype=np.int64)),
+        "masks": torch.as_tensor(np.asarray(pre["mask"])).float().div_(255.0),
+        "has_mask": torch.as_tensor(np.asarray(pre["has_mask"], dtype=bool)),
+        "input_ids": pad_sequences(input_ids, tokenizer.pad_token_id),
+        "attention_mask": pad_sequences([[1] * len(x) for x in input_ids], 0),
+        "text_labels": pad_sequences(text_labels, IGNORE_INDEX),
+        "sample_weight": torch.as_tensor(np.asarray(pre["weight"], dtype=np.float32)),
+    }
+
+
+def collate(examples: Sequence[dict[str, Any]], tokenizer: Any, template: str, num_image_tokens: int,
+            max_text_tokens: int) -> dict[str, torch.Tensor]:
+    """In-memory examples with ``pixels`` (3,S,S) float, ``label``, ``label_name``, ``mask`` (M,M) float,
+    ``has_mask`` and one ``rationale`` text → the model's batch dict (for tests and notebooks; stored datasets go
+    through ``preprocess_rows`` and ``model_batch``)."""
+    encoded = [encode_example(tokenizer, template, ex["label_name"], ex["rationale"], num_image_tokens,
+                              max_text_tokens) for ex in examples]
+    input_ids = pad_sequences([e["input_ids"] for e in encoded], tokenizer.pad_token_id)
+    text_labels = pad_sequences([e["text_labels"] for e in encoded], IGNORE_INDEX)
+    attention_mask = pad_sequences([[1] * len(e["input_ids"]) for e in encoded], 0)
+    return {
+        "pixels": torch.as_tensor(np.stack([np.asarray(ex["pixels"], dtype=np.float32) for ex in examples])),
+        "labels": torch.tensor([int(ex["label"]) for ex in examples], dtype=torch.long),
+        "masks": torch.as_tensor(np.stack([np.asarray(ex["mask"], dtype=np.float32) for ex in examples])),
+        "has_mask": torch.tensor([bool(ex["has_mask"]) for ex in examples], dtype=torch.bool),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "text_labels": text_labels,
+    }

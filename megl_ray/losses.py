@@ -1,0 +1,118 @@
+"""The MEGL objective (arXiv 2411.13053), one function per term and one for the combination.
+
+Per sample i:
+    L_i = CE_i + λ_text·L_text,i + λ_vis·[I_V,i·L_visual,i + (1 − I_V,i)·λ_dc·L_dc,i]
+and the batch loss is the mean of L_i. Every term is returned per sample, so that the masking by I_V is per sample,
+never per batch. No Ray here: these are plain tensor functions, testable on small hand-made tensors.
+
+Normalisations (documented because the paper leaves them open):
+- L_visual is the mean absolute difference over the saliency grid (‖Â − A‖₁ divided by h·w), so its scale does not
+  depend on the backbone's grid size. A is the ground-truth map area-resized to Â's grid.
+- L_dc treats Â and Ā as spatial distributions: each map plus ``eps`` is divided by its sum, then
+  KL(P‖Q) = Σ P·log(P/Q). Hence L_dc = 0 when Â is proportional to Ā (in particular equal) and > 0 otherwise.
+- L_text is, per sample, the mean token negative log-likelihood of the reference rationale (prompt and image tokens
+  are excluded by label −100); a sample with no rationale tokens contributes 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from megl_ray.config import LossConfig
+from megl_ray.model.saliency import resize_map
+
+IGNORE_INDEX = -100
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy, (B,)."""
+    return F.cross_entropy(logits.float(), labels, reduction="none")
+
+
+def text_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean next-token NLL of the labelled tokens, (B,). logits (B, T, V), labels (B, T) with −100."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
+    counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
+    return nll.sum(dim=1) / counts.clamp_min(1)
+
+
+def _gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    out = maps.unsqueeze(1)
+    out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+    return out.squeeze(1)
+
+
+def visual_loss(saliency: torch.Tensor, target: torch.Tensor, transform: str = "none",
+                gaussian_sigma: float = 1.0) -> torch.Tensor:
+    """Per-sample L_visual, (B,), against ground-truth maps ``target`` (B, H, W) in [0, 1] resized to Â's grid.
+
+    Transforms of the explanation-supervision literature (Gao et al., RES, NeurIPS 2022, and the methods it
+    compares):
+    - ``none``: mean |Â − A|.
+    - ``gradia``: the annotation as a hard region (A > 0.5): attention is pulled to 1 inside, pushed to 0 outside.
+    - ``haics``: only attention outside the annotated region is penalised, mean(Â·(1 − A)): annotators mark where
+      the evidence is, not how much of it every pixel holds.
+    - ``gaussian``: A blurred by a Gaussian (σ in grid cells) and rescaled to peak 1, tolerating imprecise borders.
+    """
+    target = resize_map(target.to(saliency.dtype), tuple(saliency.shape[-2:]))
+    if transform == "none":
+        diff = saliency - target
+    elif transform == "gradia":
+        diff = saliency - (target > 0.5).to(saliency.dtype)
+    elif transform == "haics":
+        diff = saliency * (1 - target)
+    elif transform == "gaussian":
+        blurred = _gaussian_blur(target, gaussian_sigma)
+        blurred = blurred / blurred.flatten(1).amax(dim=1).clamp_min(1e-8).view(-1, 1, 1)
+        diff = saliency - blurred
+    else:
+        raise ValueError(f"unknown visual transform '{transform}' (none, gradia, haics, gaussian)")
+    return diff.abs().flatten(1).mean(dim=1)
+
+
+def as_distribution(maps: torch.Tensor, eps: float) -> torch.Tensor:
+    """(B, h, w) non-negative maps → spatial probability distributions, (B, h·w)."""
+    flat = maps.flatten(1) + eps
+    return flat / flat.sum(dim=1, keepdim=True)
+
+
+def distribution_consistency_loss(saliency: torch.Tensor, prior: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-sample KL(Â ‖ Ā), (B,). ``prior`` is the dataset's mean normalised ground-truth map (any resolution;
+    it is area-resized to Â's grid)."""
+    prior = resize_map(prior.to(saliency.dtype), tuple(saliency.shape[-2:]))
+    p = as_distribution(saliency, eps)
+    q = as_distribution(prior.expand_as(saliency), eps)
+    return (p * (p.log() - q.log())).sum(dim=1)
+
+
+def megl_objective(ce: torch.Tensor, text: torch.Tensor | None, visual: torch.Tensor | None,
+                   dc: torch.Tensor | None, has_mask: torch.Tensor, weights: LossConfig,
+                   sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the batch of CE + λ_text·L_text + λ_vis·[I_V·L_visual + (1 − I_V)·λ_dc·L_dc]; None terms are 0.
+
+    ``sample_weight`` (B,) makes it a weighted mean; rows that only pad a worker's shard carry weight 0."""
+    total = ce
+    if text is not None:
+        total = total + weights.text_weight * text
+    indicator = has_mask.to(ce.dtype)
+    vis = torch.zeros_like(ce)
+    if visual is not None:
+        # torch.where, not a product, so a NaN-free but meaningless L1 against an absent mask can't leak in.
+        vis = torch.where(has_mask, visual, torch.zeros_like(visual))
+    if dc is not None:
+        vis = vis + (1 - indicator) * weights.dc_weight * dc
+    per_sample = total + weights.visual_weight * vis
+    if sample_weight is None:
+        return per_sample.mean()
+    sample_weight = sample_weight.to(per_sample.dtype)
+    return (sample_weight * per_sample).sum() / sample_weight.sum().clamp_min(1e-12)

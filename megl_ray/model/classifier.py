@@ -1,0 +1,203 @@
+"""The image classifier f of MEGL: a backbone that yields a spatial feature map and a head that classifies it.
+
+Every classifier exposes the same two things the rest of MEGL needs: the feature map Z_I (B, C, h, w) on which
+Grad-CAM is taken and which SDTG feeds to the VLM, and logits computed *from that map inside the graph*, so the
+saliency can be differentiated with respect to the classifier's parameters. When the head is global-average-pool +
+linear, ``cam_weight`` returns the linear weight and Grad-CAM has a closed form (see ``saliency.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from megl_ray.errors import ConfigError
+
+# Classifiers see ImageNet-normalised pixels; the model receives [0, 1] pixels and normalises per consumer, because
+# the CLIP tower of the VLM expects a different normalisation of the same (saliency-masked) image.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ClassifierOutput:
+    logits: torch.Tensor
+    """(B, num_classes)."""
+    features: torch.Tensor
+    """(B, C, h, w): the map Grad-CAM is taken on (last conv stage, or ViT patch tokens laid out on their grid)."""
+
+
+class Classifier(nn.Module):
+    """A backbone producing a feature map plus a head; ``forward`` takes [0, 1] pixels."""
+
+    def __init__(self, backbone: nn.Module, channels: int, num_classes: int, head: str = "linear"):
+        super().__init__()
+        self.backbone = backbone
+        self.channels = channels
+        self.head_kind = head
+        if head == "linear":
+            self.head = nn.Linear(channels, num_classes)
+        elif head == "mlp":
+            self.head = nn.Sequential(nn.Linear(channels, channels), nn.GELU(), nn.Linear(channels, num_classes))
+        else:
+            raise ConfigError(f"model.classifier_head: unknown head '{head}'")
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def cam_weight(self) -> torch.Tensor | None:
+        """The (num_classes, C) weight when the head is GAP + linear (closed-form CAM), else None."""
+        return self.head.weight if self.head_kind == "linear" else None
+
+    def feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.backbone((pixels - self.mean) / self.std)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features.mean(dim=(2, 3)))
+
+    def forward(self, pixels: torch.Tensor) -> ClassifierOutput:
+        features = self.feature_map(pixels)
+        return ClassifierOutput(logits=self.classify(features), features=features)
+
+
+class TinyCNN(nn.Module):
+    """Three stages of (stride-2 conv, conv), 64 px → 8×8 grid. GroupNorm, not BatchNorm, so that a batch split
+    across workers computes exactly what one process computes on the whole batch (the equivalence tests rely on it)."""
+
+    def __init__(self, channels: int = 128):
+        super().__init__()
+        widths = [3, channels // 4, channels // 2, channels]
+        layers: list[nn.Module] = []
+        for cin, cout in zip(widths[:-1], widths[1:]):
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(8, cout), nn.ReLU(inplace=True),
+                       nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.ReLU(inplace=True)]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class ResNetTrunk(nn.Module):
+    """A torchvision ResNet up to its last convolutional stage (layer4); its avgpool + fc become our head."""
+
+    def __init__(self, resnet: nn.Module):
+        super().__init__()
+        self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
+        self.stages = nn.Sequential(resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
+
+
+class ViTPatchTrunk(nn.Module):
+    """A torchvision ViT whose patch tokens (after the final LayerNorm) are laid out on their (h, w) grid.
+
+    With ``pool="mean"`` our head is mean-pool + linear over these tokens, so CAM is closed-form. With ``pool="cls"``
+    the class token is kept as an extra trailing 1×1 column the head reads (see ``ClsTokenClassifier``).
+    """
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.vit._process_input(x)
+        cls = self.vit.class_token.expand(x.shape[0], -1, -1)
+        return self.vit.encoder(torch.cat([cls, x], dim=1))  # (B, 1 + h*w, D), LayerNorm applied
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.tokens(x)[:, 1:]
+        side = int(tokens.shape[1] ** 0.5)
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+
+
+class ClsTokenClassifier(Classifier):
+    """ViT classified from its class token: Grad-CAM then needs autograd (no closed form).
+
+    The class token's final output does not depend on the final patch outputs, so Grad-CAM is taken, as is usual
+    for ViTs, on the patch tokens entering the last encoder block; the logits are computed from them in-graph.
+    """
+
+    def __init__(self, trunk: ViTPatchTrunk, channels: int, num_classes: int):
+        super().__init__(trunk, channels, num_classes, head="linear")
+
+    @property
+    def cam_weight(self) -> torch.Tensor | None:
+        return None
+
+    def forward(self, pixels: torch.Tensor) -> ClassifierOutput:
+        # The fused attention kernels have no double backward; the autograd Grad-CAM differentiates through the
+        # last block twice, so attention runs on the math kernel here.
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            return self._forward(pixels)
+
+    def _forward(self, pixels: torch.Tensor) -> ClassifierOutput:
+        vit = self.backbone.vit
+        x = vit._process_input((pixels - self.mean) / self.std)
+        x = torch.cat([vit.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = vit.encoder.dropout(x + vit.encoder.pos_embedding)
+        for layer in vit.encoder.layers[:-1]:
+            x = layer(x)
+        patches = x[:, 1:]
+        side = int(patches.shape[1] ** 0.5)
+        features = patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], side, side)
+        x = torch.cat([x[:, :1], features.flatten(2).transpose(1, 2)], dim=1)
+        x = vit.encoder.ln(vit.encoder.layers[-1](x))
+        return ClassifierOutput(logits=self.head(x[:, 0]), features=features)
+
+
+def _torchvision_weights(builder_name: str, weights: str | None):
+    """Resolve a torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``) for a builder; None for other values."""
+    if weights is None or "/" in weights or weights.endswith((".pt", ".pth", ".safetensors")):
+        return None
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(builder_name)
+    try:
+        return enum[weights] if weights != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        names = ", ".join(w.name for w in enum)
+        raise ConfigError(f"model.classifier_weights: '{weights}' is not a torchvision weights name ({names}) "
+                          "nor a .pt/.safetensors file") from None
+
+
+def build_classifier(name: str, num_classes: int, *, image_size: int = 224, head: str = "linear",
+                     vit_pool: str = "mean", weights: str | None = None) -> Classifier:
+    """Build classifier ``name`` with a new head for ``num_classes``; load ``weights`` (see ``ModelConfig``)."""
+    import torchvision
+
+    tv_weights = _torchvision_weights(name, weights) if name != "tiny" else None
+    if name == "tiny":
+        model: Classifier = Classifier(TinyCNN(128), 128, num_classes, head)
+    elif name in ("resnet18", "resnet50"):
+        resnet = getattr(torchvision.models, name)(weights=tv_weights)
+        model = Classifier(ResNetTrunk(resnet), resnet.fc.in_features, num_classes, head)
+    elif name == "vit_b_16":
+        kwargs = {} if tv_weights is not None else {"image_size": image_size}
+        vit = torchvision.models.vit_b_16(weights=tv_weights, **kwargs)
+        trunk = ViTPatchTrunk(vit)
+        model = (ClsTokenClassifier(trunk, vit.hidden_dim, num_classes) if vit_pool == "cls"
+                 else Classifier(trunk, vit.hidden_dim, num_classes, head))
+    else:
+        raise ConfigError(f"model.classifier: unknown classifier '{name}' (tiny, resnet18, resnet50, vit_b_16)")
+    if weights is not None and tv_weights is None:
+        load_classifier_state(model, weights)
+    return model
+
+
+def load_classifier_state(model: Classifier, uri: str) -> None:
+    """Load a state dict from a local or ``s3://`` .pt/.safetensors file; never unpickles arbitrary objects."""
+    from megl_ray.model.checkpoint_io import load_state_dict_file
+
+    state = load_state_dict_file(uri)
+    # A head trained for other classes is expected not to fit: keep ours, load the rest strictly.
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        raise ConfigError(f"model.classifier_weights: {uri} does not fit this classifier "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -1,0 +1,192 @@
+"""The MEGL model: classifier f → saliency Â → SDTG vision-language model, and the whole objective in ``forward``.
+
+The loss is computed inside ``forward`` on purpose: DeepSpeed engines wrap ``forward``, and an autograd Grad-CAM
+(double backward) only works under ZeRO-2 when it runs inside the module's forward. One backward then covers all
+terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megl_ray import losses
+from megl_ray.config import LossConfig, MEGLConfig, ModelConfig
+from megl_ray.data.transforms import encode_prompt, pad_sequences
+from megl_ray.model.classifier import Classifier, build_classifier
+from megl_ray.model.saliency import gradcam, upsample
+from megl_ray.model.vlm import CLIP_MEAN, CLIP_STD, VLMBundle, build_vlm
+
+
+@dataclass
+class MEGLOutput:
+    loss: torch.Tensor
+    """The batch mean of the per-sample MEGL objective (what is back-propagated)."""
+    logits: torch.Tensor
+    saliency: torch.Tensor
+    """Â, (B, h, w) in [0, 1]."""
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Detached batch means for logging: ce, text, visual (over samples with a mask), dc (over samples without)."""
+    text_logits: torch.Tensor | None = None
+
+
+class SDTGFusion(nn.Module):
+    """W_I: projects the classifier's spatial features Z_I onto the LM's image-token grid and hidden size.
+
+    Zero-initialised, so that at step 0 the image tokens are exactly W_A·CLIP(I ⊙ Â) and a pretrained LLaVA starts
+    from the behaviour it was trained for; W_I still receives gradients (its input is non-zero) and grows as useful.
+    """
+
+    def __init__(self, feature_channels: int, hidden_size: int, grid: int):
+        super().__init__()
+        self.grid = grid
+        self.proj = nn.Linear(feature_channels, hidden_size)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.shape[-1] != self.grid or features.shape[-2] != self.grid:
+            features = F.interpolate(features, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
+        return self.proj(features.flatten(2).transpose(1, 2))  # (B, grid², hidden)
+
+
+class MEGLModel(nn.Module):
+    """Classifier + saliency + SDTG VLM with the MEGL objective."""
+
+    def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig, classifier: Classifier, vlm: VLMBundle,
+                 prior: torch.Tensor | None = None):
+        super().__init__()
+        self.cfg = model_cfg
+        self.loss_cfg = loss_cfg
+        self.classifier = classifier
+        self.vlm = vlm.model
+        self.tokenizer = vlm.tokenizer
+        self.image_token_id = vlm.image_token_id
+        self.num_image_tokens = vlm.num_image_tokens
+        self.vision_image_size = vlm.vision_image_size
+        grid = int(round(vlm.num_image_tokens ** 0.5))
+        if grid * grid != vlm.num_image_tokens:
+            raise ValueError(f"SDTG needs a square image-token grid, got {vlm.num_image_tokens} tokens")
+        hidden = vlm.model.config.text_config.hidden_size
+        self.fusion = SDTGFusion(classifier.channels, hidden, grid) if model_cfg.sdtg else None
+        self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("clip_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        # Ā: the dataset's mean normalised ground-truth map. Uniform until the data pipeline provides one.
+        self.register_buffer("prior", prior.float().clone() if prior is not None else torch.ones(8, 8))
+
+    def set_prior(self, prior: torch.Tensor) -> None:
+        self.prior = prior.to(self.prior.device, torch.float32).clone()
+
+    # -- pieces --------------------------------------------------------------------------------------------------
+
+    def image_tokens(self, pixels: torch.Tensor, saliency: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """V = W_A·CLIP(I ⊙ Â) + W_I·Z_I with SDTG; the plain LLaVA image tokens W_A·CLIP(I) without."""
+        image = pixels * upsample(saliency, tuple(pixels.shape[-2:])) if self.fusion is not None else pixels
+        if image.shape[-1] != self.vision_image_size:
+            image = F.interpolate(image, size=(self.vision_image_size, self.vision_image_size), mode="bilinear",
+                                  align_corners=False, antialias=True)
+        image = (image - self.clip_mean) / self.clip_std
+        dtype = self.vlm.model.vision_tower.dtype if hasattr(self.vlm.model.vision_tower, "dtype") else image.dtype
+        projected = self.vlm.model.get_image_features(pixel_values=image.to(dtype)).pooler_output
+        tokens = torch.stack(list(projected)) if isinstance(projected, (list, tuple)) else projected
+        if self.fusion is not None:
+            z = features.detach() if self.cfg.detach_classifier_features else features
+            tokens = tokens + self.fusion(z.to(tokens.dtype))
+        return tokens
+
+    def text_embeddings(self, input_ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the image-token positions replaced by ``image_tokens`` (B, N, hidden)."""
+        embeds = self.vlm.get_input_embeddings()(input_ids)
+        is_image = input_ids == self.image_token_id
+        counts = is_image.sum(dim=1)
+        if not bool((counts == self.num_image_tokens).all()):
+            raise ValueError(f"every sequence needs exactly {self.num_image_tokens} image tokens, "
+                             f"got {counts.tolist()}")
+        return embeds.masked_scatter(is_image.unsqueeze(-1), image_tokens.to(embeds.dtype))
+
+    def saliency(self, logits: torch.Tensor, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return gradcam(features, logits, target, self.classifier.cam_weight, create_graph=self.training)
+
+    # -- the objective -------------------------------------------------------------------------------------------
+
+    def forward(self, pixels: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None = None,
+                has_mask: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, text_labels: torch.Tensor | None = None,
+                sample_weight: torch.Tensor | None = None, **_: Any) -> MEGLOutput:
+        w = self.loss_cfg
+        out = self.classifier(pixels)
+        target = labels if self.cfg.cam_target == "label" else out.logits.argmax(dim=1)
+        sal = self.saliency(out.logits, out.features, target)
+        ce = losses.classification_loss(out.logits, labels)
+        if has_mask is None:
+            has_mask = torch.zeros_like(labels, dtype=torch.bool)
+
+        visual = dc = text = text_logits = None
+        if w.visual_weight > 0 and masks is not None and bool(has_mask.any()):
+            visual = losses.visual_loss(sal, masks, w.visual_transform, w.gaussian_sigma)
+        if w.visual_weight > 0 and w.dc_weight > 0 and not bool(has_mask.all()):
+            dc = losses.distribution_consistency_loss(sal, self.prior, w.kl_eps)
+        if w.text_weight > 0 and input_ids is not None:
+            tokens = self.image_tokens(pixels, sal, out.features)
+            embeds = self.text_embeddings(input_ids, tokens)
+            text_logits = self.vlm(inputs_embeds=embeds, attention_mask=attention_mask).logits
+            text = losses.text_loss(text_logits, text_labels)
+
+        loss = losses.megl_objective(ce, text, visual, dc, has_mask, w, sample_weight)
+        terms = {"loss": loss.detach(), "ce": ce.detach().mean()}
+        if text is not None:
+            terms["text"] = text.detach().mean()
+        if visual is not None:
+            terms["visual"] = visual.detach()[has_mask].mean()
+        if dc is not None:
+            terms["dc"] = dc.detach()[~has_mask].mean()
+        return MEGLOutput(loss=loss, logits=out.logits, saliency=sal, terms=terms, text_logits=text_logits)
+
+    # -- inference -----------------------------------------------------------------------------------------------
+
+    def _infer(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, features, saliency of the predicted class), without building a graph for the parameters."""
+        if self.classifier.cam_weight is not None:
+            out = self.classifier(pixels)
+            sal = gradcam(out.features, out.logits, out.logits.argmax(dim=1), self.classifier.cam_weight)
+            return out.logits, out.features, sal
+        with torch.enable_grad():  # the autograd path needs d logits / d features even at inference
+            out = self.classifier(pixels)
+            sal = gradcam(out.features, out.logits, out.logits.argmax(dim=1), None, create_graph=False)
+        return out.logits.detach(), out.features.detach(), sal.detach()
+
+    @torch.no_grad()
+    def predict(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class probabilities (B, K), saliency Â of the predicted class (B, h, w))."""
+        logits, _, sal = self._infer(pixels)
+        return logits.softmax(dim=1), sal
+
+    @torch.no_grad()
+    def generate(self, pixels: torch.Tensor, label_names: Sequence[str], max_new_tokens: int = 32,
+                 num_beams: int = 1) -> list[str]:
+        """Rationales for a batch: greedy (``num_beams=1``) or beam search, from the fused image embeddings."""
+        _, features, sal = self._infer(pixels)
+        prompts = [encode_prompt(self.tokenizer, self.cfg.prompt_template, name, self.num_image_tokens)
+                   for name in label_names]
+        input_ids = pad_sequences(prompts, self.tokenizer.pad_token_id, side="left").to(pixels.device)
+        attention_mask = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(pixels.device)
+        embeds = self.text_embeddings(input_ids, self.image_tokens(pixels, sal, features))
+        generated = self.vlm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                                      max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                                      eos_token_id=self.tokenizer.eos_token_id,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        return [t.strip() for t in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+
+
+def build_megl_model(cfg: MEGLConfig, num_classes: int, corpus: Iterable[str] | None = None,
+                     tokenizer: Any = None, prior: torch.Tensor | None = None) -> MEGLModel:
+    """The configured MEGL model. ``corpus`` (rationales, class names) trains the tiny preset's tokenizer."""
+    m = cfg.model
+    classifier = build_classifier(m.classifier, num_classes, image_size=m.image_size, head=m.classifier_head,
+                                  vit_pool=m.vit_pool, weights=m.classifier_weights)
+    vlm = build_vlm(m, corpus, tokenizer)
+    return MEGLModel(m, cfg.loss, classifier, vlm, prior)

@@ -1,0 +1,112 @@
+"""``python -m megl_ray.train_local``: train MEGL in one process, without Ray or DeepSpeed.
+
+The reference the distributed trainer is checked against (same data order, same losses), and the quickest way to
+try a config on a laptop. With no arguments it trains the tiny preset on the bundled sample dataset. Logs go to
+stderr; the last stdout line is one JSON object with the final metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any, Sequence
+
+import torch
+
+from megl_ray.cli import run_cli, setup_logging
+from megl_ray.config import MEGLConfig, load_config, packaged_config
+from megl_ray.data.reader import bundled_dataset_uri, iter_row_batches, read_split
+from megl_ray.data.schema import load_dataset_info
+from megl_ray.data.transforms import model_batch, preprocess_rows
+from megl_ray.errors import UserError
+from megl_ray.model import MEGLModel, build_megl_model
+from megl_ray.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("megl_ray.train_local")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m megl_ray.train_local", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML config (default: the packaged tiny config)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: all epochs)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.epochs=3")
+    return p
+
+
+def make_batch(rows: list[dict[str, Any]], model: MEGLModel, cfg: MEGLConfig, mask_size: int,
+               epoch: int) -> dict[str, torch.Tensor]:
+    columns = {key: [r[key] for r in rows] for key in rows[0]}
+    pre = preprocess_rows(columns, model.tokenizer, cfg.model.image_size, mask_size, cfg.data.max_rationales,
+                          cfg.model.max_text_tokens)
+    return model_batch(pre, model.tokenizer, cfg.model.prompt_template, model.num_image_tokens, epoch,
+                       cfg.data.rationale_seed)
+
+
+@torch.no_grad()
+def accuracy(model: MEGLModel, table, cfg: MEGLConfig, mask_size: int) -> float:
+    if table.num_rows == 0:
+        return float("nan")
+    model.eval()
+    correct = 0
+    for rows in iter_row_batches(table, cfg.data.batch_size, epoch=0, seed=0, shuffle=False):
+        batch = make_batch(rows, model, cfg, mask_size, epoch=0)
+        probs, _ = model.predict(batch["pixels"])
+        correct += int((probs.argmax(1) == batch["labels"]).sum())
+    model.train()
+    return correct / table.num_rows
+
+
+def train(cfg: MEGLConfig, max_steps: int = 0) -> dict[str, Any]:
+    started = time.monotonic()
+    torch.manual_seed(cfg.train.seed)
+    uri = cfg.data.uri or bundled_dataset_uri()
+    info = load_dataset_info(uri)
+    train_table = read_split(uri, "train", info)
+    if train_table.num_rows == 0:
+        raise UserError(f"dataset at {uri} has an empty train split")
+    corpus = [r for rs in train_table.column("rationales").to_pylist() for r in rs] + list(info.classes)
+    model = build_megl_model(cfg, info.num_classes, corpus=corpus, prior=torch.as_tensor(info.prior_array()))
+    optimizer = build_optimizer(model, cfg.optim)
+    steps_per_epoch = -(-train_table.num_rows // cfg.data.batch_size)
+    total = steps_per_epoch * cfg.train.epochs if not max_steps else min(max_steps, steps_per_epoch * cfg.train.epochs)
+    scheduler = build_scheduler(optimizer, cfg.optim, total)
+    model.train()
+    step, history = 0, []
+    for epoch in range(cfg.train.epochs):
+        for rows in iter_row_batches(train_table, cfg.data.batch_size, epoch, cfg.train.seed):
+            batch = make_batch(rows, model, cfg, info.mask_size, epoch)
+            out = model(**batch)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            terms = {k: round(v.item(), 5) for k, v in out.terms.items()}
+            history.append(terms)
+            log.info("epoch %d step %d/%d %s", epoch, step, total,
+                     " ".join(f"{k}={v:.4f}" for k, v in terms.items()))
+            if step >= total:
+                break
+        val = accuracy(model, read_split(uri, "val", info), cfg, info.mask_size)
+        log.info("epoch %d: val_accuracy=%.4f", epoch, val)
+        if step >= total:
+            break
+    test = accuracy(model, read_split(uri, "test", info), cfg, info.mask_size)
+    return {"data_uri": uri, "steps": step, "epochs": epoch + 1, "final": history[-1], "first": history[0],
+            "val_accuracy": round(val, 4), "test_accuracy": round(test, 4),
+            "seconds": round(time.monotonic() - started, 2)}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    cfg = load_config(args.config or packaged_config("tiny"), args.overrides)
+    return train(cfg, args.max_steps)
+
+
+if __name__ == "__main__":
+    setup_logging()
+    sys.exit(run_cli("megl_ray.train_local", main))

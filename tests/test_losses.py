@@ -1,0 +1,99 @@
+import math
+
+import pytest
+import torch
+
+from megl_ray import losses
+from megl_ray.config import LossConfig
+
+
+def test_classification_loss_per_sample_matches_hand_computation():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 0])
+    expected = [-math.log(math.exp(2) / (math.exp(2) + 1)), -math.log(1 / (1 + math.e))]
+    assert torch.allclose(losses.classification_loss(logits, labels), torch.tensor(expected))
+
+
+def test_text_loss_is_per_sample_mean_over_labelled_tokens_only():
+    vocab = 3
+    logits = torch.zeros(2, 4, vocab)
+    logits[0, 1, 2] = math.log(2.0)  # predicts token at position 2 of sample 0: p(2) = 2/4
+    labels = torch.tensor([[-100, -100, 2, 1], [-100, -100, -100, -100]])
+    out = losses.text_loss(logits, labels)
+    expected0 = (-math.log(0.5) + -math.log(1 / 3)) / 2
+    assert out[0].item() == pytest.approx(expected0, rel=1e-6)
+    assert out[1].item() == 0.0  # no rationale tokens → contributes nothing
+
+
+def test_visual_loss_none_is_mean_absolute_difference_on_the_saliency_grid():
+    sal = torch.tensor([[[1.0, 0.0], [0.5, 0.0]]])
+    target = torch.zeros(1, 4, 4)
+    target[0, :2, :2] = 1.0  # area-resized to 2×2: [[1, 0], [0, 0]]
+    assert losses.visual_loss(sal, target).item() == pytest.approx((0 + 0 + 0.5 + 0) / 4)
+
+
+def test_visual_transforms_match_hand_computation():
+    sal = torch.tensor([[[0.8, 0.2], [0.4, 0.0]]])
+    target = torch.tensor([[[0.6, 0.4], [0.0, 0.0]]])
+    assert losses.visual_loss(sal, target, "gradia").item() == pytest.approx((0.2 + 0.2 + 0.4 + 0) / 4)
+    assert losses.visual_loss(sal, target, "haics").item() == pytest.approx((0.8 * 0.4 + 0.2 * 0.6 + 0.4) / 4)
+    point = torch.zeros(1, 5, 5)
+    point[0, 2, 2] = 1.0
+    blurred_loss = losses.visual_loss(torch.zeros(1, 5, 5), point, "gaussian", gaussian_sigma=1.0).item()
+    g = [math.exp(-(d**2) / 2) for d in range(-2, 3)]
+    blurred = torch.tensor([[a * b for b in g] for a in g])  # peak-normalised 2-D Gaussian
+    assert blurred_loss == pytest.approx(blurred.mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="unknown visual transform"):
+        losses.visual_loss(sal, target, "blur")
+
+
+def test_dc_loss_is_zero_when_saliency_equals_prior_and_positive_otherwise():
+    prior = torch.rand(8, 8) + 0.1
+    prior = prior / prior.sum()
+    sal = (prior / prior.max()).unsqueeze(0)  # same map, normalised to peak 1 as saliency is
+    assert losses.distribution_consistency_loss(sal, prior).abs().item() < 1e-6
+    other = torch.zeros(1, 8, 8)
+    other[0, 0, 0] = 1.0
+    assert losses.distribution_consistency_loss(other, prior).item() > 0.1
+
+
+def test_dc_loss_matches_hand_kl():
+    sal = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    prior = torch.full((2, 2), 0.25)
+    eps = 1e-6
+    p = torch.tensor([1 + eps, eps, eps, 1 + eps]) / (2 + 4 * eps)
+    expected = (p * (p / 0.25).log()).sum().item()  # ≈ log 2
+    assert losses.distribution_consistency_loss(sal, prior, eps).item() == pytest.approx(expected, rel=1e-5)
+    assert expected == pytest.approx(math.log(2), rel=1e-4)
+
+
+def test_objective_masks_per_sample_and_combines_weights():
+    w = LossConfig(text_weight=0.5, visual_weight=2.0, dc_weight=0.1)
+    ce = torch.tensor([1.0, 2.0])
+    text = torch.tensor([4.0, 6.0])
+    visual = torch.tensor([0.3, 100.0])  # sample 1 has no mask: its L1 must not count
+    dc = torch.tensor([50.0, 0.7])       # sample 0 has a mask: its KL must not count
+    has_mask = torch.tensor([True, False])
+    total = losses.megl_objective(ce, text, visual, dc, has_mask, w)
+    expected = ((1 + 0.5 * 4 + 2 * 0.3) + (2 + 0.5 * 6 + 2 * 0.1 * 0.7)) / 2
+    assert total.item() == pytest.approx(expected)
+
+
+def test_samples_without_masks_contribute_no_visual_loss_gradient():
+    sal = torch.rand(3, 4, 4, requires_grad=True)
+    masks = torch.rand(3, 4, 4)
+    has_mask = torch.tensor([True, False, False])
+    vis = losses.visual_loss(sal, masks)
+    total = losses.megl_objective(torch.zeros(3), None, vis, None, has_mask, LossConfig())
+    total.backward()
+    assert sal.grad[0].abs().sum() > 0
+    assert sal.grad[1:].abs().sum() == 0
+
+
+def test_objective_sample_weight_drops_padding_rows():
+    ce = torch.tensor([1.0, 3.0, 100.0])
+    has_mask = torch.zeros(3, dtype=torch.bool)
+    w = LossConfig()
+    weighted = losses.megl_objective(ce, None, None, None, has_mask, w, torch.tensor([1.0, 1.0, 0.0]))
+    assert weighted.item() == pytest.approx(2.0)
+    assert losses.megl_objective(ce[:1], None, None, None, has_mask[:1], w, torch.zeros(1)).item() == 0.0
