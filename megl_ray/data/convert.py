@@ -1,0 +1,365 @@
+"""Convert a dataset in the MEGL authors' layout into validated Parquet shards plus ``dataset.json``.
+
+    python -m megl_ray.data.convert SRC DST [--mask-size 64] [--prior-size 8] [--val-fraction 0.1]
+        [--test-fraction 0.2] [--rows-per-shard 256] [--seed 0] [--max-pixels N] [--strict] [--overwrite]
+
+SRC is a folder holding ``exp_annotation.json``, ``label_class_id_mapping.json`` and the images/masks they name.
+DST is a local folder or ``s3://bucket/prefix``; it receives ``<split>/part-NNNNN.parquet``, ``rejected.jsonl`` and,
+last (so that its presence marks a finished conversion), ``dataset.json``.
+
+Every problem becomes one ``rejected.jsonl`` line with a stable ``reason`` code and is counted in the summary; the
+run goes on (``--strict`` stops at the first one instead). Records stream through one at a time and shards are
+written as they fill, so memory holds at most one shard's encoded bytes per split, never decoded images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from megl_ray.cli import run_cli
+from megl_ray.data import schema
+from megl_ray.data.schema import SPLITS, Invalid, JsonObject
+from megl_ray.errors import UserError
+
+log = logging.getLogger("megl_ray.data.convert")
+
+ANNOTATION_FILE = "exp_annotation.json"
+MAPPING_FILE = "label_class_id_mapping.json"
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ``UserError`` (one line, exit 2 via run_cli) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface (see the module docstring)."""
+    p = _Parser(prog="python -m megl_ray.data.convert", description=__doc__.split("\n\n")[0])
+    p.add_argument("src", help="folder in the MEGL layout (exp_annotation.json, label_class_id_mapping.json, images)")
+    p.add_argument("dst", help="output: local folder or s3://bucket/prefix")
+    p.add_argument("--mask-size", type=int, default=64, help="side of the stored uint8 masks (default 64)")
+    p.add_argument("--prior-size", type=int, default=8, help="side of the spatial prior in dataset.json (default 8)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of unsplit images put in val")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of unsplit images put in test")
+    p.add_argument("--rows-per-shard", type=int, default=256, help="rows per Parquet file (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split hash (default 0)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"largest width*height accepted, checked before decoding (default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--strict", action="store_true", help="stop at the first problem instead of recording it")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already at DST")
+    return p
+
+
+def assign_split(record_id: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split of one image from a hash of (seed, id): the same id always lands in the same split."""
+    digest = hashlib.sha256(f"{seed}\x00{record_id}".encode("utf-8")).digest()
+    u = int.from_bytes(digest[:8], "big") / 2.0**64  # uniform in [0, 1)
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def _read_json(path: str) -> Any:
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: file not found (the source folder must hold {ANNOTATION_FILE} and {MAPPING_FILE})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read: {err.strerror or err}") from None
+    try:
+        return schema.parse_json(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}:{err.colno}: {err.msg}") from None
+
+
+def load_classes(path: str) -> list[str]:
+    """Read ``label_class_id_mapping.json`` (name -> id) into the list of names indexed by id (ids 0..n-1)."""
+    raw = _read_json(path)
+    if not isinstance(raw, JsonObject) or not raw:
+        raise UserError(f"{path}: must be a non-empty JSON object mapping class name to class id")
+    by_id: dict[int, str] = {}
+    seen: set[str] = set()
+    for name, cid in raw:
+        if name in seen:
+            raise UserError(f"{path}: class name {name!r} is given more than once")
+        seen.add(name)
+        if not isinstance(cid, int) or isinstance(cid, bool):
+            raise UserError(f"{path}: class {name!r} has id {cid!r}; ids must be integers")
+        if cid in by_id:
+            raise UserError(f"{path}: class id {cid} is used by both {by_id[cid]!r} and {name!r}")
+        by_id[cid] = name
+    if sorted(by_id) != list(range(len(by_id))):
+        raise UserError(f"{path}: class ids must be exactly 0..{len(by_id) - 1}, got {sorted(by_id)}")
+    return [by_id[i] for i in range(len(by_id))]
+
+
+class _Rejections:
+    """Writes ``rejected.jsonl`` as problems arrive and counts them; in strict mode the first problem stops the run."""
+
+    def __init__(self, stream: Any, strict: bool):
+        self.stream, self.strict = stream, strict
+        self.by_reason: Counter[str] = Counter()
+        self.by_what: Counter[str] = Counter()
+
+    def add(self, record_id: str, problem: Invalid) -> None:
+        entry = {"id": record_id, "what": problem.what, "reason": problem.reason, "detail": problem.detail}
+        self.stream.write((json.dumps(entry, sort_keys=True) + "\n").encode("utf-8"))
+        self.by_reason[problem.reason] += 1
+        self.by_what[problem.what] += 1
+        if self.strict:
+            raise UserError(f"record {record_id!r}: {problem.what} rejected: {problem.reason}: {problem.detail}")
+
+
+class _ShardWriter:
+    """Buffers rows per split and writes ``<split>/part-NNNNN.parquet`` each time ``rows_per_shard`` fill up."""
+
+    def __init__(self, fs: Any, base: str, rows_per_shard: int, mask_size: int):
+        self.fs, self.base, self.rows_per_shard = fs, base, rows_per_shard
+        self.arrow_schema = schema.parquet_schema(mask_size)
+        self.buffers: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+        self.shards: dict[str, list[str]] = {s: [] for s in SPLITS}
+
+    def add(self, row: dict[str, Any]) -> None:
+        buffer = self.buffers[row["split"]]
+        buffer.append(row)
+        if len(buffer) >= self.rows_per_shard:
+            self._flush(row["split"])
+
+    def close(self) -> None:
+        for split in SPLITS:
+            if self.buffers[split]:
+                self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        relative = f"{split}/part-{len(self.shards[split]):05d}.parquet"
+        table = pa.Table.from_pylist(self.buffers[split], schema=self.arrow_schema)
+        with self.fs.open_output_stream(f"{self.base}/{relative}") as stream:
+            pq.write_table(table, stream, row_group_size=self.rows_per_shard)
+        log.info("wrote %s (%d rows)", relative, table.num_rows)
+        self.shards[split].append(relative)
+        self.buffers[split] = []
+
+
+class _Converter:
+    """Validates and converts records one at a time, accumulating the summary counts and the train-mask prior."""
+
+    def __init__(self, src: str, classes: list[str], args: argparse.Namespace, rejections: _Rejections,
+                 writer: _ShardWriter):
+        self.src, self.classes, self.args = src, classes, args
+        self.rejections, self.writer = rejections, writer
+        self.seen: set[str] = set()
+        self.rows_in = self.rows_written = self.rows_rejected = 0
+        self.split_counts = {s: 0 for s in SPLITS}
+        self.mask_counts = {s: 0 for s in SPLITS}
+        self.class_counts = {s: {name: 0 for name in classes} for s in SPLITS}
+        self.prior_sum = np.zeros((args.prior_size, args.prior_size), dtype=np.float64)
+        self.prior_n = 0
+
+    def process(self, record_id: str, raw: Any) -> None:
+        """Convert one (id, record) pair: write its row, or record why not."""
+        self.rows_in += 1
+        try:
+            row, soft_problems, prior = self._validate(record_id, raw)
+        except Invalid as problem:
+            self.rows_rejected += 1
+            self.rejections.add(record_id, problem)
+            return
+        finally:
+            self.seen.add(record_id)
+        # Mask and rationale problems are only reported for records that are written, so each record's
+        # rejected.jsonl lines tell one consistent story.
+        for problem in soft_problems:
+            self.rejections.add(record_id, problem)
+        self.writer.add(row)
+        split = row["split"]
+        self.rows_written += 1
+        self.split_counts[split] += 1
+        self.class_counts[split][row["class_name"]] += 1
+        if row["has_mask"]:
+            self.mask_counts[split] += 1
+            if split == "train":
+                self.prior_sum += prior
+                self.prior_n += 1
+
+    def _validate(self, record_id: str, raw: Any) -> tuple[dict[str, Any], list[Invalid], np.ndarray | None]:
+        if record_id in self.seen:
+            raise Invalid(schema.WHAT_RECORD, "duplicate_id", "id appears earlier in the file; only its first entry is used")
+        if not record_id.strip():
+            raise Invalid(schema.WHAT_RECORD, "wrong_type", "record id is empty")
+        fields = schema.check_record_fields(raw)
+        schema.check_class(fields["class_id"], fields["ans"], self.classes)
+        rationales, soft = schema.clean_rationales(fields["exp"])
+        if not rationales:
+            reasons = ", ".join(p.reason for p in soft) or "exp is empty"
+            raise Invalid(schema.WHAT_RECORD, "no_usable_rationale", f"no non-blank text rationale ({reasons})")
+        image_path = schema.resolve_inside(self.src, fields["image_path"])
+        data = schema.read_image_file(image_path, fields["image_path"])
+        fmt, width, height = schema.check_image_bytes(data, self.args.max_pixels)
+
+        mask_bytes, prior = None, None
+        visual = fields.get("visual_exp") or ""
+        if visual.strip():
+            try:
+                mask_path = schema.resolve_inside(self.src, visual, "mask_path_escape", schema.WHAT_MASK)
+                mask = schema.check_mask(schema.load_mask_file(mask_path, visual), height, width)
+                mask_bytes = schema.mask_to_bytes(mask, self.args.mask_size)
+                prior = schema.prior_term(mask, self.args.prior_size)
+            except Invalid as problem:
+                soft.insert(0, problem)
+                mask_bytes, prior = None, None
+
+        split = fields.get("split") or assign_split(
+            record_id, self.args.seed, self.args.val_fraction, self.args.test_fraction
+        )
+        row = {
+            "id": record_id, "image": data, "image_format": fmt, "width": width, "height": height,
+            "class_id": fields["class_id"], "class_name": fields["ans"], "has_mask": mask_bytes is not None,
+            "mask": mask_bytes, "rationales": rationales, "split": split,
+        }
+        return row, soft, prior
+
+    def prior(self) -> list[list[float]]:
+        if self.prior_n == 0:
+            log.warning("no train image has a mask: dataset.json gets a uniform prior")
+            size = self.args.prior_size
+            return np.full((size, size), 1.0 / (size * size)).tolist()
+        return (self.prior_sum / self.prior_n).tolist()
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("mask_size", "prior_size", "rows_per_shard", "max_pixels"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("val_fraction", "test_fraction"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1]")
+    if args.val_fraction + args.test_fraction > 1.0:
+        raise UserError("--val-fraction + --test-fraction must not exceed 1")
+
+
+def _prepare_destination(fs: Any, base: str, dst: str, overwrite: bool) -> None:
+    """Refuse to mix a new conversion into an old one's shards, unless told to replace it."""
+    from pyarrow.fs import FileSelector, FileType
+
+    existing = []
+    for name in (schema.DATASET_INFO_FILE, schema.REJECTED_FILE):
+        if fs.get_file_info(f"{base}/{name}").type != FileType.NotFound:
+            existing.append(name)
+    for split in SPLITS:
+        info = fs.get_file_info(f"{base}/{split}")
+        if info.type == FileType.Directory and fs.get_file_info(FileSelector(f"{base}/{split}", recursive=True)):
+            existing.append(f"{split}/")
+    if existing and not overwrite:
+        raise UserError(
+            f"{dst} already holds a dataset ({', '.join(existing)}); use an empty destination or --overwrite"
+        )
+    for name in existing:
+        if name.endswith("/"):
+            fs.delete_dir(f"{base}/{name[:-1]}")
+        else:
+            fs.delete_file(f"{base}/{name}")
+    fs.create_dir(base, recursive=True)
+    for split in SPLITS:
+        fs.create_dir(f"{base}/{split}", recursive=True)
+
+
+def convert(args: argparse.Namespace) -> dict[str, Any]:
+    """Run one conversion with parsed arguments; return the summary dict."""
+    from megl_ray import storage
+
+    started = time.monotonic()
+    _check_args(args)
+    src = os.path.abspath(args.src)
+    if not os.path.isdir(src):
+        raise UserError(f"source folder {args.src!r} does not exist or is not a folder")
+    classes = load_classes(os.path.join(src, MAPPING_FILE))
+    records = _read_json(os.path.join(src, ANNOTATION_FILE))
+    if not isinstance(records, JsonObject):
+        raise UserError(f"{os.path.join(src, ANNOTATION_FILE)}: must be a JSON object mapping id to record")
+
+    if storage.is_s3(args.dst):
+        storage.ensure_bucket(args.dst)
+    fs, base = storage.pyarrow_filesystem(args.dst)
+    base = base.rstrip("/")
+    try:
+        _prepare_destination(fs, base, args.dst, args.overwrite)
+    except OSError as err:  # a file in the way, no permission, unreachable S3: the user's to fix
+        raise UserError(f"cannot write to {args.dst}: {err}") from None
+    log.info("converting %d records of %d classes from %s to %s", len(records), len(classes), src, args.dst)
+
+    writer = _ShardWriter(fs, base, args.rows_per_shard, args.mask_size)
+    with fs.open_output_stream(f"{base}/{schema.REJECTED_FILE}") as stream:
+        rejections = _Rejections(stream, args.strict)
+        converter = _Converter(src, classes, args, rejections, writer)
+        for index, (record_id, raw) in enumerate(records):
+            converter.process(record_id, raw)
+            if (index + 1) % 1000 == 0:
+                log.info("%d/%d records", index + 1, len(records))
+        writer.close()
+
+    info = schema.DatasetInfo(
+        classes=classes,
+        counts=converter.class_counts,
+        mask_coverage={s: (converter.mask_counts[s] / n if n else 0.0) for s, n in converter.split_counts.items()},
+        splits=dict(converter.split_counts),
+        mask_size=args.mask_size,
+        prior_size=args.prior_size,
+        prior=converter.prior(),
+        shards=writer.shards,
+        source=src,
+        convert_options={k: getattr(args, k) for k in
+                         ("mask_size", "prior_size", "val_fraction", "test_fraction", "seed", "max_pixels")},
+    )
+    info.validate()
+    with fs.open_output_stream(f"{base}/{schema.DATASET_INFO_FILE}") as stream:
+        stream.write(info.to_json().encode("utf-8"))
+
+    if converter.rows_in != converter.rows_written + converter.rows_rejected:  # nothing may vanish silently
+        raise RuntimeError(f"bug: {converter.rows_in} records in, {converter.rows_written} written, "
+                           f"{converter.rows_rejected} rejected")
+    summary = {
+        "rows_in": converter.rows_in,
+        "rows_written": converter.rows_written,
+        "rows_rejected": converter.rows_rejected,
+        "splits": dict(converter.split_counts),
+        "with_mask": sum(converter.mask_counts.values()),
+        "rejected_by_reason": dict(sorted(rejections.by_reason.items())),
+        "masks_rejected": rejections.by_what[schema.WHAT_MASK],
+        "rationales_dropped": rejections.by_what[schema.WHAT_RATIONALE],
+        "dst": args.dst,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    log.info("done: %d written, %d rejected", summary["rows_written"], summary["rows_rejected"])
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Entry point: parse ``argv`` (default ``sys.argv[1:]``), convert, return the summary dict."""
+    return convert(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    from megl_ray.cli import setup_logging
+
+    setup_logging()
+    sys.exit(run_cli("megl_ray.data.convert", main))

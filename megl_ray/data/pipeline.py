@@ -1,0 +1,98 @@
+"""Ray Data pipeline: converted Parquet shards (local or ``s3://``) → preprocessed batches for Ray Train workers.
+
+    read_parquet (pyarrow filesystem from ``megl_ray.storage``)
+      → pad to a multiple of the worker count with weight-0 copies (equal shards, nothing dropped)
+      → randomize_block_order(seed)
+      → map_batches(preprocess_rows): decode + resize images, decode masks, tokenise every rationale
+      → Ray Train splits it per worker (``get_dataset_shard``; ``streaming_split(n, equal=True)``)
+      → ``iter_epoch``: seeded local shuffle, reseeded every epoch; one rationale drawn per image per epoch
+
+Equal shards matter: a worker that runs out of batches early leaves its peers blocked in the gradient all-reduce.
+Padding (rather than ``equal=True`` dropping rows) keeps every row, and the copies carry ``sample_weight`` 0 so they
+change no gradient. This is the only data module that imports Ray.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+
+from megl_ray.data.reader import split_paths
+from megl_ray.data.schema import DatasetInfo, load_dataset_info
+from megl_ray.data.transforms import model_batch, preprocess_rows
+from megl_ray.retrying_fs import retrying
+
+# Each worker's read also retries these (on top of pyarrow's own S3 retries): a restarting S3-compatible server
+# answers with connection errors for a few seconds.
+RETRIED_IO_ERRORS = ("AWS Error NETWORK_CONNECTION", "AWS Error SERVICE_UNAVAILABLE", "Connection refused",
+                     "connection reset", "Timeout was reached", "Couldn't connect to server")
+
+
+def _with_weight(table: pa.Table, weight: float) -> pa.Table:
+    return table.append_column("weight", pa.array(np.full(table.num_rows, weight, dtype=np.float32)))
+
+
+def configure_retries() -> None:
+    ctx = ray.data.DataContext.get_current()
+    ctx.retried_io_errors = list(dict.fromkeys([*ctx.retried_io_errors, *RETRIED_IO_ERRORS]))
+
+
+def build_dataset(uri: str, split: str, *, tokenizer: Any, image_size: int, max_rationales: int,
+                  max_text_tokens: int, num_shards: int = 1, seed: int = 0, info: DatasetInfo | None = None,
+                  exclude_ids: Sequence[str] = (), preprocess_batch_size: int = 32) -> ray.data.Dataset:
+    """The preprocessed split as a Ray Dataset whose row count is a multiple of ``num_shards``.
+
+    ``exclude_ids`` drops rows already trained on in the current epoch (a resumed run continues where it stopped).
+    """
+    configure_retries()
+    info = info or load_dataset_info(uri)
+    fs, paths = split_paths(uri, info, split)
+    fs = retrying(fs)
+    if not paths:
+        raise ValueError(f"split '{split}' of {uri} is empty")
+    ds = ray.data.read_parquet(paths, filesystem=fs)
+    rows = info.splits.get(split, 0)
+    if exclude_ids:
+        excluded = frozenset(exclude_ids)
+        ds = ds.filter(lambda row: row["id"] not in excluded)
+        rows -= len(excluded)
+    pad = (-rows) % num_shards
+    real = ds.map_batches(_with_weight, fn_kwargs={"weight": 1.0}, batch_format="pyarrow")
+    if pad:
+        padding = ds.limit(pad).map_batches(_with_weight, fn_kwargs={"weight": 0.0}, batch_format="pyarrow")
+        real = real.union(padding)
+    # Tasks, not an actor pool: Ray keeps its worker processes (and their imports) between epochs, whereas an
+    # actor pool is started again for every epoch's execution, which costs seconds per epoch on a small dataset.
+    return real.randomize_block_order(seed=seed).map_batches(
+        preprocess_rows,
+        fn_kwargs=dict(tokenizer=tokenizer, image_size=image_size, mask_size=info.mask_size,
+                       max_rationales=max_rationales, max_text_tokens=max_text_tokens),
+        batch_size=preprocess_batch_size,
+        batch_format="numpy",
+        num_cpus=0.5,
+    )
+
+
+def iter_epoch(shard: Any, *, epoch: int, batch_size: int, seed: int, rank: int = 0, shuffle_buffer: int = 256,
+               drop_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """One epoch of numpy batches from a worker's shard (``ray.train.get_dataset_shard``) or any Ray Dataset.
+
+    The local shuffle is seeded by (seed, epoch, rank): reproducible, and different every epoch."""
+    kwargs: dict[str, Any] = dict(batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
+                                  prefetch_batches=4)
+    if shuffle_buffer > 0:
+        kwargs.update(local_shuffle_buffer_size=shuffle_buffer,
+                      local_shuffle_seed=(seed * 1_000_003 + epoch) * 1009 + rank)
+    yield from shard.iter_batches(**kwargs)
+
+
+def iter_model_batches(shard: Any, *, tokenizer: Any, template: str, num_image_tokens: int, epoch: int,
+                       batch_size: int, seed: int, rank: int = 0, shuffle_buffer: int = 256):
+    """``iter_epoch`` turned into the model's batch dicts (torch tensors), one rationale drawn per image."""
+    for pre in iter_epoch(shard, epoch=epoch, batch_size=batch_size, seed=seed, rank=rank,
+                          shuffle_buffer=shuffle_buffer):
+        yield model_batch(pre, tokenizer, template, num_image_tokens, epoch, seed)
