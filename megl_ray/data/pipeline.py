@@ -2,7 +2,7 @@
 
     read_parquet (pyarrow filesystem from ``megl_ray.storage``)
       → pad to a multiple of the worker count with weight-0 copies (equal shards, nothing dropped)
-      → randomize_block_order(seed)
+      → shard files in a seeded order that changes every epoch (streaming: no all-to-all barrier)
       → map_batches(preprocess_rows): decode + resize images, decode masks, tokenise every rationale
       → Ray Train splits it per worker (``get_dataset_shard``; ``streaming_split(n, equal=True)``)
       → ``iter_epoch``: seeded local shuffle, reseeded every epoch; one rationale drawn per image per epoch
@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 import ray.data
+from ray.data import FileShuffleConfig
 
 from megl_ray.data.reader import split_paths
 from megl_ray.data.schema import DatasetInfo, load_dataset_info
@@ -43,10 +44,15 @@ def configure_retries() -> None:
 
 def build_dataset(uri: str, split: str, *, tokenizer: Any, image_size: int, max_rationales: int,
                   max_text_tokens: int, num_shards: int = 1, seed: int = 0, info: DatasetInfo | None = None,
-                  exclude_ids: Sequence[str] = (), preprocess_batch_size: int = 32) -> ray.data.Dataset:
+                  exclude_ids: Sequence[str] = (), preprocess_batch_size: int = 128,
+                  cpus_per_task: float = 0.25, cache: bool = False) -> ray.data.Dataset:
     """The preprocessed split as a Ray Dataset whose row count is a multiple of ``num_shards``.
 
     ``exclude_ids`` drops rows already trained on in the current epoch (a resumed run continues where it stopped).
+    ``cpus_per_task`` is a scheduling share, not a limit: decoding and tokenising are light and I/O-bound, and a
+    fraction lets several read/preprocess tasks overlap beside the training workers.
+    ``cache`` materialises the preprocessed split in Ray's object store (preprocessing is epoch-independent by
+    design), so later epochs skip S3, decoding and tokenising; use it when the split fits (``fits_in_cache``).
     """
     configure_retries()
     info = info or load_dataset_info(uri)
@@ -54,7 +60,10 @@ def build_dataset(uri: str, split: str, *, tokenizer: Any, image_size: int, max_
     fs = retrying(fs)
     if not paths:
         raise ValueError(f"split '{split}' of {uri} is empty")
-    ds = ray.data.read_parquet(paths, filesystem=fs)
+    # File order shuffled per execution (seeded, reseeded every epoch) instead of randomize_block_order, which is
+    # an all-to-all barrier: it would read the whole split before the first batch leaves.
+    ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=cpus_per_task,
+                               shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True))
     rows = info.splits.get(split, 0)
     if exclude_ids:
         excluded = frozenset(exclude_ids)
@@ -67,14 +76,29 @@ def build_dataset(uri: str, split: str, *, tokenizer: Any, image_size: int, max_
         real = real.union(padding)
     # Tasks, not an actor pool: Ray keeps its worker processes (and their imports) between epochs, whereas an
     # actor pool is started again for every epoch's execution, which costs seconds per epoch on a small dataset.
-    return real.randomize_block_order(seed=seed).map_batches(
+    ds = real.map_batches(
         preprocess_rows,
         fn_kwargs=dict(tokenizer=tokenizer, image_size=image_size, mask_size=info.mask_size,
                        max_rationales=max_rationales, max_text_tokens=max_text_tokens),
         batch_size=preprocess_batch_size,
         batch_format="numpy",
-        num_cpus=0.5,
+        num_cpus=cpus_per_task,
     )
+    if cache:
+        # Blocks are shuffled again, cheaply (references only), so the cached order is not the file order.
+        ds = ds.materialize().randomize_block_order(seed=seed)
+    return ds
+
+
+def preprocessed_bytes_per_row(image_size: int, mask_size: int, max_rationales: int, max_text_tokens: int) -> int:
+    """Bytes one preprocessed row takes in the object store (uint8 pixels and mask, int32 token ids)."""
+    return 3 * image_size**2 + mask_size**2 + 4 * max_rationales * max_text_tokens + 64
+
+
+def fits_in_cache(rows: int, bytes_per_row: int, fraction: float = 0.25) -> bool:
+    """Whether ``rows`` preprocessed rows fit in ``fraction`` of the cluster's object store."""
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    return rows * bytes_per_row <= fraction * store
 
 
 def iter_epoch(shard: Any, *, epoch: int, batch_size: int, seed: int, rank: int = 0, shuffle_buffer: int = 256,
