@@ -2,10 +2,11 @@
 
     read_parquet (pyarrow filesystem from ``megl_ray.storage``)
       → pad to a multiple of the worker count with weight-0 copies (equal shards, nothing dropped)
-      → shard files in a seeded order that changes every epoch (streaming: no all-to-all barrier)
+      → shard files in a seeded order (streaming: no all-to-all barrier)
       → map_batches(preprocess_rows): decode + resize images, decode masks, tokenise every rationale
       → Ray Train splits it per worker (``get_dataset_shard``; ``streaming_split(n, equal=True)``)
-      → ``iter_epoch``: seeded local shuffle, reseeded every epoch; one rationale drawn per image per epoch
+      → ``iter_epoch``: local shuffle seeded by (seed, epoch, rank): reproducible, different every epoch;
+        one rationale drawn per image per epoch
 
 Equal shards matter: a worker that runs out of batches early leaves its peers blocked in the gradient all-reduce.
 Padding (rather than ``equal=True`` dropping rows) keeps every row, and the copies carry ``sample_weight`` 0 so they
@@ -37,9 +38,13 @@ def _with_weight(table: pa.Table, weight: float) -> pa.Table:
     return table.append_column("weight", pa.array(np.full(table.num_rows, weight, dtype=np.float32)))
 
 
-def configure_retries() -> None:
+def configure_data_context() -> None:
+    """Retries of transient storage errors, and a deterministic order: with ``preserve_order`` the same seed and
+    epoch give the same batches, which reproducible runs and exact mid-epoch resumption need."""
     ctx = ray.data.DataContext.get_current()
     ctx.retried_io_errors = list(dict.fromkeys([*ctx.retried_io_errors, *RETRIED_IO_ERRORS]))
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False  # per-operator bars flood the logs of a job; our trainer reports progress
 
 
 def build_dataset(uri: str, split: str, *, tokenizer: Any, image_size: int, max_rationales: int,
@@ -54,16 +59,17 @@ def build_dataset(uri: str, split: str, *, tokenizer: Any, image_size: int, max_
     ``cache`` materialises the preprocessed split in Ray's object store (preprocessing is epoch-independent by
     design), so later epochs skip S3, decoding and tokenising; use it when the split fits (``fits_in_cache``).
     """
-    configure_retries()
+    configure_data_context()
     info = info or load_dataset_info(uri)
     fs, paths = split_paths(uri, info, split)
     fs = retrying(fs)
     if not paths:
         raise ValueError(f"split '{split}' of {uri} is empty")
-    # File order shuffled per execution (seeded, reseeded every epoch) instead of randomize_block_order, which is
-    # an all-to-all barrier: it would read the whole split before the first batch leaves.
+    # Files in a seeded order, not randomize_block_order (an all-to-all barrier: it would read the whole split
+    # before the first batch leaves). The order is fixed by the seed alone, not by how many epochs this process
+    # has run, so a resumed run sees what the original would have; epochs differ by their local shuffle.
     ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=cpus_per_task,
-                               shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True))
+                               shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=False))
     rows = info.splits.get(split, 0)
     if exclude_ids:
         excluded = frozenset(exclude_ids)
