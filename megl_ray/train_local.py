@@ -21,6 +21,7 @@ from megl_ray.data.reader import bundled_dataset_uri, iter_row_batches, read_spl
 from megl_ray.data.schema import load_dataset_info
 from megl_ray.data.transforms import model_batch, preprocess_rows
 from megl_ray.errors import UserError
+from megl_ray.export import save_export
 from megl_ray.model import MEGLModel, build_megl_model
 from megl_ray.optim import build_optimizer, build_scheduler
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megl_ray.train_local", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML config (default: the packaged tiny config)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: all epochs)")
+    p.add_argument("--export", help="write the trained model here (local dir or s3://) for evaluate/explain")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.epochs=3")
     return p
 
@@ -58,7 +60,7 @@ def accuracy(model: MEGLModel, table, cfg: MEGLConfig, mask_size: int) -> float:
     return correct / table.num_rows
 
 
-def train(cfg: MEGLConfig, max_steps: int = 0) -> dict[str, Any]:
+def train(cfg: MEGLConfig, max_steps: int = 0, export: str | None = None) -> dict[str, Any]:
     started = time.monotonic()
     torch.manual_seed(cfg.train.seed)
     uri = cfg.data.uri or bundled_dataset_uri()
@@ -96,7 +98,9 @@ def train(cfg: MEGLConfig, max_steps: int = 0) -> dict[str, Any]:
         if step >= total:
             break
     test = accuracy(model, read_split(uri, "test", info), cfg, info.mask_size)
-    return {"data_uri": uri, "steps": step, "epochs": epoch + 1, "final": history[-1], "first": history[0],
+    if export:
+        save_export(model, cfg, info.classes, export, extra={"data_uri": uri, "steps": step})
+    return {"export": export, "data_uri": uri, "steps": step, "epochs": epoch + 1, "final": history[-1], "first": history[0],
             "val_accuracy": round(val, 4), "test_accuracy": round(test, 4),
             "seconds": round(time.monotonic() - started, 2)}
 
@@ -104,7 +108,7 @@ def train(cfg: MEGLConfig, max_steps: int = 0) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config or packaged_config("tiny"), args.overrides)
-    return train(cfg, args.max_steps)
+    return train(cfg, args.max_steps, args.export)
 
 
 if __name__ == "__main__":
