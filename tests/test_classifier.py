@@ -4,6 +4,7 @@ from safetensors.torch import save_file
 
 from megl_ray.errors import UserError
 from megl_ray.model.classifier import build_classifier
+from megl_ray.model.saliency import closed_form_cam
 
 
 @pytest.mark.parametrize("name, size, grid, channels", [
@@ -16,7 +17,10 @@ def test_backbones_give_logits_and_a_feature_map(name, size, grid, channels):
     assert out.features.shape == (2, channels, grid, grid)
     assert model.cam_weight.shape == (7, channels)
     # the head classifies the very map Grad-CAM uses (closed form depends on it)
-    assert torch.allclose(model.classify(out.features), out.logits, atol=1e-5)
+    logits, cam = model.classify(out.features, torch.tensor([0, 6]))
+    assert torch.allclose(logits, out.logits, atol=1e-5)
+    assert torch.allclose(cam, closed_form_cam(out.features, model.cam_weight, torch.tensor([0, 6])))
+    assert model(torch.rand(1, 3, size, size), cam_target="prediction").cam.shape == (1, grid, grid)
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])

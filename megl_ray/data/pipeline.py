@@ -49,11 +49,13 @@ def configure_data_context() -> None:
 
 def build_dataset(uri: str, split: str, *, tokenizer: Any, image_size: int, max_rationales: int,
                   max_text_tokens: int, num_shards: int = 1, seed: int = 0, info: DatasetInfo | None = None,
-                  exclude_ids: Sequence[str] = (), preprocess_batch_size: int = 128,
+                  exclude_ids: Sequence[str] = (), include_ids: Sequence[str] | None = None,
+                  pad_to: int | None = None, preprocess_batch_size: int = 128,
                   cpus_per_task: float = 0.25, cache: bool = False) -> ray.data.Dataset:
     """The preprocessed split as a Ray Dataset whose row count is a multiple of ``num_shards``.
 
-    ``exclude_ids`` drops rows already trained on in the current epoch (a resumed run continues where it stopped).
+    ``exclude_ids`` drops rows already trained on in the current epoch; ``include_ids`` keeps only those rows and
+    ``pad_to`` pads to exactly that many rows (a resumed run gives each worker its share of the rest of an epoch).
     ``cpus_per_task`` is a scheduling share, not a limit: decoding and tokenising are light and I/O-bound, and a
     fraction lets several read/preprocess tasks overlap beside the training workers.
     ``cache`` materialises the preprocessed split in Ray's object store (preprocessing is epoch-independent by
@@ -75,7 +77,13 @@ def build_dataset(uri: str, split: str, *, tokenizer: Any, image_size: int, max_
         excluded = frozenset(exclude_ids)
         ds = ds.filter(lambda row: row["id"] not in excluded)
         rows -= len(excluded)
-    pad = (-rows) % num_shards
+    if include_ids is not None:
+        included = frozenset(include_ids)
+        ds = ds.filter(lambda row: row["id"] in included)
+        rows = len(included)
+    pad = (pad_to - rows) if pad_to is not None else (-rows) % num_shards
+    if pad < 0:
+        raise ValueError(f"pad_to={pad_to} is smaller than the {rows} rows selected")
     real = ds.map_batches(_with_weight, fn_kwargs={"weight": 1.0}, batch_format="pyarrow")
     if pad:
         padding = ds.limit(pad).map_batches(_with_weight, fn_kwargs={"weight": 0.0}, batch_format="pyarrow")
@@ -121,8 +129,13 @@ def iter_epoch(shard: Any, *, epoch: int, batch_size: int, seed: int, rank: int 
 
 
 def iter_model_batches(shard: Any, *, tokenizer: Any, template: str, num_image_tokens: int, epoch: int,
-                       batch_size: int, seed: int, rank: int = 0, shuffle_buffer: int = 256):
-    """``iter_epoch`` turned into the model's batch dicts (torch tensors), one rationale drawn per image."""
+                       batch_size: int, seed: int, rank: int = 0, shuffle_buffer: int = 256, with_ids: bool = False):
+    """``iter_epoch`` turned into the model's batch dicts (torch tensors), one rationale drawn per image; with
+    ``with_ids``, (ids of the real rows, batch) pairs."""
     for pre in iter_epoch(shard, epoch=epoch, batch_size=batch_size, seed=seed, rank=rank,
                           shuffle_buffer=shuffle_buffer):
-        yield model_batch(pre, tokenizer, template, num_image_tokens, epoch, seed)
+        batch = model_batch(pre, tokenizer, template, num_image_tokens, epoch, seed)
+        if with_ids:
+            yield [str(i) for i, w in zip(pre["id"], pre["weight"]) if w > 0], batch
+        else:
+            yield batch

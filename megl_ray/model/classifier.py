@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from megl_ray.errors import ConfigError
+from megl_ray.model.saliency import closed_form_cam
 
 # Classifiers see ImageNet-normalised pixels; the model receives [0, 1] pixels and normalises per consumer, because
 # the CLIP tower of the VLM expects a different normalisation of the same (saliency-masked) image.
@@ -27,6 +28,22 @@ class ClassifierOutput:
     """(B, num_classes)."""
     features: torch.Tensor
     """(B, C, h, w): the map Grad-CAM is taken on (last conv stage, or ViT patch tokens laid out on their grid)."""
+    cam: torch.Tensor | None = None
+    """(B, h, w) closed-form CAM of the requested class, when the head has one and a class was requested."""
+
+
+class CAMHead(nn.Linear):
+    """Global-average-pool + linear, computing the closed-form CAM from the same weight in the same forward.
+
+    Computing CAM *inside* this module matters under DeepSpeed ZeRO-3: a partitioned weight is gathered only while
+    its own module's forward runs, so reading ``head.weight`` from outside would see an empty shard."""
+
+    def forward(self, features: torch.Tensor, cam_target: torch.Tensor | str | None = None):
+        logits = super().forward(features.mean(dim=(2, 3)))
+        if cam_target is None:
+            return logits, None
+        target = logits.argmax(dim=1) if isinstance(cam_target, str) else cam_target
+        return logits, closed_form_cam(features, self.weight, target)
 
 
 class Classifier(nn.Module):
@@ -38,7 +55,7 @@ class Classifier(nn.Module):
         self.channels = channels
         self.head_kind = head
         if head == "linear":
-            self.head = nn.Linear(channels, num_classes)
+            self.head: nn.Module = CAMHead(channels, num_classes)
         elif head == "mlp":
             self.head = nn.Sequential(nn.Linear(channels, channels), nn.GELU(), nn.Linear(channels, num_classes))
         else:
@@ -49,17 +66,21 @@ class Classifier(nn.Module):
     @property
     def cam_weight(self) -> torch.Tensor | None:
         """The (num_classes, C) weight when the head is GAP + linear (closed-form CAM), else None."""
-        return self.head.weight if self.head_kind == "linear" else None
+        return self.head.weight if isinstance(self.head, CAMHead) else None
 
     def feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.backbone((pixels - self.mean) / self.std)
 
-    def classify(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features.mean(dim=(2, 3)))
+    def classify(self, features: torch.Tensor, cam_target: torch.Tensor | str | None = None):
+        """(logits, closed-form CAM or None). ``cam_target``: class indices, "prediction", or None (no CAM)."""
+        if isinstance(self.head, CAMHead):
+            return self.head(features, cam_target)
+        return self.head(features.mean(dim=(2, 3))), None
 
-    def forward(self, pixels: torch.Tensor) -> ClassifierOutput:
+    def forward(self, pixels: torch.Tensor, cam_target: torch.Tensor | str | None = None) -> ClassifierOutput:
         features = self.feature_map(pixels)
-        return ClassifierOutput(logits=self.classify(features), features=features)
+        logits, cam = self.classify(features, cam_target)
+        return ClassifierOutput(logits=logits, features=features, cam=cam)
 
 
 class TinyCNN(nn.Module):
@@ -122,12 +143,9 @@ class ClsTokenClassifier(Classifier):
 
     def __init__(self, trunk: ViTPatchTrunk, channels: int, num_classes: int):
         super().__init__(trunk, channels, num_classes, head="linear")
+        self.head = nn.Linear(channels, num_classes)  # reads the class token: no CAM head
 
-    @property
-    def cam_weight(self) -> torch.Tensor | None:
-        return None
-
-    def forward(self, pixels: torch.Tensor) -> ClassifierOutput:
+    def forward(self, pixels: torch.Tensor, cam_target: torch.Tensor | str | None = None) -> ClassifierOutput:
         # The fused attention kernels have no double backward; the autograd Grad-CAM differentiates through the
         # last block twice, so attention runs on the math kernel here.
         from torch.nn.attention import SDPBackend, sdpa_kernel

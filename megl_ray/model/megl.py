@@ -108,8 +108,14 @@ class MEGLModel(nn.Module):
                              f"got {counts.tolist()}")
         return embeds.masked_scatter(is_image.unsqueeze(-1), image_tokens.to(embeds.dtype))
 
-    def saliency(self, logits: torch.Tensor, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return gradcam(features, logits, target, self.classifier.cam_weight, create_graph=self.training)
+    def classify_with_saliency(self, pixels: torch.Tensor, target: torch.Tensor | str):
+        """(classifier output, Â of ``target`` classes or of the "prediction"). Closed-form CAM inside the head
+        when it has one (ZeRO-3 safe); otherwise autograd Grad-CAM, differentiable while training."""
+        out = self.classifier(pixels, cam_target=target)
+        if out.cam is not None:
+            return out, out.cam
+        classes = out.logits.argmax(dim=1) if isinstance(target, str) else target
+        return out, gradcam(out.features, out.logits, classes, None, create_graph=self.training)
 
     # -- the objective -------------------------------------------------------------------------------------------
 
@@ -118,9 +124,7 @@ class MEGLModel(nn.Module):
                 attention_mask: torch.Tensor | None = None, text_labels: torch.Tensor | None = None,
                 sample_weight: torch.Tensor | None = None, **_: Any) -> MEGLOutput:
         w = self.loss_cfg
-        out = self.classifier(pixels)
-        target = labels if self.cfg.cam_target == "label" else out.logits.argmax(dim=1)
-        sal = self.saliency(out.logits, out.features, target)
+        out, sal = self.classify_with_saliency(pixels, labels if self.cfg.cam_target == "label" else "prediction")
         ce = losses.classification_loss(out.logits, labels)
         if has_mask is None:
             has_mask = torch.zeros_like(labels, dtype=torch.bool)
@@ -150,13 +154,9 @@ class MEGLModel(nn.Module):
 
     def _infer(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits, features, saliency of the predicted class), without building a graph for the parameters."""
-        if self.classifier.cam_weight is not None:
-            out = self.classifier(pixels)
-            sal = gradcam(out.features, out.logits, out.logits.argmax(dim=1), self.classifier.cam_weight)
-            return out.logits, out.features, sal
-        with torch.enable_grad():  # the autograd path needs d logits / d features even at inference
-            out = self.classifier(pixels)
-            sal = gradcam(out.features, out.logits, out.logits.argmax(dim=1), None, create_graph=False)
+        with torch.enable_grad() if self.classifier.cam_weight is None else torch.no_grad():
+            # the autograd path needs d logits / d features even at inference
+            out, sal = self.classify_with_saliency(pixels, "prediction")
         return out.logits.detach(), out.features.detach(), sal.detach()
 
     @torch.no_grad()
