@@ -186,12 +186,27 @@ class TrainConfig:
     """DeepSpeed ZeRO stage (2 or 3)."""
     grad_accum: int = 1
     """Gradient-accumulation steps; the global batch is derived: batch_size × grad_accum × num_workers."""
+    use_gpu: bool | None = None
+    """One GPU per worker; None: whenever the cluster has GPUs."""
+    cpus_per_worker: float = 0.5
+    """CPUs reserved per worker on CPU clusters; the rest feeds Ray Data (a whole CPU each starves it on 2 cores)."""
+    checkpoint_every: int = 0
+    """Also checkpoint every this many optimizer steps (0: only at the end of each epoch)."""
+    max_failures: int = 2
+    """Worker-group failures Ray Train recovers from (restarting from the latest checkpoint) before giving up."""
+    cache_data: bool | None = None
+    """Cache the preprocessed training split in Ray's object store; None: when it fits in a quarter of it."""
+    sample_log_dir: str | None = None
+    """Debugging/tests: each worker appends the sample ids of every step to a JSON-lines file in this directory."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.num_workers >= 1, "train.num_workers", f"must be >= 1, got {self.num_workers}")
         _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         _check(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _check(self.cpus_per_worker > 0, "train.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        _check(self.max_failures >= 0, "train.max_failures", f"must be >= 0, got {self.max_failures}")
 
 
 @dataclass
@@ -202,6 +217,12 @@ class RunConfig:
     """Local directory or ``s3://bucket/prefix`` for runs; None uses the embedded default."""
     name: str = "megl"
     """Run name: re-running with the same name resumes."""
+    log_every: int = 10
+    """Print a progress line (and write TensorBoard scalars) every this many optimizer steps."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, "run.name", f"must be a non-empty name without '/', got {self.name!r}")
+        _check(self.log_every >= 1, "run.log_every", f"must be >= 1, got {self.log_every}")
 
 
 @dataclass

@@ -52,6 +52,29 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> Any:
                                    eos_token="</s>", extra_special_tokens={"image_token": IMAGE_TOKEN})
 
 
+def load_tokenizer(cfg: ModelConfig, corpus: Iterable[str] | None = None) -> Any:
+    """The tokenizer the configured preset uses, without loading any weights (the driver prepares data with it)."""
+    from transformers import AutoTokenizer
+
+    if cfg.preset == "tiny":
+        if cfg.tokenizer_path:
+            return AutoTokenizer.from_pretrained(str(local_dir(cfg.tokenizer_path)))
+        if corpus is None:
+            raise ConfigError("model.tokenizer_path: the tiny preset needs a tokenizer or a corpus to train one on")
+        return train_tokenizer(corpus, cfg.tiny_vocab_size)
+    path = cfg.vlm_path if cfg.preset == "llava" else cfg.lm_path
+    key = "model.vlm_path" if cfg.preset == "llava" else "model.lm_path"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(local_dir(path)))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{key}: cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def tiny_llava_config(cfg: ModelConfig, vocab_size: int, image_token_id: int, pad_token_id: int) -> Any:
     from transformers import CLIPVisionConfig, LlavaConfig, Qwen2Config
 
@@ -75,15 +98,9 @@ def _num_image_tokens(config: Any) -> int:
 
 def build_tiny(cfg: ModelConfig, corpus: Iterable[str] | None = None, tokenizer: Any = None) -> VLMBundle:
     """The tiny preset: random-init 2-layer CLIP + 2-layer Qwen2 and a BPE tokenizer trained on ``corpus``."""
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
-    if tokenizer is None:
-        if cfg.tokenizer_path:
-            tokenizer = AutoTokenizer.from_pretrained(str(local_dir(cfg.tokenizer_path)))
-        elif corpus is None:
-            raise ConfigError("model.tokenizer_path: the tiny preset needs a tokenizer or a corpus to train one on")
-        else:
-            tokenizer = train_tokenizer(corpus, cfg.tiny_vocab_size)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg, corpus)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config = tiny_llava_config(cfg, len(tokenizer), image_token_id, tokenizer.pad_token_id)
     model = LlavaForConditionalGeneration(config)
@@ -108,7 +125,7 @@ def load_llava(cfg: ModelConfig) -> VLMBundle:
 
 def assemble_clip_qwen2(cfg: ModelConfig) -> VLMBundle:
     """LLaVA assembled from a CLIP vision checkpoint and a Qwen2 causal LM, with a new (trainable) projector."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, LlavaConfig
+    from transformers import AutoModelForCausalLM, CLIPVisionModel, LlavaConfig
     from transformers import LlavaForConditionalGeneration
 
     vision_dir, lm_dir = local_dir(cfg.vision_path), local_dir(cfg.lm_path)
@@ -119,14 +136,10 @@ def assemble_clip_qwen2(cfg: ModelConfig) -> VLMBundle:
                         f"{str(err).splitlines()[0]}") from None
     try:
         lm = AutoModelForCausalLM.from_pretrained(str(lm_dir), dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(lm_dir))
     except (OSError, ValueError) as err:
         raise UserError(f"model.lm_path: cannot load a causal LM from {cfg.lm_path}: "
                         f"{str(err).splitlines()[0]}") from None
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(cfg)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config = LlavaConfig(vision_config=vision.config.to_dict(), text_config=lm.config.to_dict(),
                          image_token_id=image_token_id, vision_feature_layer=-2,

@@ -1,0 +1,223 @@
+"""``python -m megl_ray.train``: train MEGL with Ray Train + DeepSpeed ZeRO, data streamed by Ray Data from S3.
+
+    python -m megl_ray.train                                   # the embedded default, on this machine
+    python -m megl_ray.train --config megl_ray/configs/r18-qwen2-0.5b.yaml data.uri=s3://b/ds run.storage_path=s3://b/runs
+    ray job submit --address http://HEAD:8265 -- python -m megl_ray.train --config ...
+
+With no storage and no data given it starts an embedded SeaweedFS S3 server, uploads the bundled sample dataset and
+keeps the runs there. Re-running with the same ``run.name`` resumes from the latest checkpoint. Progress goes to
+stderr; the last stdout line is ``result.json`` as one JSON object (also written to the run directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from megl_ray.cli import run_cli, setup_logging
+from megl_ray.config import MEGLConfig, load_config, packaged_config
+from megl_ray.errors import UserError
+
+log = logging.getLogger("megl_ray.train")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m megl_ray.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML config (default: the packaged tiny config)")
+    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray started here)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.epochs=3 run.name=exp1")
+    return p
+
+
+def _run_uri(storage_path: str, name: str) -> str:
+    return storage_path.rstrip("/") + "/" + name
+
+
+def _start_ray(address: str | None, run_dir: Path) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # A local Ray: every core, bound to loopback, temp dir short (unix socket paths are limited to ~107 bytes).
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    # The dashboard stays on (loopback only): Ray Train's controller is watched through its state API.
+    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=temp,
+             _node_ip_address="127.0.0.1", log_to_driver=True)
+    log.info("started a local Ray (%d CPUs), temp dir %s", os.cpu_count(), temp)
+
+
+def _check_resources(cfg: MEGLConfig, use_gpu: bool) -> None:
+    import ray
+
+    resources = ray.cluster_resources()
+    if use_gpu:
+        gpus = resources.get("GPU", 0)
+        if cfg.train.num_workers > gpus:
+            raise UserError(f"train.num_workers={cfg.train.num_workers} needs {cfg.train.num_workers} GPUs, "
+                            f"the cluster has {gpus:g}")
+    else:
+        need = cfg.train.num_workers * cfg.train.cpus_per_worker
+        cpus = resources.get("CPU", 0)
+        if need > cpus - 0.5:  # leave room for Ray Data's read and preprocess tasks
+            raise UserError(f"train.num_workers={cfg.train.num_workers} needs {need:g} CPUs plus 0.5 for data, "
+                            f"the cluster has {cpus:g} (lower train.num_workers or train.cpus_per_worker)")
+
+
+def _storage(storage_path: str):
+    """(RunConfig storage_path, filesystem): a path without scheme plus a pyarrow filesystem, as Ray Train needs."""
+    from megl_ray import storage
+
+    if storage.is_s3(storage_path):
+        fs, path = storage.pyarrow_filesystem(storage_path)
+        return path, fs
+    Path(storage_path).mkdir(parents=True, exist_ok=True)
+    return str(Path(storage_path).resolve()), None
+
+
+def _worker_env(use_gpu: bool) -> dict[str, str]:
+    keys = [k for k in os.environ if k.startswith(("AWS_", "MEGL_")) or k in ("TORCH_EXTENSIONS_DIR",)]
+    env = {k: os.environ[k] for k in keys}
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def evaluate_test_split(export_uri: str, data_uri: str) -> dict[str, float]:
+    """Accuracy and mIoU of the exported model on the test split, in this process (the split is small)."""
+    import torch
+
+    from megl_ray.data.reader import iter_row_batches, read_split
+    from megl_ray.data.schema import load_dataset_info
+    from megl_ray.data.transforms import model_batch, preprocess_rows
+    from megl_ray.export import load_export
+    from megl_ray.training.worker import iou_per_sample
+
+    exported = load_export(export_uri)
+    model, cfg = exported.model, exported.config
+    info = load_dataset_info(data_uri)
+    table = read_split(data_uri, "test", info)
+    correct = count = 0
+    ious: list[float] = []
+    for rows in iter_row_batches(table, 64, epoch=0, seed=0, shuffle=False):
+        pre = preprocess_rows({k: [r[k] for r in rows] for k in rows[0]}, model.tokenizer, cfg.model.image_size,
+                              info.mask_size, cfg.data.max_rationales, cfg.model.max_text_tokens)
+        batch = model_batch(pre, model.tokenizer, cfg.model.prompt_template, model.num_image_tokens, 0, 0)
+        probs, sal = model.predict(batch["pixels"])
+        correct += int((probs.argmax(1) == batch["labels"]).sum())
+        count += len(rows)
+        if bool(batch["has_mask"].any()):
+            ious += iou_per_sample(sal[batch["has_mask"]], batch["masks"][batch["has_mask"]]).tolist()
+    del torch
+    return {"test_accuracy": correct / max(count, 1), "test_miou": sum(ious) / len(ious) if ious else float("nan")}
+
+
+def fit(cfg: MEGLConfig, address: str | None = None) -> dict[str, Any]:
+    """Train ``cfg`` (data and storage resolved) on Ray; returns the result dict."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from megl_ray.data.pipeline import build_dataset, fits_in_cache, preprocessed_bytes_per_row
+    from megl_ray.data.reader import read_split
+    from megl_ray.data.schema import load_dataset_info
+    from megl_ray.model.vlm import load_tokenizer
+    from megl_ray.training.ds_config import global_batch_size
+    from megl_ray.training.worker import steps_per_epoch, train_loop_per_worker
+
+    started = time.monotonic()
+    run_uri = _run_uri(cfg.run.storage_path, cfg.run.name)
+    local_dir = Path(tempfile.mkdtemp(prefix=f"megl-{cfg.run.name}-"))
+    _start_ray(address, local_dir)
+    use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    _check_resources(cfg, use_gpu)
+
+    info = load_dataset_info(cfg.data.uri)
+    train_ids = read_split(cfg.data.uri, "train", info).column("id").to_pylist()
+    corpus = [r for rs in read_split(cfg.data.uri, "train", info).column("rationales").to_pylist() for r in rs]
+    tokenizer = load_tokenizer(cfg.model, corpus + list(info.classes))
+    common = dict(tokenizer=tokenizer, image_size=cfg.model.image_size, max_rationales=cfg.data.max_rationales,
+                  max_text_tokens=cfg.model.max_text_tokens, num_shards=cfg.train.num_workers, seed=cfg.train.seed,
+                  info=info)
+    row_bytes = preprocessed_bytes_per_row(cfg.model.image_size, info.mask_size, cfg.data.max_rationales,
+                                           cfg.model.max_text_tokens)
+    cache = cfg.train.cache_data if cfg.train.cache_data is not None else fits_in_cache(len(train_ids), row_bytes)
+    datasets = {"train": build_dataset(cfg.data.uri, "train", cache=cache, **common),
+                "val": build_dataset(cfg.data.uri, "val", **common)}
+    per_epoch = steps_per_epoch(len(train_ids), cfg.train.num_workers, cfg.data.batch_size)
+    planned = per_epoch * cfg.train.epochs // cfg.train.grad_accum
+    log.info("%d train images, %d workers, global batch %d, %d optimizer steps planned%s", len(train_ids),
+             cfg.train.num_workers, global_batch_size(cfg), planned, " (data cached)" if cache else "")
+
+    storage_path, filesystem = _storage(cfg.run.storage_path)
+    loop = {
+        "config": cfg.to_dict(), "env": _worker_env(use_gpu), "tokenizer": tokenizer,
+        "num_classes": info.num_classes, "classes": list(info.classes), "prior": info.prior_array().tolist(),
+        "train_rows": len(train_ids), "train_ids": train_ids, "use_gpu": use_gpu,
+        "run_uri": run_uri, "tb_dir": str(local_dir / "tensorboard"),
+    }
+    scaling = ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                            resources_per_worker=None if use_gpu else {"CPU": cfg.train.cpus_per_worker})
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop, scaling_config=scaling, datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train", "val"]),
+        run_config=RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    result = trainer.fit()
+    if result.error is not None:
+        raise UserError(f"training failed: {str(result.error).splitlines()[0]}")
+    metrics = result.metrics or {}
+    scheme = "s3://" if cfg.run.storage_path.startswith("s3://") else ""
+    test = evaluate_test_split(run_uri + "/export", cfg.data.uri)
+    summary = {
+        "checkpoint": scheme + result.checkpoint.path if result.checkpoint else None,
+        "run_dir": run_uri, "export": run_uri + "/export", "data_uri": cfg.data.uri,
+        "steps": int(metrics.get("step", 0)), "planned_steps": planned, "epochs": int(metrics.get("epoch", 0)),
+        "val_accuracy": _round(metrics.get("val_accuracy")), "val_miou": _round(metrics.get("val_miou")),
+        "test_accuracy": _round(test["test_accuracy"]), "test_miou": _round(test["test_miou"]),
+        "final_loss": _round(metrics.get("loss")), "num_workers": cfg.train.num_workers,
+        "zero_stage": cfg.train.zero_stage, "global_batch_size": global_batch_size(cfg),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    from megl_ray import storage
+
+    storage.write_bytes(run_uri + "/result.json", (json.dumps(summary, indent=2) + "\n").encode())
+    return summary
+
+
+def _round(value: Any) -> float | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return round(float(value), 4)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    cfg = load_config(args.config or packaged_config("tiny"), args.overrides)
+    from megl_ray.training.embedded import embedded_default
+
+    with embedded_default(cfg) as resolved:
+        try:
+            return fit(resolved, args.address)
+        finally:
+            import ray
+
+            # Flush the workers' forwarded logs now, so the result is the last line of stdout.
+            ray.shutdown()
+
+
+if __name__ == "__main__":
+    setup_logging()
+    sys.exit(run_cli("megl_ray.train", main))
