@@ -34,15 +34,17 @@ ENV DS_BUILD_OPS=0 \
 
 # The base image's `ray` user, by number so that Kubernetes' runAsNonRoot can verify it is not root.
 USER 1000:100
-WORKDIR /home/ray/megl_ray
 
-# The heavy, rarely changing layer first, so that a code change rebuilds only the last one.
+# The heavy, rarely changing layer first, so that a code change rebuilds only the last one. The source directory is
+# made here by `ray` (pip builds in it; WORKDIR would create it as root with some builders).
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
- && pip install --no-cache-dir "deepspeed==${DEEPSPEED_VERSION}"
+ && pip install --no-cache-dir "deepspeed==${DEEPSPEED_VERSION}" \
+ && mkdir /home/ray/megl_ray
 
 # The project, installed from its source; the source stays here, the working directory of `ray start` and so of
 # every job, so `--config megl_ray/configs/<name>.yaml` resolves as it does in a checkout.
+WORKDIR /home/ray/megl_ray
 COPY --chown=1000:100 . .
 RUN pip install --no-cache-dir . \
  && python -c "import ray, torch; assert ray.__version__ == '2.60.0', ray.__version__; assert torch.version.cuda.startswith('12.8'), torch.version.cuda"

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device(name: str) -> str:
+def resolve_device(name: str) -> str:
+    """'auto' → cuda when available, else cpu; 'cuda' without a GPU is the user's error."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -108,15 +109,27 @@ def predict_in_process(exported: Any, table: pa.Table, mask_size: int, batch_siz
 
 class Predictor:
     """Ray Data actor: loads the export once and runs ``run_batch`` on each group of rows that the in-process path
-    would batch together (the ``_batch`` column), whatever batches Ray hands it."""
+    would batch together (the ``_batch`` column), whatever batches Ray hands it.
+
+    A ``UserError`` while loading (say, weights that do not fit their config) is returned as an ``_error`` column
+    rather than raised: a failing actor constructor makes Ray retry, log tracebacks and die, where the user needs
+    one line.
+    """
 
     def __init__(self, checkpoint: str, device: str, mask_size: int, num_beams: int, max_new_tokens: int):
         from megl_ray.export import load_export
 
-        self.exported = load_export(checkpoint, device=device)
+        self.exported, self.error = None, None
+        try:
+            self.exported = load_export(checkpoint, device=device)
+        except UserError as err:
+            self.error = str(err)
         self.mask_size, self.num_beams, self.max_new_tokens = mask_size, num_beams, max_new_tokens
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        rows = np.asarray(batch.column("_row"), dtype=np.int64)
+        if self.error is not None:
+            return {"_row": rows, "_error": np.asarray([self.error] * len(rows), dtype=object)}
         keys = np.asarray(batch.column("_batch"))
         parts = []
         for key in np.unique(keys):
@@ -125,21 +138,6 @@ class Predictor:
             out["_row"] = np.asarray(group.column("_row"), dtype=np.int64)
             parts.append(out)
         return _concat(parts)
-
-
-def _user_error_in(err: BaseException) -> UserError | None:
-    """The UserError a Ray worker raised, found through Ray's wrappers (``cause``) and Python's chaining."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [err]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, UserError):
-            return e
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
-    return None
 
 
 def predict_with_ray(checkpoint: str, table: pa.Table, mask_size: int, batch_size: int, num_beams: int,
@@ -161,17 +159,16 @@ def predict_with_ray(checkpoint: str, table: pa.Table, mask_size: int, batch_siz
         blocks = [indexed.slice(start, batch_size) for start in range(0, n, batch_size)]
         resources = {"num_gpus": 1} if device == "cuda" else {"num_cpus": 1}
         ds = ray.data.from_arrow(blocks).map_batches(
-            Predictor, batch_size=batch_size, batch_format="pyarrow", concurrency=workers,
+            Predictor, batch_size=batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=workers),
             fn_constructor_kwargs={"checkpoint": checkpoint, "device": device, "mask_size": mask_size,
                                    "num_beams": num_beams, "max_new_tokens": max_new_tokens},
             **resources)
-        try:
-            parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
-        except Exception as err:  # noqa: BLE001 - a worker's UserError (e.g. weights that do not fit) is one line
-            user_error = _user_error_in(err)
-            if user_error is not None:
-                raise UserError(str(user_error)) from None
-            raise
+        parts = []
+        for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if "_error" in part:
+                raise UserError(str(part["_error"][0]))
+            parts.append(part)
     finally:
         if started_here:
             ray.shutdown()
@@ -254,7 +251,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if args.workers is not None and args.workers < 1:
         raise UserError("--workers must be at least 1")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     info = load_dataset_info(args.data)
     table = read_split(args.data, args.split, info)
     if table.num_rows == 0:

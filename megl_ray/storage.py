@@ -184,6 +184,8 @@ class S3Options:
         region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
         profile = env.get("AWS_PROFILE") or None
         options = cls(endpoint_url=endpoint or None, region=region, profile=profile)
+        if env.get("MEGL_S3_RETRY_SECONDS"):  # how long an unreachable endpoint is retried before giving up
+            options.retry_seconds = float(env["MEGL_S3_RETRY_SECONDS"])
         credentials = _resolve_credentials(options, from_env=True)
         if credentials is not None and getattr(credentials, "method", None) in _STATIC_CREDENTIAL_METHODS:
             frozen = credentials.get_frozen_credentials()

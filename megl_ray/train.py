@@ -89,6 +89,10 @@ def _storage(storage_path: str):
 def _worker_env(use_gpu: bool) -> dict[str, str]:
     keys = [k for k in os.environ if k.startswith(("AWS_", "MEGL_")) or k in ("TORCH_EXTENSIONS_DIR",)]
     env = {k: os.environ[k] for k in keys}
+    from megl_ray.training.embedded import megl_home
+
+    # DeepSpeed JIT-compiles a kernel on first use (~1 min on 2 cores): keep it between runs.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(megl_home() / "torch_extensions"))
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     return env

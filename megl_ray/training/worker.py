@@ -59,10 +59,12 @@ def _weights_only_checkpoint_engine(engine: Any) -> None:
 
     class WeightsOnly(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
+            from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
             from deepspeed.runtime.zero.config import ZeroStageEnum
             from deepspeed.utils.tensor_fragment import fragment_address
 
-            with torch.serialization.safe_globals([ZeroStageEnum, fragment_address, set, argparse_namespace()]):
+            allowed = [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler, set, argparse_namespace()]
+            with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
     current = engine.checkpoint_engine
@@ -274,6 +276,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             state = load_checkpoint(engine, Path(directory), rank)
         log.info("resumed from %s at epoch %d, step %d (%d samples of the epoch done)",
                  checkpoint.path, state.epoch, state.step, len(state.epoch_ids))
+    start_step = state.step  # where this worker group started: 0, or the step of the checkpoint it resumed
     progress = Progress(total_steps, cfg.run.log_every, Path(loop["tb_dir"]) if rank == 0 else None)
     sample_log = None
     if cfg.train.sample_log_dir:
@@ -310,7 +313,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             engine.step()
             epoch_ids.extend(ids)
             if sample_log is not None:
-                sample_log.write(json.dumps({"epoch": epoch, "step": engine.global_steps, "ids": ids}) + "\n")
+                sample_log.write(json.dumps({"epoch": epoch, "step": engine.global_steps, "ids": ids,
+                                             "start_step": start_step, "rank": rank}) + "\n")
                 sample_log.flush()
             if not engine.is_gradient_accumulation_boundary():
                 continue
@@ -318,6 +322,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             if kill_at and state.step == kill_at and rank == world - 1 and kill_marker and not Path(kill_marker).exists():
                 Path(kill_marker).write_text("killed")
                 log.warning("test hook: killing rank %d at step %d", rank, state.step)
+                time.sleep(5)  # let the controller register the last reported checkpoint, as a real crash would
                 os._exit(1)
             terms = {k: float(v) for k, v in out.terms.items()}
             values = progress.step(state.step, epoch, cfg.train.epochs, terms, samples=len(ids) * world,

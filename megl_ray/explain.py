@@ -1,0 +1,308 @@
+"""``python -m megl_ray.explain``: what an exported MEGL model predicts for images, where it looked, and why it says so.
+
+    python -m megl_ray.explain --checkpoint URI IMAGE... --out DIR [--top-k 3] [--num-beams 1] [--max-new-tokens 32]
+    python -m megl_ray.explain --checkpoint URI --gallery --data URI [--split test] [--per-class 3] --out DIR
+
+For each IMAGE (local path or ``s3://``): the top-k classes with probabilities, ``DIR/<name>_overlay.png`` (the
+saliency Â of the predicted class, bilinearly upsampled to the image and drawn over it as a 'jet' heat map),
+``DIR/<name>_saliency.png`` (the same map alone, 8-bit grey, max-normalised) and the rationale generated for the
+predicted class; all listed in ``DIR/explanations.json``. ``--gallery`` writes ``DIR/index.html``: a static page
+with a few examples per class of a dataset split (image, overlay, ground-truth mask when present, generated and
+reference rationales), its images as files beside it. DIR may be ``s3://`` (written locally, then uploaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import io
+import json
+import logging
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from megl_ray.cli import run_cli, setup_logging
+from megl_ray.errors import UserError
+
+log = logging.getLogger("megl_ray.explain")
+
+OVERLAY_ALPHA = 0.5
+COLORMAP = "jet"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ``UserError`` (one line, exit 2 through ``run_cli``) instead of exiting itself."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m megl_ray.explain", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="exported model (local dir or s3://)")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (local or s3://) to explain")
+    p.add_argument("--out", required=True, help="output folder (local or s3://)")
+    p.add_argument("--top-k", type=int, default=3, help="classes listed per image (default 3)")
+    p.add_argument("--num-beams", type=int, default=1, help="beam width of rationale generation (1: greedy)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest generated rationale, in tokens")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")
+    p.add_argument("--gallery", action="store_true", help="also write DIR/index.html from --data")
+    p.add_argument("--data", help="converted dataset for --gallery")
+    p.add_argument("--split", default="test", help="split for --gallery (default test)")
+    p.add_argument("--per-class", type=int, default=3, help="gallery examples per class (default 3)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    return p
+
+
+# -------------------------------------------------------------------------------------------------------- images
+
+
+def read_image(uri: str) -> tuple[bytes, Image.Image]:
+    """An image's bytes and RGB picture; anything that is not a readable image is one clear ``UserError``."""
+    from megl_ray import storage
+    from megl_ray.data.convert import DEFAULT_MAX_PIXELS
+    from megl_ray.data.schema import Invalid, check_image_bytes
+
+    try:
+        data = storage.read_bytes(uri)
+    except UserError:  # storage's own errors (no such file, access denied) are already one clear line
+        raise
+    except OSError as err:
+        raise UserError(f"{uri}: cannot read: {err.strerror or err}") from None
+    try:
+        check_image_bytes(data, DEFAULT_MAX_PIXELS)  # the converter's checks: format, decompression bomb, truncation
+    except Invalid as problem:
+        raise UserError(f"{uri}: not a usable image: {problem.detail}") from None
+    with Image.open(io.BytesIO(data)) as img:
+        return data, img.convert("RGB")
+
+
+def heat(saliency: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(h, w) saliency → (H, W) float in [0, 1]: bilinear upsampling and max-normalisation, as the metrics do."""
+    from megl_ray.metrics import upsample_saliency
+
+    return upsample_saliency(saliency.unsqueeze(0), size)[0].clamp(0, 1).numpy()
+
+
+def overlay(image: Image.Image, heat_map: np.ndarray, alpha: float = OVERLAY_ALPHA) -> Image.Image:
+    """The heat map through matplotlib's colormap (no figure, no display), alpha-blended over the image."""
+    import matplotlib
+
+    colours = matplotlib.colormaps[COLORMAP](heat_map)[..., :3]
+    base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    blended = (1.0 - alpha) * base + alpha * colours
+    return Image.fromarray(np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8), "RGB")
+
+
+def grey(values: np.ndarray) -> Image.Image:
+    """A [0, 1] map as an 8-bit greyscale picture."""
+    return Image.fromarray(np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8), "L")
+
+
+def model_pixels(data: bytes, image_size: int) -> torch.Tensor:
+    """(3, S, S) pixels exactly as training feeds them: decoded, resized, rounded to uint8 levels, in [0, 1]."""
+    from megl_ray.data.transforms import decode_image
+
+    return torch.as_tensor(np.rint(decode_image(data, image_size) * 255.0) / 255.0, dtype=torch.float32)
+
+
+class _Names:
+    """File-name stems that are safe on every filesystem and in URLs, and unique within one output folder."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+
+    def __call__(self, raw: str) -> str:
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", raw).strip("._") or "image"
+        name, k = base, 2
+        while name in self.used:
+            name, k = f"{base}-{k}", k + 1
+        self.used.add(name)
+        return name
+
+
+# ------------------------------------------------------------------------------------------------------ explain
+
+
+def explain_images(exported: Any, loaded: Sequence[tuple[str, bytes, Image.Image]], out: Path, top_k: int,
+                   num_beams: int, max_new_tokens: int, batch_size: int, names: _Names) -> list[dict[str, Any]]:
+    """Predict, draw and explain each (uri, bytes, picture) of ``read_image``; write its PNGs into ``out``; return
+    one record per image."""
+    model, size = exported.model, exported.config.model.image_size
+    records = []
+    device = next(model.parameters()).device
+    k = max(1, min(top_k, len(exported.classes)))
+    for start in range(0, len(loaded), batch_size):
+        chunk = loaded[start:start + batch_size]
+        pixels = torch.stack([model_pixels(data, size) for _, data, _ in chunk]).to(device)
+        probs, saliency = model.predict(pixels)
+        probs, saliency = probs.float().cpu(), saliency.float().cpu()
+        predicted = [exported.classes[i] for i in probs.argmax(dim=1).tolist()]
+        rationales = model.generate(pixels, predicted, max_new_tokens=max_new_tokens, num_beams=num_beams)
+        for i, (uri, _, image) in enumerate(chunk):
+            name = names(Path(uri.rstrip("/")).stem)
+            heat_map = heat(saliency[i], (image.height, image.width))
+            overlay(image, heat_map).save(out / f"{name}_overlay.png")
+            grey(heat_map).save(out / f"{name}_saliency.png")
+            p, idx = probs[i].topk(k)
+            records.append({
+                "image": uri, "name": name, "predicted": predicted[i], "probability": float(p[0]),
+                "top_k": [{"class": exported.classes[j], "probability": float(q)} for q, j in zip(p.tolist(), idx.tolist())],
+                "rationale": rationales[i], "overlay": f"{name}_overlay.png", "saliency": f"{name}_saliency.png",
+            })
+    return records
+
+
+# ------------------------------------------------------------------------------------------------------ gallery
+
+
+def select_rows(table: Any, num_classes: int, per_class: int) -> list[int]:
+    """Row indices: up to ``per_class`` per class in class-id order, rows with a mask first, then split order."""
+    labels = table.column("class_id").to_pylist()
+    has_mask = table.column("has_mask").to_pylist()
+    chosen = []
+    for c in range(num_classes):
+        rows = [i for i, label in enumerate(labels) if label == c]
+        rows.sort(key=lambda i: not has_mask[i])  # stable: split order within each group
+        chosen += rows[:per_class]
+    return chosen
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 1em; }}
+.card {{ border: 1px solid #ccc; border-radius: 6px; padding: .6em; width: 520px; }}
+.pics {{ display: flex; gap: .4em; }}
+.pics figure {{ margin: 0; text-align: center; font-size: .8em; }}
+.pics img, .nomask {{ width: 160px; height: 160px; image-rendering: pixelated; }}
+.nomask {{ display: flex; align-items: center; justify-content: center; background: #eee; color: #777; }}
+.ok {{ color: #080; }} .wrong {{ color: #b00; }}
+p, ol {{ font-size: .9em; margin: .3em 0; }}
+</style></head><body>
+<h1>{title}</h1>
+<p>Checkpoint <code>{checkpoint}</code>, dataset <code>{data}</code>, split <code>{split}</code>.
+Overlay: Grad-CAM saliency of the predicted class, bilinearly upsampled, '{cmap}' colormap (red = high).</p>
+{sections}
+</body></html>
+"""
+
+
+def _card(ex: dict[str, Any]) -> str:
+    e = html.escape
+    mask = (f'<figure><img src="{e(ex["mask"])}" alt="ground-truth mask"><figcaption>mask</figcaption></figure>'
+            if ex["mask"] else '<figure><div class="nomask">no mask</div><figcaption>mask</figcaption></figure>')
+    verdict = "ok" if ex["predicted"] == ex["label"] else "wrong"
+    refs = "".join(f"<li>{e(r)}</li>" for r in ex["references"])
+    return (f'<div class="card"><div class="pics">'
+            f'<figure><img src="{e(ex["image"])}" alt="image {e(ex["id"])}"><figcaption>image</figcaption></figure>'
+            f'<figure><img src="{e(ex["overlay"])}" alt="saliency overlay"><figcaption>saliency</figcaption></figure>'
+            f'{mask}</div>'
+            f'<p><b>{e(ex["id"])}</b>: true <b>{e(ex["label"])}</b>, predicted '
+            f'<b class="{verdict}">{e(ex["predicted"])}</b> ({ex["probability"]:.2f})</p>'
+            f'<p><b>Generated:</b> {e(ex["rationale"])}</p><p><b>References:</b></p><ol>{refs}</ol></div>')
+
+
+def write_gallery(exported: Any, checkpoint: str, data_uri: str, split: str, per_class: int, out: Path,
+                  num_beams: int, max_new_tokens: int, batch_size: int, names: _Names) -> list[dict[str, Any]]:
+    """A few examples per class of ``split`` as ``out/index.html`` plus its PNGs; returns the examples."""
+    from megl_ray.data.reader import read_split
+    from megl_ray.data.schema import load_dataset_info
+    from megl_ray.evaluate import run_batch
+
+    info = load_dataset_info(data_uri)
+    if list(info.classes) != exported.classes:
+        raise UserError(f"{checkpoint} was not trained on {data_uri}: their classes differ")
+    table = read_split(data_uri, split, info)
+    picked = table.take(select_rows(table, len(info.classes), per_class))
+    examples = []
+    for start in range(0, picked.num_rows, batch_size):
+        columns = picked.slice(start, batch_size).to_pydict()
+        outs = run_batch(exported, columns, info.mask_size, num_beams, max_new_tokens)
+        for i in range(len(columns["id"])):
+            name = names(str(columns["id"][i]))
+            with Image.open(io.BytesIO(columns["image"][i])) as img:
+                image = img.convert("RGB")
+            image.save(out / f"{name}_image.png")  # re-encoded: the source format may be one browsers cannot show
+            overlay(image, heat(torch.as_tensor(outs["saliency"][i]), (image.height, image.width))).save(
+                out / f"{name}_overlay.png")
+            mask = None
+            if outs["has_mask"][i]:
+                mask = f"{name}_mask.png"
+                grey(outs["mask"][i] / 255.0).resize(image.size, Image.NEAREST).save(out / mask)
+            probs = outs["probs"][i]
+            examples.append({
+                "id": str(columns["id"][i]), "label": str(columns["class_name"][i]),
+                "predicted": exported.classes[int(probs.argmax())], "probability": float(probs.max()),
+                "rationale": str(outs["generated"][i]), "references": list(columns["rationales"][i]),
+                "image": f"{name}_image.png", "overlay": f"{name}_overlay.png", "mask": mask,
+            })
+    sections = []
+    for c, cls in enumerate(info.classes):
+        cards = "".join(_card(ex) for ex in examples if ex["label"] == cls)
+        sections.append(f"<h2>{html.escape(cls)}</h2>\n<div class=\"grid\">{cards or '<p>no example</p>'}</div>")
+    page = _PAGE.format(title="MEGL explanations", checkpoint=html.escape(checkpoint), data=html.escape(data_uri),
+                        split=html.escape(split), cmap=COLORMAP, sections="\n".join(sections))
+    (out / "index.html").write_text(page, encoding="utf-8")
+    return examples
+
+
+# --------------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from megl_ray import storage
+    from megl_ray.evaluate import resolve_device
+    from megl_ray.export import load_export
+
+    args = build_parser().parse_args(argv)
+    if not args.images and not args.gallery:
+        raise UserError("give at least one IMAGE, or --gallery with --data")
+    if args.gallery and not args.data:
+        raise UserError("--gallery needs --data (a converted dataset)")
+    for name in ("top_k", "num_beams", "max_new_tokens", "per_class", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    device = resolve_device(args.device)
+    loaded = [(uri, *read_image(uri)) for uri in args.images]  # a bad image fails before the slow model load
+    exported = load_export(args.checkpoint, device=device)
+
+    remote = storage.is_s3(args.out)
+    staging = tempfile.TemporaryDirectory(prefix="megl-explain-") if remote else None
+    out = Path(staging.name) if staging else Path(args.out).expanduser()
+    try:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create {args.out}: {err.strerror or err}") from None
+        names = _Names()  # one namespace: gallery files must not overwrite the IMAGE arguments' files
+        records = explain_images(exported, loaded, out, args.top_k, args.num_beams, args.max_new_tokens,
+                                 args.batch_size, names)
+        result: dict[str, Any] = {"checkpoint": args.checkpoint, "out": args.out, "explanations": records}
+        if args.gallery:
+            examples = write_gallery(exported, args.checkpoint, args.data, args.split, args.per_class, out,
+                                     args.num_beams, args.max_new_tokens, args.batch_size, names)
+            result["gallery"] = {"index": "index.html", "split": args.split, "examples": len(examples)}
+        (out / "explanations.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        if remote:
+            storage.upload(str(out), args.out)
+    finally:
+        if staging:
+            staging.cleanup()
+    for r in records:
+        top = ", ".join(f"{t['class']} {t['probability']:.2f}" for t in r["top_k"])
+        print(f"{r['image']}: {top}\n  {r['rationale']}", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    setup_logging()
+    sys.exit(run_cli("python -m megl_ray.explain", main))

@@ -1,0 +1,129 @@
+"""End-to-end tests of ``python -m megl_ray.train``: Ray Train + DeepSpeed on a real local Ray, 2 CPU workers."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from megl_ray.cli import run_cli
+from megl_ray.data.reader import bundled_dataset_uri, read_split
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+FAST = REPO / "tests" / "configs" / "tiny-fast.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env["PYTHONPATH"] = f"{REPO}:{env.get('PYTHONPATH', '')}"
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "megl_ray" / "torch_extensions"))
+    env.update(extra)
+    return env
+
+
+def test_ray_job_submit_runs_the_trainer_and_leaves_checkpoints_in_the_embedded_s3(tmp_path):
+    home = tmp_path / "home"
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    dash = _free_port()
+    env = _env(MEGL_HOME=str(home))
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray_bin, "start", "--head", "--num-cpus=2", f"--temp-dir={temp}", "--node-ip-address=127.0.0.1",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--port={_free_port()}",
+                    "--include-dashboard=true", "--disable-usage-stats"], check=True, env=env, cwd=REPO,
+                   capture_output=True)
+    try:
+        job = subprocess.run(
+            [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--", "python", "-m", "megl_ray.train",
+             "--config", str(FAST), "run.name=job"],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout + job.stderr
+        result = json.loads([line for line in job.stdout.splitlines() if line.startswith('{"checkpoint"')][-1])
+        assert result["steps"] == result["planned_steps"] > 0
+        assert result["checkpoint"].startswith("s3://megl/runs/job/checkpoint_")
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+    from megl_ray import storage
+
+    with storage.EmbeddedS3(home / "embedded_s3") as server:  # the job's server is gone: read its data dir
+        files = storage.list_files("s3://megl/runs/job", server.options)
+    checkpoint_files = [f for f in files if "/checkpoint_" in f]
+    assert any(f.endswith("train_state.json") for f in checkpoint_files)
+    assert any("/megl/" in f for f in checkpoint_files)  # the DeepSpeed tag directory with the shards
+    assert any(f.endswith("/export/model.safetensors") for f in files)
+    assert any(f.endswith("/result.json") for f in files)
+
+
+def _run_train(args, capsys):
+    from megl_ray import train
+
+    code = run_cli("megl_ray.train", train.main, args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_killed_worker_resumes_from_the_checkpoint_with_exact_steps_and_samples(tmp_path, capsys, monkeypatch):
+    data = bundled_dataset_uri()
+    marker = tmp_path / "killed"
+    samples = tmp_path / "samples"
+    monkeypatch.setenv("MEGL_TEST_KILL_AT_STEP", "11")  # epoch 2's second step; the last checkpoint is step 10
+    monkeypatch.setenv("MEGL_TEST_KILL_MARKER", str(marker))
+    code, out, err = _run_train(["--config", str(FAST), f"data.uri={data}", f"run.storage_path={tmp_path / 'runs'}",
+                                 "run.name=fault", "train.epochs=2", "train.checkpoint_every=2",
+                                 f"train.sample_log_dir={samples}"], capsys)
+    assert code == 0, err[-4000:]
+    assert marker.exists(), "the fault was never injected"
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["steps"] == result["planned_steps"] == 18  # 272 images, 2 workers × 16 → 9 steps per epoch
+
+    rows = [json.loads(line) for f in sorted(samples.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    resumed = [r for r in rows if r["start_step"] > 0]
+    resume_step = resumed[0]["start_step"]
+    assert {r["start_step"] for r in resumed} == {resume_step} and resume_step == 10, "resumed from another step"
+    epoch = resumed[0]["epoch"]
+    before = [i for r in rows if r["start_step"] == 0 and r["epoch"] == epoch and r["step"] <= resume_step
+              for i in r["ids"]]
+    after = [i for r in resumed if r["epoch"] == epoch for i in r["ids"]]
+    assert before and after
+    assert len(after) == len(set(after)), "a sample was trained twice after the resume"
+    assert not set(before) & set(after), "a sample trained before the checkpoint was trained again"
+    train_ids = set(read_split(data, "train").column("id").to_pylist())
+    assert set(before) | set(after) == train_ids, "samples were missed in the resumed epoch"
+    assert max(r["step"] for r in resumed) == 18
+
+
+def test_user_errors_are_one_clear_line(tmp_path, capsys, monkeypatch):
+    data = bundled_dataset_uri()
+    cases = [
+        (["model.nonsense=1"], "unknown config key 'model.nonsense'"),
+        (["model.preset=llava", f"model.vlm_path={tmp_path / 'missing'}", f"data.uri={data}",
+          f"run.storage_path={tmp_path}"], "model directory not found"),
+        ([f"data.uri={data}", f"run.storage_path={tmp_path}", "train.num_workers=8"], "train.num_workers=8 needs"),
+    ]
+    for args, fragment in cases:
+        code, out, err = _run_train(["--config", str(FAST), *args], capsys)
+        assert code == 2 and fragment in err, err[-2000:]
+        assert "Traceback" not in err
+        assert json.loads(out.strip().splitlines()[-1])["error"]
+    monkeypatch.setenv("MEGL_S3_ENDPOINT", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("MEGL_S3_RETRY_SECONDS", "1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    start = time.monotonic()
+    code, out, err = _run_train(["--config", str(FAST), "data.uri=s3://nowhere/ds", f"run.storage_path={tmp_path}"],
+                                capsys)
+    assert code == 2 and "unreachable" in err and "Traceback" not in err, err[-2000:]
+    assert time.monotonic() - start < 120
