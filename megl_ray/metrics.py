@@ -138,7 +138,8 @@ def saliency_iou(saliency: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
     pred = binarize_saliency(saliency, tuple(masks.shape[-2:])).long()
     target = (masks.detach().float().cpu() >= MASK_THRESHOLD).long()
-    return mean_iou(pred.cpu(), target, num_classes=2, include_background=False, input_format="index")[:, 0]
+    return mean_iou(pred.cpu(), target, num_classes=2, include_background=False, per_class=True,
+                    input_format="index")[:, 0]
 
 
 def pointing_hits(saliency: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

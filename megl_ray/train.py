@@ -143,11 +143,11 @@ def fit(cfg: MEGLConfig, address: str | None = None) -> dict[str, Any]:
     started = time.monotonic()
     run_uri = _run_uri(cfg.run.storage_path, cfg.run.name)
     local_dir = Path(tempfile.mkdtemp(prefix=f"megl-{cfg.run.name}-"))
+    info = load_dataset_info(cfg.data.uri)  # fails fast, before Ray starts, on bad data or unreachable storage
     _start_ray(address, local_dir)
     use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     _check_resources(cfg, use_gpu)
 
-    info = load_dataset_info(cfg.data.uri)
     train_ids = read_split(cfg.data.uri, "train", info).column("id").to_pylist()
     corpus = [r for rs in read_split(cfg.data.uri, "train", info).column("rationales").to_pylist() for r in rs]
     tokenizer = load_tokenizer(cfg.model, corpus + list(info.classes))

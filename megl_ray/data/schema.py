@@ -446,5 +446,10 @@ def load_dataset_info(uri: str) -> DatasetInfo:
             f"no {DATASET_INFO_FILE} at {uri} (not a converted dataset, or its conversion did not finish)"
         ) from None
     except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read {DATASET_INFO_FILE} at {uri}: {err}") from None
+        from megl_ray.retrying_fs import is_transient
+
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if is_transient(err):
+            raise UserError(f"storage unreachable while reading {DATASET_INFO_FILE} at {uri}: {first}") from None
+        raise UserError(f"cannot read {DATASET_INFO_FILE} at {uri}: {first}") from None
     return DatasetInfo.from_json(text)

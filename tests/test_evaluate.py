@@ -1,0 +1,135 @@
+"""``python -m megl_ray.evaluate`` on an export trained here by ``megl_ray.train_local``: all keys, the JSON file,
+identical numbers in-process and through Ray Data, and one clear line for each bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from megl_ray import train_local
+from megl_ray.cli import run_cli
+from megl_ray.data.reader import bundled_dataset_uri
+from megl_ray.data.schema import load_dataset_info
+from megl_ray.evaluate import METRIC_KEYS, main
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {*METRIC_KEYS, "split", "samples", "per_class", "mask_samples", "checkpoint", "data", "out"}
+
+
+@pytest.fixture(scope="module")
+def data_uri():
+    return bundled_dataset_uri()
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory, data_uri):
+    out = str(tmp_path_factory.mktemp("evaluate") / "export")
+    train_local.main(["--max-steps", "4", "--export", out, "train.epochs=2", f"data.uri={data_uri}"])
+    return out
+
+
+def _run(argv, capsys):
+    """run_cli in this process: (exit code, stdout's last line as JSON, stderr)."""
+    code = run_cli("python -m megl_ray.evaluate", main, argv)
+    captured = capsys.readouterr()
+    return code, json.loads(captured.out.strip().splitlines()[-1]), captured.err
+
+
+def test_cli_prints_every_key_and_writes_the_json(export, data_uri, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "megl_ray.evaluate", "--checkpoint", export, "--data", data_uri,
+                           "--split", "val", "--max-new-tokens", "8"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert KEYS <= set(result), KEYS - set(result)
+    rows = load_dataset_info(data_uri).splits["val"]
+    assert result["split"] == "val" and result["samples"] == rows and result["workers"] == 1
+    assert len(result["per_class"]) == 10 and sum(row["support"] for row in result["per_class"]) == rows
+    for key in METRIC_KEYS:
+        assert result[key] is None or isinstance(result[key], float), key
+    assert result["meteor"] is not None or shutil.which("java") is None
+    assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["text_similarity"] <= 1.0
+    written = Path(export) / "eval_val.json"  # the default --out
+    assert result["out"] == str(written) and json.loads(written.read_text()) == result
+    assert "accuracy" in proc.stderr and "pointing game" in proc.stderr  # the readable table
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    # A short temp dir: Ray's unix sockets live under it and their paths are limited to ~107 bytes.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    yield
+    ray.shutdown()
+
+
+def test_in_process_and_ray_data_give_identical_numbers(export, data_uri, tmp_path, ray_cluster):
+    common = ["--checkpoint", export, "--data", data_uri, "--split", "val", "--batch-size", "8",
+              "--max-new-tokens", "8"]
+    local = main([*common, "--workers", "1", "--out", str(tmp_path / "local.json")])
+    distributed = main([*common, "--workers", "2", "--out", str(tmp_path / "ray.json")])
+    assert local["workers"] == 1 and distributed["workers"] == 2
+    for key in (*METRIC_KEYS, "per_class", "samples", "mask_samples"):
+        assert local[key] == distributed[key], key
+
+
+def test_ray_path_reports_a_foreign_export_in_one_line(export, data_uri, tmp_path, ray_cluster, capsys):
+    foreign = _foreign_export(export, tmp_path)
+    code, out, err = _run(["--checkpoint", foreign, "--data", data_uri, "--split", "val", "--workers", "2",
+                           "--out", str(tmp_path / "x.json")], capsys)
+    assert code == 2 and "weights do not fit" in out["error"] and "Traceback" not in err
+
+
+def _foreign_export(export: str, tmp_path: Path) -> str:
+    """An export whose weights belong to another model (a 10-class head under a 7-class config)."""
+    foreign = tmp_path / "foreign"
+    shutil.copytree(export, foreign)
+    meta = json.loads((foreign / "meta.json").read_text())
+    meta["num_classes"] = 7
+    (foreign / "meta.json").write_text(json.dumps(meta))
+    return str(foreign)
+
+
+def test_bad_inputs_give_one_clear_line(export, data_uri, tmp_path, capsys):
+    base = ["--split", "val", "--out", str(tmp_path / "x.json")]
+    (tmp_path / "not_an_export").mkdir()
+    (tmp_path / "not_an_export" / "notes.txt").write_text("hello")
+    (tmp_path / "not_a_dataset").mkdir()
+    renamed = tmp_path / "renamed"  # the same data under other class names: another task's dataset
+    shutil.copytree(data_uri, renamed)
+    info = json.loads((renamed / "dataset.json").read_text())
+    info["classes"] = [f"class{i}" for i in range(len(info["classes"]))]
+    (renamed / "dataset.json").write_text(json.dumps(info))
+    cases = [
+        (["--checkpoint", str(tmp_path / "missing"), "--data", data_uri], "model directory not found"),
+        (["--checkpoint", str(tmp_path / "not_an_export"), "--data", data_uri], "is not a megl_ray export"),
+        (["--checkpoint", _foreign_export(export, tmp_path), "--data", data_uri], "weights do not fit"),
+        (["--checkpoint", export, "--data", str(tmp_path / "not_a_dataset")], "no dataset.json"),
+        (["--checkpoint", export, "--data", str(renamed)], "was not trained on"),
+        (["--checkpoint", export, "--data", data_uri, "--split", "nope"], "has no split 'nope'"),
+        (["--checkpoint", export, "--data", data_uri, "--workers", "0"], "--workers must be at least 1"),
+        (["--data", data_uri], "--checkpoint"),
+    ]
+    for argv, message in cases:
+        code, out, err = _run([*base, *argv], capsys)  # argv last: its --split wins
+        assert code == 2, (argv, err)
+        assert message in out["error"], (message, out["error"])
+        lines = [line for line in err.splitlines() if "error:" in line]
+        assert len(lines) == 1 and "Traceback" not in err, err
+
+
+def test_a_bad_input_through_a_subprocess_has_no_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "megl_ray.evaluate", "--checkpoint", str(tmp_path / "missing"),
+                           "--data", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("python -m megl_ray.evaluate: error: ")
