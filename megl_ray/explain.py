@@ -154,7 +154,8 @@ def explain_images(exported: Any, loaded: Sequence[tuple[str, bytes, Image.Image
             p, idx = probs[i].topk(k)
             records.append({
                 "image": uri, "name": name, "predicted": predicted[i], "probability": float(p[0]),
-                "top_k": [{"class": exported.classes[j], "probability": float(q)} for q, j in zip(p.tolist(), idx.tolist())],
+                "top_k": [{"class": exported.classes[j], "probability": float(q)}
+                          for q, j in zip(p.tolist(), idx.tolist())],
                 "rationale": rationales[i], "overlay": f"{name}_overlay.png", "saliency": f"{name}_saliency.png",
             })
     return records

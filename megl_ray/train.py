@@ -127,8 +127,12 @@ def evaluate_test_split(export_uri: str, data_uri: str) -> dict[str, float]:
     return {"test_accuracy": correct / max(count, 1), "test_miou": sum(ious) / len(ious) if ious else float("nan")}
 
 
-def fit(cfg: MEGLConfig, address: str | None = None) -> dict[str, Any]:
-    """Train ``cfg`` (data and storage resolved) on Ray; returns the result dict."""
+def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = (),
+        evaluate_test: bool = True) -> dict[str, Any]:
+    """Train ``cfg`` (data and storage resolved) on Ray; returns the result dict.
+
+    ``callbacks`` go to the run's ``RunConfig`` (a Tune trial passes ``TuneReportCallback()`` so that every
+    report of the workers — per epoch, with ``val_accuracy`` — reaches Tune's scheduler)."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -178,19 +182,21 @@ def fit(cfg: MEGLConfig, address: str | None = None) -> dict[str, Any]:
         dataset_config=DataConfig(datasets_to_split=["train", "val"]),
         run_config=RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks)))
     result = trainer.fit()
     if result.error is not None:
         raise UserError(f"training failed: {str(result.error).splitlines()[0]}")
     metrics = result.metrics or {}
     scheme = "s3://" if cfg.run.storage_path.startswith("s3://") else ""
-    test = evaluate_test_split(run_uri + "/export", cfg.data.uri)
+    test = (evaluate_test_split(run_uri + "/export", cfg.data.uri) if evaluate_test
+            else {"test_accuracy": None, "test_miou": None})
     summary = {
         "checkpoint": scheme + result.checkpoint.path if result.checkpoint else None,
         "run_dir": run_uri, "export": run_uri + "/export", "data_uri": cfg.data.uri,
         "steps": int(metrics.get("step", 0)), "planned_steps": planned, "epochs": int(metrics.get("epoch", 0)),
         "val_accuracy": _round(metrics.get("val_accuracy")), "val_miou": _round(metrics.get("val_miou")),
         "test_accuracy": _round(test["test_accuracy"]), "test_miou": _round(test["test_miou"]),
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         "final_loss": _round(metrics.get("loss")), "num_workers": cfg.train.num_workers,
         "zero_stage": cfg.train.zero_stage, "global_batch_size": global_batch_size(cfg),
         "seconds": round(time.monotonic() - started, 1),

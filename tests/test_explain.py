@@ -1,5 +1,5 @@
-"""``python -m megl_ray.explain``: one clear line for a file that is not an image; heat on the object for a model trained
-with masks (a synthetic dataset whose masks are known exactly); a gallery page whose every image loads in Chromium."""
+"""``python -m megl_ray.explain``: one clear line for a file that is not an image; heat on the object for a model
+trained with masks (a synthetic dataset whose masks are known exactly); a gallery whose every image loads in Chromium."""
 
 import json
 import os
