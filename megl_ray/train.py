@@ -98,33 +98,27 @@ def _worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
-def evaluate_test_split(export_uri: str, data_uri: str) -> dict[str, float]:
-    """Accuracy and mIoU of the exported model on the test split, in this process (the split is small)."""
-    import torch
-
+def evaluate_test_split(export_uri: str, data_uri: str) -> dict[str, float | None]:
+    """Accuracy and mIoU of the exported model on the test split, in this process (the metrics of
+    ``megl_ray.evaluate``, which adds the text metrics and the Ray Data path for large splits)."""
     from megl_ray.data.reader import iter_row_batches, read_split
     from megl_ray.data.schema import load_dataset_info
     from megl_ray.data.transforms import model_batch, preprocess_rows
     from megl_ray.export import load_export
-    from megl_ray.training.worker import iou_per_sample
+    from megl_ray.metrics import ClassificationMetrics, SaliencyMetrics
 
     exported = load_export(export_uri)
     model, cfg = exported.model, exported.config
     info = load_dataset_info(data_uri)
-    table = read_split(data_uri, "test", info)
-    correct = count = 0
-    ious: list[float] = []
-    for rows in iter_row_batches(table, 64, epoch=0, seed=0, shuffle=False):
+    classification, saliency = ClassificationMetrics(info.num_classes), SaliencyMetrics()
+    for rows in iter_row_batches(read_split(data_uri, "test", info), 64, epoch=0, seed=0, shuffle=False):
         pre = preprocess_rows({k: [r[k] for r in rows] for k in rows[0]}, model.tokenizer, cfg.model.image_size,
                               info.mask_size, cfg.data.max_rationales, cfg.model.max_text_tokens)
         batch = model_batch(pre, model.tokenizer, cfg.model.prompt_template, model.num_image_tokens, 0, 0)
         probs, sal = model.predict(batch["pixels"])
-        correct += int((probs.argmax(1) == batch["labels"]).sum())
-        count += len(rows)
-        if bool(batch["has_mask"].any()):
-            ious += iou_per_sample(sal[batch["has_mask"]], batch["masks"][batch["has_mask"]]).tolist()
-    del torch
-    return {"test_accuracy": correct / max(count, 1), "test_miou": sum(ious) / len(ious) if ious else float("nan")}
+        classification.update(probs, batch["labels"])
+        saliency.update(sal, batch["masks"], batch["has_mask"])
+    return {"test_accuracy": classification.compute()["accuracy"], "test_miou": saliency.compute()["miou"]}
 
 
 def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = (),
@@ -196,7 +190,6 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
         "steps": int(metrics.get("step", 0)), "planned_steps": planned, "epochs": int(metrics.get("epoch", 0)),
         "val_accuracy": _round(metrics.get("val_accuracy")), "val_miou": _round(metrics.get("val_miou")),
         "test_accuracy": _round(test["test_accuracy"]), "test_miou": _round(test["test_miou"]),
-        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         "final_loss": _round(metrics.get("loss")), "num_workers": cfg.train.num_workers,
         "zero_stage": cfg.train.zero_stage, "global_batch_size": global_batch_size(cfg),
         "seconds": round(time.monotonic() - started, 1),

@@ -186,42 +186,26 @@ def _all_reduce_sums(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, tensor.tolist()))
 
 
-def _validate(engine: Any, shard: Any, cfg: MEGLConfig, num_image_tokens: int) -> dict[str, float]:
-    """Accuracy and mIoU (saliency upsampled to the mask, both thresholded at 0.5) over this worker's share of
-    the validation split, summed across workers."""
+def _validate(engine: Any, shard: Any, cfg: MEGLConfig, num_image_tokens: int, num_classes: int) -> dict[str, float]:
+    """Validation accuracy and mIoU over this worker's share of the split, with the evaluation's own metric code
+    (torchmetrics states, synchronised across the workers at ``compute``)."""
     from megl_ray.data.pipeline import iter_epoch
     from megl_ray.data.transforms import model_batch
+    from megl_ray.metrics import ClassificationMetrics, SaliencyMetrics
 
     model = engine.module
     model.eval()
-    sums = {"correct": 0.0, "count": 0.0, "iou": 0.0, "masks": 0.0}
-    device = engine.device
+    classification, saliency = ClassificationMetrics(num_classes), SaliencyMetrics()
     for pre in iter_epoch(shard, epoch=0, batch_size=cfg.data.batch_size, seed=cfg.train.seed, shuffle_buffer=0):
         batch = model_batch(pre, model.tokenizer, cfg.model.prompt_template, num_image_tokens, 0, cfg.train.seed)
-        real = batch["sample_weight"] > 0
-        probs, sal = model.predict(batch["pixels"].to(device))
-        sums["correct"] += float(((probs.argmax(1).cpu() == batch["labels"]) & real).sum())
-        sums["count"] += float(real.sum())
-        with_mask = batch["has_mask"] & real
-        if bool(with_mask.any()):
-            ious = iou_per_sample(sal.float().cpu()[with_mask], batch["masks"][with_mask])
-            sums["iou"] += float(ious.sum())
-            sums["masks"] += float(with_mask.sum())
+        real = batch["sample_weight"] > 0  # padding copies are not validation samples
+        probs, sal = model.predict(batch["pixels"].to(engine.device))
+        classification.update(probs.float().cpu()[real], batch["labels"][real])
+        saliency.update(sal.float().cpu()[real], batch["masks"][real], batch["has_mask"][real])
     model.train()
-    sums = _all_reduce_sums(sums)
-    return {"val_accuracy": sums["correct"] / max(sums["count"], 1.0),
-            "val_miou": sums["iou"] / sums["masks"] if sums["masks"] else float("nan")}
-
-
-def iou_per_sample(saliency: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """IoU of the saliency (upsampled to the mask, thresholded at ``threshold``) and the mask (> 0.5), (B,)."""
-    from megl_ray.model.saliency import upsample
-
-    pred = upsample(saliency, tuple(masks.shape[-2:])).squeeze(1) >= threshold
-    truth = masks > 0.5
-    inter = (pred & truth).flatten(1).sum(1).float()
-    union = (pred | truth).flatten(1).sum(1).float()
-    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+    cls, sal_metrics = classification.compute(), saliency.compute()
+    miou = sal_metrics["miou"]
+    return {"val_accuracy": float(cls["accuracy"]), "val_miou": float("nan") if miou is None else float(miou)}
 
 
 def _resumed_shard(cfg: MEGLConfig, loop: dict[str, Any], state: TrainState, rank: int, world: int) -> Any:
@@ -331,7 +315,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             last = values or last
             if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
                 report({**{k: v for k, v in terms.items()}}, epoch_ids)
-        val = _validate(engine, ray.train.get_dataset_shard("val"), cfg, model.num_image_tokens)
+        val = _validate(engine, ray.train.get_dataset_shard("val"), cfg, model.num_image_tokens,
+                        loop["num_classes"])
         if rank == 0:
             print(f"[megl] epoch {epoch + 1}/{cfg.train.epochs} done: " +
                   " ".join(f"{k}={v:.4f}" for k, v in val.items()), file=sys.stderr, flush=True)
