@@ -35,3 +35,16 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg.warmup_steps))
+
+
+def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batch: dict, grad_clip: float):
+    """One optimizer step without DeepSpeed (forward, backward, clip, step, schedule): the update rule that the
+    generated DeepSpeed config reproduces. Returns the model's output."""
+    out = model(**batch)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return out

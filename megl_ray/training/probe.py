@@ -36,7 +36,7 @@ def run_steps(cfg: MEGLConfig, tokenizer: Any, num_classes: int, rows: list[dict
               use_gpu: bool = False) -> dict[str, list[float]]:
     """Train ``steps`` steps; returns {"losses": global mean loss per step, "step_s": seconds per step}."""
     from megl_ray.model import build_megl_model
-    from megl_ray.optim import build_optimizer, build_scheduler
+    from megl_ray.optim import build_optimizer, build_scheduler, plain_step
 
     torch.manual_seed(cfg.train.seed)
     model = build_megl_model(cfg, num_classes, tokenizer=tokenizer)
@@ -63,13 +63,7 @@ def run_steps(cfg: MEGLConfig, tokenizer: Any, num_classes: int, rows: list[dict
             engine.backward(out.loss)
             engine.step()
         else:
-            out = model(**batch)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            out = plain_step(model, optimizer, scheduler, batch, cfg.optim.grad_clip)
         times.append(time.perf_counter() - start)
         loss = out.loss.detach().double()
         if world > 1:

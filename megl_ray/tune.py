@@ -1,0 +1,378 @@
+"""``python -m megl_ray.tune``: sweep the MEGL loss weights (or any config key) with Ray Tune over Ray Train runs.
+
+    python -m megl_ray.tune --space tune_spaces/loss_weights.yaml              # the embedded default, this machine
+    python -m megl_ray.tune --space tune_spaces/loss_weights_lr.yaml --config my.yaml --num-samples 16 \\
+        data.uri=s3://b/ds run.storage_path=s3://b/runs
+
+Each trial trains the base config (``--config`` plus ``key=value`` overrides) with the trial's values of the space
+(see ``megl_ray.tune_space`` and ``tune_spaces/``) as a Ray Train run named ``<sweep>-<trial id>`` on the run
+storage; every epoch's validation metric goes to Tune, whose ASHA scheduler stops the weak trials early. The
+experiment is kept at ``<run.storage_path>/<sweep>``: re-running the same command resumes it (finished trials are
+not run again; an interrupted trial resumes from its last checkpoint). At the end the results table goes to stderr
+and, with the best trial's config as YAML for ``python -m megl_ray.train --config``, next to the experiment; the
+last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from megl_ray.cli import run_cli, setup_logging
+from megl_ray.config import MEGLConfig, load_config, packaged_config
+from megl_ray.errors import UserError
+from megl_ray.tune_space import SearchSpace, apply_values, load_space
+
+log = logging.getLogger("megl_ray.tune")
+
+# What the training workers report every epoch (megl_ray.training.worker): validation metrics and loss terms.
+METRICS = ("val_accuracy", "val_miou", "loss", "ce", "text", "visual", "dc")
+TRIAL_DRIVER_CPU = 0.1
+"""CPU reserved for each trial's driver function: it only builds the datasets and waits on its Train run."""
+DATA_HEADROOM_CPU = 0.5
+"""CPU left free for Ray Data's read and preprocess tasks (as ``megl_ray.train`` checks for one run)."""
+SWEEP_FILE = "sweep.json"
+INTERRUPT_HOOK = "MEGL_TEST_TUNE_INTERRUPT_AFTER"
+"""Tests: interrupt the sweep (as Ctrl-C does) once this many trials have finished in this process."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m megl_ray.tune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--space", required=True, help="search space YAML (see tune_spaces/)")
+    p.add_argument("--config", help="base config YAML (default: the packaged tiny config)")
+    p.add_argument("--num-samples", type=int, help="samples drawn from the space; grids are crossed with each "
+                                                   "(default: 1 for an all-grid space, else 4)")
+    p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
+                   help="asha: stop weak trials early (default); fifo: run every trial to the end")
+    p.add_argument("--metric", default="val_accuracy", help=f"metric to optimise, one of {', '.join(METRICS)}")
+    p.add_argument("--mode", choices=("max", "min"), help="default: max for val_* metrics, else min")
+    p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs every trial runs (default 1)")
+    p.add_argument("--reduction-factor", type=float, default=2.0,
+                   help="ASHA: 1/fraction of trials kept at each rung (default 2: the better half)")
+    p.add_argument("--max-concurrent", type=int,
+                   help="trials at once (default: as many as the cluster's CPUs/GPUs fit)")
+    p.add_argument("--name", help="sweep name; re-running with the same name resumes it (default: sweep-<space>)")
+    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray started here)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the base config, e.g. train.epochs=5")
+    return p
+
+
+@dataclasses.dataclass
+class SweepSettings:
+    name: str
+    space: SearchSpace
+    base: MEGLConfig
+    """The base config as given (before the embedded default fills in data and storage)."""
+    num_samples: int
+    scheduler: str
+    metric: str
+    mode: str
+    grace_period: int
+    reduction_factor: float
+    max_concurrent: int | None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must match for a re-run to resume this sweep (Tune restores the original settings)."""
+        return {"space": self.space.to_dict(), "config": self.base.to_dict(), "num_samples": self.num_samples,
+                "scheduler": self.scheduler, "metric": self.metric, "mode": self.mode,
+                "grace_period": self.grace_period, "reduction_factor": self.reduction_factor}
+
+
+def _settings(args: argparse.Namespace) -> SweepSettings:
+    base = load_config(args.config or packaged_config("tiny"), args.overrides)
+    space = load_space(args.space, base)
+    if args.metric not in METRICS:
+        raise UserError(f"--metric {args.metric}: not reported by training (valid: {', '.join(METRICS)})")
+    mode = args.mode or ("max" if args.metric.startswith("val_") else "min")
+    num_samples = args.num_samples if args.num_samples is not None else (1 if space.only_grid() else 4)
+    if num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1, got {num_samples}")
+    if args.grace_period < 1:
+        raise UserError(f"--grace-period must be >= 1, got {args.grace_period}")
+    if args.reduction_factor <= 1:
+        raise UserError(f"--reduction-factor must be > 1, got {args.reduction_factor}")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise UserError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    name = args.name or f"sweep-{Path(args.space).stem}"
+    if not name or "/" in name or name.startswith("."):
+        raise UserError(f"--name must be a non-empty name without '/', got {name!r}")
+    return SweepSettings(name, space, base, num_samples, args.scheduler, args.metric, mode, args.grace_period,
+                         args.reduction_factor, args.max_concurrent)
+
+
+# ------------------------------------------------------------------------------------------------ one trial
+
+
+def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep: str, keys: list[str], env: dict[str, str],
+              cwd: str) -> None:
+    """A Tune trial: the base config with the trial's values, trained as the Ray Train run ``<sweep>-<trial id>``.
+
+    Its workers' per-epoch reports reach Tune through ``TuneReportCallback``; when ASHA stops the trial, Ray ends
+    this process and, with it, the Train run it owns. Re-running a trial resumes its Train run from its checkpoint."""
+    os.environ.update(env)  # S3 endpoint and credentials, as the sweep's driver has them
+    if os.path.isdir(cwd):
+        os.chdir(cwd)  # relative paths in the config mean what they meant where the sweep was started
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from megl_ray.train import fit
+
+    trial_id = tune.get_context().get_trial_id()
+    values = {key: config[key.split(".", 1)[0]][key.split(".", 1)[1]] for key in keys}
+    cfg = apply_values(base, values)
+    sample_log = cfg.train.sample_log_dir and str(Path(cfg.train.sample_log_dir) / trial_id)
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"{sweep}-{trial_id}"),
+                              train=dataclasses.replace(cfg.train, sample_log_dir=sample_log))
+    logging.getLogger("megl_ray.tune").info("trial %s: %s", trial_id, values)
+    fit(cfg, callbacks=[TuneReportCallback()], evaluate_test=False)
+
+
+def _trial_name(trial: Any) -> str:
+    return trial.trial_id  # no timestamps: the names (and directories) are stable across resumes
+
+
+class _InterruptAfter:
+    """Test hook: send this process SIGINT (Tune then stops and saves, as on Ctrl-C) once ``$MEGL_TEST_TUNE_
+    INTERRUPT_AFTER`` trials have completed here. The variable is read when it fires, so a resumed sweep (which
+    restores this callback with the rest of its settings) runs to the end when the variable is gone."""
+
+    def __init__(self) -> None:
+        self.completed = 0
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.completed += 1
+        after = int(os.environ.get(INTERRUPT_HOOK, "0") or 0)
+        if after and self.completed == after:
+            log.warning("test hook: interrupting the sweep after %d finished trial(s)", after)
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def _callbacks() -> list[Any]:
+    from ray.tune import Callback
+
+    hook = type("InterruptAfter", (_InterruptAfter, Callback), {})
+    return [hook()]
+
+
+# ------------------------------------------------------------------------------------------------ the sweep
+
+
+def max_concurrent_trials(resources: dict[str, float], cfg: MEGLConfig, use_gpu: bool) -> int:
+    """Trials that fit the cluster at once, so none waits forever for workers that cannot be placed.
+
+    A trial needs ``num_workers`` × (one GPU, or ``cpus_per_worker`` CPUs) plus its driver's share; half a CPU is
+    kept for Ray Data's read and preprocess tasks."""
+    cpus = resources.get("CPU", 0.0) - DATA_HEADROOM_CPU
+    if use_gpu:
+        by_gpu = int(resources.get("GPU", 0.0) // cfg.train.num_workers)
+        by_cpu = int(cpus // (cfg.train.num_workers * 1.0 + TRIAL_DRIVER_CPU))  # Train gives a GPU worker 1 CPU
+        return max(1, min(by_gpu, by_cpu))
+    return max(1, int(cpus // (cfg.train.num_workers * cfg.train.cpus_per_worker + TRIAL_DRIVER_CPU) + 1e-9))
+
+
+def _check_resumable(uri: str, settings: SweepSettings) -> None:
+    """A sweep of this name that exists must have been started with the same settings (Tune resumes those)."""
+    from megl_ray import storage
+
+    if not storage.exists(uri):
+        return
+    saved = json.loads(storage.read_bytes(uri))
+    current = settings.fingerprint()
+    changed = [k for k in current if json.dumps(saved.get(k), sort_keys=True) != json.dumps(current[k], sort_keys=True)]
+    if changed:
+        raise UserError(f"sweep '{settings.name}' exists with other settings ({', '.join(changed)} differ): re-run "
+                        f"it with its original arguments to resume it, or choose another --name")
+
+
+def sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None = None) -> dict[str, Any]:
+    """Run (or resume) the sweep; ``resolved`` is the base config with data and storage filled in."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from megl_ray import storage
+    from megl_ray.data.schema import load_dataset_info
+    from megl_ray.train import _check_resources, _run_uri, _start_ray, _storage
+
+    started = time.monotonic()
+    load_dataset_info(resolved.data.uri)  # fails fast, before Ray starts, on bad data or unreachable storage
+    _start_ray(address, Path("."))
+    use_gpu = resolved.train.use_gpu if resolved.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    _check_resources(resolved, use_gpu)
+    concurrent = settings.max_concurrent or max_concurrent_trials(ray.cluster_resources(), resolved, use_gpu)
+
+    storage_path, filesystem = _storage(resolved.run.storage_path)
+    experiment_uri = _run_uri(resolved.run.storage_path, settings.name)
+    experiment_path = storage_path.rstrip("/") + "/" + settings.name
+    _check_resumable(experiment_uri + "/" + SWEEP_FILE, settings)
+    storage.write_bytes(experiment_uri + "/" + SWEEP_FILE,
+                        (json.dumps(settings.fingerprint(), indent=2, sort_keys=True) + "\n").encode())
+
+    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MEGL_")) or k == "TORCH_EXTENSIONS_DIR"}
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=resolved.to_dict(), sweep=settings.name, keys=settings.space.keys,
+                             env=env, cwd=os.getcwd()),
+        {"CPU": TRIAL_DRIVER_CPU})
+    resumed = tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
+    if resumed:
+        log.info("resuming sweep %s from %s", settings.name, experiment_uri)
+        tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=True, storage_filesystem=filesystem)
+    else:
+        if settings.scheduler == "asha":
+            scheduler = ASHAScheduler(time_attr="epoch", max_t=resolved.train.epochs,
+                                      grace_period=min(settings.grace_period, resolved.train.epochs),
+                                      reduction_factor=settings.reduction_factor)
+        else:
+            scheduler = FIFOScheduler()
+        total = settings.num_samples * settings.space.grid_size()
+        log.info("sweep %s: %d trial(s) of %s, at most %d at once, %s scheduler on %s; experiment %s",
+                 settings.name, total, settings.space.source, concurrent, settings.scheduler, settings.metric,
+                 experiment_uri)
+        tuner = tune.Tuner(
+            trainable, param_space=settings.space.param_space(),
+            tune_config=tune.TuneConfig(metric=settings.metric, mode=settings.mode, scheduler=scheduler,
+                                        num_samples=settings.num_samples, max_concurrent_trials=concurrent,
+                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(name=settings.name, storage_path=storage_path, storage_filesystem=filesystem,
+                                      callbacks=_callbacks(), verbose=1))
+    # Mid-epoch checkpoint reports (train.checkpoint_every) carry no validation metric; ASHA skips them.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    with contextlib.redirect_stdout(sys.stderr):  # Tune's progress tables: stdout is for the result line
+        grid = tuner.fit()
+    rows = _rows(grid, settings, resolved)
+    return _report(rows, settings, experiment_uri, resumed, started)
+
+
+def _status(trial_status: str, epochs: int | None, planned: int) -> str:
+    if trial_status == "TERMINATED":
+        return "completed" if (epochs or 0) >= planned else "early-stopped"
+    if trial_status == "ERROR":
+        return "error"
+    return trial_status.lower()  # pending, running, paused: the sweep was interrupted
+
+
+def _number(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) or math.isinf(value) else value
+
+
+def _rows(grid: Any, settings: SweepSettings, resolved: MEGLConfig) -> list[dict[str, Any]]:
+    """One row per trial: id, the swept values, the last reported metric, epochs run, status, run directory."""
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None)
+    if trials is None:  # not expected; a ResultGrid without its trials still has their last results
+        trials = [dataclasses.make_dataclass("T", ["trial_id", "status", "config", "last_result"])(
+            r.metrics.get("trial_id"), "ERROR" if r.error else "TERMINATED", r.config, r.metrics) for r in grid]
+    rows = []
+    for trial in sorted(trials, key=lambda t: t.trial_id):
+        result = trial.last_result or {}
+        epochs = result.get("epoch")
+        rows.append({
+            "trial": trial.trial_id,
+            **settings.space.values(trial.config),
+            settings.metric: _number(result.get(settings.metric)),
+            "epochs": int(epochs) if epochs is not None else 0,
+            "status": _status(trial.status, epochs, resolved.train.epochs),
+            "run": _run_uri_of(resolved, f"{settings.name}-{trial.trial_id}"),
+        })
+    return rows
+
+
+def _run_uri_of(resolved: MEGLConfig, name: str) -> str:
+    return resolved.run.storage_path.rstrip("/") + "/" + name
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "-" if value is None else str(value)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def _report(rows: list[dict[str, Any]], settings: SweepSettings, experiment_uri: str, resumed: bool,
+            started: float) -> dict[str, Any]:
+    from megl_ray import storage
+
+    columns = ["trial", *settings.space.keys, settings.metric, "epochs", "status"]
+    sign = 1 if settings.mode == "max" else -1
+    scored = [r for r in rows if r[settings.metric] is not None and r["status"] != "error"]
+    best = max(scored, key=lambda r: sign * r[settings.metric]) if scored else None
+    print(f"\nsweep {settings.name}: {len(rows)} trial(s), {settings.metric} ({settings.mode})"
+          + (f", best {best['trial']}" if best else "") + "\n" + format_table(rows, columns), file=sys.stderr,
+          flush=True)
+
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "early-stopped", "error")}
+    unfinished = len(rows) - sum(counts.values())
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[*columns, "run"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    results_csv = experiment_uri + "/results.csv"
+    results_json = experiment_uri + "/results.json"
+    storage.write_bytes(results_csv, buffer.getvalue().encode())
+    best_config = None
+    if best is not None:
+        cfg = apply_values(settings.base.to_dict(), {k: best[k] for k in settings.space.keys})
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"{settings.name}-best"))
+        best_config = experiment_uri + "/best_config.yaml"
+        header = (f"# The best trial ({best['trial']}, {settings.metric}={best[settings.metric]:.4g}, {settings.mode}) "
+                  f"of sweep {settings.name}; its run: {best['run']}\n"
+                  f"# Train it again (as run {cfg.run.name}): python -m megl_ray.train --config best_config.yaml\n")
+        storage.write_bytes(best_config, (header + cfg.to_yaml()).encode())
+    summary = {
+        "name": settings.name, "experiment": experiment_uri, "metric": settings.metric, "mode": settings.mode,
+        "trials": len(rows), "completed": counts["completed"], "early_stopped": counts["early-stopped"],
+        "errored": counts["error"], "unfinished": unfinished, "resumed": resumed,
+        "best_trial": best["trial"] if best else None, "best_metric": best[settings.metric] if best else None,
+        "best_values": {k: best[k] for k in settings.space.keys} if best else None,
+        "best_run": best["run"] if best else None, "best_config": best_config,
+        "results_csv": results_csv, "results_json": results_json, "seconds": round(time.monotonic() - started, 1),
+    }
+    storage.write_bytes(results_json, (json.dumps({**summary, "rows": rows}, indent=2) + "\n").encode())
+    if unfinished:
+        log.warning("sweep %s was interrupted with %d trial(s) unfinished: re-run the same command to resume it",
+                    settings.name, unfinished)
+        raise KeyboardInterrupt
+    if best is None:
+        raise UserError(f"sweep {settings.name}: no trial reported {settings.metric} "
+                        f"({counts['error']} failed; see {results_csv})")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    settings = _settings(args)
+    from megl_ray.training.embedded import embedded_default
+
+    with embedded_default(settings.base) as resolved:
+        try:
+            return sweep(settings, resolved, args.address)
+        finally:
+            import ray
+
+            ray.shutdown()  # flush the workers' forwarded logs now, so the result is the last line of stdout
+
+
+if __name__ == "__main__":
+    setup_logging()
+    sys.exit(run_cli("megl_ray.tune", main))
