@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -44,8 +43,6 @@ TRIAL_DRIVER_CPU = 0.1
 DATA_HEADROOM_CPU = 0.5
 """CPU left free for Ray Data's read and preprocess tasks (as ``megl_ray.train`` checks for one run)."""
 SWEEP_FILE = "sweep.json"
-INTERRUPT_HOOK = "MEGL_TEST_TUNE_INTERRUPT_AFTER"
-"""Tests: interrupt the sweep (as Ctrl-C does) once this many trials have finished in this process."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,29 +140,6 @@ def _trial_name(trial: Any) -> str:
     return trial.trial_id  # no timestamps: the names (and directories) are stable across resumes
 
 
-class _InterruptAfter:
-    """Test hook: send this process SIGINT (Tune then stops and saves, as on Ctrl-C) once ``$MEGL_TEST_TUNE_
-    INTERRUPT_AFTER`` trials have completed here. The variable is read when it fires, so a resumed sweep (which
-    restores this callback with the rest of its settings) runs to the end when the variable is gone."""
-
-    def __init__(self) -> None:
-        self.completed = 0
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.completed += 1
-        after = int(os.environ.get(INTERRUPT_HOOK, "0") or 0)
-        if after and self.completed == after:
-            log.warning("test hook: interrupting the sweep after %d finished trial(s)", after)
-            os.kill(os.getpid(), signal.SIGINT)
-
-
-def _callbacks() -> list[Any]:
-    from ray.tune import Callback
-
-    hook = type("InterruptAfter", (_InterruptAfter, Callback), {})
-    return [hook()]
-
-
 # ------------------------------------------------------------------------------------------------ the sweep
 
 
@@ -205,6 +179,7 @@ def sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None = N
     from megl_ray import storage
     from megl_ray.data.schema import load_dataset_info
     from megl_ray.train import _check_resources, _run_uri, _start_ray, _storage
+    from megl_ray.tune_hooks import InterruptAfter
 
     started = time.monotonic()
     load_dataset_info(resolved.data.uri)  # fails fast, before Ray starts, on bad data or unreachable storage
@@ -246,7 +221,7 @@ def sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None = N
                                         num_samples=settings.num_samples, max_concurrent_trials=concurrent,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(name=settings.name, storage_path=storage_path, storage_filesystem=filesystem,
-                                      callbacks=_callbacks(), verbose=1))
+                                      callbacks=[InterruptAfter()], verbose=1))
     # Mid-epoch checkpoint reports (train.checkpoint_every) carry no validation metric; ASHA skips them.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     with contextlib.redirect_stdout(sys.stderr):  # Tune's progress tables: stdout is for the result line
