@@ -143,6 +143,32 @@ def _trial_name(trial: Any) -> str:
 # ------------------------------------------------------------------------------------------------ the sweep
 
 
+def start_ray(address: str | None) -> None:
+    """Join ``address`` (or ``$RAY_ADDRESS``), else start a local Ray as ``megl_ray.train`` does, with one addition:
+    ``RAY_API_SERVER_ADDRESS`` names its dashboard for every process of it. Ray Train's placement-group cleaner
+    (which frees the workers' resources of a trial that ASHA stopped) finds the cluster through the state API, which
+    otherwise gives up when this machine runs more than one Ray instance."""
+    import socket
+    import tempfile
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by the raylet and its workers
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: unix socket paths are limited to ~107 bytes
+    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             _temp_dir=temp, _node_ip_address="127.0.0.1", log_to_driver=True)
+    log.info("started a local Ray (%d CPUs), temp dir %s, dashboard port %d", os.cpu_count(), temp, port)
+
+
 def max_concurrent_trials(resources: dict[str, float], cfg: MEGLConfig, use_gpu: bool) -> int:
     """Trials that fit the cluster at once, so none waits forever for workers that cannot be placed.
 
@@ -178,12 +204,12 @@ def sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None = N
 
     from megl_ray import storage
     from megl_ray.data.schema import load_dataset_info
-    from megl_ray.train import _check_resources, _run_uri, _start_ray, _storage
+    from megl_ray.train import _check_resources, _run_uri, _storage
     from megl_ray.tune_hooks import InterruptAfter
 
     started = time.monotonic()
     load_dataset_info(resolved.data.uri)  # fails fast, before Ray starts, on bad data or unreachable storage
-    _start_ray(address, Path("."))
+    start_ray(address)
     use_gpu = resolved.train.use_gpu if resolved.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     _check_resources(resolved, use_gpu)
     concurrent = settings.max_concurrent or max_concurrent_trials(ray.cluster_resources(), resolved, use_gpu)
@@ -339,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     settings = _settings(args)
     from megl_ray.training.embedded import embedded_default
 
+    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
     with embedded_default(settings.base) as resolved:
         try:
             return sweep(settings, resolved, args.address)
@@ -346,6 +373,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             import ray
 
             ray.shutdown()  # flush the workers' forwarded logs now, so the result is the last line of stdout
+            if saved is None:
+                os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+            else:
+                os.environ["RAY_API_SERVER_ADDRESS"] = saved
 
 
 if __name__ == "__main__":

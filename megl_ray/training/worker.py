@@ -8,6 +8,8 @@ twice, none is missed, and the number of optimizer steps is the planned one.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import logging
 import math
@@ -63,7 +65,7 @@ def _weights_only_checkpoint_engine(engine: Any) -> None:
             from deepspeed.runtime.zero.config import ZeroStageEnum
             from deepspeed.utils.tensor_fragment import fragment_address
 
-            allowed = [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler, set, argparse_namespace()]
+            allowed = [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler, set, argparse.Namespace]
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
@@ -75,12 +77,6 @@ def _weights_only_checkpoint_engine(engine: Any) -> None:
         optimizer = getattr(engine, "optimizer", None)
         if optimizer is not None and hasattr(optimizer, "checkpoint_engine"):
             optimizer.checkpoint_engine = replacement
-
-
-def argparse_namespace():
-    import argparse
-
-    return argparse.Namespace
 
 
 def _rng_state() -> dict[str, Any]:
@@ -314,7 +310,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                                    lr=scheduler_lr(engine)) if rank == 0 else {}
             last = values or last
             if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
-                report({**{k: v for k, v in terms.items()}}, epoch_ids)
+                report(dict(terms), epoch_ids)
         val = _validate(engine, ray.train.get_dataset_shard("val"), cfg, model.num_image_tokens,
                         loop["num_classes"])
         if rank == 0:
@@ -346,16 +342,8 @@ def _export(engine: Any, cfg: MEGLConfig, loop: dict[str, Any], rank: int, save_
 
     params = list(engine.module.parameters())
     gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.train.zero_stage == 3
-              else _nullcontext())
+              else contextlib.nullcontext())
     with gather:
         if rank == 0:
             save_export(engine.module, cfg, loop["classes"], loop["run_uri"] + "/export",
                         extra={"data_uri": cfg.data.uri, "steps": engine.global_steps})
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
