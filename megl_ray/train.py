@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -41,7 +42,7 @@ def _run_uri(storage_path: str, name: str) -> str:
     return storage_path.rstrip("/") + "/" + name
 
 
-def _start_ray(address: str | None, run_dir: Path) -> None:
+def _start_ray(address: str | None, run_dir: Path | None = None) -> None:
     import ray
 
     if ray.is_initialized():
@@ -52,10 +53,15 @@ def _start_ray(address: str | None, run_dir: Path) -> None:
         return
     # A local Ray: every core, bound to loopback, temp dir short (unix socket paths are limited to ~107 bytes).
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    # The dashboard stays on (loopback only): Ray Train's controller is watched through its state API.
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=temp,
-             _node_ip_address="127.0.0.1", log_to_driver=True)
-    log.info("started a local Ray (%d CPUs), temp dir %s", os.cpu_count(), temp)
+    # The dashboard stays on (loopback only): Ray Train's controller is watched through its state API. Its port is
+    # our own and named explicitly, so clean-up finds this instance even when other Ray instances share the machine.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             _temp_dir=temp, _node_ip_address="127.0.0.1", log_to_driver=True)
+    log.info("started a local Ray (%d CPUs), temp dir %s, dashboard port %d", os.cpu_count(), temp, port)
 
 
 def _check_resources(cfg: MEGLConfig, use_gpu: bool) -> None:
@@ -70,8 +76,8 @@ def _check_resources(cfg: MEGLConfig, use_gpu: bool) -> None:
     else:
         need = cfg.train.num_workers * cfg.train.cpus_per_worker
         cpus = resources.get("CPU", 0)
-        if need > cpus - 0.5:  # leave room for Ray Data's read and preprocess tasks
-            raise UserError(f"train.num_workers={cfg.train.num_workers} needs {need:g} CPUs plus 0.5 for data, "
+        if need > cpus - 1.0:  # Ray Data's file-listing task takes a whole CPU: without it the run waits forever
+            raise UserError(f"train.num_workers={cfg.train.num_workers} needs {need:g} CPUs plus 1 for data, "
                             f"the cluster has {cpus:g} (lower train.num_workers or train.cpus_per_worker)")
 
 

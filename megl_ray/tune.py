@@ -27,6 +27,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 from megl_ray.cli import run_cli, setup_logging
@@ -38,11 +39,14 @@ log = logging.getLogger("megl_ray.tune")
 
 # What the training workers report every epoch (megl_ray.training.worker): validation metrics and loss terms.
 METRICS = ("val_accuracy", "val_miou", "loss", "ce", "text", "visual", "dc")
-TRIAL_DRIVER_CPU = 0.1
-"""CPU reserved for each trial's driver function: it only builds the datasets and waits on its Train run."""
-DATA_HEADROOM_CPU = 0.5
-"""CPU left free for Ray Data's read and preprocess tasks (as ``megl_ray.train`` checks for one run)."""
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
+"""What each trial's driver function reserves: no CPU (it builds the datasets, then waits on its Train run; a CPU
+share here would be missing for Ray Data), and some memory, as Tune needs a non-empty request."""
+DATA_HEADROOM_CPU = 1.0
+"""CPU left free for Ray Data: its file-listing task takes a whole CPU (not configurable), and every trial's
+datasets list their files; with less than one CPU free they wait forever."""
 SWEEP_FILE = "sweep.json"
+ASHA_STATE_FILE = "asha_state.yaml"  # not .json: see ResumableASHA
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduction-factor", type=float, default=2.0,
                    help="ASHA: 1/fraction of trials kept at each rung (default 2: the better half)")
     p.add_argument("--max-concurrent", type=int,
-                   help="trials at once (default: as many as the cluster's CPUs/GPUs fit)")
+                   help="at most this many trials at once (default and upper limit: as many as the cluster's "
+                        "CPUs/GPUs fit)")
     p.add_argument("--name", help="sweep name; re-running with the same name resumes it (default: sweep-<space>)")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray started here)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the base config, e.g. train.epochs=5")
@@ -144,42 +149,32 @@ def _trial_name(trial: Any) -> str:
 
 
 def start_ray(address: str | None) -> None:
-    """Join ``address`` (or ``$RAY_ADDRESS``), else start a local Ray as ``megl_ray.train`` does, with one addition:
-    ``RAY_API_SERVER_ADDRESS`` names its dashboard for every process of it. Ray Train's placement-group cleaner
-    (which frees the workers' resources of a trial that ASHA stopped) finds the cluster through the state API, which
-    otherwise gives up when this machine runs more than one Ray instance."""
-    import socket
-    import tempfile
+    """Join ``address`` (or ``$RAY_ADDRESS``), else start a local Ray exactly as ``megl_ray.train`` does (its
+    dashboard named through ``RAY_API_SERVER_ADDRESS``, which Ray Train's placement-group cleaner needs to free the
+    workers of a trial that ASHA stopped when this machine runs more than one Ray instance)."""
+    from megl_ray.train import _start_ray
 
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by the raylet and its workers
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: unix socket paths are limited to ~107 bytes
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             _temp_dir=temp, _node_ip_address="127.0.0.1", log_to_driver=True)
-    log.info("started a local Ray (%d CPUs), temp dir %s, dashboard port %d", os.cpu_count(), temp, port)
+    _start_ray(address, None)
 
 
 def max_concurrent_trials(resources: dict[str, float], cfg: MEGLConfig, use_gpu: bool) -> int:
     """Trials that fit the cluster at once, so none waits forever for workers that cannot be placed.
 
-    A trial needs ``num_workers`` × (one GPU, or ``cpus_per_worker`` CPUs) plus its driver's share; half a CPU is
-    kept for Ray Data's read and preprocess tasks."""
-    cpus = resources.get("CPU", 0.0) - DATA_HEADROOM_CPU
+    A trial needs ``num_workers`` GPUs (Ray Train asks no CPU for a GPU worker) or ``num_workers`` ×
+    ``cpus_per_worker`` CPUs, besides one CPU kept for Ray Data's tasks."""
     if use_gpu:
-        by_gpu = int(resources.get("GPU", 0.0) // cfg.train.num_workers)
-        by_cpu = int(cpus // (cfg.train.num_workers * 1.0 + TRIAL_DRIVER_CPU))  # Train gives a GPU worker 1 CPU
-        return max(1, min(by_gpu, by_cpu))
-    return max(1, int(cpus // (cfg.train.num_workers * cfg.train.cpus_per_worker + TRIAL_DRIVER_CPU) + 1e-9))
+        return max(1, int(resources.get("GPU", 0.0) // cfg.train.num_workers))
+    need = cfg.train.num_workers * cfg.train.cpus_per_worker
+    return max(1, int((resources.get("CPU", 0.0) - DATA_HEADROOM_CPU) / need + 1e-9))
+
+
+def _check_cpus(resources: dict[str, float], cfg: MEGLConfig) -> None:
+    """One trial on CPUs must leave a whole CPU to Ray Data (stricter than ``megl_ray.train``'s check)."""
+    need = cfg.train.num_workers * cfg.train.cpus_per_worker
+    cpus = resources.get("CPU", 0.0)
+    if need > cpus - DATA_HEADROOM_CPU + 1e-9:
+        raise UserError(f"train.num_workers={cfg.train.num_workers} needs {need:g} CPUs plus {DATA_HEADROOM_CPU:g} "
+                        f"for data, the cluster has {cpus:g} (lower train.num_workers or train.cpus_per_worker)")
 
 
 def _check_resumable(uri: str, settings: SweepSettings) -> None:
@@ -200,24 +195,32 @@ def sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None = N
     """Run (or resume) the sweep; ``resolved`` is the base config with data and storage filled in."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     from megl_ray import storage
     from megl_ray.data.schema import load_dataset_info
     from megl_ray.train import _check_resources, _run_uri, _storage
-    from megl_ray.tune_hooks import InterruptAfter
+    from megl_ray.tune_hooks import InterruptAfter, ResumableASHA
 
     started = time.monotonic()
     load_dataset_info(resolved.data.uri)  # fails fast, before Ray starts, on bad data or unreachable storage
-    start_ray(address)
-    use_gpu = resolved.train.use_gpu if resolved.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    _check_resources(resolved, use_gpu)
-    concurrent = settings.max_concurrent or max_concurrent_trials(ray.cluster_resources(), resolved, use_gpu)
-
     storage_path, filesystem = _storage(resolved.run.storage_path)
     experiment_uri = _run_uri(resolved.run.storage_path, settings.name)
     experiment_path = storage_path.rstrip("/") + "/" + settings.name
     _check_resumable(experiment_uri + "/" + SWEEP_FILE, settings)
+
+    start_ray(address)
+    use_gpu = resolved.train.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    _check_resources(resolved, use_gpu)
+    if not use_gpu:
+        _check_cpus(ray.cluster_resources(), resolved)
+    fits = max_concurrent_trials(ray.cluster_resources(), resolved, use_gpu)
+    concurrent = min(settings.max_concurrent or fits, fits)
+    if settings.max_concurrent and settings.max_concurrent > fits:
+        log.warning("--max-concurrent %d lowered to %d: the trials beyond would wait for workers, or leave Ray Data "
+                    "no CPU and wait forever", settings.max_concurrent, fits)
     storage.write_bytes(experiment_uri + "/" + SWEEP_FILE,
                         (json.dumps(settings.fingerprint(), indent=2, sort_keys=True) + "\n").encode())
 
@@ -225,14 +228,15 @@ def sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None = N
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=resolved.to_dict(), sweep=settings.name, keys=settings.space.keys,
                              env=env, cwd=os.getcwd()),
-        {"CPU": TRIAL_DRIVER_CPU})
+        TRIAL_DRIVER_RESOURCES)
     resumed = tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
     if resumed:
         log.info("resuming sweep %s from %s", settings.name, experiment_uri)
         tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=True, storage_filesystem=filesystem)
     else:
         if settings.scheduler == "asha":
-            scheduler = ASHAScheduler(time_attr="epoch", max_t=resolved.train.epochs,
+            scheduler = ResumableASHA(experiment_uri + "/" + ASHA_STATE_FILE, time_attr="epoch",
+                                      max_t=resolved.train.epochs,
                                       grace_period=min(settings.grace_period, resolved.train.epochs),
                                       reduction_factor=settings.reduction_factor)
         else:
@@ -274,10 +278,11 @@ def _number(value: Any) -> float | None:
 
 def _rows(grid: Any, settings: SweepSettings, resolved: MEGLConfig) -> list[dict[str, Any]]:
     """One row per trial: id, the swept values, the last reported metric, epochs run, status, run directory."""
-    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None)
-    if trials is None:  # not expected; a ResultGrid without its trials still has their last results
-        trials = [dataclasses.make_dataclass("T", ["trial_id", "status", "config", "last_result"])(
-            r.metrics.get("trial_id"), "ERROR" if r.error else "TERMINATED", r.config, r.metrics) for r in grid]
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None)  # with their status
+    if trials is None:  # not expected: the public results lack the status of unfinished trials
+        trials = [SimpleNamespace(trial_id=r.metrics.get("trial_id") or Path(r.path).name, config=r.config or {},
+                                  status="ERROR" if r.error else "TERMINATED", last_result=r.metrics or {})
+                  for r in grid]
     rows = []
     for trial in sorted(trials, key=lambda t: t.trial_id):
         result = trial.last_result or {}
@@ -323,7 +328,8 @@ def _report(rows: list[dict[str, Any]], settings: SweepSettings, experiment_uri:
           flush=True)
 
     counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "early-stopped", "error")}
-    unfinished = len(rows) - sum(counts.values())
+    # Trials not finished, and those an interrupted sweep had not created yet.
+    unfinished = max(len(rows), settings.num_samples * settings.space.grid_size()) - sum(counts.values())
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=[*columns, "run"], lineterminator="\n")
     writer.writeheader()
@@ -331,15 +337,22 @@ def _report(rows: list[dict[str, Any]], settings: SweepSettings, experiment_uri:
     results_csv = experiment_uri + "/results.csv"
     results_json = experiment_uri + "/results.json"
     storage.write_bytes(results_csv, buffer.getvalue().encode())
-    best_config = None
+    best_config = best_config_uri = None
     if best is not None:
         cfg = apply_values(settings.base.to_dict(), {k: best[k] for k in settings.space.keys})
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"{settings.name}-best"))
-        best_config = experiment_uri + "/best_config.yaml"
-        header = (f"# The best trial ({best['trial']}, {settings.metric}={best[settings.metric]:.4g}, {settings.mode}) "
-                  f"of sweep {settings.name}; its run: {best['run']}\n"
-                  f"# Train it again (as run {cfg.run.name}): python -m megl_ray.train --config best_config.yaml\n")
-        storage.write_bytes(best_config, (header + cfg.to_yaml()).encode())
+        best_config_uri = experiment_uri + "/best_config.yaml"
+        text = (f"# The best trial ({best['trial']}, {settings.metric}={best[settings.metric]:.4g}, {settings.mode}) "
+                f"of sweep {settings.name}; its run: {best['run']}\n"
+                f"# Train it again, as run {cfg.run.name}: python -m megl_ray.train --config best_config.yaml\n"
+                + cfg.to_yaml())
+        storage.write_bytes(best_config_uri, text.encode())
+        best_config = best_config_uri
+        if storage.is_s3(best_config_uri):  # --config takes a local file: keep a copy on this machine too
+            from megl_ray.training.embedded import megl_home
+
+            best_config = str(megl_home() / "sweeps" / settings.name / "best_config.yaml")
+            storage.write_bytes(best_config, text.encode())
     summary = {
         "name": settings.name, "experiment": experiment_uri, "metric": settings.metric, "mode": settings.mode,
         "trials": len(rows), "completed": counts["completed"], "early_stopped": counts["early-stopped"],
@@ -347,6 +360,7 @@ def _report(rows: list[dict[str, Any]], settings: SweepSettings, experiment_uri:
         "best_trial": best["trial"] if best else None, "best_metric": best[settings.metric] if best else None,
         "best_values": {k: best[k] for k in settings.space.keys} if best else None,
         "best_run": best["run"] if best else None, "best_config": best_config,
+        "best_config_uri": best_config_uri,
         "results_csv": results_csv, "results_json": results_json, "seconds": round(time.monotonic() - started, 1),
     }
     storage.write_bytes(results_json, (json.dumps({**summary, "rows": rows}, indent=2) + "\n").encode())
@@ -361,7 +375,7 @@ def _report(rows: list[dict[str, Any]], settings: SweepSettings, experiment_uri:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # key=value overrides may come between options
     settings = _settings(args)
     from megl_ray.training.embedded import embedded_default
 

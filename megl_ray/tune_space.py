@@ -204,7 +204,7 @@ def _parse_param(key: Any, spec: Any, fail: Any) -> Param:
     if kind in ("uniform", "loguniform", "randint"):
         if tp not in (float, int) or (tp is int and kind != "randint"):
             what = "an integer key: use randint, choice or grid" if tp is int else f"not numeric ({_describe(tp)})"
-            fail(key, f"{kind} needs a float key, but it is {what}")
+            fail(key, f"{kind} needs a {'numeric' if kind == 'randint' else 'float'} key, but it is {what}")
         if len(args) != 2:
             fail(key, f"{kind} takes [low, high], got {args!r}")
         low, high = (_number(a, integer=kind == "randint") for a in args)

@@ -1,0 +1,198 @@
+"""End-to-end tests of ``python -m megl_ray.tune``: Ray Tune over Ray Train runs of the tiny preset, on 2 cores.
+
+One sweep serves the slow tests (each trial costs a Train run): three trials of a learning-rate grid, one good and
+two hopeless (lr 1e-9), run one at a time so that the good one reports first (2 cores would fit two). The first run is
+interrupted by a test hook once the good trial has finished; re-running the same command resumes the sweep, whose
+ASHA — restored with the good trial's results — stops both hopeless trials after their first epoch.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megl_ray.cli import run_cli
+from megl_ray.config import MEGLConfig, load_config
+from megl_ray.data.reader import bundled_dataset_uri
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "configs" / "tune-tiny.yaml"
+GOOD, BAD = 3e-3, (1e-9, 2e-9)
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env["PYTHONPATH"] = f"{REPO}:{env.get('PYTHONPATH', '')}"
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "megl_ray" / "torch_extensions"))
+    env.pop("RAY_ADDRESS", None)
+    env.update(extra)
+    return env
+
+
+def _run(module, args, **env):
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=_env(**env), capture_output=True,
+                          text=True, timeout=900)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    space = root / "lr.yaml"
+    space.write_text(f"optim.lr: {{grid: [{GOOD}, {BAD[0]}, {BAD[1]}]}}\n")
+    args = ["--space", str(space), "--config", str(TINY), "--name", "lr", "--metric", "loss", "--max-concurrent", "1",
+            f"data.uri={bundled_dataset_uri()}", f"run.storage_path={root / 'runs'}",
+            f"train.sample_log_dir={root / 'samples'}"]
+    first = _run("megl_ray.tune", args, MEGL_TEST_TUNE_INTERRUPT_AFTER="1")
+    first_results = json.loads((root / "runs" / "lr" / "results.json").read_text())
+    second = _run("megl_ray.tune", args)
+    return {"root": root, "first": first, "first_results": first_results, "second": second,
+            "experiment": root / "runs" / "lr"}
+
+
+def _result(run):
+    code, out, err = run
+    assert code == 0, err[-5000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _rows(sweep):
+    with open(sweep["experiment"] / "results.csv") as f:
+        return {float(r["optim.lr"]): r for r in csv.DictReader(f)}
+
+
+@pytest.mark.slow
+def test_a_sweep_reports_a_table_csv_json_and_a_best_config_that_trains(sweep):
+    result = _result(sweep["second"])
+    experiment = sweep["experiment"]
+    assert result["trials"] == 3 and result["unfinished"] == 0 and result["errored"] == 0
+    assert result["results_csv"] == str(experiment / "results.csv")
+    assert result["best_config"] == str(experiment / "best_config.yaml")
+    assert result["best_values"] == {"optim.lr": GOOD} and result["best_metric"] > 0
+
+    rows = _rows(sweep)
+    assert set(rows) == {GOOD, *BAD}
+    assert list(next(iter(rows.values()))) == ["trial", "optim.lr", "loss", "epochs", "status", "run"]
+    assert float(rows[GOOD]["loss"]) == pytest.approx(result["best_metric"])
+    assert all(r["run"] == str(sweep["root"] / "runs" / f"lr-{r['trial']}") and "_" in r["trial"]
+               for r in rows.values())  # <sweep>-<trial id>: no timestamps
+    saved = json.loads((experiment / "results.json").read_text())
+    assert saved["best_trial"] == rows[GOOD]["trial"] and len(saved["rows"]) == 3
+    err = sweep["second"][2]
+    table = err[err.index("sweep lr: 3 trial(s)"):]
+    assert "trial" in table and "optim.lr" in table and "early-stopped" in table and "completed" in table
+
+    best = load_config(experiment / "best_config.yaml")
+    assert isinstance(best, MEGLConfig) and best.optim.lr == GOOD and best.run.name == "lr-best"
+    assert best.train.num_workers == 1 and best.data.uri == bundled_dataset_uri()
+    trained = _result(_run("megl_ray.train", ["--config", str(experiment / "best_config.yaml")]))
+    assert trained["steps"] == trained["planned_steps"] == 34 and trained["run_dir"].endswith("/lr-best")
+
+
+@pytest.mark.slow
+def test_asha_stops_the_hopeless_trials_after_their_first_epoch(sweep):
+    rows = _rows(sweep)
+    assert rows[GOOD]["status"] == "completed" and rows[GOOD]["epochs"] == "2"
+    for lr in BAD:
+        assert rows[lr]["status"] == "early-stopped" and rows[lr]["epochs"] == "1", rows[lr]
+        assert float(rows[lr]["loss"]) > float(rows[GOOD]["loss"])
+    assert _result(sweep["second"])["early_stopped"] == 2
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_without_rerunning_its_finished_trial(sweep):
+    code, out, err = sweep["first"]
+    assert code == 130 and "interrupted" in err and "re-run the same command to resume" in err, err[-3000:]
+    first = sweep["first_results"]
+    assert first["completed"] == 1 and first["unfinished"] == 2
+    assert _result(sweep["second"])["resumed"] is True
+
+    good = _rows(sweep)[GOOD]["trial"]
+    steps = [json.loads(line) for line in (sweep["root"] / "samples" / good / "samples-rank0.jsonl").read_text()
+             .splitlines()]
+    assert [s["step"] for s in steps] == list(range(1, 35)), "the finished trial was trained again"
+    assert {s["start_step"] for s in steps} == {0}
+    progress = (sweep["experiment"] / good / "progress.csv").read_text().strip().splitlines()
+    assert len(progress) == 1 + 2, progress  # its two epochs, reported once
+    trial_dirs = [p.name for p in sweep["experiment"].iterdir() if p.is_dir()]
+    assert sorted(trial_dirs) == sorted(r["trial"] for r in _rows(sweep).values())
+
+
+def test_a_bad_space_or_option_is_one_clear_line(tmp_path, capsys):
+    from megl_ray import tune
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss.txt_weight: {uniform: [0, 1]}\n")
+    lows = tmp_path / "lows.yaml"
+    lows.write_text("loss.text_weight: {loguniform: [0, 1]}\n")
+    good = tmp_path / "good.yaml"
+    good.write_text("optim.lr: {grid: [0.001, 0.002]}\n")
+    base = ["--config", str(TINY), f"data.uri={bundled_dataset_uri()}", f"run.storage_path={tmp_path / 'runs'}"]
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    (tmp_path / "runs" / "taken" / "sweep.json").write_text(json.dumps({"space": {"optim.lr": {"grid": [1]}}}))
+    cases = [
+        (["--space", str(bad)], f"{bad}: loss.txt_weight: unknown config key (did you mean 'loss.text_weight'?)"),
+        (["--space", str(lows)], f"{lows}: loss.text_weight: loguniform needs 0 < low"),
+        (["--space", str(tmp_path / "missing.yaml")], "search space file not found"),
+        (["--space", str(good), "--metric", "accuracy"], "--metric accuracy: not reported by training"),
+        (["--space", str(good), "--num-samples", "0"], "--num-samples must be >= 1"),
+        (["--space", str(good), "train.epochs=0"], "train.epochs: must be >= 1"),
+        (["--space", str(good), "--name", "taken"], "sweep 'taken' exists with other settings (space, config"),
+    ]
+    for args, fragment in cases:
+        code = run_cli("megl_ray.tune", tune.main, [*args, *base])
+        out, err = capsys.readouterr()
+        assert code == 2, err[-2000:]
+        assert fragment in err and err.startswith("megl_ray.tune: error: "), err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert json.loads(out.strip().splitlines()[-1])["error"]
+
+
+def test_concurrency_fits_the_cluster():
+    from megl_ray.tune import max_concurrent_trials
+
+    one = load_config(TINY)
+    two = load_config(TINY, ["train.num_workers=2"])
+    assert max_concurrent_trials({"CPU": 2.0}, one, use_gpu=False) == 2  # 0.5 CPU each, 1 CPU kept for Ray Data
+    assert max_concurrent_trials({"CPU": 8.0}, one, use_gpu=False) == 14
+    assert max_concurrent_trials({"CPU": 8.0}, two, use_gpu=False) == 7
+    assert max_concurrent_trials({"CPU": 2.0}, two, use_gpu=False) == 1
+    assert max_concurrent_trials({"CPU": 1.5}, two, use_gpu=False) == 1  # never 0: such a sweep fails to start
+    assert max_concurrent_trials({"CPU": 64.0, "GPU": 8.0}, two, use_gpu=True) == 4
+    assert max_concurrent_trials({"CPU": 64.0, "GPU": 1.0}, two, use_gpu=True) == 1
+
+
+def test_asha_rungs_survive_a_restart(tmp_path):
+    from types import SimpleNamespace
+
+    from megl_ray.tune_hooks import ResumableASHA
+
+    def asha():
+        return ResumableASHA(str(tmp_path / "asha_state.yaml"), time_attr="epoch", max_t=4, grace_period=1,
+                             reduction_factor=2, metric="val_accuracy", mode="max")
+
+    first, good = asha(), SimpleNamespace(trial_id="t_00000")
+    first.on_trial_add(None, good)
+    assert first.on_trial_result(None, good, {"epoch": 1, "val_accuracy": 0.8}) == "CONTINUE"
+    assert first.on_trial_result(None, good, {"epoch": 2, "val_accuracy": 0.9}) == "CONTINUE"
+    restarted, bad = asha(), SimpleNamespace(trial_id="t_00001")  # a resumed sweep: a fresh scheduler
+    restarted.on_trial_add(None, bad)
+    assert restarted.on_trial_result(None, bad, {"epoch": 1, "val_accuracy": 0.1}) == "STOP"
+    fresh = ResumableASHA(str(tmp_path / "other.yaml"), time_attr="epoch", max_t=4, grace_period=1,
+                          reduction_factor=2, metric="val_accuracy", mode="max")
+    fresh.on_trial_add(None, bad)
+    assert fresh.on_trial_result(None, bad, {"epoch": 1, "val_accuracy": 0.1}) == "CONTINUE"  # nobody to beat
+
+
+def test_a_trial_must_leave_a_cpu_to_ray_data():
+    from megl_ray.errors import UserError
+    from megl_ray.tune import _check_cpus
+
+    _check_cpus({"CPU": 2.0}, load_config(TINY, ["train.num_workers=2"]))
+    with pytest.raises(UserError, match="train.num_workers=3 needs 1.5 CPUs plus 1 for data, the cluster has 2"):
+        _check_cpus({"CPU": 2.0}, load_config(TINY, ["train.num_workers=3"]))
