@@ -104,6 +104,19 @@ def test_a_killed_worker_resumes_from_the_checkpoint_with_exact_steps_and_sample
     assert set(before) | set(after) == train_ids, "samples were missed in the resumed epoch"
     assert max(r["step"] for r in resumed) == 18
 
+    # the trainer's export is what evaluation reads: every documented metric comes out
+    from megl_ray import evaluate
+
+    code = run_cli("megl_ray.evaluate", evaluate.main,
+                   ["--checkpoint", result["export"], "--data", data, "--workers", "1", "--max-new-tokens", "8"])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    metrics = json.loads(out.strip().splitlines()[-1])
+    for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1", "auc", "miou", "pointing_game", "bleu4",
+                "meteor", "rouge_l", "cider", "text_similarity"):
+        assert key in metrics, key
+    assert metrics["accuracy"] == pytest.approx(result["test_accuracy"], abs=1e-4)
+
 
 def test_user_errors_are_one_clear_line(tmp_path, capsys, monkeypatch):
     data = bundled_dataset_uri()
