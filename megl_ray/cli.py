@@ -7,6 +7,7 @@ can read ``tail -n 1``. Errors a user can cause (bad config, missing file, unrea
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -14,7 +15,14 @@ from typing import Any, Callable, Sequence
 
 from megl_ray.errors import UserError
 
-__all__ = ["UserError", "print_result", "run_cli", "setup_logging"]
+__all__ = ["ArgumentParser", "UserError", "print_result", "run_cli", "setup_logging"]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises ``UserError`` (one line, exit 2 through ``run_cli``) instead of exiting itself."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message}")
 
 
 def print_result(result: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from megl_ray.cli import run_cli, setup_logging
+from megl_ray.cli import ArgumentParser, run_cli, setup_logging
 from megl_ray.errors import UserError
 
 log = logging.getLogger("megl_ray.evaluate")
@@ -38,15 +38,8 @@ METRIC_KEYS = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "auc",
                "bleu4", "meteor", "rouge_l", "cider", "text_similarity")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises ``UserError`` (one line, exit 2 through ``run_cli``) instead of exiting itself."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{self.prog}: {message}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m megl_ray.evaluate", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m megl_ray.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="exported model (local dir or s3://), from --export")
     p.add_argument("--data", required=True, help="converted dataset (local dir or s3://)")
     p.add_argument("--split", default="test", help="split to score (default test)")

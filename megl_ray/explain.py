@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megl_ray.cli import run_cli, setup_logging
+from megl_ray.cli import ArgumentParser, run_cli, setup_logging
 from megl_ray.errors import UserError
 
 log = logging.getLogger("megl_ray.explain")
@@ -37,15 +37,8 @@ OVERLAY_ALPHA = 0.5
 COLORMAP = "jet"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises ``UserError`` (one line, exit 2 through ``run_cli``) instead of exiting itself."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{self.prog}: {message}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m megl_ray.explain", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m megl_ray.explain", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="exported model (local dir or s3://)")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (local or s3://) to explain")
     p.add_argument("--out", required=True, help="output folder (local or s3://)")

@@ -42,7 +42,7 @@ def _run_uri(storage_path: str, name: str) -> str:
     return storage_path.rstrip("/") + "/" + name
 
 
-def _start_ray(address: str | None, run_dir: Path | None = None) -> None:
+def _start_ray(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():
@@ -148,12 +148,13 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
     run_uri = _run_uri(cfg.run.storage_path, cfg.run.name)
     local_dir = Path(tempfile.mkdtemp(prefix=f"megl-{cfg.run.name}-"))
     info = load_dataset_info(cfg.data.uri)  # fails fast, before Ray starts, on bad data or unreachable storage
-    _start_ray(address, local_dir)
+    _start_ray(address)
     use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     _check_resources(cfg, use_gpu)
 
-    train_ids = read_split(cfg.data.uri, "train", info).column("id").to_pylist()
-    corpus = [r for rs in read_split(cfg.data.uri, "train", info).column("rationales").to_pylist() for r in rs]
+    train_table = read_split(cfg.data.uri, "train", info, columns=["id", "rationales"])
+    train_ids = train_table.column("id").to_pylist()
+    corpus = [r for rs in train_table.column("rationales").to_pylist() for r in rs]
     tokenizer = load_tokenizer(cfg.model, corpus + list(info.classes))
     common = dict(tokenizer=tokenizer, image_size=cfg.model.image_size, max_rationales=cfg.data.max_rationales,
                   max_text_tokens=cfg.model.max_text_tokens, num_shards=cfg.train.num_workers, seed=cfg.train.seed,

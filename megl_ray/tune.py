@@ -154,7 +154,7 @@ def start_ray(address: str | None) -> None:
     workers of a trial that ASHA stopped when this machine runs more than one Ray instance)."""
     from megl_ray.train import _start_ray
 
-    _start_ray(address, None)
+    _start_ray(address)
 
 
 def max_concurrent_trials(resources: dict[str, float], cfg: MEGLConfig, use_gpu: bool) -> int:

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from megl_ray.cli import run_cli
+from megl_ray.cli import ArgumentParser, run_cli
 from megl_ray.data import schema
 from megl_ray.data.schema import SPLITS, Invalid, JsonObject
 from megl_ray.errors import UserError
@@ -40,16 +40,9 @@ MAPPING_FILE = "label_class_id_mapping.json"
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises ``UserError`` (one line, exit 2 via run_cli) instead of printing usage and exiting."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{self.prog}: {message}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface (see the module docstring)."""
-    p = _Parser(prog="python -m megl_ray.data.convert", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m megl_ray.data.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("src", help="folder in the MEGL layout (exp_annotation.json, label_class_id_mapping.json, images)")
     p.add_argument("dst", help="output: local folder or s3://bucket/prefix")
     p.add_argument("--mask-size", type=int, default=64, help="side of the stored uint8 masks (default 64)")

@@ -27,13 +27,14 @@ def split_paths(uri: str, info: DatasetInfo, split: str) -> tuple[Any, list[str]
     return fs, [f"{base.rstrip('/')}/{rel}" for rel in info.shards[split]]
 
 
-def read_split(uri: str, split: str, info: DatasetInfo | None = None) -> pa.Table:
-    """The whole split as one Arrow table (rows in shard order)."""
+def read_split(uri: str, split: str, info: DatasetInfo | None = None,
+               columns: list[str] | None = None) -> pa.Table:
+    """The whole split as one Arrow table (rows in shard order); ``columns`` limits what is read (e.g. no images)."""
     info = info or load_dataset_info(uri)
     fs, paths = split_paths(uri, info, split)
     if not paths:
         return pa.table({})
-    return pads.dataset(paths, filesystem=fs, format="parquet").to_table()
+    return pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=columns)
 
 
 def epoch_order(num_rows: int, epoch: int, seed: int) -> np.ndarray:
