@@ -122,9 +122,15 @@ class LossConfig:
     """Sigma, in saliency-grid cells, of the ``gaussian`` transform."""
     kl_eps: float = 1e-6
     """Smoothing added to both maps before they are normalised to distributions for the KL term."""
+    rrr_weight: float = 0.0
+    """λ_rrr, an option beyond the paper (0 = off, the paper's objective): the "Right for the Right Reasons"
+    input-gradient penalty (Ross et al., IJCAI 2017) on samples with a ground-truth map: the squared gradient of the
+    summed log-probabilities with respect to the input pixels outside the map. It constrains what the prediction
+    uses, not only where the last-stage CAM points, so it removes a shortcut (see bench/ablation.py). Needs a
+    double backward: not available with train.zero_stage=3."""
 
     def __post_init__(self) -> None:
-        for name in ("text_weight", "visual_weight", "dc_weight"):
+        for name in ("text_weight", "visual_weight", "dc_weight", "rrr_weight"):
             value = getattr(self, name)
             _check(value >= 0, f"loss.{name}", f"must be >= 0, got {value}")
         _check(self.gaussian_sigma > 0, "loss.gaussian_sigma", f"must be > 0, got {self.gaussian_sigma}")
@@ -235,6 +241,13 @@ class MEGLConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        # Checked here, at load time, not after the workers start: ZeRO-3 gathers a module's weights only inside
+        # its own forward, so a second backward through the graph of the first fails in DeepSpeed.
+        _check(not (self.loss.rrr_weight > 0 and self.train.zero_stage == 3), "loss.rrr_weight",
+               "the input-gradient penalty needs a double backward, which DeepSpeed ZeRO-3 does not support; "
+               "use train.zero_stage=2 (or loss.rrr_weight=0)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

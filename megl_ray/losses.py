@@ -1,7 +1,7 @@
 """The MEGL objective (arXiv 2411.13053), one function per term and one for the combination.
 
 Per sample i:
-    L_i = CE_i + λ_text·L_text,i + λ_vis·[I_V,i·L_visual,i + (1 − I_V,i)·λ_dc·L_dc,i]
+    L_i = CE_i + λ_text·L_text,i + λ_vis·[I_V,i·L_visual,i + (1 − I_V,i)·λ_dc·L_dc,i] (+ λ_rrr·I_V,i·L_rrr,i)
 and the batch loss is the mean of L_i. Every term is returned per sample, so that the masking by I_V is per sample,
 never per batch. No Ray here: these are plain tensor functions, testable on small hand-made tensors.
 
@@ -95,10 +95,28 @@ def distribution_consistency_loss(saliency: torch.Tensor, prior: torch.Tensor, e
     return (p * (p.log() - q.log())).sum(dim=1)
 
 
+def input_gradient_penalty(input_grad: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample L_rrr, (B,): the "right reasons" term of Ross, Hughes & Doshi-Velez, *Right for the Right
+    Reasons: Training Differentiable Models by Constraining their Explanations*, IJCAI 2017 (arXiv 1703.03717):
+    Σ_d ((1 − A)_d · ∂/∂x_d Σ_k log p_k)², summed over the input's elements d (channels × pixels) as in the paper,
+    so its weight λ_rrr is on the paper's scale (they use 1000 for Decoy-MNIST).
+
+    ``input_grad`` (B, C, H, W) is the gradient of the summed log-probabilities with respect to the [0, 1] input
+    pixels (taken with ``create_graph=True`` so this term trains the classifier: a double backward), ``target``
+    (B, h, w) the ground-truth evidence map in [0, 1], bilinearly resized to the input. Unlike L_visual, which
+    constrains the last-stage CAM (whose features can carry a shortcut through their receptive fields), this
+    constrains what the prediction is sensitive to, pixel by pixel: any region outside the evidence (a decoy) that
+    moves the prediction is penalised."""
+    outside = 1 - F.interpolate(target.to(input_grad.dtype).unsqueeze(1), size=tuple(input_grad.shape[-2:]),
+                                mode="bilinear", align_corners=False)
+    return (outside * input_grad).pow(2).flatten(1).sum(dim=1)
+
+
 def megl_objective(ce: torch.Tensor, text: torch.Tensor | None, visual: torch.Tensor | None,
                    dc: torch.Tensor | None, has_mask: torch.Tensor, weights: LossConfig,
-                   sample_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over the batch of CE + λ_text·L_text + λ_vis·[I_V·L_visual + (1 − I_V)·λ_dc·L_dc]; None terms are 0.
+                   sample_weight: torch.Tensor | None = None, rrr: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the batch of CE + λ_text·L_text + λ_vis·[I_V·L_visual + (1 − I_V)·λ_dc·L_dc] (+ λ_rrr·I_V·L_rrr,
+    the option ``loss.rrr_weight``); None terms are 0.
 
     ``sample_weight`` (B,) makes it a weighted mean; rows that only pad a worker's shard carry weight 0."""
     total = ce
@@ -112,6 +130,8 @@ def megl_objective(ce: torch.Tensor, text: torch.Tensor | None, visual: torch.Te
     if dc is not None:
         vis = vis + (1 - indicator) * weights.dc_weight * dc
     per_sample = total + weights.visual_weight * vis
+    if rrr is not None:
+        per_sample = per_sample + weights.rrr_weight * torch.where(has_mask, rrr, torch.zeros_like(rrr))
     if sample_weight is None:
         return per_sample.mean()
     sample_weight = sample_weight.to(per_sample.dtype)

@@ -65,3 +65,11 @@ def test_bad_yaml_file_gives_file_and_line(tmp_path):
 def test_section_must_be_a_mapping():
     with pytest.raises(ConfigError, match="model: expected a mapping"):
         config_from_dict({"model": 3})
+
+
+def test_rrr_option_is_refused_under_zero3_at_load_time():
+    with pytest.raises(ConfigError, match="loss.rrr_weight: .*ZeRO-3"):
+        load_config(None, ["loss.rrr_weight=10", "train.zero_stage=3"])
+    assert load_config(None, ["loss.rrr_weight=10", "train.zero_stage=2"]).loss.rrr_weight == 10.0
+    with pytest.raises(ConfigError, match="loss.rrr_weight"):
+        load_config(None, ["loss.rrr_weight=-1"])

@@ -97,3 +97,33 @@ def test_objective_sample_weight_drops_padding_rows():
     weighted = losses.megl_objective(ce, None, None, None, has_mask, w, torch.tensor([1.0, 1.0, 0.0]))
     assert weighted.item() == pytest.approx(2.0)
     assert losses.megl_objective(ce[:1], None, None, None, has_mask[:1], w, torch.zeros(1)).item() == 0.0
+
+
+def test_input_gradient_penalty_matches_hand_computation():
+    # Two channels, 2×2 pixels; the evidence map is the left column, so only the right column's gradient counts.
+    grad = torch.tensor([[[[1.0, 2.0], [3.0, -4.0]], [[0.5, 1.0], [0.0, 2.0]]]])
+    target = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    expected = (2.0**2 + 1.0**2) + ((-4.0) ** 2 + 2.0**2)  # Σ over channels and pixels outside the evidence
+    assert losses.input_gradient_penalty(grad, target).item() == pytest.approx(expected)
+    assert losses.input_gradient_penalty(grad, torch.ones(1, 2, 2)).item() == 0.0  # all evidence: no penalty
+
+
+def test_input_gradient_penalty_of_a_linear_model_is_its_weight_outside_the_mask():
+    # Linear model, logits = W x: ∂/∂x Σ_k log p_k = Σ_k w_k − K·Σ_j p_j w_j (K classes), by hand.
+    w = torch.tensor([[0.0, 3.0], [0.0, -3.0]])  # 2 classes; only pixel 1 (outside the mask) drives them apart
+    x = torch.tensor([[[[0.0, 0.5]]]], requires_grad=True)
+    (g,) = torch.autograd.grad(torch.log_softmax(x.flatten(1) @ w.T, dim=1).sum(), x, create_graph=True)
+    p = torch.softmax(torch.tensor([1.5, -1.5]), dim=0)
+    grad_pixel1 = (3.0 - 3.0) - 2 * (p[0] * 3.0 + p[1] * -3.0)
+    penalty = losses.input_gradient_penalty(g, torch.tensor([[[1.0, 0.0]]]))  # pixel 0 is the evidence
+    assert penalty.item() == pytest.approx(grad_pixel1.item() ** 2, rel=1e-6)
+    penalty.backward()  # differentiable again (the double backward that trains the model)
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_objective_adds_rrr_on_masked_samples_only():
+    w = LossConfig(text_weight=0.0, visual_weight=0.0, rrr_weight=10.0)
+    ce = torch.tensor([1.0, 2.0])
+    rrr = torch.tensor([0.25, 99.0])  # sample 1 has no mask: its penalty must not count
+    total = losses.megl_objective(ce, None, None, None, torch.tensor([True, False]), w, rrr=rrr)
+    assert total.item() == pytest.approx(((1 + 10 * 0.25) + 2) / 2)

@@ -124,12 +124,22 @@ class MEGLModel(nn.Module):
                 attention_mask: torch.Tensor | None = None, text_labels: torch.Tensor | None = None,
                 sample_weight: torch.Tensor | None = None, **_: Any) -> MEGLOutput:
         w = self.loss_cfg
-        out, sal = self.classify_with_saliency(pixels, labels if self.cfg.cam_target == "label" else "prediction")
-        ce = losses.classification_loss(out.logits, labels)
         if has_mask is None:
             has_mask = torch.zeros_like(labels, dtype=torch.bool)
+        rrr_on = (w.rrr_weight > 0 and masks is not None and bool(has_mask.any()) and self.training
+                  and torch.is_grad_enabled())
+        if rrr_on:  # the input gradient of the option loss.rrr_weight needs the pixels in the graph
+            pixels = pixels.detach().requires_grad_(True)
+        out, sal = self.classify_with_saliency(pixels, labels if self.cfg.cam_target == "label" else "prediction")
+        ce = losses.classification_loss(out.logits, labels)
 
-        visual = dc = text = text_logits = None
+        visual = dc = text = text_logits = rrr = None
+        if rrr_on:
+            # Σ_k log p_k of the annotated samples only; samples are independent (per-sample norms), so the others
+            # get a zero input gradient and no penalty.
+            score = (F.log_softmax(out.logits.float(), dim=1).sum(dim=1) * has_mask).sum()
+            (input_grad,) = torch.autograd.grad(score, pixels, create_graph=True)
+            rrr = losses.input_gradient_penalty(input_grad, masks)
         if w.visual_weight > 0 and masks is not None and bool(has_mask.any()):
             visual = losses.visual_loss(sal, masks, w.visual_transform, w.gaussian_sigma)
         if w.visual_weight > 0 and w.dc_weight > 0 and not bool(has_mask.all()):
@@ -140,7 +150,7 @@ class MEGLModel(nn.Module):
             text_logits = self.vlm(inputs_embeds=embeds, attention_mask=attention_mask).logits
             text = losses.text_loss(text_logits, text_labels)
 
-        loss = losses.megl_objective(ce, text, visual, dc, has_mask, w, sample_weight)
+        loss = losses.megl_objective(ce, text, visual, dc, has_mask, w, sample_weight, rrr)
         terms = {"loss": loss.detach(), "ce": ce.detach().mean()}
         if text is not None:
             terms["text"] = text.detach().mean()
@@ -148,6 +158,8 @@ class MEGLModel(nn.Module):
             terms["visual"] = visual.detach()[has_mask].mean()
         if dc is not None:
             terms["dc"] = dc.detach()[~has_mask].mean()
+        if rrr is not None:
+            terms["rrr"] = rrr.detach()[has_mask].mean()
         return MEGLOutput(loss=loss, logits=out.logits, saliency=sal, terms=terms, text_logits=text_logits)
 
     # -- inference -----------------------------------------------------------------------------------------------
