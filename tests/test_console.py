@@ -45,6 +45,18 @@ def test_warnings_errors_and_our_lines_are_kept(line):
     assert not console.ROUTINE_LINES.search(line)
 
 
+def test_a_routine_error_goes_with_its_traceback_and_nothing_else():
+    lines = ["Failed to send resource request for train-88a9. If this only happens transiently during network "
+             "partition or CPU being overloaded, it's safe to ignore this error.",
+             "Traceback (most recent call last):",
+             '  File "/ray/train/v2/_internal/execution/scaling_policy/autoscaling_coordinator_client.py", line 58',
+             "    ray.get(",
+             "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
+             KEPT[3], ROUTINE[0], *KEPT[:2]]
+    # a traceback after any other routine line is kept whole: it is a real error
+    assert console.drop_routine(lines) == [KEPT[3], *KEPT[:2]]
+
+
 def test_the_filter_wraps_rays_printer_and_passes_everything_else(monkeypatch):
     from ray._private import worker
 

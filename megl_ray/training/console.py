@@ -39,6 +39,24 @@ ROUTINE_LINES = re.compile("|".join([
     r"^- \(ip=\S+, pid=\d+\) world_rank=|Setting up process group for",  # Ray Train controller start-up
     r"DeepSpeed \S+ built successfully|Using \S+ as PyTorch extensions root|Loading extension module",
 ]))
+# Routine messages that come with a traceback, dropped with it: Ray Train's autoscaling client on a busy machine,
+# which Ray itself calls safe to ignore when transient.
+ROUTINE_WITH_TRACEBACK = re.compile(r"Failed to send resource request for \S+\. If this only happens transiently")
+TRACEBACK_LINE = re.compile(r"^(Traceback \(most recent call last\):|\s+\S|[\w.]+(Error|Exception|Timeout)\b)")
+
+
+def drop_routine(lines: list[str]) -> list[str]:
+    """``lines`` without the routine ones (and the traceback of one that comes with it)."""
+    kept, dropping = [], False
+    for line in lines:
+        if ROUTINE_WITH_TRACEBACK.search(line):
+            dropping = True
+        elif ROUTINE_LINES.search(line):
+            dropping = False
+        elif not (dropping and TRACEBACK_LINE.match(line)):
+            dropping = False
+            kept.append(line)
+    return kept
 
 
 def quiet_env(verbose: bool) -> dict[str, str]:
@@ -110,7 +128,7 @@ def filter_forwarded_logs(verbose: bool) -> bool:
         return True
 
     def print_to_stdstream(data: dict[str, Any], *args: Any, **kwargs: Any) -> None:
-        lines = [line for line in data.get("lines", []) if not ROUTINE_LINES.search(line)]
+        lines = drop_routine(data.get("lines", []))
         if lines:
             inner({**data, "lines": lines}, *args, **kwargs)
 

@@ -115,12 +115,14 @@ class ConsoleDisplay:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, unit="step", file=self.stream, dynamic_ncols=True, desc="[megl] train",
-                            bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {postfix} [{elapsed}<{remaining}]")
+                            bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {postfix} [{elapsed}]")
 
     def step(self, event: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.update(event["step"] - self.bar.n)
-            self.bar.set_postfix_str(f"epoch {event['epoch']}/{event['epochs']} " + step_text(event))
+            # rank 0's ETA: tqdm's own would count the start-up before the first step as training time
+            self.bar.set_postfix_str(f"epoch {event['epoch']}/{event['epochs']} {step_text(event)} | "
+                                     f"eta {_duration(event['eta_s'])}")
             return
         print(f"[megl] step {event['step']}/{event['total']} epoch {event['epoch']}/{event['epochs']} "
               f"{step_text(event)} | eta {_duration(event['eta_s'])}", file=self.stream, flush=True)
