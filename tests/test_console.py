@@ -81,7 +81,8 @@ def test_quiet_env_and_ray_options():
 def test_a_bad_flag_is_one_line_and_exit_2_for_every_cli():
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
-    for module in ("megl_ray.train", "megl_ray.train_local", "megl_ray.tune", "megl_ray.storage"):
+    for module in ("megl_ray.train", "megl_ray.train_local", "megl_ray.tune", "megl_ray.storage",
+                   "megl_ray.data.make_sample", "megl_ray.data.convert", "megl_ray.evaluate", "megl_ray.explain"):
         proc = subprocess.run([sys.executable, "-m", module, "--no-such-flag"], capture_output=True, text=True,
                               timeout=120, env=env)
         assert proc.returncode == 2, (module, proc.stderr[-2000:])
