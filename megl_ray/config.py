@@ -87,6 +87,17 @@ class ModelConfig:
     """Prompt before the rationale; ``<image>`` is where the image tokens go, ``{label}`` the class name."""
     max_text_tokens: int = 48
     """Maximum number of rationale tokens (prompt and image tokens not counted)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward (non-reentrant): the LM's and the vision tower's layers and the
+    classifier backbone's stages. Trades ~30% more compute for activation memory (see training/memory_model.py)."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel of the VLM: ``sdpa`` (PyTorch's fused kernels), ``eager`` or ``flash_attention_2`` (needs
+    the flash-attn package and a GPU)."""
+    freeze_norm: bool | None = None
+    """BatchNorm layers of the classifier in eval mode with frozen affine parameters (at 4 images per GPU batch
+    statistics are noise). None: on for pretrained ResNets (``classifier_weights`` set), off otherwise."""
+    sync_bn: bool = False
+    """Convert the classifier's BatchNorm to SyncBatchNorm (statistics over all workers' images; GPUs only)."""
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 16, "model.image_size", f"must be >= 16, got {self.image_size}")
@@ -102,6 +113,8 @@ class ModelConfig:
         if self.preset == "clip-qwen2":
             _check(bool(self.vision_path), "model.vision_path", "is required with model.preset=clip-qwen2")
             _check(bool(self.lm_path), "model.lm_path", "is required with model.preset=clip-qwen2")
+        _check(not (self.sync_bn and self.freeze_norm), "model.sync_bn",
+               "cannot be combined with model.freeze_norm=true (frozen BatchNorm keeps no batch statistics)")
         if self.classifier == "vit_b_16":
             _check(self.image_size % 16 == 0, "model.image_size", "must be a multiple of 16 for vit_b_16")
 
@@ -196,6 +209,12 @@ class TrainConfig:
     """Worker-group failures Ray Train recovers from (restarting from the latest checkpoint) before giving up."""
     cache_data: bool | None = None
     """Cache the preprocessed training split in Ray's object store; None: when it fits in a quarter of it."""
+    precision: Literal["bf16", "fp32", "fp16"] | None = None
+    """Training precision: ``bf16`` (autocast over fp32 master weights; frozen weights in bf16), ``fp32``, or
+    ``fp16`` (pre-Ampere GPUs, with loss scaling). None: bf16 on GPUs, fp32 on CPUs. See model/precision.py."""
+    offload: Literal["none", "cpu"] = "none"
+    """ZeRO offload to host memory: ``cpu`` moves the optimizer states (and under ZeRO-3 the parameters) off the
+    GPU."""
     sample_log_dir: str | None = None
     """Debugging/tests: each worker appends the sample ids of every step to a JSON-lines file in this directory."""
 
@@ -207,6 +226,8 @@ class TrainConfig:
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         _check(self.max_failures >= 0, "train.max_failures", f"must be >= 0, got {self.max_failures}")
+        _check(self.offload == "none" or self.zero_stage >= 1, "train.offload",
+               "needs train.zero_stage >= 1 (ZeRO offloads its own partitions)")
 
 
 @dataclass
