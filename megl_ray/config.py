@@ -63,6 +63,8 @@ class ModelConfig:
     """Hidden size of the tiny preset's CLIP tower and Qwen2 LM."""
     tiny_vocab_size: int = 512
     """Vocabulary size of the tokenizer trained for the tiny preset."""
+    tiny_layers: int = 2
+    """Layers of the tiny preset's CLIP tower and of its Qwen2 LM (the mid-size test uses 12)."""
     tiny_vision_image_size: int = 32
     """Image side of the tiny CLIP tower (its patch size is 8, so 16 image tokens)."""
 
@@ -106,6 +108,7 @@ class ModelConfig:
         _check(0.0 <= self.lora_dropout < 1.0, "model.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         _check(self.tiny_hidden_size % 4 == 0, "model.tiny_hidden_size", "must be a multiple of 4 (attention heads)")
         _check(self.tiny_vocab_size >= 64, "model.tiny_vocab_size", f"must be >= 64, got {self.tiny_vocab_size}")
+        _check(self.tiny_layers >= 1, "model.tiny_layers", f"must be >= 1, got {self.tiny_layers}")
         _check(self.tiny_vision_image_size % 8 == 0, "model.tiny_vision_image_size", "must be a multiple of 8")
         _check("<image>" in self.prompt_template, "model.prompt_template", "must contain '<image>'")
         if self.preset == "llava":

@@ -22,10 +22,22 @@ def _grads(model):
 
 
 def _count_calls(modules):
+    """Forward calls of each module, recomputations included (checkpoint recomputation skips module hooks, so the
+    instance's forward is wrapped)."""
     calls = {i: 0 for i in range(len(modules))}
     for i, m in enumerate(modules):
-        m.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        def counted(*args, _forward=m.forward, _i=i, **kwargs):
+            calls[_i] += 1
+            return _forward(*args, **kwargs)
+        m.forward = counted
     return calls
+
+
+def _assert_close(got, want, rel, name):
+    """Relative to the tensor's norm (single elements near zero differ by the rounding of summation order), with an
+    absolute floor for gradients that are zero in exact arithmetic (attention key biases)."""
+    err = float((got - want).norm())
+    assert err <= rel * float(want.norm()) + 1e-7, (name, err, float(want.norm()))
 
 
 @pytest.mark.parametrize("classifier", ["tiny", "resnet18"])
@@ -34,7 +46,7 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(classifier):
     cfg, plain = _model(*extra)
     _, ckpt = _model(*extra, "model.gradient_checkpointing=true")
     batch = make_batch(plain, cfg, n=4, mask_every=2)  # masked and unmasked samples: every term on
-    layers = [ckpt.vlm.model.language_model.layers[0], ckpt.vlm.model.vision_tower.encoder.layers[0],
+    layers = [ckpt.vlm.model.language_model.layers[0].mlp, ckpt.vlm.model.vision_tower.encoder.layers[0].mlp,
               ckpt.classifier.backbone.body[0] if classifier == "tiny" else ckpt.classifier.backbone.stages[0]]
     calls = _count_calls(layers)
     a, b = plain(**batch), ckpt(**batch)
@@ -46,11 +58,11 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(classifier):
     ga, gb = _grads(plain), _grads(ckpt)
     assert ga.keys() == gb.keys() and len(ga) > 10
     for name in ga:
-        torch.testing.assert_close(gb[name], ga[name], rtol=1e-5, atol=1e-8, msg=name)
+        _assert_close(gb[name], ga[name], 1e-5, name)
 
 
 def test_rationale_only_logits_give_the_same_text_loss_and_gradients():
-    cfg, model = _model("model.lora_r=2")
+    cfg, model = _model("model.lora_r=2", "model.lora_dropout=0")  # no dropout: both forwards see one mask
     batch = make_batch(model, cfg, n=4)
     shapes = []
     model.vlm.lm_head.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
@@ -65,7 +77,7 @@ def test_rationale_only_logits_give_the_same_text_loss_and_gradients():
     model.zero_grad()
     full.loss.backward()
     for name, g in _grads(model).items():
-        torch.testing.assert_close(g_fast[name], g, rtol=1e-5, atol=1e-8, msg=name)
+        _assert_close(g_fast[name], g, 1e-5, name)
 
 
 def test_attention_kernels_agree_and_a_missing_flash_attention_is_one_line():

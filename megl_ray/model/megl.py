@@ -201,8 +201,9 @@ class MEGLModel(nn.Module):
 
 
 def build_megl_model(cfg: MEGLConfig, num_classes: int, corpus: Iterable[str] | None = None,
-                     tokenizer: Any = None, prior: torch.Tensor | None = None) -> MEGLModel:
-    """The configured MEGL model. ``corpus`` (rationales, class names) trains the tiny preset's tokenizer."""
+                     tokenizer: Any = None, prior: torch.Tensor | None = None, vlm: VLMBundle | None = None) -> MEGLModel:
+    """The configured MEGL model. ``corpus`` (rationales, class names) trains the tiny preset's tokenizer; ``vlm``
+    replaces the preset's VLM (a standalone export's, or a bench's shapes)."""
     m = cfg.model
     classifier = build_classifier(m.classifier, num_classes, image_size=m.image_size, head=m.classifier_head,
                                   vit_pool=m.vit_pool, weights=m.classifier_weights)
@@ -212,7 +213,7 @@ def build_megl_model(cfg: MEGLConfig, num_classes: int, corpus: Iterable[str] | 
         classifier = nn.SyncBatchNorm.convert_sync_batchnorm(classifier)
     classifier.set_gradient_checkpointing(m.gradient_checkpointing)
     half = autocast_dtype(cfg.train.precision)
-    vlm = build_vlm(m, corpus, tokenizer, dtype=half or torch.float32)
+    vlm = vlm if vlm is not None else build_vlm(m, corpus, tokenizer, dtype=half or torch.float32)
     model = MEGLModel(m, cfg.loss, classifier, vlm, prior)
     if half is not None:  # trainable weights fp32 (the master copy), frozen ones 16-bit, norms fp32
         prepare_model(model, cfg.train.precision)

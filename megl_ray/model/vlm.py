@@ -80,11 +80,11 @@ def tiny_llava_config(cfg: ModelConfig, vocab_size: int, image_token_id: int, pa
     from transformers import CLIPVisionConfig, LlavaConfig, Qwen2Config
 
     hidden = cfg.tiny_hidden_size
-    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=cfg.tiny_layers,
                               num_attention_heads=4, image_size=cfg.tiny_vision_image_size, patch_size=8,
                               projection_dim=hidden)
     text = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       num_hidden_layers=cfg.tiny_layers, num_attention_heads=4, num_key_value_heads=2,
                        max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=pad_token_id)
     # vision_feature_layer -1: a 2-layer tower has no useful penultimate layer (LLaVA's -2 is for 24 layers).
     return LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=image_token_id,
