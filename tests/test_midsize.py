@@ -20,13 +20,14 @@ def test_midsize_zero3_bf16_lora_checkpointing_trains_partitions_and_resumes_exa
 
     uri = bundled_dataset_uri()
     info = load_dataset_info(uri)
-    rows = read_split(uri, "train", info).slice(0, 24).to_pylist()
+    rows = read_split(uri, "train", info).slice(0, 200).to_pylist()
     cfg = load_config(packaged_config("tiny"), [
         "model.tiny_hidden_size=768", "model.tiny_layers=12", "model.lora_r=8", "model.freeze_vision=true",
         "model.gradient_checkpointing=true", "model.max_text_tokens=12", "train.precision=bf16",
         "train.zero_stage=3", "train.num_workers=2", "data.batch_size=2", "loss.dc_weight=0.5", "optim.lr=0.001"])
-    batch_rows = rows[:12]
-    assert any(r["has_mask"] for r in batch_rows[:4]) and not all(r["has_mask"] for r in batch_rows[:4])
+    masked, plain = [r for r in rows if r["has_mask"]], [r for r in rows if not r["has_mask"]]
+    # 3 global batches of 4 (2 per worker), each with one masked sample: L_visual and L_dc in every step
+    batch_rows = [r for i in range(3) for r in (masked[i], plain[3 * i], plain[3 * i + 1], plain[3 * i + 2])]
     tokenizer = load_tokenizer(cfg.model, [t for r in rows for t in r["rationales"]] + info.classes)
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
              log_to_driver=False)

@@ -103,23 +103,10 @@ def resume_loop_per_worker(loop: dict[str, Any]) -> None:
 def run_resume_probe(cfg: MEGLConfig, tokenizer: Any, num_classes: int, rows: list[dict[str, Any]],
                      mask_size: int, steps: int, save_at: int, storage_path: str, threads: int = 1) -> list[dict]:
     """``resume_loop_per_worker`` on ``cfg.train.num_workers`` CPU workers of the current Ray cluster."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from megl_ray.training.embedded import megl_home
+    from megl_ray.training.probe import run_cpu_workers
 
     out = Path(storage_path) / "resume-probe.json"
-    env = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": os.environ.get(
-        "TORCH_EXTENSIONS_DIR", str(megl_home() / "torch_extensions"))}
-    trainer = TorchTrainer(
-        resume_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "tokenizer": tokenizer, "num_classes": num_classes,
-                           "rows": rows, "mask_size": mask_size, "steps": steps, "save_at": save_at, "env": env,
-                           "threads": threads, "out": str(out)},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        run_config=RunConfig(name="resume-probe", storage_path=storage_path))
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    run_cpu_workers(resume_loop_per_worker, cfg, storage_path, "resume-probe", {
+        "config": cfg.to_dict(), "tokenizer": tokenizer, "num_classes": num_classes, "rows": rows,
+        "mask_size": mask_size, "steps": steps, "save_at": save_at, "threads": threads, "out": str(out)})
     return json.loads(out.read_text())
