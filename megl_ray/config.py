@@ -198,6 +198,9 @@ class TrainConfig:
     """Cache the preprocessed training split in Ray's object store; None: when it fits in a quarter of it."""
     sample_log_dir: str | None = None
     """Debugging/tests: each worker appends the sample ids of every step to a JSON-lines file in this directory."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers (Ray Train's ``ScalingConfig.placement_strategy``): PACK fills few nodes, SPREAD
+    spreads over nodes, the STRICT_ variants require it (STRICT_SPREAD: one worker per node)."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -219,6 +222,8 @@ class RunConfig:
     """Run name: re-running with the same name resumes."""
     log_every: int = 10
     """Print a progress line (and write TensorBoard scalars) every this many optimizer steps."""
+    shared_filesystem: bool = False
+    """A local ``storage_path`` is a filesystem mounted on every node (NFS): allow it on a multi-node cluster."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "run.name", f"must be a non-empty name without '/', got {self.name!r}")

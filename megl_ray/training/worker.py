@@ -302,7 +302,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             if kill_at and state.step == kill_at and rank == world - 1 and kill_marker and not Path(kill_marker).exists():
                 Path(kill_marker).write_text("killed")
                 log.warning("test hook: killing rank %d at step %d", rank, state.step)
-                time.sleep(5)  # let the controller register the last reported checkpoint, as a real crash would
+                # Let the controller register the last reported checkpoint, as a real crash would; a node-loss test
+                # holds the worker here longer, while it kills the worker's whole node.
+                time.sleep(float(os.environ.get("MEGL_TEST_KILL_HOLD_S", "5")))
                 os._exit(1)
             terms = {k: float(v) for k, v in out.terms.items()}
             values = progress.step(state.step, epoch, cfg.train.epochs, terms, samples=len(ids) * world,
