@@ -145,11 +145,15 @@ class DataConfig:
     """Rationales per image kept (tokenised once; one is drawn per image per epoch)."""
     shuffle_buffer: int = 256
     """Rows in each worker's seeded local shuffle buffer (reseeded every epoch)."""
+    val_fraction: float = 0.1
+    """For a dataset without a val split: fraction of each class of train carved out (seeded by train.seed) to
+    validate on every epoch; 0 trains without per-epoch validation. Ignored when the dataset has a val split."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.max_rationales >= 1, "data.max_rationales", f"must be >= 1, got {self.max_rationales}")
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
+        _check(0 <= self.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
 
 
 @dataclass

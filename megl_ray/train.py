@@ -137,12 +137,13 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from megl_ray.data.pipeline import build_dataset, fits_in_cache, preprocessed_bytes_per_row
-    from megl_ray.data.reader import read_split
+    from megl_ray.data.pipeline import fits_in_cache, preprocessed_bytes_per_row
     from megl_ray.data.schema import load_dataset_info
     from megl_ray.model.vlm import load_tokenizer
+    from megl_ray.training.accounting import planned_steps
     from megl_ray.training.ds_config import global_batch_size
-    from megl_ray.training.worker import steps_per_epoch, train_loop_per_worker
+    from megl_ray.training.inputs import build_datasets, plan_splits
+    from megl_ray.training.worker import train_loop_per_worker
 
     started = time.monotonic()
     run_uri = _run_uri(cfg.run.storage_path, cfg.run.name)
@@ -155,28 +156,25 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
 
     check_run_storage(cfg, use_gpu, ray.nodes(), ray.get_runtime_context().get_node_id())
 
-    train_table = read_split(cfg.data.uri, "train", info, columns=["id", "rationales"])
-    train_ids = train_table.column("id").to_pylist()
-    corpus = [r for rs in train_table.column("rationales").to_pylist() for r in rs]
-    tokenizer = load_tokenizer(cfg.model, corpus + list(info.classes))
-    common = dict(tokenizer=tokenizer, image_size=cfg.model.image_size, max_rationales=cfg.data.max_rationales,
-                  max_text_tokens=cfg.model.max_text_tokens, num_shards=cfg.train.num_workers, seed=cfg.train.seed,
-                  info=info)
+    splits = plan_splits(cfg, info, evaluate_test)
+    train_ids = splits.train_ids
+    tokenizer = load_tokenizer(cfg.model, splits.corpus + list(info.classes))
     row_bytes = preprocessed_bytes_per_row(cfg.model.image_size, info.mask_size, cfg.data.max_rationales,
                                            cfg.model.max_text_tokens)
     cache = cfg.train.cache_data if cfg.train.cache_data is not None else fits_in_cache(len(train_ids), row_bytes)
-    datasets = {"train": build_dataset(cfg.data.uri, "train", cache=cache, **common),
-                "val": build_dataset(cfg.data.uri, "val", **common)}
-    per_epoch = steps_per_epoch(len(train_ids), cfg.train.num_workers, cfg.data.batch_size)
-    planned = per_epoch * cfg.train.epochs // cfg.train.grad_accum
-    log.info("%d train images, %d workers, global batch %d, %d optimizer steps planned%s", len(train_ids),
-             cfg.train.num_workers, global_batch_size(cfg), planned, " (data cached)" if cache else "")
+    datasets, train_cache = build_datasets(cfg, info, tokenizer, splits, cache)
+    planned = planned_steps(len(train_ids), cfg.train.num_workers, cfg.data.batch_size, cfg.train.epochs,
+                            cfg.train.grad_accum)
+    log.info("%d train images, %d workers, global batch %d, %d optimizer steps planned, validation: %s%s",
+             len(train_ids), cfg.train.num_workers, global_batch_size(cfg), planned, splits.val_source,
+             " (data cached)" if cache else "")
 
     storage_path, filesystem = _storage(cfg.run.storage_path)
     loop = {
         "config": cfg.to_dict(), "env": _worker_env(use_gpu), "tokenizer": tokenizer,
         "num_classes": info.num_classes, "classes": list(info.classes), "prior": info.prior_array().tolist(),
-        "train_rows": len(train_ids), "train_ids": train_ids, "use_gpu": use_gpu,
+        "train_rows": len(train_ids), "train_ids": train_ids, "use_gpu": use_gpu, "train_cache": train_cache,
+        "has_val": "val" in datasets,
         "run_uri": run_uri, "tb_dir": str(local_dir / "tensorboard"),
     }
     scaling = ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
@@ -184,7 +182,7 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
                             placement_strategy=cfg.train.placement_strategy)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop, scaling_config=scaling, datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train", "val"]),
+        dataset_config=DataConfig(datasets_to_split=list(datasets)),
         run_config=RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks)))
@@ -201,6 +199,7 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
         "steps": int(metrics.get("step", 0)), "planned_steps": planned, "epochs": int(metrics.get("epoch", 0)),
         "val_accuracy": _round(metrics.get("val_accuracy")), "val_miou": _round(metrics.get("val_miou")),
         "test_accuracy": _round(test["test_accuracy"]), "test_miou": _round(test["test_miou"]),
+        **splits.summary(cfg),
         "final_loss": _round(metrics.get("loss")), "num_workers": cfg.train.num_workers,
         "zero_stage": cfg.train.zero_stage, "global_batch_size": global_batch_size(cfg),
         "seconds": round(time.monotonic() - started, 1),
