@@ -69,7 +69,7 @@ def test_a_node_local_storage_path_is_refused_with_workers_on_two_nodes(two_node
     code, out, err = _train(two_node_cluster, [*FAST_ARGS, f"data.uri={s3_data}",
                                                f"run.storage_path={tmp_path / 'runs'}", "run.name=local"], capsys)
     assert code == 2, err[-3000:]
-    assert "is local to each node, but this cluster can place workers on 2 nodes" in err and "Traceback" not in err
+    assert "is a node-local path, but workers can be placed on 2 nodes" in err and "Traceback" not in err
     assert json.loads(out.strip().splitlines()[-1])["error"]
 
 

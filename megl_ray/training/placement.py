@@ -34,7 +34,8 @@ def check_run_storage(cfg: MEGLConfig, use_gpu: bool, nodes: list[dict[str, Any]
     hosts = nodes_that_fit(nodes, worker_resources(cfg, use_gpu))
     if set(hosts) <= {driver_node}:
         return
-    raise UserError(f"run.storage_path={cfg.run.storage_path} is local to each node, but this cluster can place "
-                    f"workers on {len(hosts)} nodes: each would keep its own part of every checkpoint and the run "
-                    f"could not resume elsewhere; use shared storage (run.storage_path=s3://...) or, for a filesystem "
-                    f"mounted on every node, run.shared_filesystem=true")
+    plural = "s" if len(hosts) != 1 else ""
+    raise UserError(f"run.storage_path={cfg.run.storage_path} is a node-local path, but workers can be placed on "
+                    f"{len(hosts)} node{plural} of this cluster (not only the driver's): checkpoints written there "
+                    f"could not be resumed from another node; use shared storage (run.storage_path=s3://...) or, for "
+                    f"a filesystem mounted on every node, run.shared_filesystem=true")
