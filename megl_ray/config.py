@@ -224,6 +224,9 @@ class TrainConfig:
     GPU."""
     sample_log_dir: str | None = None
     """Debugging/tests: each worker appends the sample ids of every step to a JSON-lines file in this directory."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers (Ray Train's ``ScalingConfig.placement_strategy``): PACK fills few nodes, SPREAD
+    spreads over nodes, the STRICT_ variants require it (STRICT_SPREAD: one worker per node)."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -257,6 +260,8 @@ class RunConfig:
     """MLflow experiment and W&B group of the run (None: experiment ``megl``, no group); a sweep sets its name."""
     wandb_project: str = "megl_ray"
     """W&B project (online or offline is W&B's own ``$WANDB_MODE``; offline runs are kept under ``$WANDB_DIR``)."""
+    shared_filesystem: bool = False
+    """A local ``storage_path`` is a filesystem mounted on every node (NFS): allow it on a multi-node cluster."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "run.name", f"must be a non-empty name without '/', got {self.name!r}")

@@ -153,6 +153,9 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
     quiet_ray_data(verbose)
     use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     _check_resources(cfg, use_gpu)
+    from megl_ray.training.placement import check_run_storage
+
+    check_run_storage(cfg, use_gpu, ray.nodes(), ray.get_runtime_context().get_node_id())
 
     splits = plan_splits(cfg, info, evaluate_test)
     train_ids = splits.train_ids
@@ -180,7 +183,8 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
     monitor = RunMonitor(planned, tracker, display=console)
     loop["board"] = monitor.board
     scaling = ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-                            resources_per_worker=None if use_gpu else {"CPU": cfg.train.cpus_per_worker})
+                            resources_per_worker=None if use_gpu else {"CPU": cfg.train.cpus_per_worker},
+                            placement_strategy=cfg.train.placement_strategy)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop, scaling_config=scaling, datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=list(datasets)),
