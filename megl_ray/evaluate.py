@@ -285,7 +285,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return evaluate(build_parser().parse_args(argv))
+    from megl_ray.training.embedded import embedded_store_for
+
+    args = build_parser().parse_args(argv)
+    with embedded_store_for(args.checkpoint, args.data, args.out):  # the default run's store, after it ended
+        return evaluate(args)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def build_dataset(uri: str, split: str, *, tokenizer: Any, image_size: int, max_
     """
     configure_data_context()
     info = info or load_dataset_info(uri)
-    fs, paths = split_paths(uri, info, split)
+    fs, paths = split_paths(uri, info, split, embed_credentials=False)  # Ray pickles it into its read tasks
     fs = retrying(fs)
     if not paths:
         raise ValueError(f"split '{split}' of {uri} is empty")

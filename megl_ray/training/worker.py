@@ -204,6 +204,9 @@ def _epoch_shard(cfg: MEGLConfig, loop: dict[str, Any], epoch: int, rank: int, w
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``: ``loop`` carries the resolved config and what the driver prepared."""
     os.environ.update(loop["env"])  # S3 endpoint, DS_ACCELERATOR: before DeepSpeed is imported
+    from megl_ray.training.credentials import load_credentials
+
+    load_credentials(loop.get("credentials_file"))  # only what this worker's environment lacks
     import deepspeed
     import ray.train
     from ray.train import Checkpoint
