@@ -223,10 +223,24 @@ class RunConfig:
     """Run name: re-running with the same name resumes."""
     log_every: int = 10
     """Print a progress line (and write TensorBoard scalars) every this many optimizer steps."""
+    tracking: str | list[str] = "tensorboard"
+    """Experiment tracking: ``none``, ``tensorboard``, ``mlflow``, ``wandb``, or a list of them. The driver logs the
+    resolved config, every loss term, throughput, per-epoch validation and final test metrics and the export URI;
+    a tracking failure is a warning, never the end of training (``megl_ray.training.tracking``)."""
+    tracking_uri: str | None = None
+    """MLflow tracking server, e.g. ``http://127.0.0.1:5000`` (None: ``$MLFLOW_TRACKING_URI``, else MLflow's default)."""
+    experiment: str | None = None
+    """MLflow experiment and W&B group of the run (None: experiment ``megl``, no group); a sweep sets its name."""
+    wandb_project: str = "megl_ray"
+    """W&B project (online or offline is W&B's own ``$WANDB_MODE``; offline runs are kept under ``$WANDB_DIR``)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "run.name", f"must be a non-empty name without '/', got {self.name!r}")
         _check(self.log_every >= 1, "run.log_every", f"must be >= 1, got {self.log_every}")
+        chosen = [self.tracking] if isinstance(self.tracking, str) else list(self.tracking)
+        valid = ("none", "tensorboard", "mlflow", "wandb")
+        _check(all(t in valid for t in chosen), "run.tracking",
+               f"must be one of {', '.join(valid)} or a list of them, got {self.tracking!r}")
 
 
 @dataclass

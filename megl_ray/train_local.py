@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from megl_ray.cli import run_cli, setup_logging
+from megl_ray.cli import ArgumentParser, run_cli, setup_logging
 from megl_ray.config import MEGLConfig, load_config, packaged_config
 from megl_ray.data.reader import bundled_dataset_uri, iter_row_batches, read_split
 from megl_ray.data.schema import load_dataset_info
@@ -29,7 +29,7 @@ log = logging.getLogger("megl_ray.train_local")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m megl_ray.train_local", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m megl_ray.train_local", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML config (default: the packaged tiny config)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: all epochs)")
     p.add_argument("--export", help="write the trained model here (local dir or s3://) for evaluate/explain")

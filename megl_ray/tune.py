@@ -30,9 +30,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Sequence
 
-from megl_ray.cli import run_cli, setup_logging
+from megl_ray.cli import ArgumentParser, run_cli
 from megl_ray.config import MEGLConfig, load_config, packaged_config
 from megl_ray.errors import UserError
+from megl_ray.training.console import configure_driver
 from megl_ray.tune_space import SearchSpace, apply_values, load_space
 
 log = logging.getLogger("megl_ray.tune")
@@ -50,7 +51,7 @@ ASHA_STATE_FILE = "asha_state.yaml"  # not .json: see ResumableASHA
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m megl_ray.tune", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m megl_ray.tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--space", required=True, help="search space YAML (see tune_spaces/)")
     p.add_argument("--config", help="base config YAML (default: the packaged tiny config)")
     p.add_argument("--num-samples", type=int, help="samples drawn from the space; grids are crossed with each "
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPUs/GPUs fit)")
     p.add_argument("--name", help="sweep name; re-running with the same name resumes it (default: sweep-<space>)")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray started here)")
+    p.add_argument("-v", "--verbose", action="store_true", help="also show Ray's, Ray Data's and DeepSpeed's logs")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the base config, e.g. train.epochs=5")
     return p
 
@@ -118,7 +120,7 @@ def _settings(args: argparse.Namespace) -> SweepSettings:
 
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep: str, keys: list[str], env: dict[str, str],
-              cwd: str, credentials: str | None = None) -> None:
+              cwd: str, verbose: bool = False, credentials: str | None = None) -> None:
     """A Tune trial: the base config with the trial's values, trained as the Ray Train run ``<sweep>-<trial id>``.
 
     Its workers' per-epoch reports reach Tune through ``TuneReportCallback``; when ASHA stops the trial, Ray ends
@@ -138,10 +140,12 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep: str, keys:
     values = {key: config[key.split(".", 1)[0]][key.split(".", 1)[1]] for key in keys}
     cfg = apply_values(base, values)
     sample_log = cfg.train.sample_log_dir and str(Path(cfg.train.sample_log_dir) / trial_id)
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"{sweep}-{trial_id}"),
+    # One MLflow experiment / W&B group per sweep, one tracked run per trial.
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"{sweep}-{trial_id}",
+                                                           experiment=cfg.run.experiment or sweep),
                               train=dataclasses.replace(cfg.train, sample_log_dir=sample_log))
     logging.getLogger("megl_ray.tune").info("trial %s: %s", trial_id, values)
-    fit(cfg, callbacks=[TuneReportCallback()], evaluate_test=False)
+    fit(cfg, callbacks=[TuneReportCallback()], evaluate_test=False, verbose=verbose, console=False)
 
 
 def _trial_name(trial: Any) -> str:
@@ -151,13 +155,13 @@ def _trial_name(trial: Any) -> str:
 # ------------------------------------------------------------------------------------------------ the sweep
 
 
-def start_ray(address: str | None) -> None:
+def start_ray(address: str | None, verbose: bool = False) -> None:
     """Join ``address`` (or ``$RAY_ADDRESS``), else start a local Ray exactly as ``megl_ray.train`` does (its
     dashboard named through ``RAY_API_SERVER_ADDRESS``, which Ray Train's placement-group cleaner needs to free the
     workers of a trial that ASHA stopped when this machine runs more than one Ray instance)."""
     from megl_ray.train import _start_ray
 
-    _start_ray(address)
+    _start_ray(address, verbose)
 
 
 def max_concurrent_trials(resources: dict[str, float], cfg: MEGLConfig, use_gpu: bool) -> int:
@@ -194,16 +198,17 @@ def _check_resumable(uri: str, settings: SweepSettings) -> None:
                         f"it with its original arguments to resume it, or choose another --name")
 
 
-def sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None = None) -> dict[str, Any]:
+def sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None = None,
+          verbose: bool = False) -> dict[str, Any]:
     """Run (or resume) the sweep; ``resolved`` is the base config with data and storage filled in."""
     from megl_ray.training.credentials import credentials_file
 
     with credentials_file() as credentials:  # for trials that did not inherit them; removed at the end
-        return _sweep(settings, resolved, address, credentials)
+        return _sweep(settings, resolved, address, verbose, credentials)
 
 
-def _sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None, credentials: str | None
-           ) -> dict[str, Any]:
+def _sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None, verbose: bool,
+           credentials: str | None) -> dict[str, Any]:
     import ray
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
@@ -224,7 +229,7 @@ def _sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None, c
     experiment_path = storage_path.rstrip("/") + "/" + settings.name
     _check_resumable(experiment_uri + "/" + SWEEP_FILE, settings)
 
-    start_ray(address)
+    start_ray(address, verbose)
     use_gpu = resolved.train.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -246,7 +251,7 @@ def _sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None, c
         env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=resolved.to_dict(), sweep=settings.name, keys=settings.space.keys,
-                             env=env, cwd=os.getcwd(), credentials=credentials),
+                             env=env, cwd=os.getcwd(), verbose=verbose, credentials=credentials),
         TRIAL_DRIVER_RESOURCES)
     resumed = tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
     if resumed:
@@ -395,13 +400,14 @@ def _report(rows: list[dict[str, Any]], settings: SweepSettings, experiment_uri:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_intermixed_args(argv)  # key=value overrides may come between options
+    configure_driver(args.verbose)
     settings = _settings(args)
     from megl_ray.training.embedded import embedded_default
 
     saved = os.environ.get("RAY_API_SERVER_ADDRESS")
     with embedded_default(settings.base) as resolved:
         try:
-            return sweep(settings, resolved, args.address)
+            return sweep(settings, resolved, args.address, args.verbose)
         finally:
             import ray
 
@@ -413,5 +419,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    setup_logging()
+    configure_driver(verbose=False)  # until the flags are parsed
     sys.exit(run_cli("megl_ray.tune", main))

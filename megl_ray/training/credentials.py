@@ -18,19 +18,27 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MEGL_S3_SECRET_KEY")
-FORWARDED_PREFIXES = ("AWS_", "MEGL_")
+FORWARDED_PREFIXES = ("AWS_", "MEGL_", "MLFLOW_", "WANDB_")
+SECRET_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "API_KEY", "ACCESS_KEY")
+"""A forwarded variable whose name holds one of these is a credential too (``WANDB_API_KEY``,
+``MLFLOW_TRACKING_PASSWORD``, ``MLFLOW_TRACKING_TOKEN`` …)."""
+
+
+def is_credential(name: str) -> bool:
+    return name in CREDENTIAL_VARS or (name.startswith(FORWARDED_PREFIXES)
+                                       and any(m in name for m in SECRET_MARKERS))
 
 
 def public_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The S3/megl settings worth forwarding (endpoint, region, retry budget …), credentials left out."""
+    """The S3/tracking/megl settings worth forwarding (endpoint, region, retry budget …), credentials left out."""
     env = os.environ if env is None else env
-    return {k: v for k, v in env.items() if k.startswith(FORWARDED_PREFIXES) and k not in CREDENTIAL_VARS}
+    return {k: v for k, v in env.items() if k.startswith(FORWARDED_PREFIXES) and not is_credential(k)}
 
 
 @contextlib.contextmanager
 def credentials_file() -> Iterator[str | None]:
     """A 0600 JSON file of this process's credential variables, removed at the end; None when there are none."""
-    values = {k: os.environ[k] for k in CREDENTIAL_VARS if k in os.environ}
+    values = {k: v for k, v in os.environ.items() if is_credential(k)}
     if not values:
         yield None
         return

@@ -15,9 +15,7 @@ import logging
 import math
 import os
 import random
-import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,8 @@ import torch
 
 from megl_ray.config import MEGLConfig, config_from_dict
 from megl_ray.errors import ConfigError
+from megl_ray.training.console import configure_worker
+from megl_ray.training.progress import Progress
 from megl_ray.training.accounting import (Accounting, FaultHook, epoch_seed, epoch_share, planned_steps,
                                           steps_per_epoch)
 from megl_ray.training.collectives import all_gather_ids, route_metric_sync
@@ -116,53 +116,6 @@ def load_checkpoint(engine: Any, directory: Path, rank: int) -> TrainState:
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-class Progress:
-    """Rank 0's progress line and TensorBoard scalars."""
-
-    def __init__(self, total_steps: int, log_every: int, tb_dir: Path | None):
-        self.total = total_steps
-        self.log_every = log_every
-        self.start = time.monotonic()
-        self.window = (time.monotonic(), 0, 0)
-        self.writer = None
-        if tb_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(tb_dir))
-
-    def step(self, step: int, epoch: int, epochs: int, terms: dict[str, float], samples: int, tokens: int,
-             lr: float) -> dict[str, float]:
-        t0, s0, k0 = self.window
-        self.window = (t0, s0 + samples, k0 + tokens)
-        if step % self.log_every and step != self.total:
-            return {}
-        now = time.monotonic()
-        elapsed = max(now - t0, 1e-9)
-        rates = {"samples_per_s": self.window[1] / elapsed, "tokens_per_s": self.window[2] / elapsed}
-        self.window = (now, 0, 0)
-        peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _peak_rss()) / 2**20
-        values = {**terms, **rates, "lr": lr, "peak_mem_mib": peak}
-        eta = (now - self.start) / max(step, 1) * (self.total - step)
-        print(f"[megl] epoch {epoch + 1}/{epochs} step {step}/{self.total} "
-              + " ".join(f"{k}={v:.4g}" for k, v in values.items()) + f" eta={eta:.0f}s",
-              file=sys.stderr, flush=True)
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(f"train/{key}", value, step)
-        return values
-
-    def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(f"{prefix}/{key}", value, step)
-            self.writer.flush()
-
-
-def _peak_rss() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
-
 
 def _validate(engine: Any, shard: Any, cfg: MEGLConfig, num_image_tokens: int, num_classes: int) -> dict[str, float]:
     """Validation accuracy and mIoU over this worker's share of the split, with the evaluation's own metric code
@@ -220,8 +173,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     cfg: MEGLConfig = config_from_dict(loop["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
-                        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    configure_worker(loop.get("verbose", False), rank, loop["use_gpu"])
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_megl_model(cfg, loop["num_classes"], tokenizer=loop["tokenizer"],
                              prior=torch.tensor(loop["prior"], dtype=torch.float32))
@@ -246,7 +198,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         log.info("resumed from %s at epoch %d, step %d (%d samples of the epoch done)",
                  checkpoint.path, state.epoch, state.step, len(state.epoch_ids))
     start_step = state.step  # where this worker group started: 0, or the step of the checkpoint it resumed
-    progress = Progress(total_steps, cfg.run.log_every, Path(loop["tb_dir"]) if rank == 0 else None)
+    progress = Progress(total_steps, cfg.run.log_every, loop.get("board") if rank == 0 else None)
     sample_log = None
     if cfg.train.sample_log_dir:
         Path(cfg.train.sample_log_dir).mkdir(parents=True, exist_ok=True)
@@ -270,9 +222,6 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 ray.train.report(reported, checkpoint=Checkpoint.from_directory(tmp))
         else:
             ray.train.report(reported)
-        if rank == 0:
-            progress.scalars("val", {k: v for k, v in metrics.items() if k.startswith("val_")}, state.step)
-            _sync_tensorboard(loop)
 
     terms = {k: v for k, v in state.metrics.items() if not k.startswith("val_")}
     validate = loop.get("has_val", True)
@@ -322,9 +271,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             faults.maybe_kill(state.step, "validation", rank, world, log)
             val = _validate(engine, ray.train.get_dataset_shard("val"), cfg, model.num_image_tokens,
                             loop["num_classes"])
-            if rank == 0:
-                print(f"[megl] epoch {epoch + 1}/{cfg.train.epochs} done: " +
-                      " ".join(f"{k}={v:.4f}" for k, v in val.items()), file=sys.stderr, flush=True)
+        if rank == 0:
+            progress.epoch(epoch, cfg.train.epochs, state.step, val)
         state.epoch = epoch + 1
         # An accumulation window still open at the epoch's end goes on into the next epoch: no checkpoint then.
         report({**terms, **val}, None, with_checkpoint=engine.micro_steps % cfg.train.grad_accum == 0)
@@ -335,15 +283,6 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
 def scheduler_lr(engine: Any) -> float:
     return float(engine.optimizer.param_groups[0]["lr"]) if hasattr(engine.optimizer, "param_groups") else 0.0
-
-
-def _sync_tensorboard(loop: dict[str, Any]) -> None:
-    from megl_ray import storage
-
-    try:
-        storage.upload(loop["tb_dir"], loop["run_uri"] + "/tensorboard")
-    except Exception as err:  # logs are a convenience: never fail training over them
-        log.warning("could not upload TensorBoard logs: %s", err)
 
 
 def _export(engine: Any, cfg: MEGLConfig, loop: dict[str, Any], rank: int, save_export: Any) -> None:
