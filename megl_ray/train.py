@@ -54,8 +54,11 @@ def _start_ray(address: str | None, verbose: bool = False) -> None:
 
     if ray.is_initialized():
         return
+    from megl_ray.training.credentials import INHERIT_VAR
+
     address = address or os.environ.get("RAY_ADDRESS")
     filter_forwarded_logs(verbose)
+    os.environ.pop(INHERIT_VAR, None)
     if address:
         ray.init(address=address, **ray_init_options(verbose))
         configure_driver(verbose)
@@ -70,6 +73,7 @@ def _start_ray(address: str | None, verbose: bool = False) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    os.environ[INHERIT_VAR] = "1"  # its processes inherit this environment, credentials included
     ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
              _temp_dir=temp, _node_ip_address="127.0.0.1", **ray_init_options(verbose))
     configure_driver(verbose)
@@ -97,8 +101,10 @@ def _storage(storage_path: str):
     """(RunConfig storage_path, filesystem): a path without scheme plus a pyarrow filesystem, as Ray Train needs."""
     from megl_ray import storage
 
-    if storage.is_s3(storage_path):  # Ray Train/Tune keep it in their state: no credentials inside
-        fs, path = storage.pyarrow_filesystem(storage_path, embed_credentials=False)
+    if storage.is_s3(storage_path):  # Ray Train/Tune keep it in their state: no credentials inside if possible
+        from megl_ray.training.credentials import workers_inherit_env
+
+        fs, path = storage.pyarrow_filesystem(storage_path, embed_credentials=not workers_inherit_env())
         return path, fs
     Path(storage_path).mkdir(parents=True, exist_ok=True)
     return str(Path(storage_path).resolve()), None

@@ -24,6 +24,23 @@ SECRET_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "API_KEY", "ACCESS_KEY")
 ``MLFLOW_TRACKING_PASSWORD``, ``MLFLOW_TRACKING_TOKEN`` …)."""
 
 
+INHERIT_VAR = "MEGL_RAY_INHERITS_ENV"
+"""Set by ``megl_ray.train`` in the environment of a local Ray it starts, whose every process then inherits it."""
+
+
+def workers_inherit_env() -> bool:
+    """Whether the Ray processes this one talks to inherit its environment (and with it the credentials): inside
+    or in front of a local Ray that ``megl_ray.train`` starts. Then the S3 filesystems that Ray pickles and stores
+    go without explicit keys. On a cluster joined (``--address``, ``$RAY_ADDRESS``, ``ray job submit``), they keep
+    them: its processes only have what the cluster provides plus, on this machine, the credentials file, which Ray
+    reads before any of our code runs."""
+    import ray
+
+    if os.environ.get(INHERIT_VAR) == "1":
+        return True
+    return not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+
+
 def is_credential(name: str) -> bool:
     return name in CREDENTIAL_VARS or (name.startswith(FORWARDED_PREFIXES)
                                        and any(m in name for m in SECRET_MARKERS))
