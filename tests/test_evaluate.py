@@ -178,4 +178,7 @@ def test_efficiency_prints_the_table_and_the_json(export, tmp_path, capsys):
     # generating a rationale costs more than classifying alone
     assert rows[("classifier+saliency+rationale", 1)]["latency_ms_per_image"] > \
         rows[("classifier+saliency", 1)]["latency_ms_per_image"]
+    assert out["rationale_slowdown"]["1"] == pytest.approx(
+        rows[("classifier+saliency+rationale", 1)]["latency_ms_per_image"]
+        / rows[("classifier+saliency", 1)]["latency_ms_per_image"], abs=0.01)
     assert "ms/image" in err and "images/s" in err and "classifier+saliency+rationale" in err
