@@ -215,17 +215,9 @@ def format_table(result: dict[str, Any]) -> str:
 def _check_export_dir(uri: str) -> dict[str, Any]:
     """The export's meta.json, after the checks ``load_export`` makes first (for the Ray path, whose driver does
     not build the model)."""
-    from megl_ray.export import CONFIG_FILE, META_FILE, TOKENIZER_DIR, WEIGHTS_FILE
-    from megl_ray.model.checkpoint_io import local_dir
+    from megl_ray.export import check_export
 
-    root = local_dir(uri)
-    missing = [name for name in (WEIGHTS_FILE, CONFIG_FILE, META_FILE, TOKENIZER_DIR) if not (root / name).exists()]
-    if missing:
-        raise UserError(f"{uri} is not a megl_ray export (missing {', '.join(missing)})")
-    try:
-        return json.loads((root / META_FILE).read_text())
-    except (ValueError, OSError) as err:
-        raise UserError(f"{uri}: cannot read {META_FILE}: {err}") from None
+    return check_export(uri)[1]
 
 
 def default_out(checkpoint: str, split: str) -> str:

@@ -73,8 +73,10 @@ def read_image(uri: str) -> tuple[bytes, Image.Image]:
         check_image_bytes(data, DEFAULT_MAX_PIXELS)  # the converter's checks: format, decompression bomb, truncation
     except Invalid as problem:
         raise UserError(f"{uri}: not a usable image: {problem.detail}") from None
+    from megl_ray.data.transforms import to_rgb
+
     with Image.open(io.BytesIO(data)) as img:
-        return data, img.convert("RGB")
+        return data, to_rgb(img)
 
 
 def heat(saliency: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -210,6 +212,7 @@ def write_gallery(exported: Any, checkpoint: str, data_uri: str, split: str, per
     """A few examples per class of ``split`` as ``out/index.html`` plus its PNGs; returns the examples."""
     from megl_ray.data.reader import read_split
     from megl_ray.data.schema import load_dataset_info
+    from megl_ray.data.transforms import to_rgb
     from megl_ray.evaluate import run_batch
 
     info = load_dataset_info(data_uri)
@@ -224,7 +227,7 @@ def write_gallery(exported: Any, checkpoint: str, data_uri: str, split: str, per
         for i in range(len(columns["id"])):
             name = names(str(columns["id"][i]))
             with Image.open(io.BytesIO(columns["image"][i])) as img:
-                image = img.convert("RGB")
+                image = to_rgb(img)
             image.save(out / f"{name}_image.png")  # re-encoded: the source format may be one browsers cannot show
             overlay(image, heat(torch.as_tensor(outs["saliency"][i]), (image.height, image.width))).save(
                 out / f"{name}_overlay.png")

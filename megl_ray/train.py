@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from megl_ray.cli import run_cli, setup_logging
+from megl_ray.cli import ArgumentParser, run_cli, setup_logging
 from megl_ray.config import MEGLConfig, load_config, packaged_config
 from megl_ray.errors import UserError
 
@@ -31,7 +31,7 @@ log = logging.getLogger("megl_ray.train")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m megl_ray.train", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m megl_ray.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML config (default: the packaged tiny config)")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray started here)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.epochs=3 run.name=exp1")
@@ -142,6 +142,7 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
     from megl_ray.data.schema import load_dataset_info
     from megl_ray.model.vlm import load_tokenizer
     from megl_ray.training.ds_config import global_batch_size
+    from megl_ray.training.guards import raise_if_diverged
     from megl_ray.training.worker import steps_per_epoch, train_loop_per_worker
 
     started = time.monotonic()
@@ -188,6 +189,7 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
     if result.error is not None:
         raise UserError(f"training failed: {str(result.error).splitlines()[0]}")
     metrics = result.metrics or {}
+    raise_if_diverged(metrics)
     scheme = "s3://" if cfg.run.storage_path.startswith("s3://") else ""
     test = (evaluate_test_split(run_uri + "/export", cfg.data.uri) if evaluate_test
             else {"test_accuracy": None, "test_miou": None})

@@ -30,9 +30,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Sequence
 
-from megl_ray.cli import run_cli, setup_logging
+from megl_ray.cli import ArgumentParser, run_cli, setup_logging
 from megl_ray.config import MEGLConfig, load_config, packaged_config
 from megl_ray.errors import UserError
+from megl_ray.safe_io import check_name
 from megl_ray.tune_space import SearchSpace, apply_values, load_space
 
 log = logging.getLogger("megl_ray.tune")
@@ -50,7 +51,7 @@ ASHA_STATE_FILE = "asha_state.yaml"  # not .json: see ResumableASHA
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m megl_ray.tune", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m megl_ray.tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--space", required=True, help="search space YAML (see tune_spaces/)")
     p.add_argument("--config", help="base config YAML (default: the packaged tiny config)")
     p.add_argument("--num-samples", type=int, help="samples drawn from the space; grids are crossed with each "
@@ -103,13 +104,14 @@ def _settings(args: argparse.Namespace) -> SweepSettings:
         raise UserError(f"--num-samples must be >= 1, got {num_samples}")
     if args.grace_period < 1:
         raise UserError(f"--grace-period must be >= 1, got {args.grace_period}")
-    if args.reduction_factor <= 1:
+    if not (math.isfinite(args.reduction_factor) and args.reduction_factor > 1):  # NaN compares false to all
         raise UserError(f"--reduction-factor must be > 1, got {args.reduction_factor}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise UserError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     name = args.name or f"sweep-{Path(args.space).stem}"
-    if not name or "/" in name or name.startswith("."):
-        raise UserError(f"--name must be a non-empty name without '/', got {name!r}")
+    problem = check_name(name) or ("must not start with '.'" if name.startswith(".") else None)
+    if problem:
+        raise UserError(f"--name {problem}, got {name!r}")
     return SweepSettings(name, space, base, num_samples, args.scheduler, args.metric, mode, args.grace_period,
                          args.reduction_factor, args.max_concurrent)
 

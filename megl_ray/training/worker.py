@@ -230,6 +230,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from megl_ray.model import build_megl_model
     from megl_ray.optim import build_optimizer, build_scheduler
     from megl_ray.training.ds_config import deepspeed_config
+    from megl_ray.training.guards import DIVERGED_KEY, DivergenceGuard
 
     cfg: MEGLConfig = config_from_dict(loop["config"])
     ctx = ray.train.get_context()
@@ -262,6 +263,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     if cfg.train.sample_log_dir:
         Path(cfg.train.sample_log_dir).mkdir(parents=True, exist_ok=True)
         sample_log = open(Path(cfg.train.sample_log_dir) / f"samples-rank{rank}.jsonl", "a")
+    guard = DivergenceGuard(cfg.train.max_nonfinite_steps, distributed=world > 1)
     kill_at = int(os.environ.get("MEGL_TEST_KILL_AT_STEP", "0"))  # test-only fault injection
     kill_marker = os.environ.get("MEGL_TEST_KILL_MARKER", "")
 
@@ -299,6 +301,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             if not engine.is_gradient_accumulation_boundary():
                 continue
             state.step = engine.global_steps
+            if guard.update(out.loss, state.step):  # every rank agrees: stop now, export nothing
+                break
             if kill_at and state.step == kill_at and rank == world - 1 and kill_marker and not Path(kill_marker).exists():
                 Path(kill_marker).write_text("killed")
                 log.warning("test hook: killing rank %d at step %d", rank, state.step)
@@ -311,6 +315,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             last = values or last
             if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
                 report(dict(terms), epoch_ids)
+        if guard.message:
+            ray.train.report({DIVERGED_KEY: guard.message, "epoch": state.epoch, "step": state.step})
+            return
         val = _validate(engine, ray.train.get_dataset_shard("val"), cfg, model.num_image_tokens,
                         loop["num_classes"])
         if rank == 0:
