@@ -14,7 +14,7 @@ import math
 import sys
 from typing import Any, Callable, Sequence
 
-from megl_ray.errors import UserError
+from megl_ray.errors import UserError, redact_urls
 
 __all__ = ["ArgumentParser", "UserError", "print_result", "run_cli", "setup_logging"]
 
@@ -61,7 +61,7 @@ def run_cli(prog: str, main: Callable[[Sequence[str] | None], dict[str, Any]], a
     except UserError as err:
         # One line, whatever the message held; characters stderr cannot encode (a lone surrogate from a data file)
         # are escaped rather than raising while the error is reported.
-        message = " ".join(str(err).encode("utf-8", "backslashreplace").decode("utf-8").split())
+        message = " ".join(redact_urls(str(err)).encode("utf-8", "backslashreplace").decode("utf-8").split())
         print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
         print_result({"error": message})
         return 2

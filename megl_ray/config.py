@@ -149,11 +149,15 @@ class DataConfig:
     """Rationales per image kept (tokenised once; one is drawn per image per epoch)."""
     shuffle_buffer: int = 256
     """Rows in each worker's seeded local shuffle buffer (reseeded every epoch)."""
+    val_fraction: float = 0.1
+    """For a dataset without a val split: fraction of each class of train carved out (seeded by train.seed) to
+    validate on every epoch; 0 trains without per-epoch validation. Ignored when the dataset has a val split."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.max_rationales >= 1, "data.max_rationales", f"must be >= 1, got {self.max_rationales}")
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
+        _check(0 <= self.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
 
 
 @dataclass
@@ -204,6 +208,9 @@ class TrainConfig:
     """Debugging/tests: each worker appends the sample ids of every step to a JSON-lines file in this directory."""
     max_nonfinite_steps: int = 3
     """Stop with an error once the loss has not been finite for this many optimizer steps in a row (0: never)."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers (Ray Train's ``ScalingConfig.placement_strategy``): PACK fills few nodes, SPREAD
+    spreads over nodes, the STRICT_ variants require it (STRICT_SPREAD: one worker per node)."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -227,11 +234,27 @@ class RunConfig:
     """Run name: re-running with the same name resumes."""
     log_every: int = 10
     """Print a progress line (and write TensorBoard scalars) every this many optimizer steps."""
+    tracking: str | list[str] = "tensorboard"
+    """Experiment tracking: ``none``, ``tensorboard``, ``mlflow``, ``wandb``, or a list of them. The driver logs the
+    resolved config, every loss term, throughput, per-epoch validation and final test metrics and the export URI;
+    a tracking failure is a warning, never the end of training (``megl_ray.training.tracking``)."""
+    tracking_uri: str | None = None
+    """MLflow tracking server, e.g. ``http://127.0.0.1:5000`` (None: ``$MLFLOW_TRACKING_URI``, else MLflow's default)."""
+    experiment: str | None = None
+    """MLflow experiment and W&B group of the run (None: experiment ``megl``, no group); a sweep sets its name."""
+    wandb_project: str = "megl_ray"
+    """W&B project (online or offline is W&B's own ``$WANDB_MODE``; offline runs are kept under ``$WANDB_DIR``)."""
+    shared_filesystem: bool = False
+    """A local ``storage_path`` is a filesystem mounted on every node (NFS): allow it on a multi-node cluster."""
 
     def __post_init__(self) -> None:
         problem = check_name(self.name)  # the run directory is storage_path/name: it must stay inside storage_path
         _check(problem is None, "run.name", f"{problem}, got {self.name!r}")
         _check(self.log_every >= 1, "run.log_every", f"must be >= 1, got {self.log_every}")
+        chosen = [self.tracking] if isinstance(self.tracking, str) else list(self.tracking)
+        valid = ("none", "tensorboard", "mlflow", "wandb")
+        _check(all(t in valid for t in chosen), "run.tracking",
+               f"must be one of {', '.join(valid)} or a list of them, got {self.tracking!r}")
 
 
 @dataclass

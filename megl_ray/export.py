@@ -101,7 +101,8 @@ def check_export(uri: str) -> tuple[Path, dict[str, Any]]:
     return root, _read_meta(root, uri)
 
 
-def _load_config(root: Path, uri: str) -> MEGLConfig:
+def load_export_config(root: Path, uri: str) -> MEGLConfig:
+    """The export's validated ``config.yaml`` (a ``UserError`` naming the file otherwise)."""
     from megl_ray.strict_yaml import load_yaml_file
 
     try:
@@ -140,7 +141,7 @@ def load_export(uri: str, device: str | torch.device = "cpu") -> Exported:
     from megl_ray.model import build_megl_model
 
     root, meta = check_export(uri)
-    cfg = _load_config(root, uri)
+    cfg = load_export_config(root, uri)
     tokenizer = _load_tokenizer(root, uri)
     state = _load_weights(root, uri)
     model = build_megl_model(cfg, int(meta["num_classes"]), tokenizer=tokenizer, prior=state.get("prior"))

@@ -20,6 +20,7 @@ import stat
 from megl_ray.errors import UserError
 
 MIB = 1024 * 1024
+_CHUNK = 16 * MIB
 TEXT_LIMIT = 64 * MIB
 """Default ceiling of a config, search-space, ``meta.json`` or ``dataset.json`` file."""
 
@@ -65,6 +66,7 @@ def read_bytes(path: str | os.PathLike[str], limit: int, what: str = "file") -> 
     ``limit`` bytes before reading. ``what`` names the file in messages ("image", "config file", ...)."""
     name = os.fspath(path)
     check_regular_file(name, what, limit)
+    data = bytearray()
     try:
         # O_NONBLOCK: should the path be swapped for a FIFO after the stat, open still returns at once.
         fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
@@ -74,12 +76,16 @@ def read_bytes(path: str | os.PathLike[str], limit: int, what: str = "file") -> 
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise FileProblem("not_regular_file", f"{what} {name!r} is not a regular file")
         try:
-            data = f.read(limit + 1)
+            while len(data) <= limit:  # in chunks: read(limit) would allocate the whole limit at once
+                chunk = f.read(min(_CHUNK, limit + 1 - len(data)))
+                if not chunk:
+                    break
+                data += chunk
         except OSError as err:
             raise FileProblem("unreadable", f"cannot read {what} {name!r}: {err.strerror or err}") from None
     if len(data) > limit:  # grew since the stat
         raise FileProblem("too_large", f"{what} {name!r} has more than the limit of {limit} bytes")
-    return data
+    return bytes(data)
 
 
 def decode_utf8(data: bytes, name: str, what: str = "file") -> str:

@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from megl_ray.cli import ArgumentParser, run_cli, setup_logging
+from megl_ray.cli import ArgumentParser, run_cli
 from megl_ray.config import MEGLConfig, load_config, packaged_config
 from megl_ray.errors import UserError
+from megl_ray.training.console import configure_driver
 
 log = logging.getLogger("megl_ray.train")
 
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m megl_ray.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML config (default: the packaged tiny config)")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray started here)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show Ray's, Ray Data's and DeepSpeed's own logs (and our debug logs)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.epochs=3 run.name=exp1")
     return p
 
@@ -42,15 +45,21 @@ def _run_uri(storage_path: str, name: str) -> str:
     return storage_path.rstrip("/") + "/" + name
 
 
-def _start_ray(address: str | None) -> None:
+def _start_ray(address: str | None, verbose: bool = False) -> None:
     import ray
+
+    from megl_ray.training.console import filter_forwarded_logs, quiet_env, ray_init_options
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    filter_forwarded_logs(verbose)
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **ray_init_options(verbose))
+        configure_driver(verbose)
         return
+    for key, value in quiet_env(verbose).items():  # inherited by the local Ray's processes
+        os.environ.setdefault(key, value)
     # A local Ray: every core, bound to loopback, temp dir short (unix socket paths are limited to ~107 bytes).
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     # The dashboard stays on (loopback only): Ray Train's controller is watched through its state API. Its port is
@@ -60,7 +69,8 @@ def _start_ray(address: str | None) -> None:
         port = s.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             _temp_dir=temp, _node_ip_address="127.0.0.1", log_to_driver=True)
+             _temp_dir=temp, _node_ip_address="127.0.0.1", **ray_init_options(verbose))
+    configure_driver(verbose)
     log.info("started a local Ray (%d CPUs), temp dir %s, dashboard port %d", os.cpu_count(), temp, port)
 
 
@@ -128,7 +138,7 @@ def evaluate_test_split(export_uri: str, data_uri: str) -> dict[str, float | Non
 
 
 def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = (),
-        evaluate_test: bool = True) -> dict[str, Any]:
+        evaluate_test: bool = True, verbose: bool = False, console: bool = True) -> dict[str, Any]:
     """Train ``cfg`` (data and storage resolved) on Ray; returns the result dict.
 
     ``callbacks`` go to the run's ``RunConfig`` (a Tune trial passes ``TuneReportCallback()`` so that every
@@ -137,59 +147,78 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from megl_ray.data.pipeline import build_dataset, fits_in_cache, preprocessed_bytes_per_row
-    from megl_ray.data.reader import read_split
+    from megl_ray.data.pipeline import fits_in_cache, preprocessed_bytes_per_row
     from megl_ray.data.schema import load_dataset_info
     from megl_ray.model.vlm import load_tokenizer
+    from megl_ray.training.accounting import planned_steps
     from megl_ray.training.ds_config import global_batch_size
-    from megl_ray.training.guards import raise_if_diverged
-    from megl_ray.training.worker import steps_per_epoch, train_loop_per_worker
+    from megl_ray.training.guards import DIVERGED_KEY, raise_if_diverged
+    from megl_ray.training.console import quiet_ray_data, train_logging_config
+    from megl_ray.training.inputs import build_datasets, plan_splits
+    from megl_ray.training.pictures import local_run_dir, write_pictures
+    from megl_ray.training.progress import RunMonitor
+    from megl_ray.training.tracking import Tracker
+    from megl_ray.training.worker import train_loop_per_worker
 
     started = time.monotonic()
     run_uri = _run_uri(cfg.run.storage_path, cfg.run.name)
-    local_dir = Path(tempfile.mkdtemp(prefix=f"megl-{cfg.run.name}-"))
+    local_dir = local_run_dir(cfg.run.name)  # pictures and TensorBoard files, beside their copies in run_uri
     info = load_dataset_info(cfg.data.uri)  # fails fast, before Ray starts, on bad data or unreachable storage
-    _start_ray(address)
+    _start_ray(address, verbose)
+    quiet_ray_data(verbose)
     use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     _check_resources(cfg, use_gpu)
+    from megl_ray.training.placement import check_run_storage
 
-    train_table = read_split(cfg.data.uri, "train", info, columns=["id", "rationales"])
-    train_ids = train_table.column("id").to_pylist()
-    corpus = [r for rs in train_table.column("rationales").to_pylist() for r in rs]
-    tokenizer = load_tokenizer(cfg.model, corpus + list(info.classes))
-    common = dict(tokenizer=tokenizer, image_size=cfg.model.image_size, max_rationales=cfg.data.max_rationales,
-                  max_text_tokens=cfg.model.max_text_tokens, num_shards=cfg.train.num_workers, seed=cfg.train.seed,
-                  info=info)
+    check_run_storage(cfg, use_gpu, ray.nodes(), ray.get_runtime_context().get_node_id())
+
+    splits = plan_splits(cfg, info, evaluate_test)
+    train_ids = splits.train_ids
+    tokenizer = load_tokenizer(cfg.model, splits.corpus + list(info.classes))
     row_bytes = preprocessed_bytes_per_row(cfg.model.image_size, info.mask_size, cfg.data.max_rationales,
                                            cfg.model.max_text_tokens)
     cache = cfg.train.cache_data if cfg.train.cache_data is not None else fits_in_cache(len(train_ids), row_bytes)
-    datasets = {"train": build_dataset(cfg.data.uri, "train", cache=cache, **common),
-                "val": build_dataset(cfg.data.uri, "val", **common)}
-    per_epoch = steps_per_epoch(len(train_ids), cfg.train.num_workers, cfg.data.batch_size)
-    planned = per_epoch * cfg.train.epochs // cfg.train.grad_accum
-    log.info("%d train images, %d workers, global batch %d, %d optimizer steps planned%s", len(train_ids),
-             cfg.train.num_workers, global_batch_size(cfg), planned, " (data cached)" if cache else "")
+    datasets, train_cache = build_datasets(cfg, info, tokenizer, splits, cache)
+    planned = planned_steps(len(train_ids), cfg.train.num_workers, cfg.data.batch_size, cfg.train.epochs,
+                            cfg.train.grad_accum)
+    log.info("%d train images, %d workers, global batch %d, %d optimizer steps planned, validation: %s%s",
+             len(train_ids), cfg.train.num_workers, global_batch_size(cfg), planned, splits.val_source,
+             " (data cached)" if cache else "")
 
     storage_path, filesystem = _storage(cfg.run.storage_path)
     loop = {
         "config": cfg.to_dict(), "env": _worker_env(use_gpu), "tokenizer": tokenizer,
         "num_classes": info.num_classes, "classes": list(info.classes), "prior": info.prior_array().tolist(),
-        "train_rows": len(train_ids), "train_ids": train_ids, "use_gpu": use_gpu,
-        "run_uri": run_uri, "tb_dir": str(local_dir / "tensorboard"),
+        "train_rows": len(train_ids), "train_ids": train_ids, "use_gpu": use_gpu, "train_cache": train_cache,
+        "has_val": "val" in datasets,
+        "run_uri": run_uri, "verbose": verbose,
     }
+    tracker = Tracker(cfg, run_uri, local_dir)
+    tracker.config(cfg.to_dict())
+    monitor = RunMonitor(planned, tracker, display=console)
+    loop["board"] = monitor.board
     scaling = ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-                            resources_per_worker=None if use_gpu else {"CPU": cfg.train.cpus_per_worker})
+                            resources_per_worker=None if use_gpu else {"CPU": cfg.train.cpus_per_worker},
+                            placement_strategy=cfg.train.placement_strategy)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop, scaling_config=scaling, datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train", "val"]),
+        dataset_config=DataConfig(datasets_to_split=list(datasets)),
         run_config=RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks)))
-    result = trainer.fit()
-    if result.error is not None:
-        raise UserError(f"training failed: {str(result.error).splitlines()[0]}")
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks),
+                             logging_config=train_logging_config(verbose)))
+    try:
+        with monitor:
+            result = trainer.fit()
+    except BaseException:
+        tracker.close(success=False)
+        raise
     metrics = result.metrics or {}
-    raise_if_diverged(metrics)
+    if result.error is not None or metrics.get(DIVERGED_KEY):
+        tracker.close(success=False)
+        if result.error is not None:
+            raise UserError(f"training failed: {str(result.error).splitlines()[0]}")
+        raise_if_diverged(metrics)
     scheme = "s3://" if cfg.run.storage_path.startswith("s3://") else ""
     test = (evaluate_test_split(run_uri + "/export", cfg.data.uri) if evaluate_test
             else {"test_accuracy": None, "test_miou": None})
@@ -199,10 +228,20 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
         "steps": int(metrics.get("step", 0)), "planned_steps": planned, "epochs": int(metrics.get("epoch", 0)),
         "val_accuracy": _round(metrics.get("val_accuracy")), "val_miou": _round(metrics.get("val_miou")),
         "test_accuracy": _round(test["test_accuracy"]), "test_miou": _round(test["test_miou"]),
+        **splits.summary(cfg),
         "final_loss": _round(metrics.get("loss")), "num_workers": cfg.train.num_workers,
         "zero_stage": cfg.train.zero_stage, "global_batch_size": global_batch_size(cfg),
-        "seconds": round(time.monotonic() - started, 1),
     }
+    if evaluate_test:
+        tracker.summary({"test/accuracy": test["test_accuracy"], "test/miou": test["test_miou"]})
+    tracker.export(summary["export"])
+    if evaluate_test:  # the end-of-run report; a sweep's trials skip it
+        summary["pictures"] = write_pictures(monitor.history, run_uri, summary["export"], cfg.data.uri, local_dir,
+                                             title=f"run {cfg.run.name}")
+    if "tensorboard" in tracker.backends:
+        summary["tensorboard"] = str(local_dir / "tensorboard")
+    tracker.close(success=True)
+    summary["seconds"] = round(time.monotonic() - started, 1)
     from megl_ray import storage
 
     storage.write_bytes(run_uri + "/result.json", (json.dumps(summary, indent=2) + "\n").encode())
@@ -217,19 +256,24 @@ def _round(value: Any) -> float | None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    configure_driver(args.verbose)
     cfg = load_config(args.config or packaged_config("tiny"), args.overrides)
     from megl_ray.training.embedded import embedded_default
+    from megl_ray.training.pictures import closing_lines
 
     with embedded_default(cfg) as resolved:
         try:
-            return fit(resolved, args.address)
+            result = fit(resolved, args.address, verbose=args.verbose)
         finally:
             import ray
 
             # Flush the workers' forwarded logs now, so the result is the last line of stdout.
             ray.shutdown()
+    for line in closing_lines(result.get("pictures", {}), result["run_dir"], result.get("tensorboard")):
+        print(line, file=sys.stderr, flush=True)
+    return result
 
 
 if __name__ == "__main__":
-    setup_logging()
+    configure_driver(verbose=False)  # until the flags are parsed
     sys.exit(run_cli("megl_ray.train", main))

@@ -30,10 +30,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Sequence
 
-from megl_ray.cli import ArgumentParser, run_cli, setup_logging
+from megl_ray.cli import ArgumentParser, run_cli
 from megl_ray.config import MEGLConfig, load_config, packaged_config
 from megl_ray.errors import UserError
 from megl_ray.safe_io import check_name
+from megl_ray.training.console import configure_driver
 from megl_ray.tune_space import SearchSpace, apply_values, load_space
 
 log = logging.getLogger("megl_ray.tune")
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPUs/GPUs fit)")
     p.add_argument("--name", help="sweep name; re-running with the same name resumes it (default: sweep-<space>)")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray started here)")
+    p.add_argument("-v", "--verbose", action="store_true", help="also show Ray's, Ray Data's and DeepSpeed's logs")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the base config, e.g. train.epochs=5")
     return p
 
@@ -120,7 +122,7 @@ def _settings(args: argparse.Namespace) -> SweepSettings:
 
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep: str, keys: list[str], env: dict[str, str],
-              cwd: str) -> None:
+              cwd: str, verbose: bool = False) -> None:
     """A Tune trial: the base config with the trial's values, trained as the Ray Train run ``<sweep>-<trial id>``.
 
     Its workers' per-epoch reports reach Tune through ``TuneReportCallback``; when ASHA stops the trial, Ray ends
@@ -137,10 +139,12 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep: str, keys:
     values = {key: config[key.split(".", 1)[0]][key.split(".", 1)[1]] for key in keys}
     cfg = apply_values(base, values)
     sample_log = cfg.train.sample_log_dir and str(Path(cfg.train.sample_log_dir) / trial_id)
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"{sweep}-{trial_id}"),
+    # One MLflow experiment / W&B group per sweep, one tracked run per trial.
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"{sweep}-{trial_id}",
+                                                           experiment=cfg.run.experiment or sweep),
                               train=dataclasses.replace(cfg.train, sample_log_dir=sample_log))
     logging.getLogger("megl_ray.tune").info("trial %s: %s", trial_id, values)
-    fit(cfg, callbacks=[TuneReportCallback()], evaluate_test=False)
+    fit(cfg, callbacks=[TuneReportCallback()], evaluate_test=False, verbose=verbose, console=False)
 
 
 def _trial_name(trial: Any) -> str:
@@ -150,13 +154,13 @@ def _trial_name(trial: Any) -> str:
 # ------------------------------------------------------------------------------------------------ the sweep
 
 
-def start_ray(address: str | None) -> None:
+def start_ray(address: str | None, verbose: bool = False) -> None:
     """Join ``address`` (or ``$RAY_ADDRESS``), else start a local Ray exactly as ``megl_ray.train`` does (its
     dashboard named through ``RAY_API_SERVER_ADDRESS``, which Ray Train's placement-group cleaner needs to free the
     workers of a trial that ASHA stopped when this machine runs more than one Ray instance)."""
     from megl_ray.train import _start_ray
 
-    _start_ray(address)
+    _start_ray(address, verbose)
 
 
 def max_concurrent_trials(resources: dict[str, float], cfg: MEGLConfig, use_gpu: bool) -> int:
@@ -193,7 +197,8 @@ def _check_resumable(uri: str, settings: SweepSettings) -> None:
                         f"it with its original arguments to resume it, or choose another --name")
 
 
-def sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None = None) -> dict[str, Any]:
+def sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None = None,
+          verbose: bool = False) -> dict[str, Any]:
     """Run (or resume) the sweep; ``resolved`` is the base config with data and storage filled in."""
     import ray
     from ray import tune
@@ -211,7 +216,7 @@ def sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None = N
     experiment_path = storage_path.rstrip("/") + "/" + settings.name
     _check_resumable(experiment_uri + "/" + SWEEP_FILE, settings)
 
-    start_ray(address)
+    start_ray(address, verbose)
     use_gpu = resolved.train.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -226,10 +231,11 @@ def sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None = N
     storage.write_bytes(experiment_uri + "/" + SWEEP_FILE,
                         (json.dumps(settings.fingerprint(), indent=2, sort_keys=True) + "\n").encode())
 
-    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MEGL_")) or k == "TORCH_EXTENSIONS_DIR"}
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith(("AWS_", "MEGL_", "MLFLOW_", "WANDB_")) or k == "TORCH_EXTENSIONS_DIR"}
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=resolved.to_dict(), sweep=settings.name, keys=settings.space.keys,
-                             env=env, cwd=os.getcwd()),
+                             env=env, cwd=os.getcwd(), verbose=verbose),
         TRIAL_DRIVER_RESOURCES)
     resumed = tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
     if resumed:
@@ -378,13 +384,14 @@ def _report(rows: list[dict[str, Any]], settings: SweepSettings, experiment_uri:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_intermixed_args(argv)  # key=value overrides may come between options
+    configure_driver(args.verbose)
     settings = _settings(args)
     from megl_ray.training.embedded import embedded_default
 
     saved = os.environ.get("RAY_API_SERVER_ADDRESS")
     with embedded_default(settings.base) as resolved:
         try:
-            return sweep(settings, resolved, args.address)
+            return sweep(settings, resolved, args.address, args.verbose)
         finally:
             import ray
 
@@ -396,5 +403,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    setup_logging()
+    configure_driver(verbose=False)  # until the flags are parsed
     sys.exit(run_cli("megl_ray.tune", main))

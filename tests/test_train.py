@@ -2,11 +2,13 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -40,10 +42,14 @@ def test_ray_job_submit_runs_the_trainer_and_leaves_checkpoints_in_the_embedded_
     dash = _free_port()
     env = _env(MEGL_HOME=str(home), RAY_AUTH_MODE="token")  # the client then sends ~/.ray/auth_token
     ray_bin = str(Path(sys.executable).parent / "ray")
-    subprocess.run([ray_bin, "start", "--head", "--num-cpus=2", f"--temp-dir={temp}", "--node-ip-address=127.0.0.1",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--port={_free_port()}",
-                    "--include-dashboard=true", "--disable-usage-stats"], check=True, env=env, cwd=REPO,
-                   capture_output=True)
+    # In a session of its own: its process group holds this Ray's processes (and the job's), and only they are
+    # killed at the end (`ray stop` would stop every Ray instance on the machine).
+    start = subprocess.Popen([ray_bin, "start", "--head", "--num-cpus=2", f"--temp-dir={temp}",
+                              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                              f"--port={_free_port()}", "--include-dashboard=true", "--disable-usage-stats"],
+                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    assert start.wait(timeout=300) == 0, start.stdout.read().decode()[-3000:]
     try:
         job = subprocess.run(
             [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--", "python", "-m", "megl_ray.train",
@@ -55,7 +61,7 @@ def test_ray_job_submit_runs_the_trainer_and_leaves_checkpoints_in_the_embedded_
         assert result["steps"] == result["planned_steps"] > 0
         assert result["checkpoint"].startswith("s3://megl/runs/job/checkpoint_")
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+        os.killpg(start.pid, signal.SIGKILL)
     from megl_ray import storage
 
     with storage.EmbeddedS3(home / "embedded_s3") as server:  # the job's server is gone: read its data dir
@@ -75,34 +81,42 @@ def _run_train(args, capsys):
     return code, out, err
 
 
-def test_a_killed_worker_resumes_from_the_checkpoint_with_exact_steps_and_samples(tmp_path, capsys, monkeypatch):
+def test_a_killed_worker_resumes_with_exact_accumulation_steps_and_samples(tmp_path, capsys, monkeypatch):
+    """grad_accum=2: a kill mid-epoch 2 (step 7; last checkpoint step 6) and one during the validation that follows
+    the checkpoint on the run's last step (9): exact steps and samples, and no crash loop on the empty epoch."""
     data = bundled_dataset_uri()
     marker = tmp_path / "killed"
     samples = tmp_path / "samples"
-    monkeypatch.setenv("MEGL_TEST_KILL_AT_STEP", "11")  # epoch 2's second step; the last checkpoint is step 10
+    monkeypatch.setenv("MEGL_TEST_KILL_AT_STEP", "7,9@validation")
     monkeypatch.setenv("MEGL_TEST_KILL_MARKER", str(marker))
     code, out, err = _run_train(["--config", str(FAST), f"data.uri={data}", f"run.storage_path={tmp_path / 'runs'}",
-                                 "run.name=fault", "train.epochs=2", "train.checkpoint_every=2",
+                                 "run.name=fault", "train.epochs=2", "train.grad_accum=2", "train.checkpoint_every=3",
                                  f"train.sample_log_dir={samples}"], capsys)
     assert code == 0, err[-4000:]
-    assert marker.exists(), "the fault was never injected"
+    assert marker.exists() and Path(f"{marker}.1").exists(), "a fault was never injected"
+    assert "replays other samples" not in err  # the resumed epoch replayed the original order exactly
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["steps"] == result["planned_steps"] == 18  # 272 images, 2 workers × 16 → 9 steps per epoch
+    # 272 images, 2 workers × 16 → 9 micro-batches per epoch, 18 in all → 9 optimizer steps
+    assert result["steps"] == result["planned_steps"] == 9
 
     rows = [json.loads(line) for f in sorted(samples.glob("*.jsonl")) for line in f.read_text().splitlines()]
-    resumed = [r for r in rows if r["start_step"] > 0]
-    resume_step = resumed[0]["start_step"]
-    assert {r["start_step"] for r in resumed} == {resume_step} and resume_step == 10, "resumed from another step"
-    epoch = resumed[0]["epoch"]
-    before = [i for r in rows if r["start_step"] == 0 and r["epoch"] == epoch and r["step"] <= resume_step
-              for i in r["ids"]]
-    after = [i for r in resumed if r["epoch"] == epoch for i in r["ids"]]
-    assert before and after
+    starts = sorted({r["start_step"] for r in rows})
+    assert starts == [0, 6], starts  # the second resume (step 9) had nothing left to train
+    first, resumed = [r for r in rows if r["start_step"] == 0], [r for r in rows if r["start_step"] == 6]
+    # what is in the final weights: the first attempt up to the checkpoint, then the resumed attempt
+    kept = [r for r in first if r["step"] <= 6] + resumed
+    per_step = Counter((r["rank"], r["step"]) for r in kept)
+    assert per_step == {(rank, step): 2 for rank in (0, 1) for step in range(1, 10)}, per_step
+    before = [i for r in first if r["epoch"] == 1 and r["step"] <= 6 for i in r["ids"]]
+    after = [i for r in resumed for i in r["ids"]]
+    assert {r["epoch"] for r in resumed} == {1} and before and after
     assert len(after) == len(set(after)), "a sample was trained twice after the resume"
     assert not set(before) & set(after), "a sample trained before the checkpoint was trained again"
     train_ids = set(read_split(data, "train").column("id").to_pylist())
     assert set(before) | set(after) == train_ids, "samples were missed in the resumed epoch"
-    assert max(r["step"] for r in resumed) == 18
+    states = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "fault").glob("checkpoint_*/train_state.json")]
+    assert states and all(s["micro_steps"] == 2 * s["step"] for s in states), "checkpoint inside a window"
+    assert result["val_accuracy"] is not None
 
     # the trainer's export is what evaluation reads: every documented metric comes out
     from megl_ray import evaluate

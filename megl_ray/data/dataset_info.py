@@ -146,7 +146,7 @@ def load_dataset_info(uri: str) -> DatasetInfo:
         if info.type != FileType.File or (info.size or 0) > INFO_LIMIT:  # a FIFO would block the read forever
             raise UserError(f"{DATASET_INFO_FILE} at {uri} is not a regular file of at most {INFO_LIMIT} bytes")
         with fs.open_input_stream(path) as f:
-            text = f.read(INFO_LIMIT + 1).decode("utf-8")
+            text = f.read(min(info.size or INFO_LIMIT, INFO_LIMIT) + 1).decode("utf-8")
     except FileNotFoundError:
         raise UserError(
             f"no {DATASET_INFO_FILE} at {uri} (not a converted dataset, or its conversion did not finish)"

@@ -171,7 +171,7 @@ def model_batch(pre: dict[str, Any], tokenizer: Any, template: str, num_image_to
         text_labels.append([IGNORE_INDEX] * len(prompts[name]) + answer)
     return {
         "pixels": torch.as_tensor(np.asarray(pre["pixels"])).float().div_(255.0),
-        "labels": torch.as_tensor(np.asarray(pre["label"], dtype=np.int64)),
+        "labels": torch.tensor(np.asarray(pre["label"], dtype=np.int64)),  # a copy: Arrow's buffers are read-only
         "masks": torch.as_tensor(np.asarray(pre["mask"])).float().div_(255.0),
         "has_mask": torch.as_tensor(np.asarray(pre["has_mask"], dtype=bool)),
         "input_ids": pad_sequences(input_ids, tokenizer.pad_token_id),

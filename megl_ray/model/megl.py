@@ -166,9 +166,11 @@ class MEGLModel(nn.Module):
         return logits.softmax(dim=1), sal
 
     @torch.no_grad()
-    def generate(self, pixels: torch.Tensor, label_names: Sequence[str], max_new_tokens: int = 32,
-                 num_beams: int = 1) -> list[str]:
-        """Rationales for a batch: greedy (``num_beams=1``) or beam search, from the fused image embeddings."""
+    def generate(self, pixels: torch.Tensor, label_names: Sequence[str], max_new_tokens: int | None = None,
+                 num_beams: int = 1, **generate_kwargs: Any) -> list[str]:
+        """Rationales for a batch: greedy (``num_beams=1``) or beam search, from the fused image embeddings. At
+        most ``max_new_tokens`` tokens, by default the ``max_text_tokens`` rationales were trained with; further
+        keyword arguments go to transformers' ``generate`` (e.g. ``min_new_tokens``)."""
         _, features, sal = self._infer(pixels)
         prompts = [encode_prompt(self.tokenizer, self.cfg.prompt_template, name, self.num_image_tokens)
                    for name in label_names]
@@ -176,9 +178,10 @@ class MEGLModel(nn.Module):
         attention_mask = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(pixels.device)
         embeds = self.text_embeddings(input_ids, self.image_tokens(pixels, sal, features))
         generated = self.vlm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
-                                      max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                                      max_new_tokens=max_new_tokens or self.cfg.max_text_tokens,
+                                      num_beams=num_beams, do_sample=False,
                                       eos_token_id=self.tokenizer.eos_token_id,
-                                      pad_token_id=self.tokenizer.pad_token_id)
+                                      pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs)
         return [t.strip() for t in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
 

@@ -92,9 +92,11 @@ def probe_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def run_distributed(cfg: MEGLConfig, tokenizer: Any, num_classes: int, rows: list[dict[str, Any]], mask_size: int,
-                    steps: int, storage_path: str, name: str, threads: int = 1) -> dict[str, list[float]]:
+                    steps: int, storage_path: str, name: str, threads: int = 1,
+                    extra_resources: dict[str, float] | None = None) -> dict[str, list[float]]:
     """``probe_loop_per_worker`` on ``cfg.train.num_workers`` CPU workers of the current (single-machine) Ray
-    cluster; ``storage_path`` is a local directory."""
+    cluster, placed by ``cfg.train.placement_strategy`` (``extra_resources``, e.g. a node's custom resource, pin them
+    further); ``storage_path`` is a local directory."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -108,7 +110,8 @@ def run_distributed(cfg: MEGLConfig, tokenizer: Any, num_classes: int, rows: lis
                            "rows": rows, "mask_size": mask_size, "steps": steps, "env": env, "threads": threads,
                            "out": str(Path(storage_path) / f"{name}-probe.json")},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker, **(extra_resources or {})},
+                                     placement_strategy=cfg.train.placement_strategy),
         run_config=RunConfig(name=name, storage_path=storage_path))
     result = trainer.fit()
     if result.error is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import stat
 from dataclasses import dataclass
@@ -50,7 +51,11 @@ def snapshot(root: Path, skip: Sequence[Path] = ()) -> dict[str, tuple[str, int,
 
 def run(prog: str, main: Callable[[Sequence[str] | None], dict[str, Any]], argv: Sequence[str], capsys) -> Outcome:
     capsys.readouterr()
-    code = run_cli(prog, main, [str(a) for a in argv])
+    handlers = logging.root.handlers[:]
+    try:
+        code = run_cli(prog, main, [str(a) for a in argv])
+    finally:  # a command that configures logging would leave a handler on this test's captured stderr
+        logging.root.handlers[:] = handlers
     captured = capsys.readouterr()
     lines = captured.out.strip().splitlines()
     assert lines, f"{prog}: nothing on stdout; stderr: {captured.err[-2000:]}"

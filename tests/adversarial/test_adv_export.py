@@ -147,3 +147,21 @@ def test_evaluate_refuses_a_damaged_test_split(export_dir, copy_dataset, tmp_pat
     argv = ["--checkpoint", export_dir, "--data", ds, "--workers", "1", "--out", tmp_path / "eval.json"]
     assert_user_error(run("python -m megl_ray.evaluate", evaluate.main, argv, capsys), "split 'test'")
     assert not (tmp_path / "eval.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "sparse_100_gib", "directory", "text"])
+def test_explain_refuses_unreadable_images_before_loading_the_model(kind, export_dir, tmp_path, capsys):
+    image = tmp_path / "image.png"
+    if kind == "fifo":
+        os.mkfifo(image)  # read naively, this blocks forever
+    elif kind == "sparse_100_gib":
+        with open(image, "wb") as f:
+            f.truncate(100 * 2**30)
+    elif kind == "directory":
+        image.mkdir()
+    else:
+        image.write_text("not an image")
+    before = snapshot(tmp_path)
+    argv = ["--checkpoint", export_dir, image, "--out", tmp_path / "explained"]
+    assert_user_error(run("python -m megl_ray.explain", explain.main, argv, capsys), "image.png")
+    assert snapshot(tmp_path) == before
