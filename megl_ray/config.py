@@ -66,6 +66,8 @@ class ModelConfig:
     """Hidden size of the tiny preset's CLIP tower and Qwen2 LM."""
     tiny_vocab_size: int = 512
     """Vocabulary size of the tokenizer trained for the tiny preset."""
+    tiny_layers: int = 2
+    """Layers of the tiny preset's CLIP tower and of its Qwen2 LM (the mid-size test uses 12)."""
     tiny_vision_image_size: int = 32
     """Image side of the tiny CLIP tower (its patch size is 8, so 16 image tokens)."""
 
@@ -90,6 +92,17 @@ class ModelConfig:
     """Prompt before the rationale; ``<image>`` is where the image tokens go, ``{label}`` the class name."""
     max_text_tokens: int = 48
     """Maximum number of rationale tokens (prompt and image tokens not counted)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward (non-reentrant): the LM's and the vision tower's layers and the
+    classifier backbone's stages. Trades ~30% more compute for activation memory (see training/memory_model.py)."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel of the VLM: ``sdpa`` (PyTorch's fused kernels), ``eager`` or ``flash_attention_2`` (needs
+    the flash-attn package and a GPU)."""
+    freeze_norm: bool | None = None
+    """BatchNorm layers of the classifier in eval mode with frozen affine parameters (at 4 images per GPU batch
+    statistics are noise). None: on for pretrained ResNets (``classifier_weights`` set), off otherwise."""
+    sync_bn: bool = False
+    """Convert the classifier's BatchNorm to SyncBatchNorm (statistics over all workers' images; GPUs only)."""
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 16, "model.image_size", f"must be >= 16, got {self.image_size}")
@@ -99,6 +112,7 @@ class ModelConfig:
         _check(self.tiny_hidden_size >= 8 and self.tiny_hidden_size % 8 == 0, "model.tiny_hidden_size",
                f"must be a positive multiple of 8 (4 attention heads of an even size), got {self.tiny_hidden_size}")
         _check(self.tiny_vocab_size >= 64, "model.tiny_vocab_size", f"must be >= 64, got {self.tiny_vocab_size}")
+        _check(self.tiny_layers >= 1, "model.tiny_layers", f"must be >= 1, got {self.tiny_layers}")
         _check(self.tiny_vision_image_size % 8 == 0, "model.tiny_vision_image_size", "must be a multiple of 8")
         _check("<image>" in self.prompt_template, "model.prompt_template", "must contain '<image>'")
         if self.preset == "llava":
@@ -106,6 +120,8 @@ class ModelConfig:
         if self.preset == "clip-qwen2":
             _check(bool(self.vision_path), "model.vision_path", "is required with model.preset=clip-qwen2")
             _check(bool(self.lm_path), "model.lm_path", "is required with model.preset=clip-qwen2")
+        _check(not (self.sync_bn and self.freeze_norm), "model.sync_bn",
+               "cannot be combined with model.freeze_norm=true (frozen BatchNorm keeps no batch statistics)")
         if self.classifier == "vit_b_16":
             _check(self.image_size % 16 == 0, "model.image_size", "must be a multiple of 16 for vit_b_16")
 
@@ -204,6 +220,12 @@ class TrainConfig:
     """Worker-group failures Ray Train recovers from (restarting from the latest checkpoint) before giving up."""
     cache_data: bool | None = None
     """Cache the preprocessed training split in Ray's object store; None: when it fits in a quarter of it."""
+    precision: Literal["bf16", "fp32", "fp16"] | None = None
+    """Training precision: ``bf16`` (autocast over fp32 master weights; frozen weights in bf16), ``fp32``, or
+    ``fp16`` (pre-Ampere GPUs, with loss scaling). None: bf16 on GPUs, fp32 on CPUs. See model/precision.py."""
+    offload: Literal["none", "cpu"] = "none"
+    """ZeRO offload to host memory: ``cpu`` moves the optimizer states (and under ZeRO-3 the parameters) off the
+    GPU."""
     sample_log_dir: str | None = None
     """Debugging/tests: each worker appends the sample ids of every step to a JSON-lines file in this directory."""
     max_nonfinite_steps: int = 3
@@ -222,6 +244,8 @@ class TrainConfig:
         _check(self.max_failures >= 0, "train.max_failures", f"must be >= 0, got {self.max_failures}")
         _check(self.max_nonfinite_steps >= 0, "train.max_nonfinite_steps",
                f"must be >= 0, got {self.max_nonfinite_steps}")
+        _check(self.offload == "none" or self.zero_stage >= 1, "train.offload",
+               "needs train.zero_stage >= 1 (ZeRO offloads its own partitions)")
 
 
 @dataclass
