@@ -138,6 +138,7 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
     from megl_ray.model.vlm import load_tokenizer
     from megl_ray.training.accounting import planned_steps
     from megl_ray.training.ds_config import global_batch_size
+    from megl_ray.training.guards import DIVERGED_KEY, raise_if_diverged
     from megl_ray.training.console import quiet_ray_data, train_logging_config
     from megl_ray.training.inputs import build_datasets, plan_splits
     from megl_ray.training.pictures import local_run_dir, write_pictures
@@ -198,10 +199,12 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
     except BaseException:
         tracker.close(success=False)
         raise
-    if result.error is not None:
-        tracker.close(success=False)
-        raise UserError(f"training failed: {str(result.error).splitlines()[0]}")
     metrics = result.metrics or {}
+    if result.error is not None or metrics.get(DIVERGED_KEY):
+        tracker.close(success=False)
+        if result.error is not None:
+            raise UserError(f"training failed: {str(result.error).splitlines()[0]}")
+        raise_if_diverged(metrics)
     scheme = "s3://" if cfg.run.storage_path.startswith("s3://") else ""
     test: dict[str, Any] = {"test_accuracy": None, "test_miou": None}
     summary = {

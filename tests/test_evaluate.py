@@ -112,12 +112,14 @@ def test_ray_path_reports_a_foreign_export_in_one_line(export, data_uri, tmp_pat
 
 
 def _foreign_export(export: str, tmp_path: Path) -> str:
-    """An export whose weights belong to another model (a 10-class head under a 7-class config)."""
+    """An export whose weights belong to another model (its config now builds a wider VLM)."""
+    import yaml
+
     foreign = tmp_path / "foreign"
     shutil.copytree(export, foreign)
-    meta = json.loads((foreign / "meta.json").read_text())
-    meta["num_classes"] = 7
-    (foreign / "meta.json").write_text(json.dumps(meta))
+    cfg = yaml.safe_load((foreign / "config.yaml").read_text())
+    cfg["model"]["tiny_hidden_size"] *= 2
+    (foreign / "config.yaml").write_text(yaml.safe_dump(cfg))
     return str(foreign)
 
 

@@ -154,6 +154,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from megl_ray.model import build_megl_model
     from megl_ray.optim import build_optimizer, build_scheduler
     from megl_ray.training.ds_config import deepspeed_config, resolve_precision
+    from megl_ray.training.guards import DIVERGED_KEY, DivergenceGuard
 
     cfg: MEGLConfig = config_from_dict(loop["config"])
     cfg.train.precision = resolve_precision(cfg, loop["use_gpu"])
@@ -191,6 +192,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         Path(cfg.train.sample_log_dir).mkdir(parents=True, exist_ok=True)
         sample_log = open(Path(cfg.train.sample_log_dir) / f"samples-rank{rank}.jsonl", "a")
     faults = FaultHook.from_env()
+    guard = DivergenceGuard(cfg.train.max_nonfinite_steps, distributed=world > 1)
 
     def report(metrics: dict[str, Any], acc: Accounting | None, with_checkpoint: bool = True) -> None:
         """Collective: every rank saves its shard and reports; Ray Train persists one checkpoint from all.
@@ -246,6 +248,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 continue
             acc.applied_step()
             state.step = engine.global_steps
+            if guard.update(out.loss, state.step):  # every rank agrees: stop now, export nothing
+                break
             faults.maybe_kill(state.step, "step", rank, world, log)
             terms = {k: float(v) for k, v in out.terms.items()}
             if rank == 0:
@@ -253,6 +257,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                               tokens=int(batch["attention_mask"].sum()) * world, lr=scheduler_lr(engine))
             if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
                 report(dict(terms), acc)
+        if guard.message:
+            ray.train.report({DIVERGED_KEY: guard.message, "epoch": state.epoch, "step": state.step})
+            return
         val: dict[str, float] = {}
         if validate:
             faults.maybe_kill(state.step, "validation", rank, world, log)
