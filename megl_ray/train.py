@@ -88,7 +88,8 @@ def _check_resources(cfg: MEGLConfig, use_gpu: bool) -> None:
         gpus = resources.get("GPU", 0)
         if cfg.train.num_workers > gpus:
             raise UserError(f"train.num_workers={cfg.train.num_workers} needs {cfg.train.num_workers} GPUs, "
-                            f"the cluster has {gpus:g}")
+                            f"the cluster has {gpus:g}: set train.num_workers={int(gpus)} or fewer, "
+                            "or train.use_gpu=false to train on CPUs")
     else:
         need = cfg.train.num_workers * cfg.train.cpus_per_worker
         cpus = resources.get("CPU", 0)
@@ -127,26 +128,11 @@ def _worker_env(use_gpu: bool) -> dict[str, str]:
 
 
 def evaluate_test_split(export_uri: str, data_uri: str) -> dict[str, float | None]:
-    """Accuracy and mIoU of the exported model on the test split, in this process (the metrics of
-    ``megl_ray.evaluate``, which adds the text metrics and the Ray Data path for large splits)."""
-    from megl_ray.data.reader import iter_row_batches, read_split
-    from megl_ray.data.schema import load_dataset_info
-    from megl_ray.data.transforms import model_batch, preprocess_rows
-    from megl_ray.export import load_export
-    from megl_ray.metrics import ClassificationMetrics, SaliencyMetrics
+    """Accuracy and mIoU of the export's classifier on the test split, in this process (see
+    ``megl_ray.training.post_eval``; ``fit`` runs it as a Ray task where the training resources are)."""
+    from megl_ray.training.post_eval import evaluate_test_split as classifier_only
 
-    exported = load_export(export_uri)
-    model, cfg = exported.model, exported.config
-    info = load_dataset_info(data_uri)
-    classification, saliency = ClassificationMetrics(info.num_classes), SaliencyMetrics()
-    for rows in iter_row_batches(read_split(data_uri, "test", info), 64, epoch=0, seed=0, shuffle=False):
-        pre = preprocess_rows({k: [r[k] for r in rows] for k in rows[0]}, model.tokenizer, cfg.model.image_size,
-                              info.mask_size, cfg.data.max_rationales, cfg.model.max_text_tokens)
-        batch = model_batch(pre, model.tokenizer, cfg.model.prompt_template, model.num_image_tokens, 0, 0)
-        probs, sal = model.predict(batch["pixels"])
-        classification.update(probs, batch["labels"])
-        saliency.update(sal, batch["masks"], batch["has_mask"])
-    return {"test_accuracy": classification.compute()["accuracy"], "test_miou": saliency.compute()["miou"]}
+    return classifier_only(export_uri, data_uri)
 
 
 def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = (),
@@ -164,6 +150,7 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
     from megl_ray.model.vlm import load_tokenizer
     from megl_ray.training.accounting import planned_steps
     from megl_ray.training.ds_config import global_batch_size
+    from megl_ray.training.guards import DIVERGED_KEY, raise_if_diverged
     from megl_ray.training.console import quiet_ray_data, train_logging_config
     from megl_ray.training.inputs import build_datasets, plan_splits
     from megl_ray.training.pictures import local_run_dir, write_pictures
@@ -179,6 +166,9 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
     quiet_ray_data(verbose)
     use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     _check_resources(cfg, use_gpu)
+    from megl_ray.training.placement import check_run_storage
+
+    check_run_storage(cfg, use_gpu, ray.nodes(), ray.get_runtime_context().get_node_id())
 
     splits = plan_splits(cfg, info, evaluate_test)
     train_ids = splits.train_ids
@@ -206,7 +196,8 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
     monitor = RunMonitor(planned, tracker, display=console)
     loop["board"] = monitor.board
     scaling = ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-                            resources_per_worker=None if use_gpu else {"CPU": cfg.train.cpus_per_worker})
+                            resources_per_worker=None if use_gpu else {"CPU": cfg.train.cpus_per_worker},
+                            placement_strategy=cfg.train.placement_strategy)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop, scaling_config=scaling, datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=list(datasets)),
@@ -224,13 +215,14 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
     except BaseException:
         tracker.close(success=False)
         raise
-    if result.error is not None:
-        tracker.close(success=False)
-        raise UserError(f"training failed: {str(result.error).splitlines()[0]}")
     metrics = result.metrics or {}
+    if result.error is not None or metrics.get(DIVERGED_KEY):
+        tracker.close(success=False)
+        if result.error is not None:
+            raise UserError(f"training failed: {str(result.error).splitlines()[0]}")
+        raise_if_diverged(metrics)
     scheme = "s3://" if cfg.run.storage_path.startswith("s3://") else ""
-    test = (evaluate_test_split(run_uri + "/export", cfg.data.uri) if evaluate_test
-            else {"test_accuracy": None, "test_miou": None})
+    test: dict[str, Any] = {"test_accuracy": None, "test_miou": None}
     summary = {
         "checkpoint": scheme + result.checkpoint.path if result.checkpoint else None,
         "run_dir": run_uri, "export": run_uri + "/export", "data_uri": cfg.data.uri,
@@ -241,7 +233,19 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
         "final_loss": _round(metrics.get("loss")), "num_workers": cfg.train.num_workers,
         "zero_stage": cfg.train.zero_stage, "global_batch_size": global_batch_size(cfg),
     }
+    from megl_ray import storage
+
+    def write_result() -> None:
+        storage.write_bytes(run_uri + "/result.json", (json.dumps(summary, indent=2) + "\n").encode())
+
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    write_result()  # before any post-training evaluation: a failure there loses nothing
     if evaluate_test:
+        from megl_ray.training.post_eval import evaluate_where_the_gpus_are
+
+        test = evaluate_where_the_gpus_are(run_uri + "/export", cfg.data.uri, use_gpu, cfg.train.cpus_per_worker,
+                                           _worker_env(use_gpu))
+        summary.update(test_accuracy=_round(test["test_accuracy"]), test_miou=_round(test["test_miou"]))
         tracker.summary({"test/accuracy": test["test_accuracy"], "test/miou": test["test_miou"]})
     tracker.export(summary["export"])
     if evaluate_test:  # the end-of-run report; a sweep's trials skip it
@@ -251,9 +255,7 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
         summary["tensorboard"] = str(local_dir / "tensorboard")
     tracker.close(success=True)
     summary["seconds"] = round(time.monotonic() - started, 1)
-    from megl_ray import storage
-
-    storage.write_bytes(run_uri + "/result.json", (json.dumps(summary, indent=2) + "\n").encode())
+    write_result()
     return summary
 
 

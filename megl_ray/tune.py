@@ -33,6 +33,7 @@ from typing import Any, Sequence
 from megl_ray.cli import ArgumentParser, run_cli
 from megl_ray.config import MEGLConfig, load_config, packaged_config
 from megl_ray.errors import UserError
+from megl_ray.safe_io import check_name
 from megl_ray.training.console import configure_driver
 from megl_ray.tune_space import SearchSpace, apply_values, load_space
 
@@ -105,13 +106,14 @@ def _settings(args: argparse.Namespace) -> SweepSettings:
         raise UserError(f"--num-samples must be >= 1, got {num_samples}")
     if args.grace_period < 1:
         raise UserError(f"--grace-period must be >= 1, got {args.grace_period}")
-    if args.reduction_factor <= 1:
+    if not (math.isfinite(args.reduction_factor) and args.reduction_factor > 1):  # NaN compares false to all
         raise UserError(f"--reduction-factor must be > 1, got {args.reduction_factor}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise UserError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     name = args.name or f"sweep-{Path(args.space).stem}"
-    if not name or "/" in name or name.startswith("."):
-        raise UserError(f"--name must be a non-empty name without '/', got {name!r}")
+    problem = check_name(name) or ("must not start with '.'" if name.startswith(".") else None)
+    if problem:
+        raise UserError(f"--name {problem}, got {name!r}")
     return SweepSettings(name, space, base, num_samples, args.scheduler, args.metric, mode, args.grace_period,
                          args.reduction_factor, args.max_concurrent)
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -35,40 +36,20 @@ def _env(**extra):
     return env
 
 
-def _stop_own_ray(temp: str) -> None:
-    """Stop the processes of the Ray instance whose temp dir is ``temp`` (their command lines name it)."""
-    import signal
-
-    own = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and temp.encode() in (proc / "cmdline").read_bytes():
-                own.append(int(proc.name))
-        except OSError:
-            pass
-    for pid in own:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    time.sleep(3)
-    for pid in own:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def test_ray_job_submit_runs_the_trainer_and_leaves_checkpoints_in_the_embedded_s3(tmp_path):
     home = tmp_path / "home"
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     dash = _free_port()
     env = _env(MEGL_HOME=str(home), RAY_AUTH_MODE="token")  # the client then sends ~/.ray/auth_token
     ray_bin = str(Path(sys.executable).parent / "ray")
-    subprocess.run([ray_bin, "start", "--head", "--num-cpus=2", f"--temp-dir={temp}", "--node-ip-address=127.0.0.1",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--port={_free_port()}",
-                    "--include-dashboard=true", "--disable-usage-stats"], check=True, env=env, cwd=REPO,
-                   capture_output=True)
+    # In a session of its own: its process group holds this Ray's processes (and the job's), and only they are
+    # killed at the end (`ray stop` would stop every Ray instance on the machine).
+    start = subprocess.Popen([ray_bin, "start", "--head", "--num-cpus=2", f"--temp-dir={temp}",
+                              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                              f"--port={_free_port()}", "--include-dashboard=true", "--disable-usage-stats"],
+                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    assert start.wait(timeout=300) == 0, start.stdout.read().decode()[-3000:]
     try:
         job = subprocess.run(
             [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--", "python", "-m", "megl_ray.train",
@@ -80,7 +61,7 @@ def test_ray_job_submit_runs_the_trainer_and_leaves_checkpoints_in_the_embedded_
         assert result["steps"] == result["planned_steps"] > 0
         assert result["checkpoint"].startswith("s3://megl/runs/job/checkpoint_")
     finally:
-        _stop_own_ray(temp)  # never `ray stop`: it would stop every Ray instance on the machine
+        os.killpg(start.pid, signal.SIGKILL)
     from megl_ray import storage
 
     with storage.EmbeddedS3(home / "embedded_s3") as server:  # the job's server is gone: read its data dir

@@ -35,7 +35,29 @@ def read_split(uri: str, split: str, info: DatasetInfo | None = None,
     fs, paths = split_paths(uri, info, split)
     if not paths:
         return pa.table({})
-    return pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=columns)
+    try:
+        dataset = pads.dataset(paths, filesystem=fs, format="parquet")
+        check_shard_schema(dataset.schema, uri, split)
+        return dataset.to_table(columns=columns)
+    except FileNotFoundError as err:
+        raise UserError(f"dataset at {uri}: a shard of split '{split}' is missing ({_first_line(err)})") from None
+    except (pa.ArrowInvalid, OSError) as err:  # truncated or overwritten shard, not Parquet at all
+        raise UserError(f"dataset at {uri}: cannot read split '{split}': {_first_line(err)}") from None
+
+
+def check_shard_schema(found: pa.Schema, uri: str, split: str) -> None:
+    """Refuse shards whose columns are not the converter's (a foreign Parquet file under a dataset's name)."""
+    from megl_ray.data.schema import PARQUET_SCHEMA
+
+    for want in PARQUET_SCHEMA:
+        index = found.get_field_index(want.name)
+        if index < 0 or not found.field(index).type.equals(want.type):
+            got = "missing" if index < 0 else str(found.field(index).type)
+            raise UserError(f"dataset at {uri}: split '{split}' column '{want.name}' is {got}, expected {want.type}")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:300]
 
 
 def epoch_order(num_rows: int, epoch: int, seed: int) -> np.ndarray:

@@ -93,5 +93,7 @@ class FaultHook:
             if at == step and where == phase and not marker.exists():
                 marker.write_text("killed")
                 log.warning("test hook: killing rank %d at step %d (%s)", rank, step, phase)
-                time.sleep(5)  # let the controller register the last reported checkpoint, as a real crash would
+                # Let the controller register the last reported checkpoint, as a real crash would; a node-loss test
+                # holds the worker here longer (MEGL_TEST_KILL_HOLD_S) while it kills the worker's whole node.
+                time.sleep(float(os.environ.get("MEGL_TEST_KILL_HOLD_S", "5")))
                 os._exit(1)
