@@ -101,6 +101,8 @@ def format_efficiency(result: dict[str, Any]) -> str:
     for row in r["rows"]:
         lines.append(f"  {row['pipeline']:<34}{_millions(row['params']):>10}{row['batch']:>7}"
                      f"{row['latency_ms_per_image']:>11.2f}{row['images_per_s']:>11.2f}")
+    lines.append("  with a rationale, an image takes " + ", ".join(
+        f"{x}× (batch {b})" for b, x in r["rationale_slowdown"].items()) + " the time of classifier+saliency")
     return "\n".join(lines)
 
 
@@ -119,10 +121,14 @@ def run_efficiency(args: argparse.Namespace) -> dict[str, Any]:
     rows = measure(exported, placement.device, batch_sizes, args.warmup, args.repeats, max_new_tokens,
                    args.num_beams)
     gpu = torch.cuda.get_device_name() if placement.device == "cuda" else None
+    # the paper's "n× faster" reading: what explaining in words costs over classifying with Â, per batch size
+    per_image = {(r["pipeline"], r["batch"]): r["latency_ms_per_image"] for r in rows}
+    slowdown = {str(b): round(per_image[(PIPELINES[1], b)] / per_image[(PIPELINES[0], b)], 2) for b in batch_sizes}
     result = {"checkpoint": args.checkpoint, "device": placement.device, "gpu": gpu, "dtype": placement.dtype,
               "torch_threads": torch.get_num_threads(), "warmup": args.warmup, "repeats": args.repeats,
               "max_new_tokens": max_new_tokens, "num_beams": args.num_beams, "batch_sizes": batch_sizes,
-              "params": count_parameters(exported.model), "rows": rows, "placement": [placement.as_dict()]}
+              "params": count_parameters(exported.model), "rows": rows, "rationale_slowdown": slowdown,
+              "placement": [placement.as_dict()]}
     print(format_efficiency(result), file=sys.stderr, flush=True)
     if args.out:
         from megl_ray.evaluate import _write_json

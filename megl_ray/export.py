@@ -12,7 +12,8 @@ An export is a directory (local or ``s3://``):
 
 Loading rebuilds the model from ``config.yaml`` (real presets load their base checkpoints from the paths in it) and
 then loads ``model.safetensors``; every tensor it lacks must be a frozen base tensor. safetensors holds tensors
-only, so loading never unpickles objects. ``python -m megl_ray.export --merge SRC DST`` writes a standalone export:
+only, so loading never unpickles objects. Every file is checked where it is read (``check_export``, ``load_export``):
+a damaged or foreign export is one clear ``UserError`` naming the file, never a traceback from its parser. ``python -m megl_ray.export --merge SRC DST`` writes a standalone export:
 LoRA merged into the base weights, every tensor included, no base checkpoint needed.
 """
 
@@ -27,8 +28,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import yaml
 
+from megl_ray import safe_io
 from megl_ray.config import MEGLConfig, config_from_dict
 from megl_ray.errors import UserError
 
@@ -135,28 +136,86 @@ def _standalone_vlm(root: Path, cfg: MEGLConfig, tokenizer: Any) -> Any:
                      config.vision_config.image_size)
 
 
-def load_export(uri: str, device: str | torch.device = "cpu") -> Exported:
-    """Rebuild the MEGL model of an export; clear one-line errors for a missing or foreign directory."""
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer
+def _read_meta(root: Path, uri: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(safe_io.read_text(root / META_FILE, safe_io.TEXT_LIMIT, META_FILE))
+    except safe_io.FileProblem as problem:
+        raise UserError(f"{uri}: {problem.detail}") from None
+    except (ValueError, RecursionError) as err:
+        raise UserError(f"{uri}: {META_FILE} is not valid JSON ({str(err)[:120] or type(err).__name__})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{uri}: {META_FILE} must hold a JSON object, got {type(meta).__name__}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{uri}: export format {meta.get('format_version')!r} is not supported ({FORMAT_VERSION})")
+    classes, num = meta.get("classes"), meta.get("num_classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        raise UserError(f"{uri}: {META_FILE} 'classes' must be a non-empty list of names")
+    if not isinstance(num, int) or isinstance(num, bool) or num != len(classes):
+        raise UserError(f"{uri}: {META_FILE} 'num_classes' is {num!r}, but 'classes' names {len(classes)}")
+    return meta
 
-    from megl_ray.model import build_megl_model
+
+def check_export(uri: str) -> tuple[Path, dict[str, Any]]:
+    """(local directory, validated ``meta.json``) of an export, without building the model."""
     from megl_ray.model.checkpoint_io import local_dir
 
     root = local_dir(uri)
     missing = [name for name in (WEIGHTS_FILE, CONFIG_FILE, META_FILE, TOKENIZER_DIR) if not (root / name).exists()]
     if missing:
         raise UserError(f"{uri} is not a megl_ray export (missing {', '.join(missing)})")
-    meta = json.loads((root / META_FILE).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{uri}: export format {meta.get('format_version')} is not supported ({FORMAT_VERSION})")
-    cfg = config_from_dict(yaml.safe_load((root / CONFIG_FILE).read_text()))
+    return root, _read_meta(root, uri)
+
+
+def load_export_config(root: Path, uri: str) -> MEGLConfig:
+    """The export's validated ``config.yaml`` (a ``UserError`` naming the file otherwise)."""
+    from megl_ray.strict_yaml import load_yaml_file
+
+    try:
+        return config_from_dict(load_yaml_file(root / CONFIG_FILE, CONFIG_FILE))
+    except UserError as err:
+        raise UserError(f"{uri}: {CONFIG_FILE}: {err}") from None
+
+
+def _load_tokenizer(root: Path, uri: str) -> Any:
+    from transformers import AutoTokenizer
+
+    path = root / TOKENIZER_DIR
+    if not path.is_dir() or not any(path.iterdir()):
+        raise UserError(f"{uri}: {TOKENIZER_DIR}/ is empty or not a directory (no saved tokenizer)")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:  # what transformers raises on bad files
+        raise UserError(f"{uri}: cannot load {TOKENIZER_DIR}/: {str(err).splitlines()[0][:200]}") from None
+
+
+def _load_weights(root: Path, uri: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        safe_io.check_regular_file(root / WEIGHTS_FILE, WEIGHTS_FILE)
+        return load_file(str(root / WEIGHTS_FILE))
+    except safe_io.FileProblem as problem:
+        raise UserError(f"{uri}: {problem.detail}") from None
+    except (SafetensorError, OSError, ValueError) as err:  # truncated, corrupt header, not safetensors at all
+        raise UserError(f"{uri}: {WEIGHTS_FILE} is not a readable safetensors file ({str(err)[:200]})") from None
+
+
+def load_export(uri: str, device: str | torch.device = "cpu") -> Exported:
+    """Rebuild the MEGL model of an export; clear one-line errors for a missing, damaged or foreign directory."""
+    from megl_ray.model import build_megl_model
+
+    root, meta = check_export(uri)
+    cfg = load_export_config(root, uri)
     standalone = bool(meta.get("standalone"))
     # Evaluation runs in fp32: a 16-bit frozen tower would need autocast around every caller.
     build_cfg = config_from_dict(cfg.to_dict(), ["train.precision=fp32", "model.classifier_weights=null"])
-    tokenizer = AutoTokenizer.from_pretrained(str(root / TOKENIZER_DIR))
-    state = load_file(str(root / WEIGHTS_FILE))
-    vlm = _standalone_vlm(root, build_cfg, tokenizer) if standalone else None
+    tokenizer = _load_tokenizer(root, uri)
+    state = _load_weights(root, uri)
+    try:
+        vlm = _standalone_vlm(root, build_cfg, tokenizer) if standalone else None
+    except (OSError, ValueError) as err:  # a missing or corrupt vlm_config.json
+        raise UserError(f"{uri}: cannot read {VLM_CONFIG_FILE}: {str(err).splitlines()[0][:200]}") from None
     model = build_megl_model(build_cfg, int(meta["num_classes"]), tokenizer=tokenizer, prior=state.get("prior"),
                              vlm=vlm)
     own = model.state_dict()

@@ -43,21 +43,6 @@ def resolve_dtype(precision: str, device: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def merge_lora(model: torch.nn.Module) -> int:
-    """Fold every injected LoRA adapter into its base weight (peft ``LoraLayer.merge``): inference then runs the
-    plain linear layers, as fast as the model without LoRA. Returns how many layers were merged."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # peft absent: an export trained without LoRA needs nothing from it
-        return 0
-    merged = 0
-    for module in model.modules():
-        if isinstance(module, LoraLayer) and not module.merged and module.active_adapters:
-            module.merge()
-            merged += 1
-    return merged
-
-
 @dataclass
 class Placement:
     """Where one model copy runs: what an evaluation reports per process (and per Ray actor)."""
@@ -83,9 +68,10 @@ def _node_id() -> str | None:
 
 
 def load_for_inference(uri: str, device: str = "auto", precision: str = "auto") -> tuple[Any, Placement]:
-    """The export at ``uri`` ready to predict: device and dtype resolved here, LoRA merged (in float32, before any
-    cast), VLM cast, eval mode. Returns (Exported, Placement)."""
-    from megl_ray.export import load_export
+    """The export at ``uri`` ready to predict: device and dtype resolved here, LoRA adapters folded into their base
+    layers (``export.merge_lora``, peft's merge, in float32 before any cast) so inference runs plain linear layers,
+    VLM cast, eval mode. Returns (Exported, Placement)."""
+    from megl_ray.export import load_export, merge_lora
 
     resolved = resolve_device(device)
     dtype = resolve_dtype(precision, resolved)

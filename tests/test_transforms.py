@@ -94,6 +94,24 @@ def test_decode_image_and_mask():
     assert decode_mask(None, 3).sum() == 0
 
 
+def test_high_bit_depth_images_are_scaled_not_clipped():
+    import io
+
+    from PIL import Image
+
+    from megl_ray.data.transforms import decode_image
+
+    ramp16 = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    ramp_f = np.linspace(0.0, 1.0, 16 * 16, dtype=np.float32).reshape(16, 16)
+    for array, fmt, mode in ((ramp16, "PNG", None), (ramp_f, "TIFF", "F")):
+        buf = io.BytesIO()
+        Image.fromarray(array, mode).save(buf, fmt)
+        pixels = decode_image(buf.getvalue(), 16)
+        expected = array.astype(np.float64) / (65535.0 if array.dtype == np.uint16 else 1.0)
+        assert np.abs(pixels[0] - expected).max() <= 1 / 255 + 1e-6, fmt  # 8-bit scaling clips at 255/65535
+        assert np.array_equal(pixels[0], pixels[2])
+
+
 def _llama_style_tokenizer():
     """A Llama-style tokenizer trained from config, laid out as transformers' LlamaTokenizerFast (Llama-2, Vicuna,
     LLaVA-1.5): a normalizer that prepends ``▁`` and turns spaces into ``▁``, a Metaspace split, and a decoder that

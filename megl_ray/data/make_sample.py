@@ -239,6 +239,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     if args.n_per_class > min(len(ix) for ix in by_class):
         raise UserError(f"--n-per-class must be at most {min(len(ix) for ix in by_class)} (digits per class)")
     out = args.out
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise UserError(f"{out} exists and is not a folder; choose a new or empty folder")
     owned = ("images", "masks", "exp_annotation.json", "label_class_id_mapping.json", "README.md")
     if os.path.isdir(out) and os.listdir(out):
         if not args.overwrite:

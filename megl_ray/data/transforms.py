@@ -26,16 +26,31 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megl_ray.data.schema import mask_from_bytes
+from megl_ray.data.schema import IMAGE_TOKEN, mask_from_bytes
 
 IGNORE_INDEX = -100
-IMAGE_TOKEN = "<image>"
+
+
+_HIGH_DEPTH = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+"""Greyscale modes of more than 8 bits and the value that means white (16-bit PNGs open as I;16 or I; float
+TIFFs as F, in [0, 1]). PIL's own ``convert("RGB")`` clips them at 255 instead of scaling them."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An opened image as 8-bit RGB, with 16-bit, 32-bit and float greyscale scaled rather than clipped."""
+    if img.mode in _HIGH_DEPTH:
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
+        white = _HIGH_DEPTH[img.mode]
+        if values.max(initial=0.0) > white:  # out of the mode's usual range (a 32-bit or unnormalised float image)
+            white = float(values.max())
+        img = Image.fromarray(np.rint(np.clip(values / white, 0.0, 1.0) * 255.0).astype(np.uint8), "L")
+    return img.convert("RGB")
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
     """Encoded image bytes → float32 (3, size, size) in [0, 1] (RGB, bilinear resize)."""
     with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
+        img = to_rgb(img)
         if img.size != (size, size):
             img = img.resize((size, size), Image.BILINEAR)
         return np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0

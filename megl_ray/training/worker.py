@@ -104,7 +104,6 @@ def load_checkpoint(engine: Any, directory: Path, rank: int) -> TrainState:
 
 
 
-
 def _validate(engine: Any, shard: Any, cfg: MEGLConfig, num_image_tokens: int, num_classes: int) -> dict[str, float]:
     """Validation accuracy and mIoU over this worker's share of the split, with the evaluation's own metric code
     (torchmetrics states, synchronised across the workers at ``compute`` through the engine's device)."""
@@ -145,6 +144,9 @@ def _epoch_shard(cfg: MEGLConfig, loop: dict[str, Any], epoch: int, rank: int, w
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``: ``loop`` carries the resolved config and what the driver prepared."""
     os.environ.update(loop["env"])  # S3 endpoint, DS_ACCELERATOR: before DeepSpeed is imported
+    from megl_ray.training.credentials import load_credentials
+
+    load_credentials(loop.get("credentials_file"))  # only what this worker's environment lacks
     import deepspeed
     import ray.train
     from ray.train import Checkpoint
@@ -154,6 +156,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from megl_ray.model import build_megl_model
     from megl_ray.optim import build_optimizer, build_scheduler
     from megl_ray.training.ds_config import deepspeed_config, resolve_precision
+    from megl_ray.training.guards import DIVERGED_KEY, DivergenceGuard
 
     cfg: MEGLConfig = config_from_dict(loop["config"])
     cfg.train.precision = resolve_precision(cfg, loop["use_gpu"])
@@ -191,6 +194,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         Path(cfg.train.sample_log_dir).mkdir(parents=True, exist_ok=True)
         sample_log = open(Path(cfg.train.sample_log_dir) / f"samples-rank{rank}.jsonl", "a")
     faults = FaultHook.from_env()
+    guard = DivergenceGuard(cfg.train.max_nonfinite_steps, distributed=world > 1)
 
     def report(metrics: dict[str, Any], acc: Accounting | None, with_checkpoint: bool = True) -> None:
         """Collective: every rank saves its shard and reports; Ray Train persists one checkpoint from all.
@@ -246,6 +250,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 continue
             acc.applied_step()
             state.step = engine.global_steps
+            if guard.update(out.loss, state.step):  # every rank agrees: stop now, export nothing
+                break
             faults.maybe_kill(state.step, "step", rank, world, log)
             terms = {k: float(v) for k, v in out.terms.items()}
             if rank == 0:
@@ -253,13 +259,16 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                               tokens=int(batch["attention_mask"].sum()) * world, lr=scheduler_lr(engine))
             if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
                 report(dict(terms), acc)
+        if guard.message:
+            ray.train.report({DIVERGED_KEY: guard.message, "epoch": state.epoch, "step": state.step})
+            return
         val: dict[str, float] = {}
         if validate:
             faults.maybe_kill(state.step, "validation", rank, world, log)
             val = _validate(engine, ray.train.get_dataset_shard("val"), cfg, model.num_image_tokens,
                             loop["num_classes"])
-            if rank == 0:
-                progress.epoch(epoch, cfg.train.epochs, state.step, val)
+        if rank == 0:
+            progress.epoch(epoch, cfg.train.epochs, state.step, val)
         state.epoch = epoch + 1
         # An accumulation window still open at the epoch's end goes on into the next epoch: no checkpoint then.
         report({**terms, **val}, None, with_checkpoint=engine.micro_steps % cfg.train.grad_accum == 0)
