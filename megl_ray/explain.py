@@ -1,6 +1,6 @@
 """``python -m megl_ray.explain``: what an exported MEGL model predicts for images, where it looked, and why it says so.
 
-    python -m megl_ray.explain --checkpoint URI IMAGE... --out DIR [--top-k 3] [--num-beams 1] [--max-new-tokens 32]
+    python -m megl_ray.explain --checkpoint URI IMAGE... --out DIR [--top-k 3] [--num-beams 1] [--max-new-tokens N]
     python -m megl_ray.explain --checkpoint URI --gallery --data URI [--split test] [--per-class 3] --out DIR
 
 For each IMAGE (local path or ``s3://``): the top-k classes with probabilities, ``DIR/<name>_overlay.png`` (the
@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from megl_ray.cli import ArgumentParser, run_cli, setup_logging
+from megl_ray.data.transforms import to_rgb
 from megl_ray.errors import UserError
 
 log = logging.getLogger("megl_ray.explain")
@@ -44,8 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (local or s3://)")
     p.add_argument("--top-k", type=int, default=3, help="classes listed per image (default 3)")
     p.add_argument("--num-beams", type=int, default=1, help="beam width of rationale generation (1: greedy)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="longest generated rationale, in tokens")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest generated rationale, in tokens (default: the trained model.max_text_tokens)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="VLM weights at inference (auto: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--gallery", action="store_true", help="also write DIR/index.html from --data")
     p.add_argument("--data", help="converted dataset for --gallery")
     p.add_argument("--split", default="test", help="split for --gallery (default test)")
@@ -74,7 +78,7 @@ def read_image(uri: str) -> tuple[bytes, Image.Image]:
     except Invalid as problem:
         raise UserError(f"{uri}: not a usable image: {problem.detail}") from None
     with Image.open(io.BytesIO(data)) as img:
-        return data, img.convert("RGB")
+        return data, to_rgb(img)
 
 
 def heat(saliency: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -125,12 +129,12 @@ class _Names:
 
 
 def explain_images(exported: Any, loaded: Sequence[tuple[str, bytes, Image.Image]], out: Path, top_k: int,
-                   num_beams: int, max_new_tokens: int, batch_size: int, names: _Names) -> list[dict[str, Any]]:
+                   num_beams: int, max_new_tokens: int | None, batch_size: int, names: _Names) -> list[dict[str, Any]]:
     """Predict, draw and explain each (uri, bytes, picture) of ``read_image``; write its PNGs into ``out``; return
     one record per image."""
     model, size = exported.model, exported.config.model.image_size
     records = []
-    device = next(model.parameters()).device
+    device = next(model.classifier.parameters()).device
     k = max(1, min(top_k, len(exported.classes)))
     for start in range(0, len(loaded), batch_size):
         chunk = loaded[start:start + batch_size]
@@ -177,75 +181,114 @@ body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
 .card {{ border: 1px solid #ccc; border-radius: 6px; padding: .6em; width: 520px; }}
 .pics {{ display: flex; gap: .4em; }}
 .pics figure {{ margin: 0; text-align: center; font-size: .8em; }}
-.pics img, .nomask {{ width: 160px; height: 160px; image-rendering: pixelated; }}
+.pics img, .nomask {{ width: 120px; height: 120px; image-rendering: pixelated; }}
+.texts {{ display: flex; gap: 1em; }} .texts > div {{ flex: 1; }}
 .nomask {{ display: flex; align-items: center; justify-content: center; background: #eee; color: #777; }}
 .ok {{ color: #080; }} .wrong {{ color: #b00; }}
 p, ol {{ font-size: .9em; margin: .3em 0; }}
 </style></head><body>
 <h1>{title}</h1>
 <p>Checkpoint <code>{checkpoint}</code>, dataset <code>{data}</code>, split <code>{split}</code>.
-Overlay: Grad-CAM saliency of the predicted class, bilinearly upsampled, '{cmap}' colormap (red = high).</p>
+Overlay: Grad-CAM saliency Â of the predicted class, bilinearly upsampled, '{cmap}' colormap (red = high).
+Region: Â at the mask's resolution, max-normalised, ≥ 0.5; IoU is that region's with the ground-truth mask's (as in
+<code>miou</code>).</p>
 {sections}
 </body></html>
 """
 
 
+def _figure(src: str | None, alt: str, caption: str, missing: str = "no mask") -> str:
+    e = html.escape
+    body = f'<img src="{e(src)}" alt="{e(alt)}">' if src else f'<div class="nomask">{e(missing)}</div>'
+    return f"<figure>{body}<figcaption>{e(caption)}</figcaption></figure>"
+
+
 def _card(ex: dict[str, Any]) -> str:
     e = html.escape
-    mask = (f'<figure><img src="{e(ex["mask"])}" alt="ground-truth mask"><figcaption>mask</figcaption></figure>'
-            if ex["mask"] else '<figure><div class="nomask">no mask</div><figcaption>mask</figcaption></figure>')
     verdict = "ok" if ex["predicted"] == ex["label"] else "wrong"
     refs = "".join(f"<li>{e(r)}</li>" for r in ex["references"])
+    iou = "no mask" if ex["iou"] is None and not ex["mask"] else ("n/a" if ex["iou"] is None else f"{ex['iou']:.2f}")
     return (f'<div class="card"><div class="pics">'
-            f'<figure><img src="{e(ex["image"])}" alt="image {e(ex["id"])}"><figcaption>image</figcaption></figure>'
-            f'<figure><img src="{e(ex["overlay"])}" alt="saliency overlay"><figcaption>saliency</figcaption></figure>'
-            f'{mask}</div>'
-            f'<p><b>{e(ex["id"])}</b>: true <b>{e(ex["label"])}</b>, predicted '
-            f'<b class="{verdict}">{e(ex["predicted"])}</b> ({ex["probability"]:.2f})</p>'
-            f'<p><b>Generated:</b> {e(ex["rationale"])}</p><p><b>References:</b></p><ol>{refs}</ol></div>')
+            + _figure(ex["image"], f"image {ex['id']}", "image")
+            + _figure(ex["overlay"], "saliency overlay", "saliency Â")
+            + _figure(ex["region"], "saliency region", "Â ≥ 0.5·max")
+            + _figure(ex["mask"], "ground-truth mask", "mask")
+            + f'</div><p><b>{e(ex["id"])}</b>: true <b>{e(ex["label"])}</b>, predicted '
+            f'<b class="{verdict}">{e(ex["predicted"])}</b> ({ex["probability"]:.2f}), IoU <b>{e(iou)}</b></p>'
+            f'<div class="texts"><div><p><b>Generated:</b></p><p class="gen">{e(ex["rationale"])}</p></div>'
+            f'<div><p><b>References:</b></p><ol>{refs}</ol></div></div></div>')
+
+
+def explain_rows(exported: Any, table: Any, mask_size: int, out: Path, names: _Names, num_beams: int = 1,
+                 max_new_tokens: int | None = None, batch_size: int = 32) -> list[dict[str, Any]]:
+    """Run the model on stored dataset rows (``schema.PARQUET_SCHEMA`` columns) and write, per row, the image,
+    the Â overlay, the binarised Â region and (when the row has one) the ground-truth mask as PNGs in ``out``.
+    Returns one record per row: id, label, predicted, probability, iou (None without a mask, or when both
+    regions are empty), rationale, references, and the PNG file names (image, overlay, region, mask or None)."""
+    from megl_ray.inference import run_batch
+    from megl_ray.metrics import binarize_saliency, saliency_iou
+
+    examples = []
+    for start in range(0, table.num_rows, batch_size):
+        columns = table.slice(start, batch_size).to_pydict()
+        outs = run_batch(exported, columns, mask_size, num_beams, max_new_tokens)
+        for i in range(len(columns["id"])):
+            name = names(str(columns["id"][i]))
+            with Image.open(io.BytesIO(columns["image"][i])) as img:
+                image = to_rgb(img)
+            image.save(out / f"{name}_image.png")  # re-encoded: the source format may be one browsers cannot show
+            sal = torch.as_tensor(outs["saliency"][i])
+            overlay(image, heat(sal, (image.height, image.width))).save(out / f"{name}_overlay.png")
+            # the region the IoU scores: Â at the mask's resolution, ≥ half its peak (metrics.SALIENCY_THRESHOLD)
+            region = binarize_saliency(sal.unsqueeze(0), (mask_size, mask_size))[0].float().numpy()
+            grey(region).resize(image.size, Image.NEAREST).save(out / f"{name}_region.png")
+            mask, iou = None, None
+            if outs["has_mask"][i]:
+                mask = f"{name}_mask.png"
+                gt = outs["mask"][i] / 255.0
+                grey(gt).resize(image.size, Image.NEAREST).save(out / mask)
+                value = float(saliency_iou(sal.unsqueeze(0), torch.as_tensor(gt).unsqueeze(0))[0])
+                iou = value if np.isfinite(value) else None
+            probs = outs["probs"][i]
+            examples.append({
+                "id": str(columns["id"][i]), "label": str(columns["class_name"][i]),
+                "predicted": exported.classes[int(probs.argmax())], "probability": float(probs.max()),
+                "iou": iou, "rationale": str(outs["generated"][i]), "references": list(columns["rationales"][i]),
+                "image": f"{name}_image.png", "overlay": f"{name}_overlay.png", "region": f"{name}_region.png",
+                "mask": mask,
+            })
+    return examples
+
+
+def render_gallery(examples: Sequence[dict[str, Any]], classes: Sequence[str], out: Path, checkpoint: str,
+                   data_uri: str, split: str, title: str = "MEGL explanations") -> Path:
+    """``out/index.html`` for records of ``explain_rows`` (PNGs already in ``out``), one section per class."""
+    sections = []
+    for cls in classes:
+        cards = "".join(_card(ex) for ex in examples if ex["label"] == cls)
+        sections.append(f"<h2>{html.escape(cls)}</h2>\n<div class=\"grid\">{cards or '<p>no example</p>'}</div>")
+    page = _PAGE.format(title=html.escape(title), checkpoint=html.escape(checkpoint), data=html.escape(data_uri),
+                        split=html.escape(split), cmap=COLORMAP, sections="\n".join(sections))
+    index = out / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index
 
 
 def write_gallery(exported: Any, checkpoint: str, data_uri: str, split: str, per_class: int, out: Path,
-                  num_beams: int, max_new_tokens: int, batch_size: int, names: _Names) -> list[dict[str, Any]]:
+                  num_beams: int = 1, max_new_tokens: int | None = None, batch_size: int = 32,
+                  names: _Names | None = None) -> list[dict[str, Any]]:
     """A few examples per class of ``split`` as ``out/index.html`` plus its PNGs; returns the examples."""
     from megl_ray.data.reader import read_split
     from megl_ray.data.schema import load_dataset_info
-    from megl_ray.evaluate import run_batch
 
     info = load_dataset_info(data_uri)
     if list(info.classes) != exported.classes:
         raise UserError(f"{checkpoint} was not trained on {data_uri}: their classes differ")
     table = read_split(data_uri, split, info)
     picked = table.take(select_rows(table, len(info.classes), per_class))
-    examples = []
-    for start in range(0, picked.num_rows, batch_size):
-        columns = picked.slice(start, batch_size).to_pydict()
-        outs = run_batch(exported, columns, info.mask_size, num_beams, max_new_tokens)
-        for i in range(len(columns["id"])):
-            name = names(str(columns["id"][i]))
-            with Image.open(io.BytesIO(columns["image"][i])) as img:
-                image = img.convert("RGB")
-            image.save(out / f"{name}_image.png")  # re-encoded: the source format may be one browsers cannot show
-            overlay(image, heat(torch.as_tensor(outs["saliency"][i]), (image.height, image.width))).save(
-                out / f"{name}_overlay.png")
-            mask = None
-            if outs["has_mask"][i]:
-                mask = f"{name}_mask.png"
-                grey(outs["mask"][i] / 255.0).resize(image.size, Image.NEAREST).save(out / mask)
-            probs = outs["probs"][i]
-            examples.append({
-                "id": str(columns["id"][i]), "label": str(columns["class_name"][i]),
-                "predicted": exported.classes[int(probs.argmax())], "probability": float(probs.max()),
-                "rationale": str(outs["generated"][i]), "references": list(columns["rationales"][i]),
-                "image": f"{name}_image.png", "overlay": f"{name}_overlay.png", "mask": mask,
-            })
-    sections = []
-    for c, cls in enumerate(info.classes):
-        cards = "".join(_card(ex) for ex in examples if ex["label"] == cls)
-        sections.append(f"<h2>{html.escape(cls)}</h2>\n<div class=\"grid\">{cards or '<p>no example</p>'}</div>")
-    page = _PAGE.format(title="MEGL explanations", checkpoint=html.escape(checkpoint), data=html.escape(data_uri),
-                        split=html.escape(split), cmap=COLORMAP, sections="\n".join(sections))
-    (out / "index.html").write_text(page, encoding="utf-8")
+    examples = explain_rows(exported, picked, info.mask_size, out, names or _Names(), num_beams, max_new_tokens,
+                            batch_size)
+    render_gallery(examples, info.classes, out, checkpoint, data_uri, split)
     return examples
 
 
@@ -253,21 +296,26 @@ def write_gallery(exported: Any, checkpoint: str, data_uri: str, split: str, per
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from megl_ray import storage
-    from megl_ray.evaluate import resolve_device
-    from megl_ray.export import load_export
+    from megl_ray.training.embedded import embedded_store_for
 
     args = build_parser().parse_args(argv)
+    with embedded_store_for(args.checkpoint, args.data, args.out, *args.images):  # the default run's store
+        return _explain(args)
+
+
+def _explain(args: Any) -> dict[str, Any]:
+    from megl_ray import storage
+    from megl_ray.inference import load_for_inference
+
     if not args.images and not args.gallery:
         raise UserError("give at least one IMAGE, or --gallery with --data")
     if args.gallery and not args.data:
         raise UserError("--gallery needs --data (a converted dataset)")
     for name in ("top_k", "num_beams", "max_new_tokens", "per_class", "batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    device = resolve_device(args.device)
     loaded = [(uri, *read_image(uri)) for uri in args.images]  # a bad image fails before the slow model load
-    exported = load_export(args.checkpoint, device=device)
+    exported, _ = load_for_inference(args.checkpoint, args.device, args.precision)
 
     remote = storage.is_s3(args.out)
     staging = tempfile.TemporaryDirectory(prefix="megl-explain-") if remote else None
@@ -284,7 +332,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.gallery:
             examples = write_gallery(exported, args.checkpoint, args.data, args.split, args.per_class, out,
                                      args.num_beams, args.max_new_tokens, args.batch_size, names)
-            result["gallery"] = {"index": "index.html", "split": args.split, "examples": len(examples)}
+            result["gallery"] = {"index": "index.html", "split": args.split, "examples": len(examples),
+                                 "records": examples}
         (out / "explanations.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         if remote:
             storage.upload(str(out), args.out)

@@ -30,9 +30,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Sequence
 
-from megl_ray.cli import run_cli, setup_logging
+from megl_ray.cli import ArgumentParser, run_cli
 from megl_ray.config import MEGLConfig, load_config, packaged_config
 from megl_ray.errors import UserError
+from megl_ray.safe_io import check_name
+from megl_ray.training.console import configure_driver
 from megl_ray.tune_space import SearchSpace, apply_values, load_space
 
 log = logging.getLogger("megl_ray.tune")
@@ -50,7 +52,7 @@ ASHA_STATE_FILE = "asha_state.yaml"  # not .json: see ResumableASHA
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m megl_ray.tune", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m megl_ray.tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--space", required=True, help="search space YAML (see tune_spaces/)")
     p.add_argument("--config", help="base config YAML (default: the packaged tiny config)")
     p.add_argument("--num-samples", type=int, help="samples drawn from the space; grids are crossed with each "
@@ -67,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPUs/GPUs fit)")
     p.add_argument("--name", help="sweep name; re-running with the same name resumes it (default: sweep-<space>)")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray started here)")
+    p.add_argument("-v", "--verbose", action="store_true", help="also show Ray's, Ray Data's and DeepSpeed's logs")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the base config, e.g. train.epochs=5")
     return p
 
@@ -103,13 +106,14 @@ def _settings(args: argparse.Namespace) -> SweepSettings:
         raise UserError(f"--num-samples must be >= 1, got {num_samples}")
     if args.grace_period < 1:
         raise UserError(f"--grace-period must be >= 1, got {args.grace_period}")
-    if args.reduction_factor <= 1:
+    if not (math.isfinite(args.reduction_factor) and args.reduction_factor > 1):  # NaN compares false to all
         raise UserError(f"--reduction-factor must be > 1, got {args.reduction_factor}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise UserError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     name = args.name or f"sweep-{Path(args.space).stem}"
-    if not name or "/" in name or name.startswith("."):
-        raise UserError(f"--name must be a non-empty name without '/', got {name!r}")
+    problem = check_name(name) or ("must not start with '.'" if name.startswith(".") else None)
+    if problem:
+        raise UserError(f"--name {problem}, got {name!r}")
     return SweepSettings(name, space, base, num_samples, args.scheduler, args.metric, mode, args.grace_period,
                          args.reduction_factor, args.max_concurrent)
 
@@ -118,12 +122,15 @@ def _settings(args: argparse.Namespace) -> SweepSettings:
 
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep: str, keys: list[str], env: dict[str, str],
-              cwd: str) -> None:
+              cwd: str, verbose: bool = False, credentials: str | None = None) -> None:
     """A Tune trial: the base config with the trial's values, trained as the Ray Train run ``<sweep>-<trial id>``.
 
     Its workers' per-epoch reports reach Tune through ``TuneReportCallback``; when ASHA stops the trial, Ray ends
     this process and, with it, the Train run it owns. Re-running a trial resumes its Train run from its checkpoint."""
-    os.environ.update(env)  # S3 endpoint and credentials, as the sweep's driver has them
+    os.environ.update(env)  # S3 endpoint, as the sweep's driver has it (never credentials: Tune stores this)
+    from megl_ray.training.credentials import load_credentials
+
+    load_credentials(credentials)  # what this trial's environment lacks, from the sweep's 0600 file
     if os.path.isdir(cwd):
         os.chdir(cwd)  # relative paths in the config mean what they meant where the sweep was started
     from ray import tune
@@ -135,10 +142,12 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep: str, keys:
     values = {key: config[key.split(".", 1)[0]][key.split(".", 1)[1]] for key in keys}
     cfg = apply_values(base, values)
     sample_log = cfg.train.sample_log_dir and str(Path(cfg.train.sample_log_dir) / trial_id)
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"{sweep}-{trial_id}"),
+    # One MLflow experiment / W&B group per sweep, one tracked run per trial.
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"{sweep}-{trial_id}",
+                                                           experiment=cfg.run.experiment or sweep),
                               train=dataclasses.replace(cfg.train, sample_log_dir=sample_log))
     logging.getLogger("megl_ray.tune").info("trial %s: %s", trial_id, values)
-    fit(cfg, callbacks=[TuneReportCallback()], evaluate_test=False)
+    fit(cfg, callbacks=[TuneReportCallback()], evaluate_test=False, verbose=verbose, console=False)
 
 
 def _trial_name(trial: Any) -> str:
@@ -148,13 +157,13 @@ def _trial_name(trial: Any) -> str:
 # ------------------------------------------------------------------------------------------------ the sweep
 
 
-def start_ray(address: str | None) -> None:
+def start_ray(address: str | None, verbose: bool = False) -> None:
     """Join ``address`` (or ``$RAY_ADDRESS``), else start a local Ray exactly as ``megl_ray.train`` does (its
     dashboard named through ``RAY_API_SERVER_ADDRESS``, which Ray Train's placement-group cleaner needs to free the
     workers of a trial that ASHA stopped when this machine runs more than one Ray instance)."""
     from megl_ray.train import _start_ray
 
-    _start_ray(address)
+    _start_ray(address, verbose)
 
 
 def max_concurrent_trials(resources: dict[str, float], cfg: MEGLConfig, use_gpu: bool) -> int:
@@ -191,8 +200,17 @@ def _check_resumable(uri: str, settings: SweepSettings) -> None:
                         f"it with its original arguments to resume it, or choose another --name")
 
 
-def sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None = None) -> dict[str, Any]:
+def sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None = None,
+          verbose: bool = False) -> dict[str, Any]:
     """Run (or resume) the sweep; ``resolved`` is the base config with data and storage filled in."""
+    from megl_ray.training.credentials import credentials_file
+
+    with credentials_file() as credentials:  # for trials that did not inherit them; removed at the end
+        return _sweep(settings, resolved, address, verbose, credentials)
+
+
+def _sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None, verbose: bool,
+           credentials: str | None) -> dict[str, Any]:
     import ray
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
@@ -203,13 +221,17 @@ def sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None = N
     from megl_ray.tune_hooks import InterruptAfter, ResumableASHA
 
     started = time.monotonic()
-    load_dataset_info(resolved.data.uri)  # fails fast, before Ray starts, on bad data or unreachable storage
+    info = load_dataset_info(resolved.data.uri)  # fails fast, before Ray starts, on bad data or unreachable storage
+    if settings.metric.startswith("val_") and not info.splits.get("val") and resolved.data.val_fraction == 0:
+        others = ", ".join(m for m in METRICS if not m.startswith("val_"))
+        raise UserError(f"--metric {settings.metric}: data.val_fraction=0 and the dataset has no val split, so "
+                        f"training validates nothing; choose --metric among {others}, or data.val_fraction > 0")
     storage_path, filesystem = _storage(resolved.run.storage_path)
     experiment_uri = _run_uri(resolved.run.storage_path, settings.name)
     experiment_path = storage_path.rstrip("/") + "/" + settings.name
     _check_resumable(experiment_uri + "/" + SWEEP_FILE, settings)
 
-    start_ray(address)
+    start_ray(address, verbose)
     use_gpu = resolved.train.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -224,10 +246,14 @@ def sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None = N
     storage.write_bytes(experiment_uri + "/" + SWEEP_FILE,
                         (json.dumps(settings.fingerprint(), indent=2, sort_keys=True) + "\n").encode())
 
-    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MEGL_")) or k == "TORCH_EXTENSIONS_DIR"}
+    from megl_ray.training.credentials import public_env
+
+    env = public_env()
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=resolved.to_dict(), sweep=settings.name, keys=settings.space.keys,
-                             env=env, cwd=os.getcwd()),
+                             env=env, cwd=os.getcwd(), verbose=verbose, credentials=credentials),
         TRIAL_DRIVER_RESOURCES)
     resumed = tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
     if resumed:
@@ -376,13 +402,14 @@ def _report(rows: list[dict[str, Any]], settings: SweepSettings, experiment_uri:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_intermixed_args(argv)  # key=value overrides may come between options
+    configure_driver(args.verbose)
     settings = _settings(args)
     from megl_ray.training.embedded import embedded_default
 
     saved = os.environ.get("RAY_API_SERVER_ADDRESS")
     with embedded_default(settings.base) as resolved:
         try:
-            return sweep(settings, resolved, args.address)
+            return sweep(settings, resolved, args.address, args.verbose)
         finally:
             import ray
 
@@ -394,5 +421,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    setup_logging()
+    configure_driver(verbose=False)  # until the flags are parsed
     sys.exit(run_cli("megl_ray.tune", main))

@@ -21,3 +21,27 @@ def embedded_s3(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(embedded_s3, tmp_path_factory):
+    """A real two-node Ray cluster on 127.0.0.1 (``megl_ray.training.local_cluster``): a head with 2 CPUs and the
+    custom resource ``node_a``, a worker node with 1 CPU and ``node_b``, small object stores, their own ports and
+    temp dirs; every node reaches the embedded S3 server. Tests may kill and add nodes (``cluster.kill``/``add_node``);
+    every process group started is killed at the end (other Ray instances on the machine are left alone)."""
+    from pathlib import Path
+
+    from megl_ray.training.local_cluster import LocalCluster
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**embedded_s3.env(), "DS_ACCELERATOR": "cpu",
+           "PYTHONPATH": f"{repo}:{os.environ.get('PYTHONPATH', '')}",
+           "TORCH_EXTENSIONS_DIR": os.environ.get(
+               "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "megl_ray" / "torch_extensions"))}
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"), env=env)
+    try:
+        cluster.add_node(num_cpus=2, resources={"node_a": 1})
+        cluster.add_node(num_cpus=1, resources={"node_b": 1})
+        yield cluster
+    finally:
+        cluster.shutdown()

@@ -53,6 +53,12 @@ def test_cli_prints_every_key_and_writes_the_json(export, data_uri, tmp_path):
     assert len(result["per_class"]) == 10 and sum(row["support"] for row in result["per_class"]) == rows
     for key in METRIC_KEYS:
         assert result[key] is None or isinstance(result[key], float), key
+    assert result["max_new_tokens"] == 8 and [p["device"] for p in result["placement"]] == ["cpu"]
+    # without --clip-path CLIPScore is null and says why; SPICE is null with its reason unless CoreNLP is installed
+    assert result["clip_score"] is None and "--clip-path" in result["not_computed"]["clip_score"]
+    from megl_ray.spice import spice_status
+    assert (result["spice"] is None) == (spice_status() is not None)
+    assert result["spice"] is not None or result["not_computed"]["spice"] == spice_status()
     assert result["meteor"] is not None or shutil.which("java") is None
     assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["text_similarity"] <= 1.0
     written = Path(export) / "eval_val.json"  # the default --out
@@ -71,14 +77,31 @@ def ray_cluster():
     ray.shutdown()
 
 
-def test_in_process_and_ray_data_give_identical_numbers(export, data_uri, tmp_path, ray_cluster):
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    from tests.tiny_clip import save_tiny_clip
+
+    return str(save_tiny_clip(tmp_path_factory.mktemp("clip") / "clip"))
+
+
+def test_in_process_and_ray_data_give_identical_numbers(export, data_uri, tmp_path, ray_cluster, clip_dir):
+    import ray
+
     common = ["--checkpoint", export, "--data", data_uri, "--split", "val", "--batch-size", "8",
-              "--max-new-tokens", "8"]
+              "--max-new-tokens", "8", "--clip-path", clip_dir]
     local = main([*common, "--workers", "1", "--out", str(tmp_path / "local.json")])
     distributed = main([*common, "--workers", "2", "--out", str(tmp_path / "ray.json")])
     assert local["workers"] == 1 and distributed["workers"] == 2
-    for key in (*METRIC_KEYS, "per_class", "samples", "mask_samples"):
+    for key in (*METRIC_KEYS, "per_class", "samples", "mask_samples", "not_computed"):
         assert local[key] == distributed[key], key
+    assert local["clip_score"] is not None and "clip_score" not in local["not_computed"]
+    # where the model ran: this process for --workers 1; two other processes, each resolving 'auto' itself, on
+    # this Ray node for the Ray path
+    assert [(p["pid"], p["device"]) for p in local["placement"]] == [(os.getpid(), "cpu")]
+    actors = distributed["placement"]
+    assert len({p["pid"] for p in actors}) == 2 and os.getpid() not in {p["pid"] for p in actors}
+    assert {(p["device"], p["dtype"], p["node"]) for p in actors} == {
+        ("cpu", "float32", ray.get_runtime_context().get_node_id())}
 
 
 def test_ray_path_reports_a_foreign_export_in_one_line(export, data_uri, tmp_path, ray_cluster, capsys):
@@ -89,12 +112,14 @@ def test_ray_path_reports_a_foreign_export_in_one_line(export, data_uri, tmp_pat
 
 
 def _foreign_export(export: str, tmp_path: Path) -> str:
-    """An export whose weights belong to another model (a 10-class head under a 7-class config)."""
+    """An export whose weights belong to another model (its config now builds a wider VLM)."""
+    import yaml
+
     foreign = tmp_path / "foreign"
     shutil.copytree(export, foreign)
-    meta = json.loads((foreign / "meta.json").read_text())
-    meta["num_classes"] = 7
-    (foreign / "meta.json").write_text(json.dumps(meta))
+    cfg = yaml.safe_load((foreign / "config.yaml").read_text())
+    cfg["model"]["tiny_hidden_size"] *= 2
+    (foreign / "config.yaml").write_text(yaml.safe_dump(cfg))
     return str(foreign)
 
 
@@ -133,3 +158,56 @@ def test_a_bad_input_through_a_subprocess_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("python -m megl_ray.evaluate: error: ")
+
+
+def test_efficiency_prints_the_table_and_the_json(export, tmp_path, capsys):
+    from megl_ray.export import load_export
+
+    code, out, err = _run(["--efficiency", "--checkpoint", export, "--batch-size", "3", "--warmup", "1",
+                           "--repeats", "2", "--max-new-tokens", "5", "--out", str(tmp_path / "eff.json")], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "eff.json").read_text()) == out
+    assert out["device"] == "cpu" and out["gpu"] is None and out["max_new_tokens"] == 5 and out["batch_sizes"] == [1, 3]
+    model = load_export(export).model
+    assert out["params"]["total"] + out["params"]["lora"] == sum(p.numel() for p in model.parameters())
+    assert out["params"]["classifier"] == sum(p.numel() for p in model.classifier.parameters())
+    rows = {(r["pipeline"], r["batch"]): r for r in out["rows"]}
+    assert set(rows) == {(p, b) for p in ("classifier+saliency", "classifier+saliency+rationale") for b in (1, 3)}
+    for (pipeline, batch), r in rows.items():
+        assert r["latency_ms_per_image"] > 0
+        assert r["images_per_s"] == pytest.approx(1e3 / r["latency_ms_per_image"], rel=1e-2)
+        assert r["batch_latency_ms"] == pytest.approx(r["latency_ms_per_image"] * batch, rel=1e-3)
+    # generating a rationale costs more than classifying alone
+    assert rows[("classifier+saliency+rationale", 1)]["latency_ms_per_image"] > \
+        rows[("classifier+saliency", 1)]["latency_ms_per_image"]
+    assert out["rationale_slowdown"]["1"] == pytest.approx(
+        rows[("classifier+saliency+rationale", 1)]["latency_ms_per_image"]
+        / rows[("classifier+saliency", 1)]["latency_ms_per_image"], abs=0.01)
+    assert "ms/image" in err and "images/s" in err and "classifier+saliency+rationale" in err
+
+
+def test_actor_pool_follows_the_cluster_gpus():
+    from megl_ray.errors import UserError
+    from megl_ray.evaluate import plan_actors
+
+    gpu_cluster, cpu_cluster = {"CPU": 64.0, "GPU": 8.0}, {"CPU": 16.0}
+    assert plan_actors(None, "auto", 10_000, gpu_cluster) == (8, True)  # one actor per GPU, not per core
+    assert plan_actors(3, "auto", 10_000, gpu_cluster) == (3, True)
+    assert plan_actors(None, "cpu", 10_000, gpu_cluster) == (32, False)
+    assert plan_actors(None, "auto", 10_000, cpu_cluster) == (8, False)
+    assert plan_actors(None, "auto", 5, gpu_cluster) == (5, True)  # never more actors than rows
+    assert plan_actors(4, "cuda", 10_000, cpu_cluster) == (4, True)  # an autoscaler may add the GPUs
+    with pytest.raises(UserError, match="has no GPU"):
+        plan_actors(None, "cuda", 10_000, cpu_cluster)
+
+
+def test_the_actor_resolves_the_device_itself(export):
+    import torch
+
+    from megl_ray.evaluate import Predictor
+
+    actor = Predictor(export, "auto", "auto", None, 64, 1, 4)
+    assert actor.error is None and actor.placement.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert actor.placement.dtype == ("bfloat16" if torch.cuda.is_available() else "float32")
+    if not torch.cuda.is_available():  # a GPU actor placed on a machine without one says so in one line
+        assert "--device cuda: no CUDA device" in Predictor(export, "cuda", "auto", None, 64, 1, 4).error

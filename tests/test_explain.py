@@ -125,8 +125,20 @@ def test_gallery_renders_in_headless_chromium_with_every_image(squares, tmp_path
     assert result["gallery"]["examples"] == 2 * len(CLASSES)
     page = (out / "index.html").read_text()
     sources = re.findall(r'<img src="([^"]+)"', page)
-    assert len(sources) == 3 * 2 * len(CLASSES)  # image, overlay and mask for each (every square has a mask)
+    # image, overlay, Â region and mask for each (every square has a mask)
+    assert len(sources) == 4 * 2 * len(CLASSES)
     assert all("/" not in s and (out / s).is_file() for s in sources)  # relative, next to the page
+    records = result["gallery"]["records"]
+    assert len(records) == 2 * len(CLASSES) and page.count("IoU <b>") == len(records)
+    for ex in records:
+        # the IoU shown is that of the two pictured regions (both drawn at the image's size from the mask grid)
+        region = np.asarray(Image.open(out / ex["region"])) >= 128
+        mask = np.asarray(Image.open(out / ex["mask"])) >= 128
+        assert region.shape == mask.shape and ex["iou"] is not None
+        assert ex["iou"] == pytest.approx((region & mask).sum() / (region | mask).sum(), abs=1e-6)
+        assert f"{ex['iou']:.2f}" in page and ex["references"] and isinstance(ex["rationale"], str)
+    # a map spread over the whole image would score the square's share of the area (1/16); this one overlaps more
+    assert np.mean([ex["iou"] for ex in records]) > 0.1
     for cls in CLASSES:
         assert f"<h2>{cls}</h2>" in page
     assert "Generated:" in page and "References:" in page and "coloured patch" in page

@@ -18,6 +18,7 @@ import pytest
 from megl_ray.cli import run_cli
 from megl_ray.config import MEGLConfig, load_config
 from megl_ray.data.reader import bundled_dataset_uri
+from tests.tracking_support import mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tune-tiny.yaml"
@@ -45,14 +46,16 @@ def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     space = root / "lr.yaml"
     space.write_text(f"optim.lr: {{grid: [{GOOD}, {BAD[0]}, {BAD[1]}]}}\n")
-    args = ["--space", str(space), "--config", str(TINY), "--name", "lr", "--metric", "loss", "--max-concurrent", "1",
-            f"data.uri={bundled_dataset_uri()}", f"run.storage_path={root / 'runs'}",
-            f"train.sample_log_dir={root / 'samples'}"]
-    first = _run("megl_ray.tune", args, MEGL_TEST_TUNE_INTERRUPT_AFTER="1")
-    first_results = json.loads((root / "runs" / "lr" / "results.json").read_text())
-    second = _run("megl_ray.tune", args)
-    return {"root": root, "first": first, "first_results": first_results, "second": second,
-            "experiment": root / "runs" / "lr"}
+    (root / "mlflow").mkdir()
+    with mlflow_server(root / "mlflow") as mlflow_uri:  # every trial is tracked too: one experiment, a run each
+        args = ["--space", str(space), "--config", str(TINY), "--name", "lr", "--metric", "loss",
+                "--max-concurrent", "1", f"data.uri={bundled_dataset_uri()}", f"run.storage_path={root / 'runs'}",
+                f"train.sample_log_dir={root / 'samples'}", "run.tracking=mlflow", f"run.tracking_uri={mlflow_uri}"]
+        first = _run("megl_ray.tune", args, MEGL_TEST_TUNE_INTERRUPT_AFTER="1")
+        first_results = json.loads((root / "runs" / "lr" / "results.json").read_text())
+        second = _run("megl_ray.tune", args)
+        yield {"root": root, "first": first, "first_results": first_results, "second": second,
+               "experiment": root / "runs" / "lr", "mlflow": mlflow_uri}
 
 
 def _result(run):
@@ -92,6 +95,21 @@ def test_a_sweep_reports_a_table_csv_json_and_a_best_config_that_trains(sweep):
     assert best.train.num_workers == 1 and best.data.uri == bundled_dataset_uri()
     trained = _result(_run("megl_ray.train", ["--config", str(experiment / "best_config.yaml")]))
     assert trained["steps"] == trained["planned_steps"] == 34 and trained["run_dir"].endswith("/lr-best")
+
+
+@pytest.mark.slow
+def test_a_sweep_is_one_mlflow_experiment_with_a_run_per_trial(sweep):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=sweep["mlflow"])
+    experiment = client.get_experiment_by_name("lr")
+    runs = client.search_runs([experiment.experiment_id])
+    rows = _rows(sweep)
+    assert sorted(r.info.run_name for r in runs) == sorted(f"lr-{r['trial']}" for r in rows.values())
+    assert sorted(float(r.data.params["optim.lr"]) for r in runs) == sorted([GOOD, *BAD])
+    good = next(r for r in runs if float(r.data.params["optim.lr"]) == GOOD)
+    assert good.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(good.info.run_id, "val/accuracy")] == [17, 34]  # per epoch
 
 
 @pytest.mark.slow

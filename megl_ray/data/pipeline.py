@@ -2,9 +2,10 @@
 
     read_parquet (pyarrow filesystem from ``megl_ray.storage``)
       → pad to a multiple of the worker count with weight-0 copies (equal shards, nothing dropped)
-      → shard files in a seeded order (streaming: no all-to-all barrier)
+      → shard files in an order seeded per epoch (streaming: no all-to-all barrier)
       → map_batches(preprocess_rows): decode + resize images, decode masks, tokenise every rationale
-      → Ray Train splits it per worker (``get_dataset_shard``; ``streaming_split(n, equal=True)``)
+      → training: each worker reads its own share of the epoch (``include_ids``, ``megl_ray.training.accounting``);
+        validation: Ray Train splits it per worker (``get_dataset_shard``; ``streaming_split(n, equal=True)``)
       → ``iter_epoch``: local shuffle seeded by (seed, epoch, rank): reproducible, different every epoch;
         one rationale drawn per image per epoch
 
@@ -59,17 +60,22 @@ def build_dataset(uri: str, split: str, *, tokenizer: Any, image_size: int, max_
     ``cpus_per_task`` is a scheduling share, not a limit: decoding and tokenising are light and I/O-bound, and a
     fraction lets several read/preprocess tasks overlap beside the training workers.
     ``cache`` materialises the preprocessed split in Ray's object store (preprocessing is epoch-independent by
-    design), so later epochs skip S3, decoding and tokenising; use it when the split fits (``fits_in_cache``).
+    design), so later epochs skip S3, decoding and tokenising; use it when the split fits (``fits_in_cache``), and
+    take each epoch's share of it with ``cached_share``. ``seed`` orders the files: pass one per epoch
+    (``accounting.epoch_seed``) for a different order every epoch that a resumed run reproduces.
     """
     configure_data_context()
     info = info or load_dataset_info(uri)
-    fs, paths = split_paths(uri, info, split)
+    from megl_ray.training.credentials import workers_inherit_env
+
+    # Ray pickles the filesystem into its read tasks: no credentials inside when those inherit them
+    fs, paths = split_paths(uri, info, split, embed_credentials=not workers_inherit_env())
     fs = retrying(fs)
     if not paths:
         raise ValueError(f"split '{split}' of {uri} is empty")
     # Files in a seeded order, not randomize_block_order (an all-to-all barrier: it would read the whole split
-    # before the first batch leaves). The order is fixed by the seed alone, not by how many epochs this process
-    # has run, so a resumed run sees what the original would have; epochs differ by their local shuffle.
+    # before the first batch leaves). The order is fixed by the seed alone, not by how many times this process
+    # has executed the dataset, so a resumed run sees what the original would have.
     ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=cpus_per_task,
                                shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=False))
     rows = info.splits.get(split, 0)
@@ -99,9 +105,31 @@ def build_dataset(uri: str, split: str, *, tokenizer: Any, image_size: int, max_
         num_cpus=cpus_per_task,
     )
     if cache:
-        # Blocks are shuffled again, cheaply (references only), so the cached order is not the file order.
-        ds = ds.materialize().randomize_block_order(seed=seed)
+        ds = ds.materialize()  # block order: reseeded per epoch by ``cached_share``
     return ds
+
+
+def _select(batch: dict[str, np.ndarray], ids: frozenset, weight: float | None = None) -> dict[str, np.ndarray]:
+    keep = np.fromiter((str(i) in ids for i in batch["id"]), dtype=bool, count=len(batch["id"]))
+    out = {k: v[keep] for k, v in batch.items()}
+    if weight is not None:
+        out["weight"] = np.full(int(keep.sum()), weight, dtype=np.float32)
+    return out
+
+
+def cached_share(cached: ray.data.Dataset, include_ids: Sequence[str], pad_to: int, seed: int) -> ray.data.Dataset:
+    """A worker's share of a cached (``build_dataset(cache=True)``) split: its blocks in an order seeded by
+    ``seed`` (references only: cheap), the rows of ``include_ids``, padded to ``pad_to`` rows with weight-0 copies."""
+    ids = frozenset(str(i) for i in include_ids)
+    if pad_to < len(ids):
+        raise ValueError(f"pad_to={pad_to} is smaller than the {len(ids)} rows selected")
+    ds = cached.randomize_block_order(seed=seed)
+    share = ds.map_batches(_select, fn_kwargs={"ids": ids}, batch_format="numpy", num_cpus=0.25)
+    if pad_to > len(ids):
+        padding = ds.map_batches(_select, fn_kwargs={"ids": ids, "weight": 0.0}, batch_format="numpy",
+                                 num_cpus=0.25).limit(pad_to - len(ids))
+        share = share.union(padding)
+    return share
 
 
 def preprocessed_bytes_per_row(image_size: int, mask_size: int, max_rationales: int, max_text_tokens: int) -> int:

@@ -4,7 +4,9 @@ Nothing here unpickles arbitrary objects, so a checkpoint from an untrusted buck
 
 from __future__ import annotations
 
+import hashlib
 import io
+import tempfile
 from pathlib import Path
 
 import torch
@@ -41,12 +43,27 @@ def load_state_dict_file(uri: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def fetch_lock_path(uri: str) -> Path:
+    """The node-local lock file guarding the download of ``uri`` (in the temp dir: one per machine, i.e. per node)."""
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:24]
+    return Path(tempfile.gettempdir()) / "megl-fetch-locks" / f"{digest}.lock"
+
+
 def local_dir(uri: str) -> Path:
-    """A local directory for a model directory given as a local path or ``s3://`` prefix (downloaded and cached)."""
+    """A local directory for a model directory given as a local path or ``s3://`` prefix (downloaded and cached).
+
+    An ``s3://`` directory is fetched once per node: the workers of a node share its cache, and a file lock makes
+    the first one download while the others wait and then reuse its copy (the cache's rename keeps a copy whole,
+    but without the lock every racing worker would still download a 7B checkpoint in full)."""
     if uri.startswith("s3://"):
+        from filelock import FileLock
+
         from megl_ray import storage
 
-        return Path(storage.local_copy(uri))
+        lock = fetch_lock_path(uri)
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(lock)):
+            return Path(storage.local_copy(uri))
     path = Path(uri).expanduser()
     if not path.is_dir():
         raise UserError(f"model directory not found: {uri}")

@@ -1,0 +1,75 @@
+"""What a training run reads: which ids train and which validate, and the Ray Datasets the trainer gets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from megl_ray.config import MEGLConfig
+from megl_ray.errors import UserError
+
+
+@dataclass
+class Splits:
+    train_ids: list[str]
+    corpus: list[str]
+    """The training rows' rationales (the tiny preset trains its tokenizer on them)."""
+    val_ids: list[str] | None
+    """Ids carved from train to validate on; None: the dataset's own val split, or none (see ``val_source``)."""
+    val_source: str
+    """``split`` (the dataset's val split), ``carved`` (``data.val_fraction`` of train) or ``none``."""
+
+    def summary(self, cfg: MEGLConfig) -> dict[str, Any]:
+        return {"val_source": self.val_source,
+                "val_fraction": cfg.data.val_fraction if self.val_source == "carved" else None}
+
+
+def plan_splits(cfg: MEGLConfig, info: Any, evaluate_test: bool) -> Splits:
+    """Read train's ids, classes and rationales (no images) and decide what validates; user errors for empty
+    splits, before Ray starts."""
+    from megl_ray.data.reader import read_split
+    from megl_ray.data.splits import carve_validation
+
+    counts = dict(info.splits)
+    described = ", ".join(f"{k}={v}" for k, v in counts.items())
+    if counts.get("train", 0) == 0:
+        raise UserError(f"dataset {cfg.data.uri} has no training images ({described}): convert it again with "
+                        "records in the train split")
+    if evaluate_test and counts.get("test", 0) == 0:
+        raise UserError(f"dataset {cfg.data.uri} has no test images ({described}): convert it again with "
+                        "--test-fraction > 0 (or records in the test split)")
+    table = read_split(cfg.data.uri, "train", info, columns=["id", "class_id", "rationales"])
+    ids = [str(i) for i in table.column("id").to_pylist()]
+    rationales = dict(zip(ids, table.column("rationales").to_pylist()))
+    if counts.get("val", 0) > 0:
+        train_ids, val_ids, source = ids, None, "split"
+    elif cfg.data.val_fraction > 0:
+        train_ids, val_ids = carve_validation(ids, table.column("class_id").to_pylist(), cfg.data.val_fraction,
+                                              cfg.train.seed)
+        source = "carved" if val_ids else "none"
+        val_ids = val_ids or None
+    else:
+        train_ids, val_ids, source = ids, None, "none"
+    if len(train_ids) < cfg.train.num_workers:
+        raise UserError(f"{len(train_ids)} training images cannot feed train.num_workers={cfg.train.num_workers}")
+    corpus = [r for i in train_ids for r in rationales[i]]
+    return Splits(train_ids, corpus, val_ids, source)
+
+
+def build_datasets(cfg: MEGLConfig, info: Any, tokenizer: Any, splits: Splits, cache: bool) -> tuple[dict, Any]:
+    """(datasets for the TorchTrainer, cached training split or None). Training data is not among the trainer's
+    datasets: each worker reads its own seeded share every epoch (``megl_ray.training.accounting``)."""
+    from megl_ray.data.pipeline import build_dataset
+
+    common = dict(tokenizer=tokenizer, image_size=cfg.model.image_size, max_rationales=cfg.data.max_rationales,
+                  max_text_tokens=cfg.model.max_text_tokens, seed=cfg.train.seed, info=info)
+    datasets = {}
+    if splits.val_source == "split":
+        datasets["val"] = build_dataset(cfg.data.uri, "val", num_shards=cfg.train.num_workers, **common)
+    elif splits.val_source == "carved":
+        datasets["val"] = build_dataset(cfg.data.uri, "train", num_shards=cfg.train.num_workers,
+                                        include_ids=splits.val_ids, **common)
+    train_cache = None
+    if cache:
+        train_cache = build_dataset(cfg.data.uri, "train", cache=True, include_ids=splits.train_ids, **common)
+    return datasets, train_cache

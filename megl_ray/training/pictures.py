@@ -1,0 +1,118 @@
+"""What a finished run leaves to look at: ``curves.png`` (loss terms per step, validation metrics per epoch) and an
+explanation gallery of validation examples (``megl_ray.explain``'s gallery), in the run directory and in a local
+folder the last lines of the run name, with the commands to open them and TensorBoard."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger("megl_ray.train")
+
+GALLERY_PER_CLASS = 1
+GALLERY_MAX_NEW_TOKENS = 16
+
+
+def draw_curves(history: Sequence[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """Loss terms against optimizer steps (left) and validation metrics against epochs (right), as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # no display needed, none opened
+    from matplotlib.figure import Figure
+
+    steps = [e for e in history if e["kind"] == "step"]
+    epochs = [e for e in history if e["kind"] == "epoch"]
+    if not steps and not epochs:
+        return None
+    figure = Figure(figsize=(11, 4), dpi=100)
+    losses, metrics = figure.subplots(1, 2)
+    from megl_ray.training.progress import SHOWN_TERMS
+
+    for term in SHOWN_TERMS:
+        points = [(e["step"], e["values"][term]) for e in steps if term in e["values"]]
+        if points:
+            losses.plot(*zip(*points), marker=".", label=term)
+    losses.set(xlabel="optimizer step", ylabel="loss", title="training loss terms")
+    losses.set_yscale("symlog", linthresh=0.1)  # the terms differ by orders of magnitude
+    names = sorted({k for e in epochs for k in e["values"]})
+    for name in names:
+        points = [(e["epoch"], e["values"][name]) for e in epochs if e["values"].get(name) == e["values"].get(name)]
+        if points:
+            metrics.plot(*zip(*points), marker="o", label=name)
+    metrics.set(xlabel="epoch", ylabel="metric", title="validation", ylim=(0, 1.02))
+    from matplotlib.ticker import MaxNLocator
+
+    metrics.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for axes in (losses, metrics):
+        axes.grid(alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def write_pictures(history: Sequence[dict[str, Any]], run_uri: str, export_uri: str, data_uri: str,
+                   local_dir: Path, title: str) -> dict[str, Any]:
+    """``curves.png`` and ``gallery/index.html`` into ``local_dir`` and the run directory; returns their paths.
+
+    Either may fail (a plotting backend, a model that cannot generate): that is a warning, not a failed run."""
+    from megl_ray import storage
+
+    local_dir.mkdir(parents=True, exist_ok=True)
+    made: dict[str, Any] = {}
+    try:
+        if draw_curves(history, local_dir / "curves.png", title) is not None:
+            storage.upload(str(local_dir / "curves.png"), run_uri + "/curves.png")
+            made["curves"] = str(local_dir / "curves.png")
+    except Exception as err:
+        log.warning("could not draw curves.png: %s", err)
+    try:
+        gallery = local_dir / "gallery"
+        gallery.mkdir(exist_ok=True)
+        examples = _gallery(export_uri, data_uri, gallery)
+        storage.upload(str(gallery), run_uri + "/gallery")
+        made["gallery"] = str(gallery / "index.html")
+        made["gallery_examples"] = examples
+    except Exception as err:
+        log.warning("could not write the explanation gallery: %s", err)
+    return made
+
+
+def _gallery(export_uri: str, data_uri: str, out: Path) -> int:
+    from megl_ray.explain import write_gallery
+    from megl_ray.export import load_export
+
+    exported = load_export(export_uri)
+    examples = write_gallery(exported, export_uri, data_uri, "val", GALLERY_PER_CLASS, out, num_beams=1,
+                             max_new_tokens=GALLERY_MAX_NEW_TOKENS, batch_size=32)
+    return len(examples)
+
+
+def closing_lines(made: dict[str, Any], run_uri: str, tensorboard_dir: str | None) -> list[str]:
+    """The run's last stderr lines: where the pictures are and how to open them."""
+    lines = []
+    if "curves" in made:
+        lines.append(f"[megl] curves: {made['curves']}  (also {run_uri}/curves.png)")
+    if "gallery" in made:
+        gallery = Path(made["gallery"])
+        lines.append(f"[megl] gallery of validation explanations: {gallery}  (also {run_uri}/gallery/); open it "
+                     f"with: python -m webbrowser {gallery.as_uri()}")
+    if tensorboard_dir:
+        lines.append(f"[megl] TensorBoard: tensorboard --logdir {tensorboard_dir}")
+    return lines
+
+
+def local_run_dir(run_name: str) -> Path:
+    """Where a run's pictures are kept on this machine: ``$MEGL_HOME/runs/<name>`` (a temp dir if unwritable)."""
+    from megl_ray.training.embedded import megl_home
+
+    path = megl_home() / "runs" / run_name
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix=f"megl-{run_name}-"))

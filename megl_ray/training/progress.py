@@ -1,0 +1,188 @@
+"""Training progress, from rank 0 to the driver's console and trackers.
+
+Rank 0 (:class:`Progress`) measures every ``run.log_every`` optimizer steps — each loss term, samples/s, tokens/s,
+learning rate, peak memory — and at each epoch's end the validation metrics, and sends them to a small actor
+(:class:`ProgressBoard`) instead of printing: a worker's output reaches the console only through Ray's log
+forwarding, prefixed by ``(RayTrainWorker pid=…)`` and printed again by Ray Train's print-to-logger patch. The
+driver (:class:`RunMonitor`) drains the board in a thread and shows one progress display — a ``tqdm`` bar on a
+terminal, one plain line per ``log_every`` steps otherwise — plus one line per epoch, feeds the trackers, and
+keeps the history for the run's ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from typing import Any
+
+import torch
+
+log = logging.getLogger("megl_ray.train")
+
+SHOWN_TERMS = ("loss", "ce", "text", "visual", "dc")
+
+
+class Progress:
+    """Rank 0's measurements, sent to the driver's board (other ranks pass ``board=None`` and send nothing)."""
+
+    def __init__(self, total_steps: int, log_every: int, board: Any | None):
+        self.total = total_steps
+        self.log_every = log_every
+        self.board = board
+        self.start = time.monotonic()
+        self.window = (time.monotonic(), 0, 0)
+        self.first_step: int | None = None
+
+    def step(self, step: int, epoch: int, epochs: int, terms: dict[str, float], samples: int, tokens: int,
+             lr: float) -> dict[str, float]:
+        t0, s0, k0 = self.window
+        self.window = (t0, s0 + samples, k0 + tokens)
+        if self.first_step is None:
+            self.first_step = step - 1  # a resumed run's ETA counts only the steps this run took
+        if step % self.log_every and step != self.total:
+            return {}
+        now = time.monotonic()
+        elapsed = max(now - t0, 1e-9)
+        rates = {"samples_per_s": self.window[1] / elapsed, "tokens_per_s": self.window[2] / elapsed}
+        self.window = (now, 0, 0)
+        peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _peak_rss()) / 2**20
+        values = {**terms, **rates, "lr": lr, "peak_mem_mib": peak}
+        done = max(step - self.first_step, 1)
+        eta = (now - self.start) / done * (self.total - step)
+        self._send({"kind": "step", "step": step, "total": self.total, "epoch": epoch + 1, "epochs": epochs,
+                    "values": values, "eta_s": eta})
+        return values
+
+    def epoch(self, epoch: int, epochs: int, step: int, values: dict[str, float]) -> None:
+        """The validation metrics at the end of ``epoch`` (0-based)."""
+        self._send({"kind": "epoch", "step": step, "total": self.total, "epoch": epoch + 1, "epochs": epochs,
+                    "values": dict(values)})
+
+    def _send(self, event: dict[str, Any]) -> None:
+        if self.board is not None:
+            self.board.push.remote(event)  # fire and forget: progress must never slow or stop training
+
+
+def _peak_rss() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+
+
+class ProgressBoard:
+    """The actor between rank 0 and the driver: a queue of events (it needs no CPU)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def push(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def drain(self) -> list[dict[str, Any]]:
+        events, self.events = self.events, []
+        return events
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def step_text(event: dict[str, Any]) -> str:
+    """``loss=7.91 ce=2.5 text=5.26 dc=1.47 | 41.9 samples/s``: the loss terms and throughput of a step event."""
+    values = event["values"]
+    terms = " ".join(f"{k}={values[k]:.4g}" for k in SHOWN_TERMS if k in values)
+    return f"{terms} | {values.get('samples_per_s', 0.0):.1f} samples/s"
+
+
+def epoch_text(event: dict[str, Any]) -> str:
+    values = " ".join(f"{k}={v:.4f}" for k, v in event["values"].items())
+    return f"[megl] epoch {event['epoch']}/{event['epochs']} (step {event['step']}/{event['total']}): {values}"
+
+
+class ConsoleDisplay:
+    """A tqdm bar (step/total, loss terms, samples/s, ETA) on a terminal; plain lines when stderr is not one."""
+
+    def __init__(self, total: int, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self.total = total
+        self.bar = None
+        if getattr(self.stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="step", file=self.stream, dynamic_ncols=True, desc="[megl] train",
+                            bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {postfix} [{elapsed}]")
+
+    def step(self, event: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.update(event["step"] - self.bar.n)
+            # rank 0's ETA: tqdm's own would count the start-up before the first step as training time
+            self.bar.set_postfix_str(f"epoch {event['epoch']}/{event['epochs']} {step_text(event)} | "
+                                     f"eta {_duration(event['eta_s'])}")
+            return
+        print(f"[megl] step {event['step']}/{event['total']} epoch {event['epoch']}/{event['epochs']} "
+              f"{step_text(event)} | eta {_duration(event['eta_s'])}", file=self.stream, flush=True)
+
+    def epoch(self, event: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.write(epoch_text(event), file=self.stream)
+        else:
+            print(epoch_text(event), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class RunMonitor:
+    """The driver's side: a board actor for rank 0, a thread showing and tracking what arrives on it."""
+
+    def __init__(self, total: int, tracker: Any | None, display: bool = True, interval_s: float = 0.5) -> None:
+        import ray
+
+        board_cls = ray.remote(num_cpus=0)(ProgressBoard)
+        self.board = board_cls.remote()
+        self.tracker = tracker
+        self.display = ConsoleDisplay(total) if display else None
+        self.interval_s = interval_s
+        self.history: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="megl-progress", daemon=True)
+
+    def __enter__(self) -> RunMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=120)
+        self._poll()  # whatever rank 0 sent last
+        if self.display is not None:
+            self.display.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._poll()
+
+    def _poll(self) -> None:
+        import ray
+
+        try:
+            events = ray.get(self.board.drain.remote(), timeout=30)
+        except Exception as err:  # the display is a convenience: never fail training over it
+            log.debug("progress board unavailable: %s", err)
+            return
+        for event in events:
+            self.history.append(event)
+            if self.display is not None:
+                (self.display.step if event["kind"] == "step" else self.display.epoch)(event)
+            if self.tracker is not None:
+                prefix = "train/" if event["kind"] == "step" else "val/"
+                values = {prefix + k.removeprefix("val_"): v for k, v in event["values"].items()}
+                self.tracker.metrics(values, event["step"])
+                if event["kind"] == "epoch":
+                    self.tracker.epoch_done()
