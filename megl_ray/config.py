@@ -89,7 +89,10 @@ class ModelConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     """Names of the LM's linear modules that get LoRA adapters."""
     prompt_template: str = "USER: <image>\nWhy is this image a {label}? ASSISTANT:"
-    """Prompt before the rationale; ``<image>`` is where the image tokens go, ``{label}`` the class name."""
+    """Prompt before the rationale; ``<image>`` is where the image tokens go, ``{label}`` the class name. A template
+    without ``{label}`` is the label-free mode (e.g. ``USER: <image>\nWhat digit is this, and why? ASSISTANT:``): the
+    VLM is not told the class, so a rationale that names it must be read from I ⊙ Â and Z_I, and L_text then has a
+    reason to shape Â (with ``{label}`` a templated rationale is predictable from the prompt alone)."""
     max_text_tokens: int = 48
     """Maximum number of rationale tokens (prompt and image tokens not counted)."""
     gradient_checkpointing: bool = False
