@@ -106,7 +106,6 @@ def load_checkpoint(engine: Any, directory: Path, rank: int) -> TrainState:
 
 
 
-
 def _validate(engine: Any, shard: Any, cfg: MEGLConfig, num_image_tokens: int, num_classes: int) -> dict[str, float]:
     """Validation accuracy and mIoU over this worker's share of the split, with the evaluation's own metric code
     (torchmetrics states, synchronised across the workers at ``compute`` through the engine's device)."""
@@ -147,6 +146,9 @@ def _epoch_shard(cfg: MEGLConfig, loop: dict[str, Any], epoch: int, rank: int, w
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``: ``loop`` carries the resolved config and what the driver prepared."""
     os.environ.update(loop["env"])  # S3 endpoint, DS_ACCELERATOR: before DeepSpeed is imported
+    from megl_ray.training.credentials import load_credentials
+
+    load_credentials(loop.get("credentials_file"))  # only what this worker's environment lacks
     import deepspeed
     import ray.train
     from ray.train import Checkpoint
@@ -267,8 +269,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             faults.maybe_kill(state.step, "validation", rank, world, log)
             val = _validate(engine, ray.train.get_dataset_shard("val"), cfg, model.num_image_tokens,
                             loop["num_classes"])
-            if rank == 0:
-                progress.epoch(epoch, cfg.train.epochs, state.step, val)
+        if rank == 0:
+            progress.epoch(epoch, cfg.train.epochs, state.step, val)
         state.epoch = epoch + 1
         # An accumulation window still open at the epoch's end goes on into the next epoch: no checkpoint then.
         report({**terms, **val}, None, with_checkpoint=engine.micro_steps % cfg.train.grad_accum == 0)
