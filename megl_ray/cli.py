@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from typing import Any, Callable, Sequence
 
-from megl_ray.errors import UserError
+from megl_ray.errors import UserError, redact_urls
 
 __all__ = ["ArgumentParser", "UserError", "print_result", "run_cli", "setup_logging"]
 
@@ -25,10 +26,22 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
+def standard_json(value: Any) -> Any:
+    """``value`` with every NaN or infinity replaced by None: JSON has no such numbers (``json.dumps`` would write
+    ``NaN``, which strict parsers such as ``jq`` or JavaScript refuse)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: standard_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [standard_json(v) for v in value]
+    return value
+
+
 def print_result(result: dict[str, Any]) -> None:
-    """Print the command's result as one JSON object on the last line of stdout."""
+    """Print the command's result as one standard JSON object on the last line of stdout."""
     sys.stdout.flush()
-    print(json.dumps(result, sort_keys=True, default=str), flush=True)
+    print(json.dumps(standard_json(result), sort_keys=True, default=str, allow_nan=False), flush=True)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -46,7 +59,9 @@ def run_cli(prog: str, main: Callable[[Sequence[str] | None], dict[str, Any]], a
     try:
         result = main(argv)
     except UserError as err:
-        message = " ".join(str(err).split())  # one line, whatever the message held
+        # One line, whatever the message held; characters stderr cannot encode (a lone surrogate from a data file)
+        # are escaped rather than raising while the error is reported.
+        message = " ".join(redact_urls(str(err)).encode("utf-8", "backslashreplace").decode("utf-8").split())
         print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
         print_result({"error": message})
         return 2

@@ -8,6 +8,7 @@ saved inside every checkpoint (``to_dict``) and is what a sweep's best trial wri
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from typing import Any, Literal, Sequence
 import yaml
 
 from megl_ray.errors import ConfigError
+from megl_ray.safe_io import check_name
+from megl_ray.strict_yaml import StrictLoader, load_yaml_file
 
 ClassifierName = Literal["tiny", "resnet18", "resnet50", "vit_b_16"]
 VLMPreset = Literal["tiny", "llava", "clip-qwen2"]
@@ -63,6 +66,8 @@ class ModelConfig:
     """Hidden size of the tiny preset's CLIP tower and Qwen2 LM."""
     tiny_vocab_size: int = 512
     """Vocabulary size of the tokenizer trained for the tiny preset."""
+    tiny_layers: int = 2
+    """Layers of the tiny preset's CLIP tower and of its Qwen2 LM (the mid-size test uses 12)."""
     tiny_vision_image_size: int = 32
     """Image side of the tiny CLIP tower (its patch size is 8, so 16 image tokens)."""
 
@@ -87,14 +92,27 @@ class ModelConfig:
     """Prompt before the rationale; ``<image>`` is where the image tokens go, ``{label}`` the class name."""
     max_text_tokens: int = 48
     """Maximum number of rationale tokens (prompt and image tokens not counted)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward (non-reentrant): the LM's and the vision tower's layers and the
+    classifier backbone's stages. Trades ~30% more compute for activation memory (see training/memory_model.py)."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel of the VLM: ``sdpa`` (PyTorch's fused kernels), ``eager`` or ``flash_attention_2`` (needs
+    the flash-attn package and a GPU)."""
+    freeze_norm: bool | None = None
+    """BatchNorm layers of the classifier in eval mode with frozen affine parameters (at 4 images per GPU batch
+    statistics are noise). None: on for pretrained ResNets (``classifier_weights`` set), off otherwise."""
+    sync_bn: bool = False
+    """Convert the classifier's BatchNorm to SyncBatchNorm (statistics over all workers' images; GPUs only)."""
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 16, "model.image_size", f"must be >= 16, got {self.image_size}")
         _check(self.max_text_tokens >= 4, "model.max_text_tokens", f"must be >= 4, got {self.max_text_tokens}")
         _check(self.lora_r >= 0, "model.lora_r", f"must be >= 0, got {self.lora_r}")
         _check(0.0 <= self.lora_dropout < 1.0, "model.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
-        _check(self.tiny_hidden_size % 4 == 0, "model.tiny_hidden_size", "must be a multiple of 4 (attention heads)")
+        _check(self.tiny_hidden_size >= 8 and self.tiny_hidden_size % 8 == 0, "model.tiny_hidden_size",
+               f"must be a positive multiple of 8 (4 attention heads of an even size), got {self.tiny_hidden_size}")
         _check(self.tiny_vocab_size >= 64, "model.tiny_vocab_size", f"must be >= 64, got {self.tiny_vocab_size}")
+        _check(self.tiny_layers >= 1, "model.tiny_layers", f"must be >= 1, got {self.tiny_layers}")
         _check(self.tiny_vision_image_size % 8 == 0, "model.tiny_vision_image_size", "must be a multiple of 8")
         _check("<image>" in self.prompt_template, "model.prompt_template", "must contain '<image>'")
         if self.preset == "llava":
@@ -102,6 +120,8 @@ class ModelConfig:
         if self.preset == "clip-qwen2":
             _check(bool(self.vision_path), "model.vision_path", "is required with model.preset=clip-qwen2")
             _check(bool(self.lm_path), "model.lm_path", "is required with model.preset=clip-qwen2")
+        _check(not (self.sync_bn and self.freeze_norm), "model.sync_bn",
+               "cannot be combined with model.freeze_norm=true (frozen BatchNorm keeps no batch statistics)")
         if self.classifier == "vit_b_16":
             _check(self.image_size % 16 == 0, "model.image_size", "must be a multiple of 16 for vit_b_16")
 
@@ -200,8 +220,16 @@ class TrainConfig:
     """Worker-group failures Ray Train recovers from (restarting from the latest checkpoint) before giving up."""
     cache_data: bool | None = None
     """Cache the preprocessed training split in Ray's object store; None: when it fits in a quarter of it."""
+    precision: Literal["bf16", "fp32", "fp16"] | None = None
+    """Training precision: ``bf16`` (autocast over fp32 master weights; frozen weights in bf16), ``fp32``, or
+    ``fp16`` (pre-Ampere GPUs, with loss scaling). None: bf16 on GPUs, fp32 on CPUs. See model/precision.py."""
+    offload: Literal["none", "cpu"] = "none"
+    """ZeRO offload to host memory: ``cpu`` moves the optimizer states (and under ZeRO-3 the parameters) off the
+    GPU."""
     sample_log_dir: str | None = None
     """Debugging/tests: each worker appends the sample ids of every step to a JSON-lines file in this directory."""
+    max_nonfinite_steps: int = 3
+    """Stop with an error once the loss has not been finite for this many optimizer steps in a row (0: never)."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """How Ray places the workers (Ray Train's ``ScalingConfig.placement_strategy``): PACK fills few nodes, SPREAD
     spreads over nodes, the STRICT_ variants require it (STRICT_SPREAD: one worker per node)."""
@@ -214,6 +242,10 @@ class TrainConfig:
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         _check(self.max_failures >= 0, "train.max_failures", f"must be >= 0, got {self.max_failures}")
+        _check(self.max_nonfinite_steps >= 0, "train.max_nonfinite_steps",
+               f"must be >= 0, got {self.max_nonfinite_steps}")
+        _check(self.offload == "none" or self.zero_stage >= 1, "train.offload",
+               "needs train.zero_stage >= 1 (ZeRO offloads its own partitions)")
 
 
 @dataclass
@@ -240,7 +272,8 @@ class RunConfig:
     """A local ``storage_path`` is a filesystem mounted on every node (NFS): allow it on a multi-node cluster."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.name) and "/" not in self.name, "run.name", f"must be a non-empty name without '/', got {self.name!r}")
+        problem = check_name(self.name)  # the run directory is storage_path/name: it must stay inside storage_path
+        _check(problem is None, "run.name", f"{problem}, got {self.name!r}")
         _check(self.log_every >= 1, "run.log_every", f"must be >= 1, got {self.log_every}")
         chosen = [self.tracking] if isinstance(self.tracking, str) else list(self.tracking)
         valid = ("none", "tensorboard", "mlflow", "wandb")
@@ -312,7 +345,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; it is a number to any user
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # an infinite lr or loss weight trains to NaN; no field means it
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
@@ -346,8 +386,8 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"override '{text}' has no key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+        value = yaml.load(raw, Loader=StrictLoader) if raw.strip() else None  # noqa: S506 - a SafeLoader
+    except (yaml.YAMLError, RecursionError):
         value = raw  # a bare string YAML cannot parse (e.g. "a: b") is taken literally
     return key.split("."), value
 
@@ -383,18 +423,8 @@ def _deep_copy(value: Any) -> Any:
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> MEGLConfig:
     """Load a YAML config file (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
-    return config_from_dict(data, overrides)
+    data = load_yaml_file(path, "config file") if path is not None else None
+    return config_from_dict(data or {}, overrides)
 
 
 def packaged_config(name: str) -> Path:

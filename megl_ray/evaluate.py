@@ -263,22 +263,10 @@ def format_table(result: dict[str, Any]) -> str:
 def _read_export_dir(uri: str) -> tuple[dict[str, Any], Any]:
     """The export's meta.json and config, after the checks ``load_export`` makes first (for the Ray path, whose
     driver does not build the model)."""
-    import yaml
+    from megl_ray.export import check_export, load_export_config
 
-    from megl_ray.config import config_from_dict
-    from megl_ray.export import CONFIG_FILE, META_FILE, TOKENIZER_DIR, WEIGHTS_FILE
-    from megl_ray.model.checkpoint_io import local_dir
-
-    root = local_dir(uri)
-    missing = [name for name in (WEIGHTS_FILE, CONFIG_FILE, META_FILE, TOKENIZER_DIR) if not (root / name).exists()]
-    if missing:
-        raise UserError(f"{uri} is not a megl_ray export (missing {', '.join(missing)})")
-    try:
-        meta = json.loads((root / META_FILE).read_text())
-        cfg = config_from_dict(yaml.safe_load((root / CONFIG_FILE).read_text()))
-    except (ValueError, OSError, yaml.YAMLError) as err:
-        raise UserError(f"{uri}: cannot read {META_FILE}/{CONFIG_FILE}: {err}") from None
-    return meta, cfg
+    root, meta = check_export(uri)
+    return meta, load_export_config(root, uri)
 
 
 def default_out(checkpoint: str, split: str) -> str:
@@ -371,12 +359,15 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    if args.efficiency:
-        from megl_ray.efficiency import run_efficiency
+    from megl_ray.training.embedded import embedded_store_for
 
-        return run_efficiency(args)
-    return evaluate(args)
+    args = build_parser().parse_args(argv)
+    with embedded_store_for(args.checkpoint, args.data, args.out):  # the default run's store, after it ended
+        if args.efficiency:
+            from megl_ray.efficiency import run_efficiency
+
+            return run_efficiency(args)
+        return evaluate(args)
 
 
 if __name__ == "__main__":

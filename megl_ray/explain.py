@@ -1,6 +1,6 @@
 """``python -m megl_ray.explain``: what an exported MEGL model predicts for images, where it looked, and why it says so.
 
-    python -m megl_ray.explain --checkpoint URI IMAGE... --out DIR [--top-k 3] [--num-beams 1] [--max-new-tokens 32]
+    python -m megl_ray.explain --checkpoint URI IMAGE... --out DIR [--top-k 3] [--num-beams 1] [--max-new-tokens N]
     python -m megl_ray.explain --checkpoint URI --gallery --data URI [--split test] [--per-class 3] --out DIR
 
 For each IMAGE (local path or ``s3://``): the top-k classes with probabilities, ``DIR/<name>_overlay.png`` (the
@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from megl_ray.cli import ArgumentParser, run_cli, setup_logging
+from megl_ray.data.transforms import to_rgb
 from megl_ray.errors import UserError
 
 log = logging.getLogger("megl_ray.explain")
@@ -77,7 +78,7 @@ def read_image(uri: str) -> tuple[bytes, Image.Image]:
     except Invalid as problem:
         raise UserError(f"{uri}: not a usable image: {problem.detail}") from None
     with Image.open(io.BytesIO(data)) as img:
-        return data, img.convert("RGB")
+        return data, to_rgb(img)
 
 
 def heat(saliency: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -234,7 +235,7 @@ def explain_rows(exported: Any, table: Any, mask_size: int, out: Path, names: _N
         for i in range(len(columns["id"])):
             name = names(str(columns["id"][i]))
             with Image.open(io.BytesIO(columns["image"][i])) as img:
-                image = img.convert("RGB")
+                image = to_rgb(img)
             image.save(out / f"{name}_image.png")  # re-encoded: the source format may be one browsers cannot show
             sal = torch.as_tensor(outs["saliency"][i])
             overlay(image, heat(sal, (image.height, image.width))).save(out / f"{name}_overlay.png")
@@ -295,10 +296,17 @@ def write_gallery(exported: Any, checkpoint: str, data_uri: str, split: str, per
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from megl_ray.training.embedded import embedded_store_for
+
+    args = build_parser().parse_args(argv)
+    with embedded_store_for(args.checkpoint, args.data, args.out, *args.images):  # the default run's store
+        return _explain(args)
+
+
+def _explain(args: Any) -> dict[str, Any]:
     from megl_ray import storage
     from megl_ray.inference import load_for_inference
 
-    args = build_parser().parse_args(argv)
     if not args.images and not args.gallery:
         raise UserError("give at least one IMAGE, or --gallery with --data")
     if args.gallery and not args.data:

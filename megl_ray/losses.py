@@ -22,16 +22,19 @@ import torch
 import torch.nn.functional as F
 
 from megl_ray.config import LossConfig
+from megl_ray.model.precision import compute_in_fp32
 from megl_ray.model.saliency import resize_map
 
 IGNORE_INDEX = -100
 
 
+@compute_in_fp32
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-sample cross-entropy, (B,)."""
     return F.cross_entropy(logits.float(), labels, reduction="none")
 
 
+@compute_in_fp32
 def text_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-sample mean next-token NLL of the labelled tokens, (B,). logits (B, T, V), labels (B, T) with −100."""
     shift_logits = logits[:, :-1].float()
@@ -39,6 +42,24 @@ def text_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
     counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
     return nll.sum(dim=1) / counts.clamp_min(1)
+
+
+def rationale_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T−1) bool: the positions whose *next* token is a labelled rationale token — the only positions whose
+    logits the text loss needs (image and prompt positions, ~90% of a LLaVA sequence, need none)."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+@compute_in_fp32
+def text_loss_at(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``text_loss`` from the logits at ``rationale_positions(labels)`` only: logits (N, V), in the row-major order
+    of those positions, labels (B, T). Same value as ``text_loss`` on full-sequence logits."""
+    keep = rationale_positions(labels)
+    targets = labels[:, 1:][keep]
+    nll = F.cross_entropy(logits, targets, reduction="none")
+    rows = keep.nonzero()[:, 0]
+    sums = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+    return sums / keep.sum(dim=1).clamp_min(1)
 
 
 def _gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -52,6 +73,7 @@ def _gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return out.squeeze(1)
 
 
+@compute_in_fp32
 def visual_loss(saliency: torch.Tensor, target: torch.Tensor, transform: str = "none",
                 gaussian_sigma: float = 1.0) -> torch.Tensor:
     """Per-sample L_visual, (B,), against ground-truth maps ``target`` (B, H, W) in [0, 1] resized to Â's grid.
@@ -86,6 +108,7 @@ def as_distribution(maps: torch.Tensor, eps: float) -> torch.Tensor:
     return flat / flat.sum(dim=1, keepdim=True)
 
 
+@compute_in_fp32
 def distribution_consistency_loss(saliency: torch.Tensor, prior: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Per-sample KL(Â ‖ Ā), (B,). ``prior`` is the dataset's mean normalised ground-truth map (any resolution;
     it is area-resized to Â's grid)."""
@@ -95,6 +118,7 @@ def distribution_consistency_loss(saliency: torch.Tensor, prior: torch.Tensor, e
     return (p * (p.log() - q.log())).sum(dim=1)
 
 
+@compute_in_fp32
 def megl_objective(ce: torch.Tensor, text: torch.Tensor | None, visual: torch.Tensor | None,
                    dc: torch.Tensor | None, has_mask: torch.Tensor, weights: LossConfig,
                    sample_weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,7 +7,8 @@ training loop's per-epoch validation:
 * ``ClassificationMetrics.update(probs, labels)`` — torchmetrics (accuracy, macro P/R/F1, one-vs-rest AUC);
 * ``SaliencyMetrics.update(saliency, masks, has_mask)`` — mIoU (torchmetrics ``MeanIoU``) and the pointing game;
 * ``TextMetrics.update(hypotheses, references)`` — BLEU-4 (sacrebleu), METEOR and CIDEr (pycocoevalcap),
-  ROUGE-L (rouge-score) and ``text_similarity`` (all-MiniLM-L6-v2 embeddings).
+  ROUGE-L (rouge-score) and ``text_similarity`` (all-MiniLM-L6-v2 text-to-text cosine; the paper's image-text
+  CLIPScore is ``megl_ray.clipscore``, SPICE ``megl_ray.spice``).
 
 The first two are torchmetrics metrics underneath, so under ``torch.distributed`` their ``compute`` already reduces
 over all ranks. Text metrics are corpus-level (BLEU, CIDEr's IDF), so they keep the strings and score at the end.

@@ -5,7 +5,9 @@
     ray job submit --address http://HEAD:8265 -- python -m megl_ray.train --config ...
 
 With no storage and no data given it starts an embedded SeaweedFS S3 server, uploads the bundled sample dataset and
-keeps the runs there. Re-running with the same ``run.name`` resumes from the latest checkpoint. Progress goes to
+keeps the runs there. Without ``run.name`` every invocation is a new run; re-running with the same ``run.name`` and
+configuration resumes from the latest checkpoint (or, when complete, prints its result), while another configuration
+under that name stops with the keys that differ (see ``megl_ray.training.run_identity``). Progress goes to
 stderr; the last stdout line is ``result.json`` as one JSON object (also written to the run directory).
 """
 
@@ -52,8 +54,11 @@ def _start_ray(address: str | None, verbose: bool = False) -> None:
 
     if ray.is_initialized():
         return
+    from megl_ray.training.credentials import INHERIT_VAR
+
     address = address or os.environ.get("RAY_ADDRESS")
     filter_forwarded_logs(verbose)
+    os.environ.pop(INHERIT_VAR, None)
     if address:
         ray.init(address=address, **ray_init_options(verbose))
         configure_driver(verbose)
@@ -68,6 +73,7 @@ def _start_ray(address: str | None, verbose: bool = False) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    os.environ[INHERIT_VAR] = "1"  # its processes inherit this environment, credentials included
     ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
              _temp_dir=temp, _node_ip_address="127.0.0.1", **ray_init_options(verbose))
     configure_driver(verbose)
@@ -82,7 +88,8 @@ def _check_resources(cfg: MEGLConfig, use_gpu: bool) -> None:
         gpus = resources.get("GPU", 0)
         if cfg.train.num_workers > gpus:
             raise UserError(f"train.num_workers={cfg.train.num_workers} needs {cfg.train.num_workers} GPUs, "
-                            f"the cluster has {gpus:g}")
+                            f"the cluster has {gpus:g}: set train.num_workers={int(gpus)} or fewer, "
+                            "or train.use_gpu=false to train on CPUs")
     else:
         need = cfg.train.num_workers * cfg.train.cpus_per_worker
         cpus = resources.get("CPU", 0)
@@ -95,18 +102,24 @@ def _storage(storage_path: str):
     """(RunConfig storage_path, filesystem): a path without scheme plus a pyarrow filesystem, as Ray Train needs."""
     from megl_ray import storage
 
-    if storage.is_s3(storage_path):
-        fs, path = storage.pyarrow_filesystem(storage_path)
+    if storage.is_s3(storage_path):  # Ray Train/Tune keep it in their state: no credentials inside if possible
+        from megl_ray.training.credentials import workers_inherit_env
+
+        fs, path = storage.pyarrow_filesystem(storage_path, embed_credentials=not workers_inherit_env())
         return path, fs
     Path(storage_path).mkdir(parents=True, exist_ok=True)
     return str(Path(storage_path).resolve()), None
 
 
 def _worker_env(use_gpu: bool) -> dict[str, str]:
-    keys = [k for k in os.environ if k.startswith(("AWS_", "MEGL_")) or k in ("TORCH_EXTENSIONS_DIR",)]
-    env = {k: os.environ[k] for k in keys}
+    """What the workers need in their environment besides what they inherit, credentials left out (see
+    ``megl_ray.training.credentials``)."""
+    from megl_ray.training.credentials import public_env
     from megl_ray.training.embedded import megl_home
 
+    env = public_env()
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
     # DeepSpeed JIT-compiles a kernel on first use (~1 min on 2 cores): keep it between runs.
     env.setdefault("TORCH_EXTENSIONS_DIR", str(megl_home() / "torch_extensions"))
     if not use_gpu:
@@ -115,26 +128,11 @@ def _worker_env(use_gpu: bool) -> dict[str, str]:
 
 
 def evaluate_test_split(export_uri: str, data_uri: str) -> dict[str, float | None]:
-    """Accuracy and mIoU of the exported model on the test split, in this process (the metrics of
-    ``megl_ray.evaluate``, which adds the text metrics and the Ray Data path for large splits)."""
-    from megl_ray.data.reader import iter_row_batches, read_split
-    from megl_ray.data.schema import load_dataset_info
-    from megl_ray.data.transforms import model_batch, preprocess_rows
-    from megl_ray.export import load_export
-    from megl_ray.metrics import ClassificationMetrics, SaliencyMetrics
+    """Accuracy and mIoU of the export's classifier on the test split, in this process (see
+    ``megl_ray.training.post_eval``; ``fit`` runs it as a Ray task where the training resources are)."""
+    from megl_ray.training.post_eval import evaluate_test_split as classifier_only
 
-    exported = load_export(export_uri)
-    model, cfg = exported.model, exported.config
-    info = load_dataset_info(data_uri)
-    classification, saliency = ClassificationMetrics(info.num_classes), SaliencyMetrics()
-    for rows in iter_row_batches(read_split(data_uri, "test", info), 64, epoch=0, seed=0, shuffle=False):
-        pre = preprocess_rows({k: [r[k] for r in rows] for k in rows[0]}, model.tokenizer, cfg.model.image_size,
-                              info.mask_size, cfg.data.max_rationales, cfg.model.max_text_tokens)
-        batch = model_batch(pre, model.tokenizer, cfg.model.prompt_template, model.num_image_tokens, 0, 0)
-        probs, sal = model.predict(batch["pixels"])
-        classification.update(probs, batch["labels"])
-        saliency.update(sal, batch["masks"], batch["has_mask"])
-    return {"test_accuracy": classification.compute()["accuracy"], "test_miou": saliency.compute()["miou"]}
+    return classifier_only(export_uri, data_uri)
 
 
 def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = (),
@@ -152,6 +150,7 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
     from megl_ray.model.vlm import load_tokenizer
     from megl_ray.training.accounting import planned_steps
     from megl_ray.training.ds_config import global_batch_size
+    from megl_ray.training.guards import DIVERGED_KEY, raise_if_diverged
     from megl_ray.training.console import quiet_ray_data, train_logging_config
     from megl_ray.training.inputs import build_datasets, plan_splits
     from megl_ray.training.pictures import local_run_dir, write_pictures
@@ -206,19 +205,24 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks),
                              logging_config=train_logging_config(verbose)))
+    from megl_ray.training.credentials import credentials_file
+
     try:
-        with monitor:
+        # the credentials file: for workers that did not inherit them; removed when training ends
+        with monitor, credentials_file() as credentials:
+            loop["credentials_file"] = credentials
             result = trainer.fit()
     except BaseException:
         tracker.close(success=False)
         raise
-    if result.error is not None:
-        tracker.close(success=False)
-        raise UserError(f"training failed: {str(result.error).splitlines()[0]}")
     metrics = result.metrics or {}
+    if result.error is not None or metrics.get(DIVERGED_KEY):
+        tracker.close(success=False)
+        if result.error is not None:
+            raise UserError(f"training failed: {str(result.error).splitlines()[0]}")
+        raise_if_diverged(metrics)
     scheme = "s3://" if cfg.run.storage_path.startswith("s3://") else ""
-    test = (evaluate_test_split(run_uri + "/export", cfg.data.uri) if evaluate_test
-            else {"test_accuracy": None, "test_miou": None})
+    test: dict[str, Any] = {"test_accuracy": None, "test_miou": None}
     summary = {
         "checkpoint": scheme + result.checkpoint.path if result.checkpoint else None,
         "run_dir": run_uri, "export": run_uri + "/export", "data_uri": cfg.data.uri,
@@ -229,7 +233,19 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
         "final_loss": _round(metrics.get("loss")), "num_workers": cfg.train.num_workers,
         "zero_stage": cfg.train.zero_stage, "global_batch_size": global_batch_size(cfg),
     }
+    from megl_ray import storage
+
+    def write_result() -> None:
+        storage.write_bytes(run_uri + "/result.json", (json.dumps(summary, indent=2) + "\n").encode())
+
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    write_result()  # before any post-training evaluation: a failure there loses nothing
     if evaluate_test:
+        from megl_ray.training.post_eval import evaluate_where_the_gpus_are
+
+        test = evaluate_where_the_gpus_are(run_uri + "/export", cfg.data.uri, use_gpu, cfg.train.cpus_per_worker,
+                                           _worker_env(use_gpu))
+        summary.update(test_accuracy=_round(test["test_accuracy"]), test_miou=_round(test["test_miou"]))
         tracker.summary({"test/accuracy": test["test_accuracy"], "test/miou": test["test_miou"]})
     tracker.export(summary["export"])
     if evaluate_test:  # the end-of-run report; a sweep's trials skip it
@@ -239,9 +255,7 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
         summary["tensorboard"] = str(local_dir / "tensorboard")
     tracker.close(success=True)
     summary["seconds"] = round(time.monotonic() - started, 1)
-    from megl_ray import storage
-
-    storage.write_bytes(run_uri + "/result.json", (json.dumps(summary, indent=2) + "\n").encode())
+    write_result()
     return summary
 
 
@@ -251,14 +265,37 @@ def _round(value: Any) -> float | None:
     return round(float(value), 4)
 
 
+def next_steps(result: dict[str, Any]) -> list[str]:
+    """The commands that evaluate and explain this run's export (they reach the embedded store by themselves)."""
+    from megl_ray.training.embedded import megl_home, points_into_embedded
+
+    export, data = result["export"], result["data_uri"]
+    home = f"MEGL_HOME={os.environ['MEGL_HOME']} " if "MEGL_HOME" in os.environ and points_into_embedded(
+        export, data) else ""
+    out = megl_home() / "explanations" / Path(result["run_dir"]).name
+    return [f"evaluate it: {home}python -m megl_ray.evaluate --checkpoint {export} --data {data}",
+            f"explain it:  {home}python -m megl_ray.explain --checkpoint {export} --gallery --data {data} "
+            f"--out {out}"]
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    import dataclasses
+
+    from megl_ray.training.run_identity import check_run, fresh_name, name_given
+
     args = build_parser().parse_args(argv)
     configure_driver(args.verbose)
     cfg = load_config(args.config or packaged_config("tiny"), args.overrides)
+    if not name_given(args.config, args.overrides):  # every invocation a new run, unless a name is chosen
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=fresh_name(cfg.run.name)))
+        log.info("run %s (to resume it if interrupted, re-run with run.name=%s)", cfg.run.name, cfg.run.name)
     from megl_ray.training.embedded import embedded_default
     from megl_ray.training.pictures import closing_lines
 
     with embedded_default(cfg) as resolved:
+        complete = check_run(resolved, _run_uri(resolved.run.storage_path, resolved.run.name))
+        if complete is not None:
+            return complete
         try:
             result = fit(resolved, args.address, verbose=args.verbose)
         finally:
@@ -268,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             ray.shutdown()
     for line in closing_lines(result.get("pictures", {}), result["run_dir"], result.get("tensorboard")):
         print(line, file=sys.stderr, flush=True)
+    print("\n".join(f"[megl] {line}" for line in next_steps(result)), file=sys.stderr, flush=True)
     return result
 
 

@@ -23,7 +23,9 @@ from megl_ray.data.transforms import model_batch, preprocess_rows
 from megl_ray.errors import UserError
 from megl_ray.export import save_export
 from megl_ray.model import MEGLModel, build_megl_model
+from megl_ray.model.precision import autocast_dtype
 from megl_ray.optim import build_optimizer, build_scheduler, plain_step
+from megl_ray.training.guards import DivergenceGuard
 
 log = logging.getLogger("megl_ray.train_local")
 
@@ -76,11 +78,15 @@ def train(cfg: MEGLConfig, max_steps: int = 0, export: str | None = None) -> dic
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     model.train()
     step, history = 0, []
+    guard = DivergenceGuard(cfg.train.max_nonfinite_steps)
     for epoch in range(cfg.train.epochs):
         for rows in iter_row_batches(train_table, cfg.data.batch_size, epoch, cfg.train.seed):
             batch = make_batch(rows, model, cfg, info.mask_size, epoch)
-            out = plain_step(model, optimizer, scheduler, batch, cfg.optim.grad_clip)
+            half = autocast_dtype(cfg.train.precision)  # the same autocast the DeepSpeed config enables
+            with torch.autocast("cpu", dtype=half or torch.bfloat16, enabled=half is not None):
+                out = plain_step(model, optimizer, scheduler, batch, cfg.optim.grad_clip)
             step += 1
+            guard.check(out.loss, step)
             terms = {k: round(v.item(), 5) for k, v in out.terms.items()}
             history.append(terms)
             log.info("epoch %d step %d/%d %s", epoch, step, total,

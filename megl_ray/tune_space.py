@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 
 from megl_ray.config import MEGLConfig, _coerce, config_from_dict
 from megl_ray.errors import ConfigError
@@ -259,13 +258,6 @@ def parse_space(data: Any, source: str = "<space>", base: MEGLConfig | None = No
 
 def load_space(path: str | Path, base: MEGLConfig | None = None) -> SearchSpace:
     """Load and validate a space file; every error is a ``SpaceError`` naming the file (and the key)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpaceError(f"search space file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise SpaceError(f"{path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
-    return parse_space(data, str(path), base)
+    from megl_ray.strict_yaml import load_yaml_file
+
+    return parse_space(load_yaml_file(path, "search space file", SpaceError), str(path), base)

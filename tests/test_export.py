@@ -38,7 +38,7 @@ def test_loading_a_foreign_or_missing_export_gives_one_clear_line(tmp_path):
     model = build_megl_model(cfg, 4, corpus=corpus())
     save_export(model, cfg, CLASS_NAMES, str(tmp_path / "e"))
     meta = json.loads((tmp_path / "e" / "meta.json").read_text())
-    meta["num_classes"] = 7  # weights of a 4-class head under a 7-class config: another model
+    meta["num_classes"], meta["classes"] = 7, [f"c{i}" for i in range(7)]  # a 4-class head under 7 classes
     (tmp_path / "e" / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="weights do not fit"):
         load_export(str(tmp_path / "e"))

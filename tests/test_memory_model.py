@@ -65,3 +65,12 @@ def test_lora_parameter_count_matches_peft():
     before = _count(model)
     inject_adapter_in_model(LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), model)
     assert _count(model) - before == shape.lora_params(4, ("q_proj", "k_proj", "v_proj", "o_proj"))
+
+
+def test_readme_7b_table_is_the_one_the_model_computes():
+    from pathlib import Path
+
+    from megl_ray.training.memory_model import markdown_7b
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert markdown_7b() in readme

@@ -50,4 +50,11 @@ def test_deepspeed_config_derives_the_global_batch_and_precision():
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
     assert ds["zero_optimization"]["stage"] == 3 and "bf16" not in ds
     assert ds["gradient_clipping"] == cfg.optim.grad_clip
-    assert deepspeed_config(cfg, use_gpu=True)["bf16"] == {"enabled": True}
+    assert "torch_autocast" not in ds  # fp32 on CPUs by default
+    gpu = deepspeed_config(cfg, use_gpu=True)
+    assert gpu["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in gpu
+    fp16 = load_config(None, ["train.precision=fp16", "train.offload=cpu", "train.zero_stage=3"])
+    ds16 = deepspeed_config(fp16, use_gpu=False)
+    assert ds16["torch_autocast"]["dtype"] == "float16"
+    assert ds16["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds16["zero_optimization"]["offload_param"]["device"] == "cpu"

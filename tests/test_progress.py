@@ -53,3 +53,24 @@ def test_display_prints_each_event_once_as_one_line_when_not_a_terminal():
         "[megl] step 10/180 epoch 2/20 loss=1 ce=2 text=5 visual=0.1 dc=1.5 | 41.9 samples/s | eta 2m05s",
         "[megl] epoch 2/20 (step 18/180): val_accuracy=0.3000 val_miou=0.2000",
     ]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_on_a_terminal_one_tqdm_bar_shows_step_total_terms_throughput_and_eta():
+    stream = _Terminal()
+    display = ConsoleDisplay(total=180, stream=stream)
+    for step in (10, 20):
+        display.step({"kind": "step", "step": step, "total": 180, "epoch": 2, "epochs": 20,
+                      "values": {**_terms(step), "samples_per_s": 41.9}, "eta_s": 90})
+    display.epoch({"kind": "epoch", "step": 18, "total": 180, "epoch": 2, "epochs": 20,
+                   "values": {"val_accuracy": 0.3}})
+    display.close()
+    text = stream.getvalue()
+    assert display.bar.n == 20 and "20/180" in text and "loss=0.5" in text and "41.9 samples/s" in text
+    assert "eta 1m30s" in text
+    # the epoch line is printed above the bar, whole, on its own line
+    assert "\n[megl] epoch 2/20 (step 18/180): val_accuracy=0.3000\n" in "\n" + text.replace("\r", "\n")

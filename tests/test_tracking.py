@@ -85,7 +85,7 @@ def tracked(tmp_path_factory):
         proc = subprocess.run(
             [sys.executable, "-m", "megl_ray.train", "--config", str(FAST), "run.name=tracked",
              "run.tracking=[tensorboard,mlflow,wandb]", f"run.tracking_uri={uri}", f"run.experiment={EXPERIMENT}"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
         assert proc.returncode == 0, proc.stderr[-5000:]
         yield {"root": root, "uri": uri, "stderr": proc.stderr, "env": env,
                "result": json.loads(proc.stdout.strip().splitlines()[-1])}

@@ -92,3 +92,64 @@ def test_decode_image_and_mask():
     mask = decode_mask(bytes([0, 255, 51, 0]), 2)
     assert np.allclose(mask, [[0, 1], [0.2, 0]])
     assert decode_mask(None, 3).sum() == 0
+
+
+def test_high_bit_depth_images_are_scaled_not_clipped():
+    import io
+
+    from PIL import Image
+
+    from megl_ray.data.transforms import decode_image
+
+    ramp16 = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    ramp_f = np.linspace(0.0, 1.0, 16 * 16, dtype=np.float32).reshape(16, 16)
+    for array, fmt, mode in ((ramp16, "PNG", None), (ramp_f, "TIFF", "F")):
+        buf = io.BytesIO()
+        Image.fromarray(array, mode).save(buf, fmt)
+        pixels = decode_image(buf.getvalue(), 16)
+        expected = array.astype(np.float64) / (65535.0 if array.dtype == np.uint16 else 1.0)
+        assert np.abs(pixels[0] - expected).max() <= 1 / 255 + 1e-6, fmt  # 8-bit scaling clips at 255/65535
+        assert np.array_equal(pixels[0], pixels[2])
+
+
+def _llama_style_tokenizer():
+    """A Llama-style tokenizer trained from config, laid out as transformers' LlamaTokenizerFast (Llama-2, Vicuna,
+    LLaVA-1.5): a normalizer that prepends ``▁`` and turns spaces into ``▁``, a Metaspace split, and a decoder that
+    turns ``▁`` back into spaces and strips the one leading space."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.toy import corpus
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN],
+                                  show_progress=False)
+    tok.train_from_iterator(corpus() + ["USER: Why is this image a top left? ASSISTANT:"], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", extra_special_tokens={"image_token": IMAGE_TOKEN})
+
+
+def test_rationale_tokens_are_the_ones_the_llama_style_tokenizer_gives_after_the_prompt():
+    from megl_ray.data.transforms import encode_rationale, prompt_context
+    from tests.toy import RATIONALES
+
+    tok = _llama_style_tokenizer()
+    template = "USER: <image>\nWhy is this image a {label}? ASSISTANT:"
+    context = prompt_context(template)
+    assert context == "? ASSISTANT:"
+    stray = tok.convert_tokens_to_ids("▁")
+    for rationale in RATIONALES:
+        ids = encode_rationale(tok, rationale, context)
+        whole = tok.encode(context + " " + rationale, add_special_tokens=False)
+        assert whole[-len(ids):] == ids and whole[: len(whole) - len(ids)] == tok.encode(context,
+                                                                                          add_special_tokens=False)
+        assert ids[0] != stray and tok.convert_ids_to_tokens(ids[0]).startswith("▁")
+        assert tok.decode(ids) == rationale  # decode(encode(rationale)) round-trips exactly
+        # the piece-wise encoding this replaces starts with a stray boundary token
+        assert tok.encode(" " + rationale, add_special_tokens=False) == [stray] + ids
+        example = encode_example(tok, template, "top left", rationale, num_image_tokens=4, max_text_tokens=64)
+        labelled = [t for t in example["text_labels"] if t != -100]
+        assert labelled == ids + [tok.eos_token_id]  # labels cover exactly the rationale tokens and EOS

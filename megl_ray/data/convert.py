@@ -5,7 +5,10 @@
 
 SRC is a folder holding ``exp_annotation.json``, ``label_class_id_mapping.json`` and the images/masks they name.
 DST is a local folder or ``s3://bucket/prefix``; it receives ``<split>/part-NNNNN.parquet``, ``rejected.jsonl`` and,
-last (so that its presence marks a finished conversion), ``dataset.json``.
+last (so that its presence marks a finished conversion), ``dataset.json``. Everything is first written under a
+staging prefix inside DST and moved into place only once the conversion succeeded: a failed or interrupted run
+leaves the previous dataset as it was. DST must be empty, new, or hold a converted dataset (replaced only with
+``--overwrite``, and then only its own files); it can never be SRC or overlap it.
 
 Every problem becomes one ``rejected.jsonl`` line with a stable ``reason`` code and is counted in the summary; the
 run goes on (``--strict`` stops at the first one instead). Records stream through one at a time and shards are
@@ -21,6 +24,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from collections import Counter
 from typing import Any, Sequence
 
@@ -28,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from megl_ray import safe_io
 from megl_ray.cli import ArgumentParser, run_cli
 from megl_ray.data import schema
 from megl_ray.data.schema import SPLITS, Invalid, JsonObject
@@ -38,6 +43,11 @@ log = logging.getLogger("megl_ray.data.convert")
 ANNOTATION_FILE = "exp_annotation.json"
 MAPPING_FILE = "label_class_id_mapping.json"
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+ANNOTATION_LIMIT = 4 * 1024 * 1024 * 1024
+STAGING_PREFIX = ".megl-staging-"
+OWNED = (schema.DATASET_INFO_FILE, schema.REJECTED_FILE, *SPLITS)
+"""What a conversion writes at DST, in the order an overwrite deletes it (dataset.json first: no longer valid)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the split hash (default 0)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"largest width*height accepted, checked before decoding (default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                   help=f"largest image or mask file accepted, checked before reading (default {DEFAULT_MAX_BYTES})")
     p.add_argument("--strict", action="store_true", help="stop at the first problem instead of recording it")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already at DST")
     return p
@@ -70,19 +82,19 @@ def assign_split(record_id: str, seed: int, val_fraction: float, test_fraction: 
 
 
 def _read_json(path: str) -> Any:
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: file not found (the source folder must hold {ANNOTATION_FILE} and {MAPPING_FILE})")
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except OSError as err:
-        raise UserError(f"{path}: cannot read: {err.strerror or err}") from None
+        text = safe_io.read_text(path, ANNOTATION_LIMIT, "annotation file")
+    except safe_io.FileProblem as problem:
+        if problem.kind == "missing":
+            raise UserError(f"{path}: file not found (the source folder must hold {ANNOTATION_FILE} and "
+                            f"{MAPPING_FILE})") from None
+        raise UserError(problem.detail) from None
     try:
         return schema.parse_json(text)
     except json.JSONDecodeError as err:
         raise UserError(f"{path}:{err.lineno}:{err.colno}: {err.msg}") from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply to parse") from None
 
 
 def load_classes(path: str) -> list[str]:
@@ -95,6 +107,10 @@ def load_classes(path: str) -> list[str]:
     for name, cid in raw:
         if name in seen:
             raise UserError(f"{path}: class name {name!r} is given more than once")
+        problem = schema.text_problem(name) or (f"contains {schema.IMAGE_TOKEN!r}" if schema.IMAGE_TOKEN in name
+                                                else None if name.strip() else "is blank")
+        if problem:
+            raise UserError(f"{path}: class name {name!r} {problem}")
         seen.add(name)
         if not isinstance(cid, int) or isinstance(cid, bool):
             raise UserError(f"{path}: class {name!r} has id {cid!r}; ids must be integers")
@@ -199,6 +215,8 @@ class _Converter:
             raise Invalid(schema.WHAT_RECORD, "duplicate_id", "id appears earlier in the file; only its first entry is used")
         if not record_id.strip():
             raise Invalid(schema.WHAT_RECORD, "wrong_type", "record id is empty")
+        if schema.text_problem(record_id):
+            raise Invalid(schema.WHAT_RECORD, "invalid_text", f"record id {schema.text_problem(record_id)}")
         fields = schema.check_record_fields(raw)
         schema.check_class(fields["class_id"], fields["ans"], self.classes)
         rationales, soft = schema.clean_rationales(fields["exp"])
@@ -206,15 +224,16 @@ class _Converter:
             reasons = ", ".join(p.reason for p in soft) or "exp is empty"
             raise Invalid(schema.WHAT_RECORD, "no_usable_rationale", f"no non-blank text rationale ({reasons})")
         image_path = schema.resolve_inside(self.src, fields["image_path"])
-        data = schema.read_image_file(image_path, fields["image_path"])
+        data = schema.read_source_file(image_path, fields["image_path"], self.args.max_bytes, schema.WHAT_RECORD)
         fmt, width, height = schema.check_image_bytes(data, self.args.max_pixels)
 
         mask_bytes, prior = None, None
         visual = fields.get("visual_exp") or ""
         if visual.strip():
             try:
-                mask_path = schema.resolve_inside(self.src, visual, "mask_path_escape", schema.WHAT_MASK)
-                mask = schema.check_mask(schema.load_mask_file(mask_path, visual), height, width)
+                mask_path = schema.resolve_inside(self.src, visual, schema.WHAT_MASK)
+                raw_mask = schema.read_source_file(mask_path, visual, self.args.max_bytes, schema.WHAT_MASK)
+                mask = schema.check_mask(schema.load_mask(raw_mask, visual), height, width)
                 mask_bytes = schema.mask_to_bytes(mask, self.args.mask_size)
                 prior = schema.prior_term(mask, self.args.prior_size)
             except Invalid as problem:
@@ -240,7 +259,7 @@ class _Converter:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("mask_size", "prior_size", "rows_per_shard", "max_pixels"):
+    for name in ("mask_size", "prior_size", "rows_per_shard", "max_pixels", "max_bytes"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("val_fraction", "test_fraction"):
@@ -250,30 +269,73 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError("--val-fraction + --test-fraction must not exceed 1")
 
 
-def _prepare_destination(fs: Any, base: str, dst: str, overwrite: bool) -> None:
-    """Refuse to mix a new conversion into an old one's shards, unless told to replace it."""
-    from pyarrow.fs import FileSelector, FileType
+class _Destination:
+    """DST checked before anything is written, a staging prefix inside it, and the swap once the conversion
+    succeeded (``commit``) or the clean-up when it did not (``abort``)."""
 
-    existing = []
-    for name in (schema.DATASET_INFO_FILE, schema.REJECTED_FILE):
-        if fs.get_file_info(f"{base}/{name}").type != FileType.NotFound:
-            existing.append(name)
-    for split in SPLITS:
-        info = fs.get_file_info(f"{base}/{split}")
-        if info.type == FileType.Directory and fs.get_file_info(FileSelector(f"{base}/{split}", recursive=True)):
-            existing.append(f"{split}/")
-    if existing and not overwrite:
-        raise UserError(
-            f"{dst} already holds a dataset ({', '.join(existing)}); use an empty destination or --overwrite"
-        )
-    for name in existing:
-        if name.endswith("/"):
-            fs.delete_dir(f"{base}/{name[:-1]}")
-        else:
-            fs.delete_file(f"{base}/{name}")
-    fs.create_dir(base, recursive=True)
-    for split in SPLITS:
-        fs.create_dir(f"{base}/{split}", recursive=True)
+    def __init__(self, fs: Any, base: str, dst: str, overwrite: bool):
+        from pyarrow.fs import FileSelector, FileType
+
+        self.fs, self.base, self.dst = fs, base, dst
+        info = fs.get_file_info(base)
+        if info.type not in (FileType.NotFound, FileType.Directory):
+            raise UserError(f"cannot write to {dst}: it exists and is not a folder")
+        self.created = info.type == FileType.NotFound
+        names = [] if self.created else [i.base_name for i in fs.get_file_info(FileSelector(base))]
+        names = [n for n in names if not n.startswith(STAGING_PREFIX)]  # another run's staging is not ours to judge
+        self.existing = [n for n in OWNED if n in names]
+        foreign = sorted(set(names) - set(OWNED))
+        if foreign and schema.DATASET_INFO_FILE not in names:
+            raise UserError(f"{dst} is not empty and holds no converted dataset ({', '.join(foreign[:3])}...); "
+                            "refusing to write into it: choose an empty or new destination")
+        if self.existing and not overwrite:
+            raise UserError(f"{dst} already holds a dataset ({', '.join(self.existing)}); use an empty destination "
+                            "or --overwrite")
+        self.staging = f"{base}/{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
+        fs.create_dir(self.staging, recursive=True)
+        for split in SPLITS:
+            fs.create_dir(f"{self.staging}/{split}", recursive=True)
+
+    def commit(self) -> None:
+        """Replace the old dataset's own files by the new ones; ``dataset.json`` goes first and comes back last."""
+        from pyarrow.fs import FileSelector, FileType
+
+        for name in self.existing:
+            path = f"{self.base}/{name}"
+            (self.fs.delete_dir if self.fs.get_file_info(path).type == FileType.Directory else self.fs.delete_file)(path)
+        files = [i.path for i in self.fs.get_file_info(FileSelector(self.staging, recursive=True))
+                 if i.type == FileType.File]
+        info_file = f"{self.staging}/{schema.DATASET_INFO_FILE}"
+        for split in SPLITS:
+            self.fs.create_dir(f"{self.base}/{split}", recursive=True)
+        for path in sorted(files, key=lambda p: p == info_file):  # file by file: object stores cannot move folders
+            self.fs.move(path, self.base + path[len(self.staging):])
+        self.fs.delete_dir(self.staging)
+
+    def abort(self) -> None:
+        """Remove the staging prefix (and DST itself when this run created it), leaving DST as it was."""
+        for path in (self.staging, self.base) if self.created else (self.staging,):
+            try:
+                self.fs.delete_dir(path)
+            except OSError as err:
+                log.warning("could not clean up %s: %s", path, err)
+
+
+def shuffled_records(records: Any, seed: int) -> list[tuple[str, Any]]:
+    """The (id, record) pairs in a seeded random order, so that every shard mixes the classes even when the
+    annotation file is sorted by class (training streams shards in order; a class-sorted shard gives single-class
+    batches). A repeated id keeps its first entry: later copies come after all first entries."""
+    import numpy as np
+
+    pairs = list(records)
+    first: dict[str, int] = {}
+    for index, (record_id, _) in enumerate(pairs):
+        first.setdefault(record_id, index)
+    firsts = sorted(first.values())
+    kept = set(firsts)
+    later = [i for i in range(len(pairs)) if i not in kept]
+    order = [firsts[i] for i in np.random.default_rng([seed, 17]).permutation(len(firsts))] + later
+    return [pairs[i] for i in order]
 
 
 def convert(args: argparse.Namespace) -> dict[str, Any]:
@@ -292,19 +354,35 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
 
     if storage.is_s3(args.dst):
         storage.ensure_bucket(args.dst)
+    elif safe_io.overlaps(src, args.dst):
+        raise UserError(f"destination {args.dst!r} is, contains or lies inside the source folder {args.src!r}: "
+                        "the source must stay untouched")
     fs, base = storage.pyarrow_filesystem(args.dst)
     base = base.rstrip("/")
     try:
-        _prepare_destination(fs, base, args.dst, args.overwrite)
+        destination = _Destination(fs, base, args.dst, args.overwrite)
     except OSError as err:  # a file in the way, no permission, unreachable S3: the user's to fix
         raise UserError(f"cannot write to {args.dst}: {err}") from None
     log.info("converting %d records of %d classes from %s to %s", len(records), len(classes), src, args.dst)
+    try:
+        summary = _convert_into(fs, destination.staging, src, classes, records, args)
+        destination.commit()
+    except BaseException:
+        destination.abort()
+        raise
+    summary.update(dst=args.dst, seconds=round(time.monotonic() - started, 3))
+    log.info("done: %d written, %d rejected", summary["rows_written"], summary["rows_rejected"])
+    return summary
 
+
+def _convert_into(fs: Any, base: str, src: str, classes: list[str], records: JsonObject,
+                  args: argparse.Namespace) -> dict[str, Any]:
+    """Convert every record into ``base`` (the staging prefix); return the summary counts."""
     writer = _ShardWriter(fs, base, args.rows_per_shard, args.mask_size)
     with fs.open_output_stream(f"{base}/{schema.REJECTED_FILE}") as stream:
         rejections = _Rejections(stream, args.strict)
         converter = _Converter(src, classes, args, rejections, writer)
-        for index, (record_id, raw) in enumerate(records):
+        for index, (record_id, raw) in enumerate(shuffled_records(records, args.seed)):
             converter.process(record_id, raw)
             if (index + 1) % 1000 == 0:
                 log.info("%d/%d records", index + 1, len(records))
@@ -330,7 +408,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     if converter.rows_in != converter.rows_written + converter.rows_rejected:  # nothing may vanish silently
         raise RuntimeError(f"bug: {converter.rows_in} records in, {converter.rows_written} written, "
                            f"{converter.rows_rejected} rejected")
-    summary = {
+    return {
         "rows_in": converter.rows_in,
         "rows_written": converter.rows_written,
         "rows_rejected": converter.rows_rejected,
@@ -339,11 +417,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
         "rejected_by_reason": dict(sorted(rejections.by_reason.items())),
         "masks_rejected": rejections.by_what[schema.WHAT_MASK],
         "rationales_dropped": rejections.by_what[schema.WHAT_RATIONALE],
-        "dst": args.dst,
-        "seconds": round(time.monotonic() - started, 3),
     }
-    log.info("done: %d written, %d rejected", summary["rows_written"], summary["rows_rejected"])
-    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

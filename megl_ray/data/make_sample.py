@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageFilter
 
-from megl_ray.cli import run_cli
+from megl_ray.cli import ArgumentParser, run_cli
 from megl_ray.errors import UserError
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -239,6 +239,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     if args.n_per_class > min(len(ix) for ix in by_class):
         raise UserError(f"--n-per-class must be at most {min(len(ix) for ix in by_class)} (digits per class)")
     out = args.out
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise UserError(f"{out} exists and is not a folder; choose a new or empty folder")
     owned = ("images", "masks", "exp_annotation.json", "label_class_id_mapping.json", "README.md")
     if os.path.isdir(out) and os.listdir(out):
         if not args.overwrite:
@@ -298,7 +300,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface (see the module docstring)."""
-    p = argparse.ArgumentParser(prog="python -m megl_ray.data.make_sample", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m megl_ray.data.make_sample", description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="folder to write (created; must be empty unless --overwrite)")
     p.add_argument("--n-per-class", type=int, default=60, help="images per digit class (default 60, at most 500)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -17,13 +17,14 @@ from megl_ray.data.schema import DATASET_INFO_FILE, DatasetInfo, load_dataset_in
 from megl_ray.errors import UserError
 
 
-def split_paths(uri: str, info: DatasetInfo, split: str) -> tuple[Any, list[str]]:
-    """(pyarrow filesystem, shard paths) of one split."""
+def split_paths(uri: str, info: DatasetInfo, split: str, embed_credentials: bool = True) -> tuple[Any, list[str]]:
+    """(pyarrow filesystem, shard paths) of one split; ``embed_credentials`` as in ``storage.pyarrow_filesystem``
+    (False for a filesystem that Ray ships to its workers)."""
     from megl_ray.storage import pyarrow_filesystem
 
     if split not in info.shards:
         raise UserError(f"dataset at {uri} has no split '{split}' (it has {', '.join(info.shards)})")
-    fs, base = pyarrow_filesystem(uri)
+    fs, base = pyarrow_filesystem(uri, embed_credentials=embed_credentials)
     return fs, [f"{base.rstrip('/')}/{rel}" for rel in info.shards[split]]
 
 
@@ -34,7 +35,29 @@ def read_split(uri: str, split: str, info: DatasetInfo | None = None,
     fs, paths = split_paths(uri, info, split)
     if not paths:
         return pa.table({})
-    return pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=columns)
+    try:
+        dataset = pads.dataset(paths, filesystem=fs, format="parquet")
+        check_shard_schema(dataset.schema, uri, split)
+        return dataset.to_table(columns=columns)
+    except FileNotFoundError as err:
+        raise UserError(f"dataset at {uri}: a shard of split '{split}' is missing ({_first_line(err)})") from None
+    except (pa.ArrowInvalid, OSError) as err:  # truncated or overwritten shard, not Parquet at all
+        raise UserError(f"dataset at {uri}: cannot read split '{split}': {_first_line(err)}") from None
+
+
+def check_shard_schema(found: pa.Schema, uri: str, split: str) -> None:
+    """Refuse shards whose columns are not the converter's (a foreign Parquet file under a dataset's name)."""
+    from megl_ray.data.schema import PARQUET_SCHEMA
+
+    for want in PARQUET_SCHEMA:
+        index = found.get_field_index(want.name)
+        if index < 0 or not found.field(index).type.equals(want.type):
+            got = "missing" if index < 0 else str(found.field(index).type)
+            raise UserError(f"dataset at {uri}: split '{split}' column '{want.name}' is {got}, expected {want.type}")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:300]
 
 
 def epoch_order(num_rows: int, epoch: int, seed: int) -> np.ndarray:

@@ -10,11 +10,8 @@ The check functions raise ``Invalid`` with a stable snake_case ``reason`` code; 
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
-import math
-import os
 import warnings
 from typing import Any
 
@@ -22,12 +19,20 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
-from megl_ray.errors import UserError
+from megl_ray import safe_io
+from megl_ray.data.dataset_info import (  # noqa: F401 - the format's names, importable from here as before
+    DATASET_INFO_FILE,
+    FORMAT_VERSION,
+    SPLITS,
+    DatasetInfo,
+    load_dataset_info,
+)
 
-FORMAT_VERSION = 1
-SPLITS = ("train", "val", "test")
-DATASET_INFO_FILE = "dataset.json"
 REJECTED_FILE = "rejected.jsonl"
+IMAGE_TOKEN = "<image>"
+"""Where the prompt's image tokens go: a rationale or class name holding it would add image tokens."""
+MAX_INT_DIGITS = 32
+"""Longer JSON integers are not parsed (Python refuses > 4300 digits anyway): no id or count is that long."""
 
 # What a rejection is about: the whole record (not written), its mask (record written without it) or one rationale
 # (dropped from the list).
@@ -51,6 +56,10 @@ RECORD_REASONS = (
     "unknown_class_name",
     "class_name_mismatch",
     "no_usable_rationale",
+    "invalid_text",
+    "path_invalid",
+    "image_not_regular_file",
+    "image_too_large",
 )
 MASK_REASONS = (
     "mask_path_escape",
@@ -63,8 +72,11 @@ MASK_REASONS = (
     "mask_out_of_range",
     "mask_all_zero",
     "mask_shape_mismatch",
+    "mask_path_invalid",
+    "mask_not_regular_file",
+    "mask_too_large",
 )
-RATIONALE_REASONS = ("rationale_blank", "rationale_not_text")
+RATIONALE_REASONS = ("rationale_blank", "rationale_not_text", "rationale_invalid_text", "rationale_has_image_token")
 
 PARQUET_SCHEMA = pa.schema(
     [
@@ -117,9 +129,33 @@ class JsonObject(list):
     """
 
 
+class HugeNumber:
+    """A JSON integer with more than ``MAX_INT_DIGITS`` digits, kept unparsed so that its record is rejected alone."""
+
+    def __init__(self, digits: str):
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"{self.digits[:12]}... ({len(self.digits)} digits)"
+
+
+def _parse_int(digits: str) -> int | HugeNumber:
+    return int(digits) if len(digits) <= MAX_INT_DIGITS else HugeNumber(digits)
+
+
 def parse_json(text: str) -> Any:
-    """Parse JSON text with every object as a ``JsonObject``; raises ``json.JSONDecodeError`` on bad syntax."""
-    return json.loads(text, object_pairs_hook=JsonObject)
+    """Parse JSON text with every object as a ``JsonObject``; raises ``json.JSONDecodeError`` on bad syntax and
+    ``RecursionError`` on absurd nesting. Over-long integers become ``HugeNumber`` (see ``MAX_INT_DIGITS``)."""
+    return json.loads(text, object_pairs_hook=JsonObject, parse_int=_parse_int)
+
+
+def text_problem(value: str) -> str | None:
+    """Why a string from a data file cannot be stored as UTF-8 (a lone surrogate such as ``"\\ud800"``), or None."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"holds {value[err.start]!r} at index {err.start}, which is not encodable as UTF-8"
+    return None
 
 _REQUIRED = {"image_path": str, "class_id": int, "ans": str, "exp": list}
 
@@ -153,6 +189,10 @@ def check_record_fields(record: Any) -> dict[str, Any]:
     visual = fields.get("visual_exp")
     if visual is not None and not isinstance(visual, str):
         raise _record("wrong_type", f"field 'visual_exp' must be a JSON string, got {_json_type(visual)}")
+    for key in ("image_path", "ans", "visual_exp", "split"):
+        problem = text_problem(fields[key]) if isinstance(fields.get(key), str) else None
+        if problem:
+            raise _record("invalid_text", f"field {key!r} {problem}")
     if "split" in fields and fields["split"] not in SPLITS:
         raise _record("bad_split", f"field 'split' is {fields['split']!r}; expected one of {', '.join(SPLITS)}")
     return fields
@@ -166,6 +206,8 @@ def _json_type(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "boolean"
+    if isinstance(value, HugeNumber):
+        return f"an integer of {len(value.digits)} digits"
     if isinstance(value, (int, float)):
         return "number"
     if isinstance(value, str):
@@ -199,35 +241,38 @@ def clean_rationales(items: list[Any]) -> tuple[list[str], list[Invalid]]:
             dropped.append(Invalid(WHAT_RATIONALE, "rationale_not_text", f"exp[{index}] is a {_json_type(item)}"))
         elif not item.strip():
             dropped.append(Invalid(WHAT_RATIONALE, "rationale_blank", f"exp[{index}] is blank"))
+        elif text_problem(item):
+            dropped.append(Invalid(WHAT_RATIONALE, "rationale_invalid_text", f"exp[{index}] {text_problem(item)}"))
+        elif IMAGE_TOKEN in item:
+            dropped.append(Invalid(WHAT_RATIONALE, "rationale_has_image_token",
+                                   f"exp[{index}] contains {IMAGE_TOKEN!r}, the prompt's image placeholder"))
         else:
             kept.append(item.strip())
     return kept, dropped
 
 
-def resolve_inside(root: str, relative: str, reason: str = "path_escape", what: str = WHAT_RECORD) -> str:
-    """Resolve ``relative`` under ``root`` and refuse anything that lands outside it (``..``, absolute, symlinks)."""
-    if os.path.isabs(relative) or relative.startswith(("/", "\\")):
-        raise Invalid(what, reason, f"absolute path {relative!r}; paths must be relative to the dataset folder")
-    root_real = os.path.realpath(root)
-    # realpath follows symlinks, so a link inside the folder that points outside it is caught too.
-    full = os.path.realpath(os.path.join(root_real, relative))
-    if os.path.commonpath([root_real, full]) != root_real:
-        raise Invalid(what, reason, f"path {relative!r} resolves outside the dataset folder")
-    return full
+def resolve_inside(root: str, relative: str, what: str = WHAT_RECORD) -> str:
+    """Resolve ``relative`` under ``root`` and refuse anything that lands outside it (``..``, absolute, symlinks):
+    reason ``path_escape`` (``mask_path_escape``), or ``path_invalid`` for a path no filesystem accepts (NUL)."""
+    prefix = "mask_" if what == WHAT_MASK else ""
+    try:
+        return safe_io.resolve_inside(root, relative)
+    except ValueError as err:
+        reason = "path_invalid" if "\x00" in relative else "path_escape"
+        raise Invalid(what, prefix + reason, str(err)) from None
 
 
 # ---------------------------------------------------------------------------------------------------------- images
 
 
-def read_image_file(path: str, relative: str) -> bytes:
-    """Read an image file's bytes; a missing or unreadable file raises ``Invalid``."""
-    if not os.path.lexists(path):
-        raise _record("image_missing", f"image file {relative!r} does not exist")
+def read_source_file(path: str, relative: str, limit: int, what: str) -> bytes:
+    """An image's or mask's bytes, bounded (``safe_io.read_bytes``: regular files only, size checked first);
+    problems raise ``Invalid`` with reason ``image_<kind>`` or ``mask_<kind>``."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as err:
-        raise _record("image_unreadable", f"cannot read image file {relative!r}: {err.strerror or err}") from None
+        return safe_io.read_bytes(path, limit, f"{what} file")
+    except safe_io.FileProblem as problem:
+        reason = f"{'mask' if what == WHAT_MASK else 'image'}_{problem.kind}"
+        raise Invalid(what, reason, problem.detail.replace(repr(path), repr(relative))) from None
 
 
 def check_image_bytes(data: bytes, max_pixels: int) -> tuple[str, int, int]:
@@ -272,12 +317,10 @@ def check_image_bytes(data: bytes, max_pixels: int) -> tuple[str, int, int]:
 # ----------------------------------------------------------------------------------------------------------- masks
 
 
-def load_mask_file(path: str, relative: str) -> np.ndarray:
-    """Load a ``.npy`` mask without unpickling (a pickle in a data set could run code)."""
-    if not os.path.lexists(path):
-        raise _mask("mask_missing", f"mask file {relative!r} does not exist")
+def load_mask(data: bytes, relative: str) -> np.ndarray:
+    """Parse a ``.npy`` mask's bytes without unpickling (a pickle in a data set could run code)."""
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as err:  # noqa: BLE001 - any failure to read the file is the same problem to the user
         raise _mask("mask_unreadable", f"cannot read mask {relative!r} as .npy: {err}") from None
 
@@ -360,96 +403,3 @@ def prior_term(mask: np.ndarray, prior_size: int) -> np.ndarray:
     """One mask's contribution to the prior: area-resized to prior_size² and normalised to sum 1."""
     small = area_resize(mask, prior_size)
     return small / small.sum()
-
-
-# ---------------------------------------------------------------------------------------------------- dataset.json
-
-
-@dataclasses.dataclass
-class DatasetInfo:
-    """``dataset.json``: what a converted dataset holds, written last so its presence marks a complete conversion.
-
-    ``prior`` is the mean over train masks of each mask area-resized to ``prior_size``² and normalised to sum 1: a
-    spatial probability distribution (the Ā of MEGL's distribution-consistency loss KL(Â‖Ā)). Uniform when the
-    train split has no masks. ``shards`` paths are relative to the dataset root.
-    """
-
-    classes: list[str]
-    counts: dict[str, dict[str, int]]
-    mask_coverage: dict[str, float]
-    splits: dict[str, int]
-    mask_size: int
-    prior_size: int
-    prior: list[list[float]]
-    shards: dict[str, list[str]]
-    source: str
-    format_version: int = FORMAT_VERSION
-    num_classes: int = -1
-    convert_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.num_classes < 0:
-            self.num_classes = len(self.classes)
-
-    def validate(self) -> None:
-        """Raise ``UserError`` when the fields contradict each other (a hand-edited or foreign file)."""
-        if self.format_version != FORMAT_VERSION:
-            raise UserError(f"dataset.json format_version {self.format_version} is not supported ({FORMAT_VERSION})")
-        if self.num_classes != len(self.classes):
-            raise UserError(f"dataset.json num_classes {self.num_classes} != {len(self.classes)} class names")
-        prior = np.asarray(self.prior, dtype=np.float64)
-        if prior.shape != (self.prior_size, self.prior_size):
-            raise UserError(f"dataset.json prior has shape {prior.shape}, expected {self.prior_size}x{self.prior_size}")
-        if not np.isfinite(prior).all() or (prior < 0).any() or not math.isclose(prior.sum(), 1.0, rel_tol=1e-6):
-            raise UserError("dataset.json prior is not a probability distribution (non-negative, sums to 1)")
-
-    def prior_array(self) -> np.ndarray:
-        """The prior as a float32 (prior_size, prior_size) array."""
-        return np.asarray(self.prior, dtype=np.float32)
-
-    def to_json(self) -> str:
-        """Serialise (fields in declaration order, classes in id order: identical conversions give identical files)."""
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> "DatasetInfo":
-        """Parse and validate; unknown keys are ignored so newer writers stay readable by older readers."""
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"dataset.json:{err.lineno}:{err.colno}: {err.msg}") from None
-        if not isinstance(raw, dict):
-            raise UserError("dataset.json is not a JSON object")
-        names = {f.name for f in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING}
-        missing = sorted(required - raw.keys())
-        if missing:
-            raise UserError(f"dataset.json lacks key(s): {', '.join(missing)}")
-        info = cls(**{k: v for k, v in raw.items() if k in names})
-        info.validate()
-        return info
-
-
-def load_dataset_info(uri: str) -> DatasetInfo:
-    """Load ``dataset.json`` from a converted dataset's root (local path or ``s3://``), or from the file's own URI."""
-    from megl_ray.storage import pyarrow_filesystem
-
-    fs, path = pyarrow_filesystem(uri)
-    if not path.endswith(".json"):
-        path = path.rstrip("/") + "/" + DATASET_INFO_FILE
-    try:
-        with fs.open_input_stream(path) as f:
-            text = f.read().decode("utf-8")
-    except FileNotFoundError:
-        raise UserError(
-            f"no {DATASET_INFO_FILE} at {uri} (not a converted dataset, or its conversion did not finish)"
-        ) from None
-    except (OSError, UnicodeDecodeError) as err:
-        from megl_ray.retrying_fs import is_transient
-
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if is_transient(err):
-            raise UserError(f"storage unreachable while reading {DATASET_INFO_FILE} at {uri}: {first}") from None
-        raise UserError(f"cannot read {DATASET_INFO_FILE} at {uri}: {first}") from None
-    return DatasetInfo.from_json(text)

@@ -26,16 +26,31 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megl_ray.data.schema import mask_from_bytes
+from megl_ray.data.schema import IMAGE_TOKEN, mask_from_bytes
 
 IGNORE_INDEX = -100
-IMAGE_TOKEN = "<image>"
+
+
+_HIGH_DEPTH = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+"""Greyscale modes of more than 8 bits and the value that means white (16-bit PNGs open as I;16 or I; float
+TIFFs as F, in [0, 1]). PIL's own ``convert("RGB")`` clips them at 255 instead of scaling them."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An opened image as 8-bit RGB, with 16-bit, 32-bit and float greyscale scaled rather than clipped."""
+    if img.mode in _HIGH_DEPTH:
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
+        white = _HIGH_DEPTH[img.mode]
+        if values.max(initial=0.0) > white:  # out of the mode's usual range (a 32-bit or unnormalised float image)
+            white = float(values.max())
+        img = Image.fromarray(np.rint(np.clip(values / white, 0.0, 1.0) * 255.0).astype(np.uint8), "L")
+    return img.convert("RGB")
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
     """Encoded image bytes → float32 (3, size, size) in [0, 1] (RGB, bilinear resize)."""
     with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
+        img = to_rgb(img)
         if img.size != (size, size):
             img = img.resize((size, size), Image.BILINEAR)
         return np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
@@ -67,11 +82,35 @@ def encode_prompt(tokenizer: Any, template: str, label_name: str, num_image_toke
     return ids
 
 
+DEFAULT_CONTEXT = "? ASSISTANT:"
+
+
+def prompt_context(template: str) -> str:
+    """The fixed text right before the rationale: the template's tail after its last ``{label}``/``<image>``."""
+    tail = template.split(IMAGE_TOKEN)[-1]
+    return tail.split("{label}")[-1] or DEFAULT_CONTEXT
+
+
+def encode_rationale(tokenizer: Any, rationale: str, context: str = DEFAULT_CONTEXT) -> list[int]:
+    """The rationale's token ids as the tokenizer produces them *after the prompt*: the text ``context + " " +
+    rationale`` is tokenised at once and the context's own tokens removed. Tokenising ``" " + rationale`` on its own
+    would, with SentencePiece/Metaspace (Llama) tokenizers, start every rationale with a stray word-boundary token
+    ``▁`` the model never saw there; byte-level BPE (GPT-2, Qwen2) gives the same ids either way. If the context's
+    tokens are not a prefix of the joint tokenisation (a merge across the boundary), the piece-wise encoding is
+    used."""
+    text = rationale.strip()
+    ctx = tokenizer.encode(context, add_special_tokens=False)
+    joint = tokenizer.encode(context + " " + text, add_special_tokens=False)
+    if joint[: len(ctx)] == ctx:
+        return joint[len(ctx):]
+    return tokenizer.encode(" " + text, add_special_tokens=False)
+
+
 def encode_example(tokenizer: Any, template: str, label_name: str, rationale: str, num_image_tokens: int,
                    max_text_tokens: int) -> dict[str, list[int]]:
     """Prompt + rationale + EOS as input ids with LM labels that cover the rationale and EOS only."""
     prompt = encode_prompt(tokenizer, template, label_name, num_image_tokens)
-    answer = tokenizer.encode(" " + rationale.strip(), add_special_tokens=False)[: max_text_tokens - 1]
+    answer = encode_rationale(tokenizer, rationale, prompt_context(template))[: max_text_tokens - 1]
     answer.append(tokenizer.eos_token_id)
     return {
         "input_ids": prompt + answer,
@@ -92,13 +131,13 @@ def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int, side: str 
 
 
 def tokenize_rationales(tokenizer: Any, rationales: Sequence[str], max_rationales: int,
-                        max_text_tokens: int) -> tuple[np.ndarray, int]:
+                        max_text_tokens: int, context: str = DEFAULT_CONTEXT) -> tuple[np.ndarray, int]:
     """All of an image's rationales as ids, (max_rationales, max_text_tokens) int32 padded with −1, plus how many
     there are. Tokenising every rationale up front lets the trainer draw a different one each epoch for free."""
     out = np.full((max_rationales, max_text_tokens), -1, dtype=np.int32)
     kept = [r for r in rationales][:max_rationales]
     for i, text in enumerate(kept):
-        ids = tokenizer.encode(" " + text.strip(), add_special_tokens=False)[: max_text_tokens - 1]
+        ids = encode_rationale(tokenizer, text, context)[: max_text_tokens - 1]
         ids.append(tokenizer.eos_token_id)
         out[i, : len(ids)] = ids
     return out, len(kept)

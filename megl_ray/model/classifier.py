@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 from megl_ray.errors import ConfigError
 from megl_ray.model.saliency import closed_form_cam
@@ -46,12 +47,17 @@ class CAMHead(nn.Linear):
         return logits, closed_form_cam(features, self.weight, target)
 
 
+def _checkpointing(module: nn.Module) -> bool:
+    return getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled()
+
+
 class Classifier(nn.Module):
     """A backbone producing a feature map plus a head; ``forward`` takes [0, 1] pixels."""
 
     def __init__(self, backbone: nn.Module, channels: int, num_classes: int, head: str = "linear"):
         super().__init__()
         self.backbone = backbone
+        self.norm_frozen = False
         self.channels = channels
         self.head_kind = head
         if head == "linear":
@@ -62,6 +68,30 @@ class Classifier(nn.Module):
             raise ConfigError(f"model.classifier_head: unknown head '{head}'")
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> "Classifier":
+        super().train(mode)
+        if self.norm_frozen:  # frozen BatchNorm stays in eval mode: running statistics, no batch statistics
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    def freeze_norm(self) -> int:
+        """BatchNorm layers in eval mode with frozen affine parameters (``model.freeze_norm``); returns how many."""
+        count = 0
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.requires_grad_(False)
+                count += 1
+        self.norm_frozen = True
+        self.train(self.training)
+        return count
+
+    def set_gradient_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the backbone's stages in the backward (non-reentrant). With BatchNorm in train mode the
+        recomputation updates the running statistics a second time; ``freeze_norm`` avoids that."""
+        self.backbone.gradient_checkpointing = enable
 
     @property
     def cam_weight(self) -> torch.Tensor | None:
@@ -97,6 +127,8 @@ class TinyCNN(nn.Module):
         self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _checkpointing(self):
+            return checkpoint_sequential(self.body, 3, x, use_reentrant=False)
         return self.body(x)
 
 
@@ -109,6 +141,8 @@ class ResNetTrunk(nn.Module):
         self.stages = nn.Sequential(resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _checkpointing(self):
+            return checkpoint_sequential(self.stages, len(self.stages), self.stem(x), use_reentrant=False)
         return self.stages(self.stem(x))
 
 
@@ -126,7 +160,14 @@ class ViTPatchTrunk(nn.Module):
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         x = self.vit._process_input(x)
         cls = self.vit.class_token.expand(x.shape[0], -1, -1)
-        return self.vit.encoder(torch.cat([cls, x], dim=1))  # (B, 1 + h*w, D), LayerNorm applied
+        x = torch.cat([cls, x], dim=1)
+        if not _checkpointing(self):
+            return self.vit.encoder(x)  # (B, 1 + h*w, D), LayerNorm applied
+        encoder = self.vit.encoder
+        x = encoder.dropout(x + encoder.pos_embedding)
+        for layer in encoder.layers:
+            x = checkpoint(layer, x, use_reentrant=False)
+        return encoder.ln(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.tokens(x)[:, 1:]

@@ -18,6 +18,7 @@ from megl_ray import losses
 from megl_ray.config import LossConfig, MEGLConfig, ModelConfig
 from megl_ray.data.transforms import encode_prompt, pad_sequences
 from megl_ray.model.classifier import Classifier, build_classifier
+from megl_ray.model.precision import autocast_dtype, prepare_model
 from megl_ray.model.saliency import gradcam, upsample
 from megl_ray.model.vlm import CLIP_MEAN, CLIP_STD, VLMBundle, build_vlm
 
@@ -32,6 +33,9 @@ class MEGLOutput:
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     """Detached batch means for logging: ce, text, visual (over samples with a mask), dc (over samples without)."""
     text_logits: torch.Tensor | None = None
+    """Full-sequence LM logits, only with ``forward(full_logits=True)``."""
+    text: torch.Tensor | None = None
+    """Per-sample L_text (B,), differentiable; None when the text term is off."""
 
 
 class SDTGFusion(nn.Module):
@@ -117,12 +121,23 @@ class MEGLModel(nn.Module):
         classes = out.logits.argmax(dim=1) if isinstance(target, str) else target
         return out, gradcam(out.features, out.logits, classes, None, create_graph=self.training)
 
+    def rationale_text_loss(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                            text_labels: torch.Tensor) -> torch.Tensor:
+        """Per-sample L_text with the LM head applied only at the positions that predict a rationale token: the
+        full (B, T, vocab) fp32 logits — ~10 GB at batch 8 for Qwen2's 150k vocabulary — never exist."""
+        hidden = self.vlm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        keep = losses.rationale_positions(text_labels)
+        logits = self.vlm.lm_head(hidden[:, :-1][keep])  # a module call: ZeRO-3 gathers lm_head's weight
+        return losses.text_loss_at(logits, text_labels)
+
     # -- the objective -------------------------------------------------------------------------------------------
 
     def forward(self, pixels: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None = None,
                 has_mask: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, text_labels: torch.Tensor | None = None,
-                sample_weight: torch.Tensor | None = None, **_: Any) -> MEGLOutput:
+                sample_weight: torch.Tensor | None = None, full_logits: bool = False, **_: Any) -> MEGLOutput:
+        """The MEGL objective. ``full_logits`` computes the LM's logits at every position (tests; training computes
+        them at the rationale positions only)."""
         w = self.loss_cfg
         out, sal = self.classify_with_saliency(pixels, labels if self.cfg.cam_target == "label" else "prediction")
         ce = losses.classification_loss(out.logits, labels)
@@ -137,8 +152,11 @@ class MEGLModel(nn.Module):
         if w.text_weight > 0 and input_ids is not None:
             tokens = self.image_tokens(pixels, sal, out.features)
             embeds = self.text_embeddings(input_ids, tokens)
-            text_logits = self.vlm(inputs_embeds=embeds, attention_mask=attention_mask).logits
-            text = losses.text_loss(text_logits, text_labels)
+            if full_logits:
+                text_logits = self.vlm(inputs_embeds=embeds, attention_mask=attention_mask).logits
+                text = losses.text_loss(text_logits, text_labels)
+            else:
+                text = self.rationale_text_loss(embeds, attention_mask, text_labels)
 
         loss = losses.megl_objective(ce, text, visual, dc, has_mask, w, sample_weight)
         terms = {"loss": loss.detach(), "ce": ce.detach().mean()}
@@ -148,7 +166,7 @@ class MEGLModel(nn.Module):
             terms["visual"] = visual.detach()[has_mask].mean()
         if dc is not None:
             terms["dc"] = dc.detach()[~has_mask].mean()
-        return MEGLOutput(loss=loss, logits=out.logits, saliency=sal, terms=terms, text_logits=text_logits)
+        return MEGLOutput(loss=loss, logits=out.logits, saliency=sal, terms=terms, text_logits=text_logits, text=text)
 
     # -- inference -----------------------------------------------------------------------------------------------
 
@@ -186,10 +204,20 @@ class MEGLModel(nn.Module):
 
 
 def build_megl_model(cfg: MEGLConfig, num_classes: int, corpus: Iterable[str] | None = None,
-                     tokenizer: Any = None, prior: torch.Tensor | None = None) -> MEGLModel:
-    """The configured MEGL model. ``corpus`` (rationales, class names) trains the tiny preset's tokenizer."""
+                     tokenizer: Any = None, prior: torch.Tensor | None = None, vlm: VLMBundle | None = None) -> MEGLModel:
+    """The configured MEGL model. ``corpus`` (rationales, class names) trains the tiny preset's tokenizer; ``vlm``
+    replaces the preset's VLM (a standalone export's, or a bench's shapes)."""
     m = cfg.model
     classifier = build_classifier(m.classifier, num_classes, image_size=m.image_size, head=m.classifier_head,
                                   vit_pool=m.vit_pool, weights=m.classifier_weights)
-    vlm = build_vlm(m, corpus, tokenizer)
-    return MEGLModel(m, cfg.loss, classifier, vlm, prior)
+    if m.freeze_norm or (m.freeze_norm is None and m.classifier_weights and m.classifier.startswith("resnet")):
+        classifier.freeze_norm()
+    if m.sync_bn:
+        classifier = nn.SyncBatchNorm.convert_sync_batchnorm(classifier)
+    classifier.set_gradient_checkpointing(m.gradient_checkpointing)
+    half = autocast_dtype(cfg.train.precision)
+    vlm = vlm if vlm is not None else build_vlm(m, corpus, tokenizer, dtype=half or torch.float32)
+    model = MEGLModel(m, cfg.loss, classifier, vlm, prior)
+    if half is not None:  # trainable weights fp32 (the master copy), frozen ones 16-bit, norms fp32
+        prepare_model(model, cfg.train.precision)
+    return model

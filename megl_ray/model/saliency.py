@@ -15,9 +15,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from megl_ray.model.precision import compute_in_fp32
+
 EPS = 1e-8
 
 
+@compute_in_fp32
 def normalize_per_sample(cam: torch.Tensor) -> torch.Tensor:
     """Scale each (h, w) map to [0, 1] by its maximum (Grad-CAM is already ≥ 0 after the ReLU).
 
@@ -27,6 +30,7 @@ def normalize_per_sample(cam: torch.Tensor) -> torch.Tensor:
     return cam / peak.view(-1, 1, 1)
 
 
+@compute_in_fp32
 def closed_form_cam(features: torch.Tensor, head_weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """CAM for a GAP + linear head: relu(Σ_k W[y, k]·A_k), normalised per sample. features (B, C, h, w) → (B, h, w)."""
     weights = head_weight[target].to(features.dtype)  # (B, C)

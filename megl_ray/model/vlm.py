@@ -6,6 +6,7 @@ config with random weights and a tokenizer trained on the corpus; ``llava`` and 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -79,11 +80,11 @@ def tiny_llava_config(cfg: ModelConfig, vocab_size: int, image_token_id: int, pa
     from transformers import CLIPVisionConfig, LlavaConfig, Qwen2Config
 
     hidden = cfg.tiny_hidden_size
-    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=cfg.tiny_layers,
                               num_attention_heads=4, image_size=cfg.tiny_vision_image_size, patch_size=8,
                               projection_dim=hidden)
     text = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       num_hidden_layers=cfg.tiny_layers, num_attention_heads=4, num_key_value_heads=2,
                        max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=pad_token_id)
     # vision_feature_layer -1: a 2-layer tower has no useful penultimate layer (LLaVA's -2 is for 24 layers).
     return LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=image_token_id,
@@ -107,13 +108,14 @@ def build_tiny(cfg: ModelConfig, corpus: Iterable[str] | None = None, tokenizer:
     return VLMBundle(model, tokenizer, image_token_id, _num_image_tokens(config), config.vision_config.image_size)
 
 
-def load_llava(cfg: ModelConfig) -> VLMBundle:
-    """A ``llava-1.5-7b-hf``-layout directory (config.json, safetensors, tokenizer files)."""
+def load_llava(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> VLMBundle:
+    """A ``llava-1.5-7b-hf``-layout directory (config.json, safetensors, tokenizer files), loaded directly in
+    ``dtype`` (the training's 16-bit type for frozen weights: a 7B LM never exists in fp32 on the host)."""
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     path = local_dir(cfg.vlm_path)
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32)
+        model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
         raise UserError(f"model.vlm_path: cannot load a LLaVA checkpoint from {cfg.vlm_path}: "
@@ -123,19 +125,20 @@ def load_llava(cfg: ModelConfig) -> VLMBundle:
                      config.vision_config.image_size)
 
 
-def assemble_clip_qwen2(cfg: ModelConfig) -> VLMBundle:
-    """LLaVA assembled from a CLIP vision checkpoint and a Qwen2 causal LM, with a new (trainable) projector."""
+def assemble_clip_qwen2(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> VLMBundle:
+    """LLaVA assembled from a CLIP vision checkpoint and a Qwen2 causal LM, with a new (trainable) projector;
+    weights loaded and the shell built in ``dtype``."""
     from transformers import AutoModelForCausalLM, CLIPVisionModel, LlavaConfig
     from transformers import LlavaForConditionalGeneration
 
     vision_dir, lm_dir = local_dir(cfg.vision_path), local_dir(cfg.lm_path)
     try:
-        vision = CLIPVisionModel.from_pretrained(str(vision_dir), dtype=torch.float32)
+        vision = CLIPVisionModel.from_pretrained(str(vision_dir), dtype=dtype)
     except (OSError, ValueError) as err:
         raise UserError(f"model.vision_path: cannot load CLIP from {cfg.vision_path}: "
                         f"{str(err).splitlines()[0]}") from None
     try:
-        lm = AutoModelForCausalLM.from_pretrained(str(lm_dir), dtype=torch.float32)
+        lm = AutoModelForCausalLM.from_pretrained(str(lm_dir), dtype=dtype)
     except (OSError, ValueError) as err:
         raise UserError(f"model.lm_path: cannot load a causal LM from {cfg.lm_path}: "
                         f"{str(err).splitlines()[0]}") from None
@@ -145,7 +148,12 @@ def assemble_clip_qwen2(cfg: ModelConfig) -> VLMBundle:
                          image_token_id=image_token_id, vision_feature_layer=-2,
                          vision_feature_select_strategy="default",
                          tie_word_embeddings=getattr(lm.config, "tie_word_embeddings", False))
-    model = LlavaForConditionalGeneration(config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
     model.model.vision_tower.load_state_dict(vision.state_dict())
     model.model.language_model.load_state_dict(lm.model.state_dict())
     model.lm_head.load_state_dict(lm.lm_head.state_dict())
@@ -178,17 +186,35 @@ def apply_training_mode(bundle: VLMBundle, cfg: ModelConfig) -> None:
                 param.requires_grad_(True)
 
 
-def build_vlm(cfg: ModelConfig, corpus: Iterable[str] | None = None, tokenizer: Any = None) -> VLMBundle:
-    """The configured preset, with freezing/LoRA applied."""
+def set_memory_options(model: Any, cfg: ModelConfig) -> None:
+    """``model.attn_implementation`` and ``model.gradient_checkpointing`` (non-reentrant: works with frozen towers
+    whose inputs need no grad, with LoRA and with ZeRO-3's parameter hooks)."""
+    if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("model.attn_implementation: flash_attention_2 needs the flash-attn package, which is not "
+                          "installed (pip install flash-attn on a CUDA machine), or use sdpa")
+    if model.config._attn_implementation != cfg.attn_implementation:
+        try:
+            model.set_attn_implementation(cfg.attn_implementation)
+        except (ValueError, ImportError) as err:
+            raise ConfigError(f"model.attn_implementation: {str(err).splitlines()[0]}") from None
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def build_vlm(cfg: ModelConfig, corpus: Iterable[str] | None = None, tokenizer: Any = None,
+              dtype: torch.dtype = torch.float32) -> VLMBundle:
+    """The configured preset, with freezing/LoRA, attention kernel and checkpointing applied. Real presets load
+    their weights in ``dtype``."""
     if cfg.preset == "tiny":
         bundle = build_tiny(cfg, corpus, tokenizer)
     elif cfg.preset == "llava":
-        bundle = load_llava(cfg)
+        bundle = load_llava(cfg, dtype)
     elif cfg.preset == "clip-qwen2":
-        bundle = assemble_clip_qwen2(cfg)
+        bundle = assemble_clip_qwen2(cfg, dtype)
     else:
         raise ConfigError(f"model.preset: unknown preset '{cfg.preset}'")
     apply_training_mode(bundle, cfg)
+    set_memory_options(bundle.model, cfg)
     return bundle
 
 

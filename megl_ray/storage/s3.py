@@ -7,6 +7,7 @@ Credentials never appear in logs, exception messages or reprs.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlparse
 
+from megl_ray.errors import redact_urls
 from megl_ray.storage.errors import (
     AccessDeniedError,
     BucketNotFoundError,
@@ -72,7 +74,7 @@ class S3Options:
         profile = env.get("AWS_PROFILE") or None
         options = cls(endpoint_url=endpoint or None, region=region, profile=profile)
         if env.get("MEGL_S3_RETRY_SECONDS"):  # how long an unreachable endpoint is retried before giving up
-            options.retry_seconds = float(env["MEGL_S3_RETRY_SECONDS"])
+            options.retry_seconds = _retry_seconds(env["MEGL_S3_RETRY_SECONDS"])
         credentials = _resolve_credentials(options, from_env=True)
         if credentials is not None and getattr(credentials, "method", None) in _STATIC_CREDENTIAL_METHODS:
             frozen = credentials.get_frozen_credentials()
@@ -82,8 +84,18 @@ class S3Options:
         return options
 
     def describe(self) -> str:
-        """Where these options point, for messages (never includes credentials)."""
-        return self.endpoint_url or f"AWS S3 ({self.region})"
+        """Where these options point, for messages (never includes credentials, not even in the URL)."""
+        return redact_urls(self.endpoint_url) if self.endpoint_url else f"AWS S3 ({self.region})"
+
+
+def _retry_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise StorageError(f"MEGL_S3_RETRY_SECONDS must be a number of seconds >= 0, got {text!r}")
+    return value
 
 
 def _boto3_session(options: S3Options) -> Any:
@@ -161,11 +173,15 @@ def boto3_client(options: S3Options | None = None) -> Any:
     return client
 
 
-def pyarrow_filesystem(uri: str, options: S3Options | None = None) -> tuple[Any, str]:
+def pyarrow_filesystem(uri: str, options: S3Options | None = None, *,
+                       embed_credentials: bool = True) -> tuple[Any, str]:
     """``(filesystem, path)`` for pyarrow (and Ray's ``storage_filesystem``).
 
     A local path gives ``(LocalFileSystem, absolute path)``; ``s3://b/k`` gives ``(S3FileSystem, "b/k")`` —
     without the scheme, because Ray rejects ``s3://`` paths combined with an explicit filesystem.
+    ``embed_credentials=False``: when the credentials are this process's ``AWS_*`` variables, leave them out of the
+    filesystem (a pickled S3FileSystem carries its explicit keys): the AWS SDK reads them from the environment of
+    whichever process uses it (a Ray worker, a Tune trial), and nothing Ray stores holds them.
     """
     import pyarrow.fs as pafs
 
@@ -191,7 +207,9 @@ def pyarrow_filesystem(uri: str, options: S3Options | None = None) -> tuple[Any,
         if credentials is not None and method not in ("iam-role", "container-role"):
             frozen = credentials.get_frozen_credentials()
             access_key, secret_key, token = frozen.access_key, frozen.secret_key, frozen.token
-    if access_key:
+    from_env = (os.environ.get("AWS_ACCESS_KEY_ID") == access_key
+                and os.environ.get("AWS_SECRET_ACCESS_KEY") == secret_key)
+    if access_key and (embed_credentials or not from_env):
         kwargs.update(access_key=access_key, secret_key=secret_key, session_token=token or None)
     path = f"{bucket}/{key}".rstrip("/")
     return pafs.S3FileSystem(**kwargs), path
@@ -206,7 +224,7 @@ def _scrub(text: str, options: S3Options | None) -> str:
         for secret in (options.secret_key, options.session_token, options.access_key):
             if secret and len(secret) >= 4:
                 text = text.replace(secret, "***")
-    return " ".join(text.split())
+    return " ".join(redact_urls(text).split())
 
 
 def _client_error_of(err: BaseException) -> Any:

@@ -10,6 +10,7 @@ import threading
 from typing import Any, Sequence
 
 from megl_ray.cli import ArgumentParser, setup_logging
+from megl_ray.errors import UserError
 from megl_ray.storage.embedded import (
     EMBEDDED_ACCESS_KEY,
     EMBEDDED_SECRET_ENV,
@@ -17,7 +18,7 @@ from megl_ray.storage.embedded import (
     EmbeddedS3,
 )
 from megl_ray.storage.errors import EmbeddedServerError
-from megl_ray.storage.weed import _tail
+from megl_ray.storage.weed import _GRPC_PORT_OFFSET, _tail
 
 log = logging.getLogger("megl_ray.storage")
 
@@ -47,6 +48,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    if args.port is not None and not 1 <= args.port <= 65535 - _GRPC_PORT_OFFSET:
+        raise UserError(f"--port {args.port}: not a valid port here (1..{65535 - _GRPC_PORT_OFFSET}: the gRPC port "
+                        f"is port+{_GRPC_PORT_OFFSET})")
+    if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        raise UserError(f"--data-dir {args.data_dir}: exists and is not a folder")
 
     server = EmbeddedS3(
         args.data_dir,

@@ -11,13 +11,16 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from megl_ray.storage.errors import BucketNotFoundError, InvalidURIError, NotFoundError
+from megl_ray import safe_io
+from megl_ray.storage.errors import BucketNotFoundError, InvalidURIError, NotFoundError, StorageError
 from megl_ray.storage.s3 import S3Options, _call, boto3_client
 from megl_ray.storage.uri import _dir_prefix, _join, _local_path, _safe_target, is_s3, split_s3
 
 log = logging.getLogger("megl_ray.storage")
 
 DEFAULT_CACHE_DIR = Path("~/.cache/megl_ray/s3")
+LOCAL_READ_LIMIT = 64 * 1024**3
+"""Largest local file ``read_bytes`` reads whole (checked before reading)."""
 
 def _need_key(uri: str) -> tuple[str, str]:
     bucket, key = split_s3(uri)
@@ -30,9 +33,9 @@ def read_bytes(uri: str, options: S3Options | None = None) -> bytes:
     """The whole content of an object (or local file)."""
     if not is_s3(uri):
         path = _local_path(uri)
-        if not path.is_file():
+        if not path.exists():
             raise NotFoundError(f"{uri}: no such file")
-        return path.read_bytes()
+        return safe_io.read_bytes(path, LOCAL_READ_LIMIT, "file")  # a FIFO would block, a device never end
     options = options or S3Options.from_env()
     bucket, key = _need_key(uri)
     client = boto3_client(options)
@@ -50,9 +53,15 @@ def write_bytes(uri: str, data: bytes, options: S3Options | None = None) -> None
     if not is_s3(uri):
         path = _local_path(uri)
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise StorageError(f"cannot write {uri}: it is a directory")
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # never leave the temporary file behind
+            raise
         return
     options = options or S3Options.from_env()
     bucket, key = _need_key(uri)

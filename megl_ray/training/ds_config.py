@@ -1,8 +1,10 @@
 """The DeepSpeed configuration, generated from the typed config (never hand-written, so it cannot disagree).
 
-The global batch is derived: micro batch × gradient accumulation × number of workers. On CPUs training runs in
-fp32 over gloo; on GPUs in bf16. The optimizer and schedule are our own torch objects (``megl_ray.optim``), handed
-to ``deepspeed.initialize``, so one process without DeepSpeed and N workers with it run the same update rule.
+The global batch is derived: micro batch × gradient accumulation × number of workers. Precision (``train.precision``,
+bf16 on GPUs and fp32 on CPUs by default) is DeepSpeed's ``torch_autocast`` section over fp32 master weights — the
+mechanism and why are in ``megl_ray.model.precision``; DeepSpeed's ``bf16``/``fp16`` sections stay off. The
+optimizer and schedule are our own torch objects (``megl_ray.optim``), handed to ``deepspeed.initialize``, so one
+process without DeepSpeed and N workers with it run the same update rule.
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ def global_batch_size(cfg: MEGLConfig) -> int:
     return cfg.data.batch_size * cfg.train.grad_accum * cfg.train.num_workers
 
 
+def resolve_precision(cfg: MEGLConfig, use_gpu: bool) -> str:
+    """``train.precision`` or its default: bf16 on GPUs, fp32 on CPUs."""
+    return cfg.train.precision or ("bf16" if use_gpu else "fp32")
+
+
 def deepspeed_config(cfg: MEGLConfig, use_gpu: bool) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": cfg.train.zero_stage}
     if cfg.train.zero_stage >= 2:
@@ -24,6 +31,10 @@ def deepspeed_config(cfg: MEGLConfig, use_gpu: bool) -> dict[str, Any]:
     if cfg.train.zero_stage == 3:
         # Keep small parameters (norms, biases, the CAM head) whole: gathering them costs more than it saves.
         zero.update(stage3_param_persistence_threshold=100_000, stage3_prefetch_bucket_size=50_000_000)
+    if cfg.train.offload == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+        if cfg.train.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
@@ -34,6 +45,7 @@ def deepspeed_config(cfg: MEGLConfig, use_gpu: bool) -> dict[str, Any]:
         "steps_per_print": 10**9,  # our own progress report; DeepSpeed's would interleave with it
         "wall_clock_breakdown": False,
     }
-    if use_gpu:
-        config["bf16"] = {"enabled": True}
+    precision = resolve_precision(cfg, use_gpu)
+    if precision != "fp32":
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if precision == "bf16" else "float16"}
     return config

@@ -219,3 +219,31 @@ def table(rows: list[tuple[str, str, Setup]]) -> list[dict[str, object]]:
         est = memory_per_gpu(PRESETS[preset], setup)
         out.append({"setting": label, "model": preset, **asdict(setup), **est.gib()})
     return out
+
+
+SETTINGS_7B = [
+    ("1×80 GB, LoRA r=16", "r50-llava-1.5-7b-lora", Setup(world=1, zero_stage=2, gradient_checkpointing=True)),
+    ("1×80 GB, LoRA r=16, no checkpointing", "r50-llava-1.5-7b-lora", Setup(world=1, zero_stage=2)),
+    ("1×80 GB, full fine-tune", "r50-llava-1.5-7b-full",
+     Setup(world=1, zero_stage=2, gradient_checkpointing=True, offload="cpu")),
+    ("8×80 GB, LoRA r=16", "r50-llava-1.5-7b-lora", Setup(world=8, zero_stage=2)),
+    ("8×80 GB, full fine-tune", "r50-llava-1.5-7b-full", Setup(world=8, zero_stage=3, gradient_checkpointing=True)),
+    ("2 nodes × 8×80 GB, full fine-tune", "r50-llava-1.5-7b-full",
+     Setup(world=16, zero_stage=3, gradient_checkpointing=True)),
+    ("8×80 GB, full fine-tune in fp32 (for comparison)", "r50-llava-1.5-7b-full",
+     Setup(world=8, zero_stage=2, precision="fp32")),
+]
+"""The README's "Training a 7B model" rows: ResNet-50 + LLaVA-1.5-7B, 4 images per GPU, ~672-token sequences."""
+
+
+def markdown_7b() -> str:
+    """The README table, generated (tests/test_memory_model.py checks the README holds exactly this)."""
+    head = ("| setting | ZeRO | precision | checkpointing | offload | params | grads | optimizer | activations "
+            "| total GiB/GPU | host GiB/GPU |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for row in table(SETTINGS_7B):
+        lines.append(f"| {row['setting']} | {row['zero_stage']} | {row['precision']} | "
+                     f"{'on' if row['gradient_checkpointing'] else 'off'} | {row['offload']} | {row['params']} | "
+                     f"{row['grads']} | {row['optimizer']} | {row['activations']} | **{row['total']}** | "
+                     f"{row['host_offload']} |")
+    return "\n".join(lines)

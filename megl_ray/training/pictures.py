@@ -83,12 +83,12 @@ def write_pictures(history: Sequence[dict[str, Any]], run_uri: str, export_uri: 
 
 
 def _gallery(export_uri: str, data_uri: str, out: Path) -> int:
-    from megl_ray.explain import _Names, write_gallery
+    from megl_ray.explain import write_gallery
     from megl_ray.export import load_export
 
     exported = load_export(export_uri)
     examples = write_gallery(exported, export_uri, data_uri, "val", GALLERY_PER_CLASS, out, num_beams=1,
-                             max_new_tokens=GALLERY_MAX_NEW_TOKENS, batch_size=32, names=_Names())
+                             max_new_tokens=GALLERY_MAX_NEW_TOKENS, batch_size=32)
     return len(examples)
 
 

@@ -82,9 +82,11 @@ def probe_loop_per_worker(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     torch.set_num_threads(config.get("threads", 1))
-    result = run_steps(config_from_dict(config["config"]), config["tokenizer"], config["num_classes"],
-                       config["rows"], config["mask_size"], config["steps"], rank=ctx.get_world_rank(),
-                       world=ctx.get_world_size(), deepspeed_engine=True, use_gpu=config.get("use_gpu", False))
+    runs = [run_steps(config_from_dict(c), config["tokenizer"], config["num_classes"], config["rows"],
+                      config["mask_size"], config["steps"], rank=ctx.get_world_rank(), world=ctx.get_world_size(),
+                      deepspeed_engine=True, use_gpu=config.get("use_gpu", False))
+            for c in config.get("variants") or [config["config"]]]  # one worker group for several configs
+    result = runs[0] if not config.get("variants") else {"runs": runs}
     if ctx.get_world_rank() == 0:
         # Train V2 keeps only metrics that come with a checkpoint; the probe has none, so it leaves a file.
         Path(config["out"]).write_text(json.dumps(result))
@@ -93,10 +95,24 @@ def probe_loop_per_worker(config: dict[str, Any]) -> None:
 
 def run_distributed(cfg: MEGLConfig, tokenizer: Any, num_classes: int, rows: list[dict[str, Any]], mask_size: int,
                     steps: int, storage_path: str, name: str, threads: int = 1,
-                    extra_resources: dict[str, float] | None = None) -> dict[str, list[float]]:
+                    variants: list[MEGLConfig] | None = None,
+                    extra_resources: dict[str, float] | None = None) -> dict[str, Any]:
     """``probe_loop_per_worker`` on ``cfg.train.num_workers`` CPU workers of the current (single-machine) Ray
     cluster, placed by ``cfg.train.placement_strategy`` (``extra_resources``, e.g. a node's custom resource, pin them
-    further); ``storage_path`` is a local directory."""
+    further); ``storage_path`` is a local directory. With ``variants`` the same worker group runs each config in
+    turn (saving a worker-group start per config) and the result is ``{"runs": [result, ...]}``."""
+    out = Path(storage_path) / f"{name}-probe.json"
+    run_cpu_workers(probe_loop_per_worker, cfg, storage_path, name, {
+        "config": cfg.to_dict(), "tokenizer": tokenizer, "num_classes": num_classes, "rows": rows,
+        "mask_size": mask_size, "steps": steps, "threads": threads, "variants": [v.to_dict() for v in variants or []],
+        "out": str(out)}, extra_resources)
+    return json.loads(out.read_text())
+
+
+def run_cpu_workers(loop_fn: Any, cfg: MEGLConfig, storage_path: str, name: str, loop: dict[str, Any],
+                    extra_resources: dict[str, float] | None = None) -> None:
+    """``loop_fn(loop)`` on ``cfg.train.num_workers`` CPU Ray Train workers (DeepSpeed's CPU accelerator), placed by
+    ``cfg.train.placement_strategy``; raises the workers' error."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -105,10 +121,7 @@ def run_distributed(cfg: MEGLConfig, tokenizer: Any, num_classes: int, rows: lis
     env = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": os.environ.get(
         "TORCH_EXTENSIONS_DIR", str(megl_home() / "torch_extensions"))}
     trainer = TorchTrainer(
-        probe_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "tokenizer": tokenizer, "num_classes": num_classes,
-                           "rows": rows, "mask_size": mask_size, "steps": steps, "env": env, "threads": threads,
-                           "out": str(Path(storage_path) / f"{name}-probe.json")},
+        loop_fn, train_loop_config={**loop, "env": env},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker, **(extra_resources or {})},
                                      placement_strategy=cfg.train.placement_strategy),
@@ -116,4 +129,3 @@ def run_distributed(cfg: MEGLConfig, tokenizer: Any, num_classes: int, rows: lis
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    return json.loads((Path(storage_path) / f"{name}-probe.json").read_text())

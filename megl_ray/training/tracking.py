@@ -96,6 +96,8 @@ class MlflowBackend:
         # A tracking server that is down must not hold the run for minutes of HTTP retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        # MLflow prints the run's URL to stdout when it ends; stdout's last line is the result. We log it instead.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
@@ -118,7 +120,10 @@ class MlflowBackend:
             self.run_id = self.client.create_run(experiment_id, run_name=cfg.run.name,
                                                  tags={RUN_URI_TAG: run_uri}).info.run_id
         self.resumed = bool(found)
-        log.info("MLflow run %s in experiment %s at %s", self.run_id, name, self.client.tracking_uri)
+        where = self.client.tracking_uri
+        if where.startswith(("http://", "https://")):
+            where = f"{where.rstrip('/')}/#/experiments/{experiment_id}/runs/{self.run_id}"
+        log.info("MLflow run %s (experiment %s): %s", self.run_id, name, where)
 
     def config(self, flat: dict[str, Any]) -> None:
         from mlflow.entities import Param

@@ -9,18 +9,15 @@ twice, none is missed, and the number of optimizer steps is the planned one.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
 import os
-import random
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from megl_ray.config import MEGLConfig, config_from_dict
@@ -30,6 +27,8 @@ from megl_ray.training.progress import Progress
 from megl_ray.training.accounting import (Accounting, FaultHook, epoch_seed, epoch_share, planned_steps,
                                           steps_per_epoch)
 from megl_ray.training.collectives import all_gather_ids, route_metric_sync
+from megl_ray.training.rank_state import (LOAD_OPTIONS, SAVE_OPTIONS, exclude_tied_frozen, load_rng, reseed_rank,
+                                          save_rng)
 
 log = logging.getLogger("megl_ray.train")
 DS_TAG = "megl"
@@ -81,17 +80,12 @@ def _weights_only_checkpoint_engine(engine: Any) -> None:
             optimizer.checkpoint_engine = replacement
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
 def save_checkpoint(engine: Any, state: TrainState, directory: Path, rank: int) -> None:
-    """Every rank writes its DeepSpeed shard (a collective call), its RNG state, and rank 0 the train state."""
-    engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=True)
-    rng = _rng_state()
-    torch.save({"torch": rng["torch"], "numpy_state": torch.tensor(rng["numpy"][1].astype(np.int64)),
-                "numpy_pos": torch.tensor(int(rng["numpy"][2])), "python": torch.tensor(rng["python"][1])},
-               directory / f"rng_rank{rank}.pt")
+    """Every rank writes its DeepSpeed shard (a collective call; frozen parameters excluded), its RNG state, and
+    rank 0 the train state."""
+    exclude_tied_frozen(engine)
+    engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=True, **SAVE_OPTIONS)
+    save_rng(directory / f"rng_rank{rank}.pt")
     if rank == 0:
         (directory / STATE_FILE).write_text(json.dumps(asdict(state), default=str))
 
@@ -99,22 +93,16 @@ def save_checkpoint(engine: Any, state: TrainState, directory: Path, rank: int) 
 def load_checkpoint(engine: Any, directory: Path, rank: int) -> TrainState:
     _weights_only_checkpoint_engine(engine)
     path, _ = engine.load_checkpoint(str(directory), tag=DS_TAG, load_lr_scheduler_states=True,
-                                     load_optimizer_states=True)
+                                     load_optimizer_states=True, **LOAD_OPTIONS)
     if path is None:
         raise RuntimeError(f"no DeepSpeed checkpoint under {directory}")
     raw = json.loads((directory / STATE_FILE).read_text())
     state = TrainState(**raw)
-    rng_file = directory / f"rng_rank{rank}.pt"
-    if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(("MT19937", rng["numpy_state"].numpy().astype(np.uint32), int(rng["numpy_pos"]), 0, 0.0))
-        random.setstate((3, tuple(int(x) for x in rng["python"].tolist()), None))
+    load_rng(directory / f"rng_rank{rank}.pt")
     return state
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-
 
 
 
@@ -158,6 +146,9 @@ def _epoch_shard(cfg: MEGLConfig, loop: dict[str, Any], epoch: int, rank: int, w
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``: ``loop`` carries the resolved config and what the driver prepared."""
     os.environ.update(loop["env"])  # S3 endpoint, DS_ACCELERATOR: before DeepSpeed is imported
+    from megl_ray.training.credentials import load_credentials
+
+    load_credentials(loop.get("credentials_file"))  # only what this worker's environment lacks
     import deepspeed
     import ray.train
     from ray.train import Checkpoint
@@ -166,9 +157,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from megl_ray.export import save_export
     from megl_ray.model import build_megl_model
     from megl_ray.optim import build_optimizer, build_scheduler
-    from megl_ray.training.ds_config import deepspeed_config
+    from megl_ray.training.ds_config import deepspeed_config, resolve_precision
+    from megl_ray.training.guards import DIVERGED_KEY, DivergenceGuard
 
     cfg: MEGLConfig = config_from_dict(loop["config"])
+    cfg.train.precision = resolve_precision(cfg, loop["use_gpu"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     configure_worker(loop.get("verbose", False), rank, loop["use_gpu"])
@@ -186,6 +179,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                           config=deepspeed_config(cfg, loop["use_gpu"]), dist_init_required=False)
+    reseed_rank(cfg.train.seed, rank)  # identical weights, different dropout masks per rank
     state = TrainState(config=loop["config"])
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -202,6 +196,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         Path(cfg.train.sample_log_dir).mkdir(parents=True, exist_ok=True)
         sample_log = open(Path(cfg.train.sample_log_dir) / f"samples-rank{rank}.jsonl", "a")
     faults = FaultHook.from_env()
+    guard = DivergenceGuard(cfg.train.max_nonfinite_steps, distributed=world > 1)
 
     def report(metrics: dict[str, Any], acc: Accounting | None, with_checkpoint: bool = True) -> None:
         """Collective: every rank saves its shard and reports; Ray Train persists one checkpoint from all.
@@ -257,6 +252,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 continue
             acc.applied_step()
             state.step = engine.global_steps
+            if guard.update(out.loss, state.step):  # every rank agrees: stop now, export nothing
+                break
             faults.maybe_kill(state.step, "step", rank, world, log)
             terms = {k: float(v) for k, v in out.terms.items()}
             if rank == 0:
@@ -264,13 +261,16 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                               tokens=int(batch["attention_mask"].sum()) * world, lr=scheduler_lr(engine))
             if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
                 report(dict(terms), acc)
+        if guard.message:
+            ray.train.report({DIVERGED_KEY: guard.message, "epoch": state.epoch, "step": state.step})
+            return
         val: dict[str, float] = {}
         if validate:
             faults.maybe_kill(state.step, "validation", rank, world, log)
             val = _validate(engine, ray.train.get_dataset_shard("val"), cfg, model.num_image_tokens,
                             loop["num_classes"])
-            if rank == 0:
-                progress.epoch(epoch, cfg.train.epochs, state.step, val)
+        if rank == 0:
+            progress.epoch(epoch, cfg.train.epochs, state.step, val)
         state.epoch = epoch + 1
         # An accumulation window still open at the epoch's end goes on into the next epoch: no checkpoint then.
         report({**terms, **val}, None, with_checkpoint=engine.micro_steps % cfg.train.grad_accum == 0)
@@ -284,13 +284,14 @@ def scheduler_lr(engine: Any) -> float:
 
 
 def _export(engine: Any, cfg: MEGLConfig, loop: dict[str, Any], rank: int, save_export: Any) -> None:
-    """Consolidated weights for evaluation: ZeRO-3 shards are gathered (collectively), rank 0 writes."""
+    """The export (what training changed): under ZeRO-3 gathered module by module (collectively), rank 0 writes."""
     import deepspeed
 
-    params = list(engine.module.parameters())
-    gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.train.zero_stage == 3
-              else contextlib.nullcontext())
-    with gather:
-        if rank == 0:
-            save_export(engine.module, cfg, loop["classes"], loop["run_uri"] + "/export",
-                        extra={"data_uri": cfg.data.uri, "steps": engine.global_steps})
+    from megl_ray.export import exported_state
+
+    gather = ((lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None))
+              if cfg.train.zero_stage == 3 else None)
+    state = exported_state(engine.module, cfg, gather=gather, keep=rank == 0)
+    if rank == 0:
+        save_export(engine.module, cfg, loop["classes"], loop["run_uri"] + "/export",
+                    extra={"data_uri": cfg.data.uri, "steps": engine.global_steps}, state=state)

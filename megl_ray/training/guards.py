@@ -1,0 +1,68 @@
+"""Stopping a run that diverged: a loss that is not finite for ``train.max_nonfinite_steps`` optimizer steps in a
+row ends training with one clear line instead of training on NaN weights, exporting them and reporting success.
+
+A single non-finite step can be transient (one odd batch); K in a row means the weights themselves are gone.
+Under Ray Train every rank must stop at the same step (a rank that leaves early would hang the others in the next
+collective), so the verdict is all-reduced: the run stops when any rank saw K non-finite losses in a row.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from megl_ray.errors import UserError
+
+DIVERGED_KEY = "diverged"
+"""Metric that a stopped Ray Train run reports, holding the message; the driver raises it as a ``UserError``."""
+
+
+class TrainingDiverged(UserError):
+    """The loss was not finite for too many steps in a row."""
+
+
+class DivergenceGuard:
+    """Counts consecutive optimizer steps whose loss is not finite; ``patience`` 0 disables the guard."""
+
+    def __init__(self, patience: int, distributed: bool = False):
+        self.patience, self.distributed = patience, distributed
+        self.bad_steps = 0
+        self.message: str | None = None
+
+    def update(self, loss: Any, step: int) -> bool:
+        """Record the loss of optimizer step ``step``; True when training must stop (``self.message`` says why)."""
+        if not self.patience:
+            return False
+        value = float(loss.detach().float().sum()) if hasattr(loss, "detach") else float(loss)
+        self.bad_steps = 0 if math.isfinite(value) else self.bad_steps + 1
+        stop = self.bad_steps >= self.patience
+        if self.distributed:
+            stop = _any_rank(stop)
+        if stop and self.message is None:
+            self.message = (f"training diverged: the loss was not finite (last {value}) for "
+                            f"{max(self.bad_steps, 1)} step(s) in a row up to step {step}; lower optim.lr, raise "
+                            f"optim.warmup_steps or check the loss weights (train.max_nonfinite_steps="
+                            f"{self.patience})")
+        return stop
+
+    def check(self, loss: Any, step: int) -> None:
+        """``update``, raising ``TrainingDiverged`` when training must stop (single-process training)."""
+        if self.update(loss, step):
+            raise TrainingDiverged(self.message)
+
+
+def _any_rank(flag: bool) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item() > 0)
+
+
+def raise_if_diverged(metrics: dict[str, Any]) -> None:
+    """Driver side: a run whose workers stopped on divergence ends as one ``UserError``."""
+    if metrics.get(DIVERGED_KEY):
+        raise TrainingDiverged(str(metrics[DIVERGED_KEY]))
