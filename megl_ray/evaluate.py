@@ -359,12 +359,15 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    if args.efficiency:
-        from megl_ray.efficiency import run_efficiency
+    from megl_ray.training.embedded import embedded_store_for
 
-        return run_efficiency(args)
-    return evaluate(args)
+    args = build_parser().parse_args(argv)
+    with embedded_store_for(args.checkpoint, args.data, args.out):  # the default run's store, after it ended
+        if args.efficiency:
+            from megl_ray.efficiency import run_efficiency
+
+            return run_efficiency(args)
+        return evaluate(args)
 
 
 if __name__ == "__main__":

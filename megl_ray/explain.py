@@ -296,10 +296,17 @@ def write_gallery(exported: Any, checkpoint: str, data_uri: str, split: str, per
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from megl_ray.training.embedded import embedded_store_for
+
+    args = build_parser().parse_args(argv)
+    with embedded_store_for(args.checkpoint, args.data, args.out, *args.images):  # the default run's store
+        return _explain(args)
+
+
+def _explain(args: Any) -> dict[str, Any]:
     from megl_ray import storage
     from megl_ray.inference import load_for_inference
 
-    args = build_parser().parse_args(argv)
     if not args.images and not args.gallery:
         raise UserError("give at least one IMAGE, or --gallery with --data")
     if args.gallery and not args.data:

@@ -5,7 +5,9 @@
     ray job submit --address http://HEAD:8265 -- python -m megl_ray.train --config ...
 
 With no storage and no data given it starts an embedded SeaweedFS S3 server, uploads the bundled sample dataset and
-keeps the runs there. Re-running with the same ``run.name`` resumes from the latest checkpoint. Progress goes to
+keeps the runs there. Without ``run.name`` every invocation is a new run; re-running with the same ``run.name`` and
+configuration resumes from the latest checkpoint (or, when complete, prints its result), while another configuration
+under that name stops with the keys that differ (see ``megl_ray.training.run_identity``). Progress goes to
 stderr; the last stdout line is ``result.json`` as one JSON object (also written to the run directory).
 """
 
@@ -52,8 +54,11 @@ def _start_ray(address: str | None, verbose: bool = False) -> None:
 
     if ray.is_initialized():
         return
+    from megl_ray.training.credentials import INHERIT_VAR
+
     address = address or os.environ.get("RAY_ADDRESS")
     filter_forwarded_logs(verbose)
+    os.environ.pop(INHERIT_VAR, None)
     if address:
         ray.init(address=address, **ray_init_options(verbose))
         configure_driver(verbose)
@@ -68,6 +73,7 @@ def _start_ray(address: str | None, verbose: bool = False) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    os.environ[INHERIT_VAR] = "1"  # its processes inherit this environment, credentials included
     ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
              _temp_dir=temp, _node_ip_address="127.0.0.1", **ray_init_options(verbose))
     configure_driver(verbose)
@@ -96,18 +102,24 @@ def _storage(storage_path: str):
     """(RunConfig storage_path, filesystem): a path without scheme plus a pyarrow filesystem, as Ray Train needs."""
     from megl_ray import storage
 
-    if storage.is_s3(storage_path):
-        fs, path = storage.pyarrow_filesystem(storage_path)
+    if storage.is_s3(storage_path):  # Ray Train/Tune keep it in their state: no credentials inside if possible
+        from megl_ray.training.credentials import workers_inherit_env
+
+        fs, path = storage.pyarrow_filesystem(storage_path, embed_credentials=not workers_inherit_env())
         return path, fs
     Path(storage_path).mkdir(parents=True, exist_ok=True)
     return str(Path(storage_path).resolve()), None
 
 
 def _worker_env(use_gpu: bool) -> dict[str, str]:
-    keys = [k for k in os.environ if k.startswith(("AWS_", "MEGL_")) or k in ("TORCH_EXTENSIONS_DIR",)]
-    env = {k: os.environ[k] for k in keys}
+    """What the workers need in their environment besides what they inherit, credentials left out (see
+    ``megl_ray.training.credentials``)."""
+    from megl_ray.training.credentials import public_env
     from megl_ray.training.embedded import megl_home
 
+    env = public_env()
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
     # DeepSpeed JIT-compiles a kernel on first use (~1 min on 2 cores): keep it between runs.
     env.setdefault("TORCH_EXTENSIONS_DIR", str(megl_home() / "torch_extensions"))
     if not use_gpu:
@@ -193,8 +205,12 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks),
                              logging_config=train_logging_config(verbose)))
+    from megl_ray.training.credentials import credentials_file
+
     try:
-        with monitor:
+        # the credentials file: for workers that did not inherit them; removed when training ends
+        with monitor, credentials_file() as credentials:
+            loop["credentials_file"] = credentials
             result = trainer.fit()
     except BaseException:
         tracker.close(success=False)
@@ -249,14 +265,37 @@ def _round(value: Any) -> float | None:
     return round(float(value), 4)
 
 
+def next_steps(result: dict[str, Any]) -> list[str]:
+    """The commands that evaluate and explain this run's export (they reach the embedded store by themselves)."""
+    from megl_ray.training.embedded import megl_home, points_into_embedded
+
+    export, data = result["export"], result["data_uri"]
+    home = f"MEGL_HOME={os.environ['MEGL_HOME']} " if "MEGL_HOME" in os.environ and points_into_embedded(
+        export, data) else ""
+    out = megl_home() / "explanations" / Path(result["run_dir"]).name
+    return [f"evaluate it: {home}python -m megl_ray.evaluate --checkpoint {export} --data {data}",
+            f"explain it:  {home}python -m megl_ray.explain --checkpoint {export} --gallery --data {data} "
+            f"--out {out}"]
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    import dataclasses
+
+    from megl_ray.training.run_identity import check_run, fresh_name, name_given
+
     args = build_parser().parse_args(argv)
     configure_driver(args.verbose)
     cfg = load_config(args.config or packaged_config("tiny"), args.overrides)
+    if not name_given(args.config, args.overrides):  # every invocation a new run, unless a name is chosen
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=fresh_name(cfg.run.name)))
+        log.info("run %s (to resume it if interrupted, re-run with run.name=%s)", cfg.run.name, cfg.run.name)
     from megl_ray.training.embedded import embedded_default
     from megl_ray.training.pictures import closing_lines
 
     with embedded_default(cfg) as resolved:
+        complete = check_run(resolved, _run_uri(resolved.run.storage_path, resolved.run.name))
+        if complete is not None:
+            return complete
         try:
             result = fit(resolved, args.address, verbose=args.verbose)
         finally:
@@ -266,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             ray.shutdown()
     for line in closing_lines(result.get("pictures", {}), result["run_dir"], result.get("tensorboard")):
         print(line, file=sys.stderr, flush=True)
+    print("\n".join(f"[megl] {line}" for line in next_steps(result)), file=sys.stderr, flush=True)
     return result
 
 

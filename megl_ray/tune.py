@@ -122,12 +122,15 @@ def _settings(args: argparse.Namespace) -> SweepSettings:
 
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep: str, keys: list[str], env: dict[str, str],
-              cwd: str, verbose: bool = False) -> None:
+              cwd: str, verbose: bool = False, credentials: str | None = None) -> None:
     """A Tune trial: the base config with the trial's values, trained as the Ray Train run ``<sweep>-<trial id>``.
 
     Its workers' per-epoch reports reach Tune through ``TuneReportCallback``; when ASHA stops the trial, Ray ends
     this process and, with it, the Train run it owns. Re-running a trial resumes its Train run from its checkpoint."""
-    os.environ.update(env)  # S3 endpoint and credentials, as the sweep's driver has them
+    os.environ.update(env)  # S3 endpoint, as the sweep's driver has it (never credentials: Tune stores this)
+    from megl_ray.training.credentials import load_credentials
+
+    load_credentials(credentials)  # what this trial's environment lacks, from the sweep's 0600 file
     if os.path.isdir(cwd):
         os.chdir(cwd)  # relative paths in the config mean what they meant where the sweep was started
     from ray import tune
@@ -200,6 +203,14 @@ def _check_resumable(uri: str, settings: SweepSettings) -> None:
 def sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None = None,
           verbose: bool = False) -> dict[str, Any]:
     """Run (or resume) the sweep; ``resolved`` is the base config with data and storage filled in."""
+    from megl_ray.training.credentials import credentials_file
+
+    with credentials_file() as credentials:  # for trials that did not inherit them; removed at the end
+        return _sweep(settings, resolved, address, verbose, credentials)
+
+
+def _sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None, verbose: bool,
+           credentials: str | None) -> dict[str, Any]:
     import ray
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
@@ -210,7 +221,11 @@ def sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None = N
     from megl_ray.tune_hooks import InterruptAfter, ResumableASHA
 
     started = time.monotonic()
-    load_dataset_info(resolved.data.uri)  # fails fast, before Ray starts, on bad data or unreachable storage
+    info = load_dataset_info(resolved.data.uri)  # fails fast, before Ray starts, on bad data or unreachable storage
+    if settings.metric.startswith("val_") and not info.splits.get("val") and resolved.data.val_fraction == 0:
+        others = ", ".join(m for m in METRICS if not m.startswith("val_"))
+        raise UserError(f"--metric {settings.metric}: data.val_fraction=0 and the dataset has no val split, so "
+                        f"training validates nothing; choose --metric among {others}, or data.val_fraction > 0")
     storage_path, filesystem = _storage(resolved.run.storage_path)
     experiment_uri = _run_uri(resolved.run.storage_path, settings.name)
     experiment_path = storage_path.rstrip("/") + "/" + settings.name
@@ -231,11 +246,14 @@ def sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None = N
     storage.write_bytes(experiment_uri + "/" + SWEEP_FILE,
                         (json.dumps(settings.fingerprint(), indent=2, sort_keys=True) + "\n").encode())
 
-    env = {k: v for k, v in os.environ.items()
-           if k.startswith(("AWS_", "MEGL_", "MLFLOW_", "WANDB_")) or k == "TORCH_EXTENSIONS_DIR"}
+    from megl_ray.training.credentials import public_env
+
+    env = public_env()
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=resolved.to_dict(), sweep=settings.name, keys=settings.space.keys,
-                             env=env, cwd=os.getcwd(), verbose=verbose),
+                             env=env, cwd=os.getcwd(), verbose=verbose, credentials=credentials),
         TRIAL_DRIVER_RESOURCES)
     resumed = tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
     if resumed:

@@ -180,4 +180,34 @@ def test_efficiency_prints_the_table_and_the_json(export, tmp_path, capsys):
     # generating a rationale costs more than classifying alone
     assert rows[("classifier+saliency+rationale", 1)]["latency_ms_per_image"] > \
         rows[("classifier+saliency", 1)]["latency_ms_per_image"]
+    assert out["rationale_slowdown"]["1"] == pytest.approx(
+        rows[("classifier+saliency+rationale", 1)]["latency_ms_per_image"]
+        / rows[("classifier+saliency", 1)]["latency_ms_per_image"], abs=0.01)
     assert "ms/image" in err and "images/s" in err and "classifier+saliency+rationale" in err
+
+
+def test_actor_pool_follows_the_cluster_gpus():
+    from megl_ray.errors import UserError
+    from megl_ray.evaluate import plan_actors
+
+    gpu_cluster, cpu_cluster = {"CPU": 64.0, "GPU": 8.0}, {"CPU": 16.0}
+    assert plan_actors(None, "auto", 10_000, gpu_cluster) == (8, True)  # one actor per GPU, not per core
+    assert plan_actors(3, "auto", 10_000, gpu_cluster) == (3, True)
+    assert plan_actors(None, "cpu", 10_000, gpu_cluster) == (32, False)
+    assert plan_actors(None, "auto", 10_000, cpu_cluster) == (8, False)
+    assert plan_actors(None, "auto", 5, gpu_cluster) == (5, True)  # never more actors than rows
+    assert plan_actors(4, "cuda", 10_000, cpu_cluster) == (4, True)  # an autoscaler may add the GPUs
+    with pytest.raises(UserError, match="has no GPU"):
+        plan_actors(None, "cuda", 10_000, cpu_cluster)
+
+
+def test_the_actor_resolves_the_device_itself(export):
+    import torch
+
+    from megl_ray.evaluate import Predictor
+
+    actor = Predictor(export, "auto", "auto", None, 64, 1, 4)
+    assert actor.error is None and actor.placement.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert actor.placement.dtype == ("bfloat16" if torch.cuda.is_available() else "float32")
+    if not torch.cuda.is_available():  # a GPU actor placed on a machine without one says so in one line
+        assert "--device cuda: no CUDA device" in Predictor(export, "cuda", "auto", None, 64, 1, 4).error

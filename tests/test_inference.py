@@ -84,7 +84,7 @@ class _NoSpecialTokens(torch.nn.Module):
 @pytest.mark.parametrize("num_beams", [1, 2])
 def test_rationales_reach_the_trained_max_text_tokens_without_eos(rows, tmp_path, num_beams):
     info, columns = rows
-    n = 37  # above the old fixed default of 32
+    n = 34  # above the old fixed default of 32
     uri = _export(tmp_path, info, [f"model.max_text_tokens={n}"])
     exported, _ = load_for_inference(uri, "cpu", "fp32")
     vlm, tok = exported.model.vlm, exported.model.tokenizer

@@ -48,12 +48,15 @@ def distributed():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     yield
+    if created:  # later tests of the session must not find a process group of ours
+        dist.destroy_process_group()
 
 
 def _accuracy(model, cfg, uri, info):

@@ -137,3 +137,34 @@ def test_pipeline_module_is_the_only_data_module_importing_ray():
             "megl_ray.data.reader, megl_ray.data.make_sample, megl_ray.model, megl_ray.losses; "
             "assert 'ray' not in sys.modules, [m for m in sys.modules if m.startswith('ray')]")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_a_class_sorted_dataset_gives_mixed_batches_in_an_order_that_changes_every_epoch(ray_local, tmp_path,
+                                                                                      tokenizer):
+    """The converter writes rows in a seeded random order, and each epoch deals a new seeded share to each worker
+    and reads files in a new seeded order: even without the local shuffle buffer no batch is a single class."""
+    import shutil
+
+    from megl_ray.training.accounting import epoch_seed, epoch_share
+
+    src = tmp_path / "sorted"
+    shutil.copytree(SRC, src)
+    records = json.loads((src / "exp_annotation.json").read_text())
+    ordered = dict(sorted(records.items(), key=lambda kv: kv[1]["class_id"]))
+    (src / "exp_annotation.json").write_text(json.dumps(ordered))
+    uri = str(tmp_path / "ds")
+    convert.main([str(src), uri, "--rows-per-shard", "32"])
+    ids = [str(i) for i in read_split(uri, "train", columns=["id"]).column("id").to_pylist()]
+    classes = {r["id"]: r["class_id"] for r in read_split(uri, "train", columns=["id", "class_id"]).to_pylist()}
+    orders = []
+    for epoch in (0, 1):
+        ds = build_dataset(uri, "train", tokenizer=tokenizer, image_size=32, max_rationales=1, max_text_tokens=16,
+                           include_ids=epoch_share(ids, 0, epoch, 0, 2), pad_to=-(-len(ids) // 2),
+                           seed=epoch_seed(0, epoch))
+        batches = [[str(i) for i, w in zip(b["id"], b["weight"]) if w > 0]
+                   for b in iter_epoch(ds, epoch=epoch, batch_size=16, seed=0, shuffle_buffer=0)]
+        full = [b for b in batches if len(b) == 16]
+        assert full and all(len({classes[i] for i in b}) >= 3 for b in full), [
+            sorted({classes[i] for i in b}) for b in full]
+        orders.append([i for b in batches for i in b])
+    assert orders[0] != orders[1]

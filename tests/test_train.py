@@ -154,3 +154,90 @@ def test_user_errors_are_one_clear_line(tmp_path, capsys, monkeypatch):
                                 capsys)
     assert code == 2 and "storage unreachable" in err and "Traceback" not in err, err[-2000:]
     assert time.monotonic() - start < 120
+
+
+SECRET = "megl-i10-Distinctive-secret-4f1c9e"
+
+
+def _ray_temp_dirs():
+    return set(Path("/tmp").glob("ray*"))
+
+
+def _files_holding(root: Path, needle: bytes) -> list[str]:
+    hits = []
+    for path in root.rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
+                hits.append(str(path))
+        except OSError:  # sockets, files removed meanwhile
+            pass
+    return hits
+
+
+def test_re_runs_carved_validation_and_no_secret_at_rest(tmp_path, capsys, monkeypatch):
+    """On the embedded default with a distinctive MEGL_S3_SECRET_KEY and a dataset of train and test only: a run
+    without run.name (carved validation), its re-run (complete: no training), a changed loss weight (stops), and a
+    1-trial sweep without validation; then the secret is in no stored object and no file of Ray's temp dirs."""
+    from megl_ray import storage
+    from megl_ray.data import convert
+    from megl_ray.data.sample import sample_dataset_path
+    from megl_ray.training.embedded import embedded_store_for
+
+    for var in ("MEGL_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "home"
+    monkeypatch.setenv("MEGL_HOME", str(home))
+    monkeypatch.setenv("MEGL_S3_SECRET_KEY", SECRET)
+    data = tmp_path / "train-test"
+    assert run_cli("convert", convert.main, [str(sample_dataset_path()), str(data), "--val-fraction", "0"]) == 0
+    capsys.readouterr()
+    ray_before = _ray_temp_dirs()
+
+    code, out, err = _run_train(["--config", str(FAST), f"data.uri={data}"], capsys)
+    assert code == 0, err[-4000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    name = result["run_dir"].rsplit("/", 1)[1]
+    assert result["run_dir"].startswith("s3://megl/runs/megl-") and result["val_source"] == "carved"
+    assert result["val_fraction"] == 0.1 and result["val_accuracy"] is not None
+    last = err.strip().splitlines()[-2:]
+    assert "python -m megl_ray.evaluate --checkpoint s3://megl/runs/" in last[0], last
+    assert "python -m megl_ray.explain --checkpoint s3://megl/runs/" in last[1], last
+    with embedded_store_for(result["export"]):  # the run's server has ended: its store is served again
+        assert storage.exists(result["export"] + "/model.safetensors")
+
+    code, out, err = _run_train(["--config", str(FAST), f"data.uri={data}", f"run.name={name}"], capsys)
+    assert code == 0 and f"run {name} is complete" in err and "[megl] epoch" not in err, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1]) == result
+
+    code, out, err = _run_train(["--config", str(FAST), f"data.uri={data}", f"run.name={name}",
+                                 "loss.text_weight=0.5"], capsys)
+    assert code == 2 and "Traceback" not in err
+    line = [x for x in err.splitlines() if "error" in x][-1]
+    assert "loss.text_weight differs" in line and "run.name=" in line, err[-2000:]
+
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {grid: [0.003]}\n")
+    sweep = ["--space", str(space), "--config", str(FAST), "--name", "s", "--scheduler", "fifo",
+             f"data.uri={data}", "data.val_fraction=0"]
+    from megl_ray import tune
+
+    code = run_cli("megl_ray.tune", tune.main, sweep)  # the default metric needs validation
+    assert code == 2 and "data.val_fraction=0" in capsys.readouterr().err
+    proc = subprocess.run([sys.executable, "-m", "megl_ray.tune", *sweep, "--metric", "loss"], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    trial_run = json.loads(proc.stdout.strip().splitlines()[-1])["best_run"]
+
+    with storage.EmbeddedS3(home / "embedded_s3", secret_key=SECRET) as server:
+        trial = json.loads(storage.read_bytes(trial_run + "/result.json", server.options))
+        assert trial["val_source"] == "none" and trial["val_accuracy"] is None and trial["steps"] > 0
+        objects = storage.list_files("s3://megl/", server.options)
+        assert any("/checkpoint_" in o for o in objects) and any("tuner.pkl" in o for o in objects)
+        leaks = [o for o in objects if SECRET.encode() in storage.read_bytes(o, server.options)]
+    assert not leaks, leaks
+    ray_dirs = _ray_temp_dirs() - ray_before
+    assert ray_dirs
+    leaks = [f for d in ray_dirs for f in _files_holding(d, SECRET.encode())]
+    assert not leaks, leaks
+    assert not list((home / "credentials").glob("*")), "a credentials file outlived its run"

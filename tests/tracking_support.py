@@ -21,7 +21,7 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(root: Path, timeout_s: float = 120.0) -> Iterator[str]:
+def mlflow_server(root: Path, timeout_s: float = 300.0) -> Iterator[str]:
     """Yield the tracking URI of an ``mlflow server`` storing runs in ``root/mlflow.db`` and artifacts in
     ``root/artifacts``; the server's process group is stopped afterwards."""
     port = _free_port()

@@ -321,6 +321,23 @@ class _Destination:
                 log.warning("could not clean up %s: %s", path, err)
 
 
+def shuffled_records(records: Any, seed: int) -> list[tuple[str, Any]]:
+    """The (id, record) pairs in a seeded random order, so that every shard mixes the classes even when the
+    annotation file is sorted by class (training streams shards in order; a class-sorted shard gives single-class
+    batches). A repeated id keeps its first entry: later copies come after all first entries."""
+    import numpy as np
+
+    pairs = list(records)
+    first: dict[str, int] = {}
+    for index, (record_id, _) in enumerate(pairs):
+        first.setdefault(record_id, index)
+    firsts = sorted(first.values())
+    kept = set(firsts)
+    later = [i for i in range(len(pairs)) if i not in kept]
+    order = [firsts[i] for i in np.random.default_rng([seed, 17]).permutation(len(firsts))] + later
+    return [pairs[i] for i in order]
+
+
 def convert(args: argparse.Namespace) -> dict[str, Any]:
     """Run one conversion with parsed arguments; return the summary dict."""
     from megl_ray import storage
@@ -365,7 +382,7 @@ def _convert_into(fs: Any, base: str, src: str, classes: list[str], records: Jso
     with fs.open_output_stream(f"{base}/{schema.REJECTED_FILE}") as stream:
         rejections = _Rejections(stream, args.strict)
         converter = _Converter(src, classes, args, rejections, writer)
-        for index, (record_id, raw) in enumerate(records):
+        for index, (record_id, raw) in enumerate(shuffled_records(records, args.seed)):
             converter.process(record_id, raw)
             if (index + 1) % 1000 == 0:
                 log.info("%d/%d records", index + 1, len(records))

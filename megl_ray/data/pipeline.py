@@ -66,7 +66,10 @@ def build_dataset(uri: str, split: str, *, tokenizer: Any, image_size: int, max_
     """
     configure_data_context()
     info = info or load_dataset_info(uri)
-    fs, paths = split_paths(uri, info, split)
+    from megl_ray.training.credentials import workers_inherit_env
+
+    # Ray pickles the filesystem into its read tasks: no credentials inside when those inherit them
+    fs, paths = split_paths(uri, info, split, embed_credentials=not workers_inherit_env())
     fs = retrying(fs)
     if not paths:
         raise ValueError(f"split '{split}' of {uri} is empty")

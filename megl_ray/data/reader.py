@@ -17,13 +17,14 @@ from megl_ray.data.schema import DATASET_INFO_FILE, DatasetInfo, load_dataset_in
 from megl_ray.errors import UserError
 
 
-def split_paths(uri: str, info: DatasetInfo, split: str) -> tuple[Any, list[str]]:
-    """(pyarrow filesystem, shard paths) of one split."""
+def split_paths(uri: str, info: DatasetInfo, split: str, embed_credentials: bool = True) -> tuple[Any, list[str]]:
+    """(pyarrow filesystem, shard paths) of one split; ``embed_credentials`` as in ``storage.pyarrow_filesystem``
+    (False for a filesystem that Ray ships to its workers)."""
     from megl_ray.storage import pyarrow_filesystem
 
     if split not in info.shards:
         raise UserError(f"dataset at {uri} has no split '{split}' (it has {', '.join(info.shards)})")
-    fs, base = pyarrow_filesystem(uri)
+    fs, base = pyarrow_filesystem(uri, embed_credentials=embed_credentials)
     return fs, [f"{base.rstrip('/')}/{rel}" for rel in info.shards[split]]
 
 

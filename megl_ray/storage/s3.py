@@ -173,11 +173,15 @@ def boto3_client(options: S3Options | None = None) -> Any:
     return client
 
 
-def pyarrow_filesystem(uri: str, options: S3Options | None = None) -> tuple[Any, str]:
+def pyarrow_filesystem(uri: str, options: S3Options | None = None, *,
+                       embed_credentials: bool = True) -> tuple[Any, str]:
     """``(filesystem, path)`` for pyarrow (and Ray's ``storage_filesystem``).
 
     A local path gives ``(LocalFileSystem, absolute path)``; ``s3://b/k`` gives ``(S3FileSystem, "b/k")`` —
     without the scheme, because Ray rejects ``s3://`` paths combined with an explicit filesystem.
+    ``embed_credentials=False``: when the credentials are this process's ``AWS_*`` variables, leave them out of the
+    filesystem (a pickled S3FileSystem carries its explicit keys): the AWS SDK reads them from the environment of
+    whichever process uses it (a Ray worker, a Tune trial), and nothing Ray stores holds them.
     """
     import pyarrow.fs as pafs
 
@@ -203,7 +207,9 @@ def pyarrow_filesystem(uri: str, options: S3Options | None = None) -> tuple[Any,
         if credentials is not None and method not in ("iam-role", "container-role"):
             frozen = credentials.get_frozen_credentials()
             access_key, secret_key, token = frozen.access_key, frozen.secret_key, frozen.token
-    if access_key:
+    from_env = (os.environ.get("AWS_ACCESS_KEY_ID") == access_key
+                and os.environ.get("AWS_SECRET_ACCESS_KEY") == secret_key)
+    if access_key and (embed_credentials or not from_env):
         kwargs.update(access_key=access_key, secret_key=secret_key, session_token=token or None)
     path = f"{bucket}/{key}".rstrip("/")
     return pafs.S3FileSystem(**kwargs), path

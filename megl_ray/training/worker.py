@@ -27,7 +27,8 @@ from megl_ray.training.progress import Progress
 from megl_ray.training.accounting import (Accounting, FaultHook, epoch_seed, epoch_share, planned_steps,
                                           steps_per_epoch)
 from megl_ray.training.collectives import all_gather_ids, route_metric_sync
-from megl_ray.training.rank_state import LOAD_OPTIONS, SAVE_OPTIONS, load_rng, reseed_rank, save_rng
+from megl_ray.training.rank_state import (LOAD_OPTIONS, SAVE_OPTIONS, exclude_tied_frozen, load_rng, reseed_rank,
+                                          save_rng)
 
 log = logging.getLogger("megl_ray.train")
 DS_TAG = "megl"
@@ -82,6 +83,7 @@ def _weights_only_checkpoint_engine(engine: Any) -> None:
 def save_checkpoint(engine: Any, state: TrainState, directory: Path, rank: int) -> None:
     """Every rank writes its DeepSpeed shard (a collective call; frozen parameters excluded), its RNG state, and
     rank 0 the train state."""
+    exclude_tied_frozen(engine)
     engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=True, **SAVE_OPTIONS)
     save_rng(directory / f"rng_rank{rank}.pt")
     if rank == 0:
@@ -101,7 +103,6 @@ def load_checkpoint(engine: Any, directory: Path, rank: int) -> TrainState:
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-
 
 
 
@@ -145,6 +146,9 @@ def _epoch_shard(cfg: MEGLConfig, loop: dict[str, Any], epoch: int, rank: int, w
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``: ``loop`` carries the resolved config and what the driver prepared."""
     os.environ.update(loop["env"])  # S3 endpoint, DS_ACCELERATOR: before DeepSpeed is imported
+    from megl_ray.training.credentials import load_credentials
+
+    load_credentials(loop.get("credentials_file"))  # only what this worker's environment lacks
     import deepspeed
     import ray.train
     from ray.train import Checkpoint
@@ -265,8 +269,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             faults.maybe_kill(state.step, "validation", rank, world, log)
             val = _validate(engine, ray.train.get_dataset_shard("val"), cfg, model.num_image_tokens,
                             loop["num_classes"])
-            if rank == 0:
-                progress.epoch(epoch, cfg.train.epochs, state.step, val)
+        if rank == 0:
+            progress.epoch(epoch, cfg.train.epochs, state.step, val)
         state.epoch = epoch + 1
         # An accumulation window still open at the epoch's end goes on into the next epoch: no checkpoint then.
         report({**terms, **val}, None, with_checkpoint=engine.micro_steps % cfg.train.grad_accum == 0)

@@ -1,0 +1,25 @@
+"""Credentials reach workers from their environment or a 0600 file, never from what Ray stores."""
+
+import os
+import stat
+
+from megl_ray.training.credentials import credentials_file, load_credentials, public_env
+
+
+def test_forwarded_settings_carry_no_credentials():
+    env = {"AWS_SECRET_ACCESS_KEY": "s", "AWS_ACCESS_KEY_ID": "a", "AWS_SESSION_TOKEN": "t", "MEGL_S3_SECRET_KEY": "m",
+           "MEGL_S3_ENDPOINT": "http://127.0.0.1:1", "AWS_REGION": "r", "HOME": "/root"}
+    assert public_env(env) == {"MEGL_S3_ENDPOINT": "http://127.0.0.1:1", "AWS_REGION": "r"}
+
+
+def test_the_credentials_file_is_private_temporary_and_fills_in_only_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEGL_HOME", str(tmp_path))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "a")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    with credentials_file() as path:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and str(tmp_path) in path
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "own")
+        load_credentials(path)
+        assert os.environ["AWS_SECRET_ACCESS_KEY"] == "s3cr3t" and os.environ["AWS_ACCESS_KEY_ID"] == "own"
+    assert not os.path.exists(path)
