@@ -137,7 +137,7 @@ def test_lora_checkpoint_excludes_frozen_tensors_resumes_exactly_and_exports_wha
                           "--max-new-tokens", "2", "--device", "cpu", "--out", str(tmp_path / "eval.json")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert json.loads(run.stdout.strip().splitlines()[-1])["accuracy"] == pytest.approx(want, abs=1e-9)
+    assert json.loads(run.stdout.strip().splitlines()[-1])["accuracy"] == pytest.approx(want, abs=1e-6)  # fp32 metric
 
     merged = str(tmp_path / "merged")
     run = subprocess.run([sys.executable, "-m", "megl_ray.export", "--merge", export, merged],
