@@ -48,15 +48,24 @@ def distributed():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch.distributed as dist
 
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # what a launcher sets: DeepSpeed reads LOCAL_RANK even when the process group exists
+    env = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     created = not dist.is_initialized()
     if created:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     yield
     if created:  # later tests of the session must not find a process group of ours
         dist.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _accuracy(model, cfg, uri, info):
