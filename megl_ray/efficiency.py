@@ -106,29 +106,39 @@ def format_efficiency(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_efficiency(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``--efficiency`` mode of ``python -m megl_ray.evaluate``."""
-    from megl_ray.inference import load_for_inference
+def report(exported: Any, placement: Any, name: str, batch_size: int, warmup: int, repeats: int,
+           max_new_tokens: int, num_beams: int = 1) -> dict[str, Any]:
+    """The efficiency JSON of a model ready for inference (``inference.prepare_for_inference``); ``name`` says
+    which model it is (the checkpoint, or a bench's shapes)."""
+    batch_sizes = sorted({1, batch_size})
+    rows = measure(exported, placement.device, batch_sizes, warmup, repeats, max_new_tokens, num_beams)
+    gpu = torch.cuda.get_device_name() if placement.device == "cuda" else None
+    # the paper's "n× faster" reading: what explaining in words costs over classifying with Â, per batch size
+    per_image = {(r["pipeline"], r["batch"]): r["latency_ms_per_image"] for r in rows}
+    slowdown = {str(b): round(per_image[(PIPELINES[1], b)] / per_image[(PIPELINES[0], b)], 2) for b in batch_sizes}
+    return {"checkpoint": name, "device": placement.device, "gpu": gpu, "dtype": placement.dtype,
+            "torch_threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats,
+            "max_new_tokens": max_new_tokens, "num_beams": num_beams, "batch_sizes": batch_sizes,
+            "params": count_parameters(exported.model), "rows": rows, "rationale_slowdown": slowdown,
+            "placement": [placement.as_dict()]}
 
+
+def check_arguments(args: argparse.Namespace) -> None:
     for name, low in (("batch_size", 1), ("repeats", 1), ("warmup", 0), ("num_beams", 1)):
         if getattr(args, name) < low:
             raise UserError(f"--{name.replace('_', '-')} must be at least {low}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
+
+
+def run_efficiency(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--efficiency`` mode of ``python -m megl_ray.evaluate``."""
+    from megl_ray.inference import load_for_inference
+
+    check_arguments(args)
     exported, placement = load_for_inference(args.checkpoint, args.device, args.precision)
-    max_new_tokens = args.max_new_tokens or exported.config.model.max_text_tokens
-    batch_sizes = sorted({1, args.batch_size})
-    rows = measure(exported, placement.device, batch_sizes, args.warmup, args.repeats, max_new_tokens,
-                   args.num_beams)
-    gpu = torch.cuda.get_device_name() if placement.device == "cuda" else None
-    # the paper's "n× faster" reading: what explaining in words costs over classifying with Â, per batch size
-    per_image = {(r["pipeline"], r["batch"]): r["latency_ms_per_image"] for r in rows}
-    slowdown = {str(b): round(per_image[(PIPELINES[1], b)] / per_image[(PIPELINES[0], b)], 2) for b in batch_sizes}
-    result = {"checkpoint": args.checkpoint, "device": placement.device, "gpu": gpu, "dtype": placement.dtype,
-              "torch_threads": torch.get_num_threads(), "warmup": args.warmup, "repeats": args.repeats,
-              "max_new_tokens": max_new_tokens, "num_beams": args.num_beams, "batch_sizes": batch_sizes,
-              "params": count_parameters(exported.model), "rows": rows, "rationale_slowdown": slowdown,
-              "placement": [placement.as_dict()]}
+    result = report(exported, placement, args.checkpoint, args.batch_size, args.warmup, args.repeats,
+                    args.max_new_tokens or exported.config.model.max_text_tokens, args.num_beams)
     print(format_efficiency(result), file=sys.stderr, flush=True)
     if args.out:
         from megl_ray.evaluate import _write_json

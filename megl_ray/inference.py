@@ -67,15 +67,14 @@ def _node_id() -> str | None:
         return None
 
 
-def load_for_inference(uri: str, device: str = "auto", precision: str = "auto") -> tuple[Any, Placement]:
-    """The export at ``uri`` ready to predict: device and dtype resolved here, LoRA adapters folded into their base
-    layers (``export.merge_lora``, peft's merge, in float32 before any cast) so inference runs plain linear layers,
-    VLM cast, eval mode. Returns (Exported, Placement)."""
-    from megl_ray.export import load_export, merge_lora
+def prepare_for_inference(exported: Any, device: str = "auto", precision: str = "auto") -> Placement:
+    """Make a loaded export ready to predict, in place: device and dtype resolved here, LoRA adapters folded into
+    their base layers (``export.merge_lora``, peft's merge, in float32 before any cast) so inference runs plain
+    linear layers, VLM (and SDTG projection) cast, eval mode. Returns where it now runs."""
+    from megl_ray.export import merge_lora
 
     resolved = resolve_device(device)
     dtype = resolve_dtype(precision, resolved)
-    exported = load_export(uri, device="cpu")
     model = exported.model
     merged = merge_lora(model)
     if dtype != torch.float32:
@@ -86,7 +85,17 @@ def load_for_inference(uri: str, device: str = "auto", precision: str = "auto") 
     placement = Placement(device=resolved, dtype=str(dtype).replace("torch.", ""), pid=os.getpid(),
                           host=socket.gethostname(), node=_node_id(), lora_merged=merged)
     log.info("model on %s (%s, %d LoRA layers merged), pid %d", resolved, placement.dtype, merged, placement.pid)
-    return exported, placement
+    return placement
+
+
+def load_for_inference(uri: str, device: str = "auto", precision: str = "auto") -> tuple[Any, Placement]:
+    """The export at ``uri``, loaded on the CPU and then ``prepare_for_inference``-d. Returns (Exported,
+    Placement)."""
+    from megl_ray.export import load_export
+
+    resolve_dtype(precision, resolve_device(device))  # a bad --device/--precision fails before the slow load
+    exported = load_export(uri, device="cpu")
+    return exported, prepare_for_inference(exported, device, precision)
 
 
 def run_batch(exported: Any, columns: dict[str, list[Any]], mask_size: int, num_beams: int,

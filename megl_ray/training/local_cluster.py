@@ -27,7 +27,10 @@ from pathlib import Path
 
 # Lost nodes are noticed within seconds, not the default ~30 s: the GCS health-checks raylets every second.
 FAST_FAILURE_DETECTION = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
-                          "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+                          "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3",
+                          # The nodes share one machine's memory with everything else on it: Ray's memory monitor
+                          # would kill their workers for memory other programs use.
+                          "RAY_memory_monitor_refresh_ms": "0"}
 
 
 def free_port() -> int:
@@ -111,7 +114,10 @@ class LocalCluster:
         else:
             args += [f"--address={self.address}"]
         # No token authentication: every port is on loopback, and a driver of this machine connects without a token.
-        env = {**os.environ, **FAST_FAILURE_DETECTION, "RAY_AUTH_MODE": "disabled", **self.env}
+        env = {**os.environ, **FAST_FAILURE_DETECTION, "RAY_AUTH_MODE": "disabled", **self.env,
+               # Ray Train's controller queries the state API without an address: with other Ray instances on the
+               # machine, auto-detection fails, so name this cluster's dashboard.
+               "RAY_API_SERVER_ADDRESS": self.dashboard_url}
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         log = self.root / f"{name}.log"
         with open(log, "ab") as out:

@@ -20,6 +20,27 @@ SAVE_OPTIONS = {"exclude_frozen_parameters": True}
 LOAD_OPTIONS = {"load_module_strict": False}  # the frozen parameters are absent on purpose
 
 
+def exclude_tied_frozen(engine: Any) -> None:
+    """DeepSpeed's ``exclude_frozen_parameters`` walks ``named_parameters()``, which names a tied parameter once:
+    the other name of a frozen tied embedding (Qwen2's ``lm_head.weight``) stayed in every checkpoint. This engine's
+    module state dict drops every name of every frozen parameter."""
+    if getattr(engine, "_megl_excludes_tied", False):
+        return
+    original = type(engine).module_state_dict
+
+    def module_state_dict(destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):
+        sd = original(engine, destination=destination, prefix=prefix, keep_vars=keep_vars,
+                      exclude_frozen_parameters=exclude_frozen_parameters)
+        if exclude_frozen_parameters:
+            for name, param in engine.module.named_parameters(remove_duplicate=False):
+                if not param.requires_grad:
+                    sd.pop(prefix + name, None)
+        return sd
+
+    engine.module_state_dict = module_state_dict
+    engine._megl_excludes_tied = True
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """A seed derived from (seed, rank): after identical initialisation every rank reseeds with it, so dropout and
     LoRA-dropout masks differ across ranks instead of repeating the same mask on every shard of the batch."""

@@ -24,25 +24,16 @@ IDENTITY_FILE = "run.json"
 RESULT_FILE = "result.json"
 RESUMABLE_KEYS = frozenset({
     "train.max_failures", "train.checkpoint_every", "train.sample_log_dir", "train.cache_data",
-    "train.cpus_per_worker", "run.log_every", "run.name", "run.storage_path",
+    "train.cpus_per_worker", "train.max_nonfinite_steps", "run.log_every", "run.name", "run.storage_path",
 })
 """Keys that do not change what is trained: how often to log/checkpoint, how to recover, where the run lives."""
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def fingerprint(cfg: MEGLConfig) -> dict[str, Any]:
     """The resolved config as flat ``section.key`` pairs, without ``RESUMABLE_KEYS``."""
-    return {k: v for k, v in sorted(_flatten(cfg.to_dict()).items()) if k not in RESUMABLE_KEYS}
+    from megl_ray.training.tracking import flatten
+
+    return {k: v for k, v in sorted(flatten(cfg.to_dict()).items()) if k not in RESUMABLE_KEYS}
 
 
 def differing_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -27,7 +27,8 @@ from megl_ray.training.progress import Progress
 from megl_ray.training.accounting import (Accounting, FaultHook, epoch_seed, epoch_share, planned_steps,
                                           steps_per_epoch)
 from megl_ray.training.collectives import all_gather_ids, route_metric_sync
-from megl_ray.training.rank_state import LOAD_OPTIONS, SAVE_OPTIONS, load_rng, reseed_rank, save_rng
+from megl_ray.training.rank_state import (LOAD_OPTIONS, SAVE_OPTIONS, exclude_tied_frozen, load_rng, reseed_rank,
+                                          save_rng)
 
 log = logging.getLogger("megl_ray.train")
 DS_TAG = "megl"
@@ -82,6 +83,7 @@ def _weights_only_checkpoint_engine(engine: Any) -> None:
 def save_checkpoint(engine: Any, state: TrainState, directory: Path, rank: int) -> None:
     """Every rank writes its DeepSpeed shard (a collective call; frozen parameters excluded), its RNG state, and
     rank 0 the train state."""
+    exclude_tied_frozen(engine)
     engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=True, **SAVE_OPTIONS)
     save_rng(directory / f"rng_rank{rank}.pt")
     if rank == 0:
