@@ -138,14 +138,15 @@ def main(argv=None) -> dict:
     env = {"DS_ACCELERATOR": "cpu", "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
     step = {}
     with LocalCluster(Path(storage) / "cluster", env=env) as cluster:
-        cluster.add_node(num_cpus=2, resources={"node_a": 1})
-        cluster.add_node(num_cpus=1, resources={"node_b": 1})
+        cluster.add_node(num_cpus=2, resources={"node_a": 1}, attempts=6)
         ray.init(address=cluster.address, log_to_driver=False)
         try:
             on_head = {"node_a": 0.01}  # both one-node runs on the head
             runs = [("1w", cfg(1), on_head), ("2w_one_node", cfg(2), on_head),
                     ("2w_two_nodes", cfg(2, "STRICT_SPREAD"), None)]
             for name, c, extra in runs:
+                if name == "2w_two_nodes":  # the second node only now: it would idle through the one-node runs
+                    cluster.add_node(num_cpus=1, resources={"node_b": 1}, attempts=6)
                 with RunnableSampler() as sampler:
                     result = run_distributed(c, tokenizer, info.num_classes, rows, info.mask_size, args.steps,
                                              storage, f"scaling-{name}", threads=1, extra_resources=extra)

@@ -37,7 +37,7 @@ class DivergenceGuard:
         self.bad_steps = 0 if math.isfinite(value) else self.bad_steps + 1
         stop = self.bad_steps >= self.patience
         if self.distributed:
-            stop = _any_rank(stop)
+            stop = _any_rank(stop, getattr(loss, "device", None))
         if stop and self.message is None:
             self.message = (f"training diverged: the loss was not finite (last {value}) for "
                             f"{max(self.bad_steps, 1)} step(s) in a row up to step {step}; lower optim.lr, raise "
@@ -51,13 +51,13 @@ class DivergenceGuard:
             raise TrainingDiverged(self.message)
 
 
-def _any_rank(flag: bool) -> bool:
+def _any_rank(flag: bool, device: Any = None) -> bool:
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return flag
-    tensor = torch.tensor([1.0 if flag else 0.0])
+    tensor = torch.tensor([1.0 if flag else 0.0], device=device)  # on the loss's device: NCCL has no CPU tensors
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item() > 0)
 

@@ -24,7 +24,7 @@ IDENTITY_FILE = "run.json"
 RESULT_FILE = "result.json"
 RESUMABLE_KEYS = frozenset({
     "train.max_failures", "train.checkpoint_every", "train.sample_log_dir", "train.cache_data",
-    "train.cpus_per_worker", "run.log_every", "run.name", "run.storage_path",
+    "train.cpus_per_worker", "train.max_nonfinite_steps", "run.log_every", "run.name", "run.storage_path",
 })
 """Keys that do not change what is trained: how often to log/checkpoint, how to recover, where the run lives."""
 

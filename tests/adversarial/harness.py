@@ -80,3 +80,12 @@ def assert_standard_json(text: str) -> None:
         raise AssertionError(f"non-standard JSON number {token} in {text[-300:]!r}")
 
     json.loads(text.strip().splitlines()[-1], parse_constant=refuse)
+
+
+def edit_json(name: str, change: Callable[[Any], Any]) -> Callable[[Path], None]:
+    """A damage function: load ``root/name`` as JSON, let ``change`` edit it in place, write it back."""
+    def damage(root: Path) -> None:
+        value = json.loads((root / name).read_text())
+        change(value)
+        (root / name).write_text(json.dumps(value))
+    return damage

@@ -13,7 +13,7 @@ import pytest
 
 from megl_ray import train, train_local, tune
 from megl_ray.data import make_sample
-from tests.adversarial.harness import assert_user_error, run, snapshot
+from tests.adversarial.harness import assert_user_error, edit_json, run, snapshot
 
 TUNE_SPACE = "loss.text_weight:\n  grid: [0.5, 1.0]\n"
 
@@ -137,11 +137,7 @@ def test_make_sample_into_a_file_and_bad_arguments(tmp_path, capsys):
 
 
 def _edit_info(change):
-    def damage(ds: Path) -> None:
-        info = json.loads((ds / "dataset.json").read_text())
-        change(info)
-        (ds / "dataset.json").write_text(json.dumps(info))
-    return damage
+    return edit_json("dataset.json", change)
 
 
 def _train_shard(ds: Path) -> Path:

@@ -225,3 +225,25 @@ def test_a_rationale_with_the_image_token_is_dropped_and_named(tmp_path, capsys)
     src = make_source(tmp_path / "src", {"a": good_record("a", exp=["fine", "see <image>"]), "b": good_record("b")})
     outcome = convert_case(tmp_path, capsys, src, tmp_path / "dst")
     assert outcome.code == 0 and outcome.result["rejected_by_reason"] == {"rationale_has_image_token": 1}
+
+
+@pytest.mark.slow
+def test_atomic_overwrite_on_s3(embedded_s3, monkeypatch, tmp_path, capsys):
+    """The same guarantees on an object store, where the swap moves objects one by one."""
+    from megl_ray import storage
+
+    for key, value in embedded_s3.env().items():
+        monkeypatch.setenv(key, value)
+    uri = "s3://megl-adversarial/ds"
+    src = make_source(tmp_path / "src")
+    assert run(PROG, convert.main, [src, uri], capsys).code == 0
+    old = sorted(storage.list_files(uri))
+    bad = make_source(tmp_path / "bad", {"a": good_record("a"), "b": good_record("b", class_id=9)})
+    assert_user_error(run(PROG, convert.main, [bad, uri, "--overwrite", "--strict"], capsys), "unknown_class_id")
+    assert sorted(storage.list_files(uri)) == old
+    assert run(PROG, convert.main, [src, uri, "--overwrite"], capsys).code == 0
+    assert sorted(storage.list_files(uri)) == old and not any(convert.STAGING_PREFIX in f for f in old)
+    from megl_ray.data.schema import load_dataset_info
+
+    assert sum(load_dataset_info(uri).splits.values()) == 2
+

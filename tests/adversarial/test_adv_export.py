@@ -16,7 +16,7 @@ from PIL import Image
 
 from megl_ray import evaluate, explain
 from megl_ray.export import load_export
-from tests.adversarial.harness import assert_user_error, run, snapshot
+from tests.adversarial.harness import assert_user_error, edit_json, run, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +62,7 @@ def _fifo(name: str):
 
 
 def _meta(change):
-    def damage(root: Path) -> None:
-        meta = json.loads((root / "meta.json").read_text())
-        change(meta)
-        (root / "meta.json").write_text(json.dumps(meta))
-    return damage
+    return edit_json("meta.json", change)
 
 
 def _empty_tokenizer(root: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from megl_ray import storage
 from megl_ray.data import convert
-from megl_ray.storage.serve import main as storage_main
+from megl_ray.storage import main as storage_main
 from tests.adversarial.harness import assert_user_error, run, snapshot
 
 SECRET = "hunter2secret"
@@ -45,7 +45,7 @@ def test_user_info_is_redacted_from_storage_messages():
     assert SECRET not in options.describe() and options.describe() == "https://***@s3.example.com:9000"
     from botocore.exceptions import EndpointConnectionError
 
-    from megl_ray.storage.s3 import _storage_error
+    from megl_ray.storage.s3 import _storage_error  # noqa: PLC0415 - where the translation lives
 
     err = _storage_error(EndpointConnectionError(endpoint_url=options.endpoint_url + "/b/k"), "s3://b/k", options)
     assert SECRET not in str(err) and "***@s3.example.com" in str(err)

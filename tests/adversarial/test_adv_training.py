@@ -8,7 +8,6 @@ import pytest
 
 from megl_ray import train_local
 from megl_ray.cli import print_result
-from megl_ray.training.guards import DivergenceGuard, TrainingDiverged, raise_if_diverged
 from tests.adversarial.harness import assert_standard_json, assert_user_error, run
 
 
@@ -23,6 +22,8 @@ def test_train_local_stops_when_the_loss_is_not_finite(tiny_dataset, tmp_path, c
 
 
 def test_the_guard_needs_k_non_finite_steps_in_a_row():
+    from megl_ray.training.guards import DivergenceGuard, TrainingDiverged, raise_if_diverged
+
     guard = DivergenceGuard(3)
     for step, loss in enumerate([math.nan, math.inf, 1.0, math.nan, math.nan], 1):
         guard.check(loss, step)  # never three in a row
@@ -40,3 +41,4 @@ def test_results_are_standard_json(capsys):
     out = capsys.readouterr().out
     assert_standard_json(out)
     assert '"loss": null' in out and "[null, 1.5]" in out
+
