@@ -280,6 +280,9 @@ def _sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None, v
                                       callbacks=[InterruptAfter()], verbose=1))
     # Mid-epoch checkpoint reports (train.checkpoint_every) carry no validation metric; ASHA skips them.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    from megl_ray.training.credentials import keep_tune_from_logging_credentials
+
+    keep_tune_from_logging_credentials()
     with contextlib.redirect_stdout(sys.stderr):  # Tune's progress tables: stdout is for the result line
         grid = tuner.fit()
     rows = _rows(grid, settings, resolved)

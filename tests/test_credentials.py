@@ -23,3 +23,15 @@ def test_the_credentials_file_is_private_temporary_and_fills_in_only_what_is_mis
         load_credentials(path)
         assert os.environ["AWS_SECRET_ACCESS_KEY"] == "s3cr3t" and os.environ["AWS_ACCESS_KEY_ID"] == "own"
     assert not os.path.exists(path)
+
+
+def test_tune_trials_get_no_credentials_in_their_runtime_env(monkeypatch):
+    from ray.tune.execution import class_cache
+
+    from megl_ray.training.credentials import INHERIT_VAR, keep_tune_from_logging_credentials
+
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", set(class_cache.ENV_VARS_TO_PROPAGATE))
+    monkeypatch.setenv(INHERIT_VAR, "1")
+    keep_tune_from_logging_credentials()
+    assert "AWS_SECRET_ACCESS_KEY" not in class_cache.ENV_VARS_TO_PROPAGATE
+    assert class_cache.ENV_VARS_TO_PROPAGATE  # Ray Train's own variables still propagate

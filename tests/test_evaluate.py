@@ -99,7 +99,8 @@ def test_in_process_and_ray_data_give_identical_numbers(export, data_uri, tmp_pa
     # this Ray node for the Ray path
     assert [(p["pid"], p["device"]) for p in local["placement"]] == [(os.getpid(), "cpu")]
     actors = distributed["placement"]
-    assert len({p["pid"] for p in actors}) == 2 and os.getpid() not in {p["pid"] for p in actors}
+    # Ray Data hands blocks to whichever actor is ready: on a loaded machine one of the two may do all of them
+    assert 1 <= len({p["pid"] for p in actors}) <= 2 and os.getpid() not in {p["pid"] for p in actors}
     assert {(p["device"], p["dtype"], p["node"]) for p in actors} == {
         ("cpu", "float32", ray.get_runtime_context().get_node_id())}
 

@@ -80,3 +80,14 @@ def load_credentials(path: str | None) -> None:
         return
     for key, value in json.loads(Path(path).read_text()).items():
         os.environ.setdefault(key, value)
+
+
+def keep_tune_from_logging_credentials() -> None:
+    """Ray Tune copies the driver's ``AWS_*`` credential variables into every trial actor's runtime environment,
+    which Ray's ``runtime_env_agent.log`` records in plain text. Under a local Ray the trial processes inherit them
+    anyway (and the credentials file covers the rest), so they are dropped from that list."""
+    if not workers_inherit_env():
+        return
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = {v for v in class_cache.ENV_VARS_TO_PROPAGATE if not is_credential(v)}
