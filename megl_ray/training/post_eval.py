@@ -77,11 +77,24 @@ def evaluate_test_split(export_uri: str, data_uri: str, device: str = "cpu") -> 
     return {"test_accuracy": classification.compute()["accuracy"], "test_miou": saliency.compute()["miou"]}
 
 
+def _evaluate_with_credentials(export_uri: str, data_uri: str, device: str,
+                               credentials: str | None) -> dict[str, float | None]:
+    """In the Ray task: credentials the task's environment lacks come from the 0600 file, as in the workers (a
+    joined cluster's processes did not inherit the driver's environment)."""
+    from megl_ray.training.credentials import load_credentials
+
+    load_credentials(credentials)
+    return evaluate_test_split(export_uri, data_uri, device)
+
+
 def evaluate_where_the_gpus_are(export_uri: str, data_uri: str, use_gpu: bool, cpus: float,
                                 env: dict[str, str]) -> dict[str, float | None]:
     """``evaluate_test_split`` as a Ray task holding one training worker's resources."""
     import ray
 
+    from megl_ray.training.credentials import credentials_file
+
     task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=cpus,
-                      runtime_env={"env_vars": env})(evaluate_test_split)
-    return ray.get(task.remote(export_uri, data_uri, "cuda" if use_gpu else "cpu"))
+                      runtime_env={"env_vars": env})(_evaluate_with_credentials)
+    with credentials_file() as credentials:  # removed when the task has finished
+        return ray.get(task.remote(export_uri, data_uri, "cuda" if use_gpu else "cpu", credentials))
