@@ -33,11 +33,15 @@ def _count_calls(modules):
     return calls
 
 
-def _assert_close(got, want, rel, name):
-    """Relative to the tensor's norm (single elements near zero differ by the rounding of summation order), with an
-    absolute floor for gradients that are zero in exact arithmetic (attention key biases)."""
-    err = float((got - want).norm())
-    assert err <= rel * float(want.norm()) + 1e-7, (name, err, float(want.norm()))
+def _assert_all_close(got: dict, want: dict, rel: float) -> None:
+    """Per tensor, relative to its norm (single elements near zero differ by the rounding of summation order), with
+    an absolute floor of ``rel`` times the whole gradient's norm for gradients that are zero in exact arithmetic
+    (attention key biases; conv biases followed by a per-channel GroupNorm), whose float values are rounding noise."""
+    assert got.keys() == want.keys()
+    floor = rel * float(torch.stack([g.norm() for g in want.values()]).norm())
+    for name in want:
+        err = float((got[name] - want[name]).norm())
+        assert err <= rel * float(want[name].norm()) + floor, (name, err, float(want[name].norm()), floor)
 
 
 @pytest.mark.parametrize("classifier", ["tiny", "resnet18"])
@@ -57,8 +61,7 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(classifier):
     assert calls == {0: 2, 1: 2, 2: 2}  # LM layer, frozen vision layer, classifier stage: recomputed in backward
     ga, gb = _grads(plain), _grads(ckpt)
     assert ga.keys() == gb.keys() and len(ga) > 10
-    for name in ga:
-        _assert_close(gb[name], ga[name], 1e-5, name)
+    _assert_all_close(gb, ga, 1e-5)
 
 
 def test_rationale_only_logits_give_the_same_text_loss_and_gradients():
@@ -76,8 +79,7 @@ def test_rationale_only_logits_give_the_same_text_loss_and_gradients():
     g_fast = _grads(model)
     model.zero_grad()
     full.loss.backward()
-    for name, g in _grads(model).items():
-        _assert_close(g_fast[name], g, 1e-5, name)
+    _assert_all_close(g_fast, _grads(model), 1e-5)
 
 
 def test_attention_kernels_agree_and_a_missing_flash_attention_is_one_line():
