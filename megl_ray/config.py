@@ -311,13 +311,11 @@ class MEGLConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def to_yaml(self) -> str:
+    def to_yaml(self) -> str:  # the form a checkpoint, an export and a sweep's best_config.yaml hold
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Building dataclasses from plain dicts, with types checked and keys named in every error.
-
+# ------------------------------------------- building dataclasses from plain dicts: types checked, keys named
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
