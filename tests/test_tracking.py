@@ -109,8 +109,10 @@ def test_the_console_shows_each_progress_line_once_within_the_line_budget(tracke
     # (embedded S3 created, the bundled dataset uploaded).
     fixed = len(lines) - len(steps) - len(epochs)
     assert fixed + 180 // 10 + 20 <= 60, "\n".join(lines)
-    assert lines[-3].startswith("[megl] curves: ") and lines[-2].startswith("[megl] gallery of validation")
-    assert lines[-1].startswith("[megl] TensorBoard: tensorboard --logdir ")
+    # the closing lines: the pictures and TensorBoard, then the commands that evaluate and explain the export
+    assert lines[-5].startswith("[megl] curves: ") and lines[-4].startswith("[megl] gallery of validation")
+    assert lines[-3].startswith("[megl] TensorBoard: tensorboard --logdir ")
+    assert lines[-2].startswith("[megl] evaluate it: ") and lines[-1].startswith("[megl] explain it: ")
 
 
 @pytest.mark.slow
