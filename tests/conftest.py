@@ -45,3 +45,17 @@ def two_node_cluster(embedded_s3, tmp_path_factory):
         yield cluster
     finally:
         cluster.shutdown()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "wip(reason): a test that has not passed on the integrated code yet; skipped "
+                                       "unless MEGL_RUN_WIP=1 (each one is named in the session note with its issue)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("MEGL_RUN_WIP") == "1":
+        return
+    for item in items:
+        marker = item.get_closest_marker("wip")
+        if marker is not None:
+            item.add_marker(pytest.mark.skip(reason=f"wip: {marker.kwargs.get('reason', 'not passing yet')}"))
