@@ -194,9 +194,9 @@ def model_batch(pre: dict[str, Any], tokenizer: Any, template: str, num_image_to
         input_ids.append(prompts[name] + answer)
         text_labels.append([IGNORE_INDEX] * len(prompts[name]) + answer)
     return {
-        "pixels": torch.as_tensor(np.asarray(pre["pixels"])).float().div_(255.0),
+        "pixels": torch.tensor(np.asarray(pre["pixels"])).float().div_(255.0),
         "labels": torch.tensor(np.asarray(pre["label"], dtype=np.int64)),  # a copy: Arrow's buffers are read-only
-        "masks": torch.as_tensor(np.asarray(pre["mask"])).float().div_(255.0),
+        "masks": torch.tensor(np.asarray(pre["mask"])).float().div_(255.0),
         "has_mask": torch.tensor(np.asarray(pre["has_mask"], dtype=bool)),
         "input_ids": pad_sequences(input_ids, tokenizer.pad_token_id),
         "attention_mask": pad_sequences([[1] * len(x) for x in input_ids], 0),
