@@ -142,14 +142,17 @@ def ray_session() -> Iterator[Any]:
     """Ray, connected to ``RAY_ADDRESS`` when set, else a local instance; shut down only if started here."""
     import ray
 
+    from megl_ray.training.ray_env import local_ray_undone
+
     started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray
-    finally:
+    with local_ray_undone():  # a local Ray's token authentication must not outlive it (see ray_env)
         if started_here:
-            ray.shutdown()
+            ray.init(include_dashboard=False, log_to_driver=False)
+        try:
+            yield ray
+        finally:
+            if started_here:
+                ray.shutdown()
 
 
 def plan_actors(workers: int | None, device: str, rows: int, cluster: dict[str, float]) -> tuple[int, bool]:

@@ -296,13 +296,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         complete = check_run(resolved, _run_uri(resolved.run.storage_path, resolved.run.name))
         if complete is not None:
             return complete
-        try:
-            result = fit(resolved, args.address, verbose=args.verbose)
-        finally:
-            import ray
+        from megl_ray.training.credentials import INHERIT_VAR
+        from megl_ray.training.ray_env import local_ray_undone
 
-            # Flush the workers' forwarded logs now, so the result is the last line of stdout.
-            ray.shutdown()
+        # A local Ray leaves token authentication (and our dashboard address) in this process: undone after it,
+        # so that a later run in the same process can join a cluster started without tokens.
+        with local_ray_undone(("RAY_API_SERVER_ADDRESS", INHERIT_VAR)):
+            try:
+                result = fit(resolved, args.address, verbose=args.verbose)
+            finally:
+                import ray
+
+                # Flush the workers' forwarded logs now, so the result is the last line of stdout.
+                ray.shutdown()
     for line in closing_lines(result.get("pictures", {}), result["run_dir"], result.get("tensorboard")):
         print(line, file=sys.stderr, flush=True)
     print("\n".join(f"[megl] {line}" for line in next_steps(result)), file=sys.stderr, flush=True)

@@ -409,18 +409,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     settings = _settings(args)
     from megl_ray.training.embedded import embedded_default
 
-    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
-    with embedded_default(settings.base) as resolved:
+    from megl_ray.training.credentials import INHERIT_VAR
+    from megl_ray.training.ray_env import local_ray_undone
+
+    # what a local Ray leaves in this process (token authentication, our dashboard address): see ray_env
+    with embedded_default(settings.base) as resolved, local_ray_undone(("RAY_API_SERVER_ADDRESS", INHERIT_VAR)):
         try:
             return sweep(settings, resolved, args.address, args.verbose)
         finally:
             import ray
 
             ray.shutdown()  # flush the workers' forwarded logs now, so the result is the last line of stdout
-            if saved is None:
-                os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-            else:
-                os.environ["RAY_API_SERVER_ADDRESS"] = saved
 
 
 if __name__ == "__main__":

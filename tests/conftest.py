@@ -9,6 +9,18 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 import pytest  # noqa: E402 - appended section
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _local_ray_undone():
+    """A module's in-process ``ray.init()`` (a local instance) switches the whole process to Ray's token
+    authentication, and ``ray.shutdown()`` does not switch it back: a later module's driver joining the two-node
+    cluster (started without tokens) would refuse its workers' calls and wait forever for its first Ray Data
+    execution (``megl_ray.training.ray_env``). Undone at the end of every module, after its own Ray fixtures."""
+    from megl_ray.training.ray_env import local_ray_undone
+
+    with local_ray_undone(("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")):
+        yield
+
+
 @pytest.fixture(scope="session")
 def embedded_s3(tmp_path_factory):
     """One embedded SeaweedFS S3 server for the whole session; tests pass ``embedded_s3.options`` explicitly

@@ -98,6 +98,11 @@ class LocalCluster:
         name = f"node{len(self.nodes)}"
         self.root.mkdir(parents=True, exist_ok=True)
         # Ray's unix sockets live under the temp dir and their paths are limited to ~107 bytes: keep it short.
+        # ``--node-ip-address=127.0.0.1``: Ray rewrites a loopback address to the machine's own primary address
+        # (``services.resolve_ip_for_localhost``; e.g. 192.0.2.2), and so does the driver's ``ray.init(address=
+        # "127.0.0.1:...")``. The nodes show that address, which is still this machine's: the kernel routes it
+        # through ``lo`` (``ip route get`` says ``local ... dev lo``), so no traffic leaves the machine. The only
+        # switch that keeps 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) also refuses worker nodes.
         temp = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))
         # Not ``--block``: its monitor kills the whole node when any helper process (e.g. the Ray client server,
         # which times out on an overloaded machine) exits, which is not what a node's loss should depend on.
