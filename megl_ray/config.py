@@ -8,18 +8,16 @@ saved inside every checkpoint (``to_dict``) and is what a sweep's best trial wri
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
 
+from megl_ray.config_build import _build, _coerce, _deep_copy, _parse_override, _set_path, _type_name  # noqa: F401
 from megl_ray.errors import ConfigError
 from megl_ray.safe_io import check_name
-from megl_ray.strict_yaml import StrictLoader, load_yaml_file
+from megl_ray.strict_yaml import load_yaml_file
 
 ClassifierName = Literal["tiny", "resnet18", "resnet50", "vit_b_16"]
 VLMPreset = Literal["tiny", "llava", "clip-qwen2"]
@@ -315,105 +313,7 @@ class MEGLConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# ------------------------------------------- building dataclasses from plain dicts: types checked, keys named
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` (Literal, Optional, list, bool/int/float/str, dataclass)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: expected one of {', '.join(repr(a) for a in args)}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; it is a number to any user
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):  # an infinite lr or loss weight trains to NaN; no field means it
-                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise TypeError(f"unsupported config annotation {tp!r} at {key}")
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise ConfigError(f"unknown config key '{full}' (valid: {', '.join(names)})")
-        kwargs[key] = _coerce(value, hints[key], full)
-    return cls(**kwargs)
-
-
-def _parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key=value")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override '{text}' has no key")
-    try:
-        value = yaml.load(raw, Loader=StrictLoader) if raw.strip() else None  # noqa: S506 - a SafeLoader
-    except (yaml.YAMLError, RecursionError):
-        value = raw  # a bare string YAML cannot parse (e.g. "a: b") is taken literally
-    return key.split("."), value
-
-
-def _set_path(tree: dict, path: list[str], value: Any) -> None:
-    node = tree
-    for i, part in enumerate(path[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(path[: i + 1])}: is a value, cannot set '{'.'.join(path)}'")
-        node = child
-    node[path[-1]] = value
+# Building dataclasses from plain dicts (types checked, keys named) lives in config_build.py.
 
 
 def config_from_dict(data: dict[str, Any] | None, overrides: Sequence[str] = ()) -> MEGLConfig:
@@ -425,14 +325,6 @@ def config_from_dict(data: dict[str, Any] | None, overrides: Sequence[str] = ())
         path, value = _parse_override(text)
         _set_path(tree, path, value)
     return _build(MEGLConfig, tree, "")
-
-
-def _deep_copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _deep_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deep_copy(v) for v in value]
-    return value
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> MEGLConfig:
