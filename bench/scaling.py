@@ -1,9 +1,12 @@
 """Does the step cost model (``megl_ray/training/cost_model.py``) predict what a second worker brings? Measured here:
 
-  1. calibration, single-worker quantities only: the median step time of ONE Ray Train + DeepSpeed worker (tiny
+  1. calibration, no two-worker training in it: the median step time of ONE Ray Train + DeepSpeed worker (tiny
      MEGL model, its micro-batch), the gloo all-reduce of the model's gradient bytes and all-gather of its parameter
-     bytes between two plain processes, and how many other processes compete for the cores;
-  2. the prediction of the model for 2 workers (``cost_model.cpu_throughput_ratio``);
+     bytes between two plain processes, and what the cores give CPU-bound processes: a fixed single-threaded
+     matmul kernel timed alone (before the 1-worker run) and as two concurrent copies (before each 2-worker run,
+     under the load of that moment: other programs share this machine, and their load moves);
+  2. the prediction of the model for 2 workers (``cost_model.cpu_throughput_ratio``): one worker's step slowed by
+     the kernel's two-copy slowdown (1 on two free cores, 2 on one), plus the collectives;
   3. the measurement: 2 workers on one node, and 2 workers on two Ray nodes (``STRICT_SPREAD`` over a local
      two-node cluster, ``megl_ray.training.local_cluster``), the same micro-batch each.
 
@@ -12,7 +15,7 @@ The last stdout line is one JSON object, with the model's per-node-count predict
 docs/scaling.md beside it. Two Ray nodes on one machine talk over loopback, as one node does: the model predicts the
 same ratio for both, and the measurement says whether Ray's placement across nodes costs anything beyond it.
 
-    python bench/scaling.py [--steps 14] [--batch 16]
+    python bench/scaling.py [--steps 14] [--batch 16] [--kernel-reps 3000]
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=14)
     p.add_argument("--batch", type=int, default=16, help="micro-batch of each worker")
     p.add_argument("--repeats", type=int, default=20, help="timed repetitions of each collective")
+    p.add_argument("--kernel-reps", type=int, default=3000, help="matmuls of the core-sharing kernel (~2 s alone)")
     return p.parse_args(argv)
 
 
@@ -78,6 +82,37 @@ def measure_collectives(grad_numel: int, param_numel: int, repeats: int) -> dict
     return json.loads(Path(out).read_text())
 
 
+def _kernel_worker(rank: int, reps: int, start_at: float, out: str) -> None:
+    """A fixed single-threaded compute kernel (float32 matmuls, as in a step's layers), started at ``start_at``
+    so that concurrent copies overlap; writes its own wall time."""
+    import torch
+
+    torch.set_num_threads(1)
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    for _ in range(20):  # warm-up: page in, caches, the allocator
+        a @ b
+    while time.time() < start_at:
+        time.sleep(0.005)
+    start = time.perf_counter()
+    for _ in range(reps):
+        c = a @ b
+        a = c / c.norm()
+    Path(f"{out}.{rank}").write_text(str(time.perf_counter() - start))
+
+
+def measure_kernel(copies: int, reps: int) -> float:
+    """Wall time of the kernel with ``copies`` copies running at once, the slowest copy's (the workers of a
+    step wait for the slowest). With one copy: what one core gives; with two: what the cores give two processes."""
+    import torch.multiprocessing as mp
+
+    out = tempfile.mktemp(prefix="megl-kernel-")
+    mp.spawn(_kernel_worker, args=(reps, time.time() + 3.0, out), nprocs=copies, join=True)
+    times = [float(Path(f"{out}.{r}").read_text()) for r in range(copies)]
+    for r in range(copies):
+        Path(f"{out}.{r}").unlink()
+    return max(times)
+
+
 class RunnableSampler:
     """Mean number of runnable processes (``procs_running`` of /proc/stat) while it runs, this sampler excluded."""
 
@@ -107,6 +142,7 @@ class RunnableSampler:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    load_start = os.getloadavg()
     import ray
 
     from megl_ray.config import load_config, packaged_config
@@ -136,7 +172,7 @@ def main(argv=None) -> dict:
 
     storage = tempfile.mkdtemp(prefix="megl-scaling-")
     env = {"DS_ACCELERATOR": "cpu", "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
-    step = {}
+    step, kernel = {}, {}
     with LocalCluster(Path(storage) / "cluster", env=env) as cluster:
         cluster.add_node(num_cpus=2, resources={"node_a": 1}, attempts=6)
         ray.init(address=cluster.address, log_to_driver=False)
@@ -147,6 +183,11 @@ def main(argv=None) -> dict:
             for name, c, extra in runs:
                 if name == "2w_two_nodes":  # the second node only now: it would idle through the one-node runs
                     cluster.add_node(num_cpus=1, resources={"node_b": 1}, attempts=6)
+                # What the cores give one (before the 1-worker run) or two CPU-bound processes (before each
+                # 2-worker run), under the load of that moment: the load of a shared machine moves between runs.
+                kernel[name] = measure_kernel(1 if name == "1w" else 2, args.kernel_reps)
+                print(f"kernel before {name}: {kernel[name]:.3f} s ({1 if name == '1w' else 2} copies)",
+                      file=sys.stderr)
                 with RunnableSampler() as sampler:
                     result = run_distributed(c, tokenizer, info.num_classes, rows, info.mask_size, args.steps,
                                              storage, f"scaling-{name}", threads=1, extra_resources=extra)
@@ -157,12 +198,13 @@ def main(argv=None) -> dict:
         finally:
             ray.shutdown()
 
-    # The run's own processes are counted by the sampler: the busy load competing with the 1-worker run is what
-    # was runnable beyond that worker's one thread.
-    cal = cost_model.CpuCalibration(step_1w_s=step["1w"], allreduce_s=collectives["allreduce_s"],
-                                    allgather_s=collectives["allgather_s"], latency_s=collectives["latency_s"],
-                                    cores=os.cpu_count() or 1, busy=max(0.0, step["1w_busy"] - 1.0))
-    predicted = cost_model.cpu_throughput_ratio(cal, 2)
+    def calibration(two: str) -> cost_model.CpuCalibration:
+        return cost_model.CpuCalibration(step_1w_s=step["1w"], allreduce_s=collectives["allreduce_s"],
+                                         allgather_s=collectives["allgather_s"], latency_s=collectives["latency_s"],
+                                         cores=os.cpu_count() or 1, kernel_1_s=kernel["1w"], kernel_2_s=kernel[two])
+
+    cal, cal_nodes = calibration("2w_one_node"), calibration("2w_two_nodes")
+    predicted, predicted_nodes = cost_model.cpu_throughput_ratio(cal, 2), cost_model.cpu_throughput_ratio(cal_nodes, 2)
     measured = 2 * step["1w"] / step["2w_one_node"]
     measured_nodes = 2 * step["1w"] / step["2w_two_nodes"]
     per_node = {}
@@ -173,14 +215,20 @@ def main(argv=None) -> dict:
             "step_s": [row["step_s_serial"], row["step_s_overlap"]], "memory_gib": row["memory_gib"]}
     return {
         "measured_2w_vs_1w": round(measured, 3), "measured_2w_vs_1w_two_nodes": round(measured_nodes, 3),
-        "predicted_2w_vs_1w": round(predicted, 3),
+        "predicted_2w_vs_1w": round(predicted, 3), "predicted_2w_vs_1w_two_nodes": round(predicted_nodes, 3),
         "relative_error": round(abs(predicted - measured) / measured, 3),
-        "relative_error_two_nodes": round(abs(predicted - measured_nodes) / measured_nodes, 3),
+        "relative_error_two_nodes": round(abs(predicted_nodes - measured_nodes) / measured_nodes, 3),
         "predicted_step_2w_s": round(cost_model.cpu_step_prediction(cal, 2), 4),
+        "kernel_s": {k: round(v, 4) for k, v in kernel.items()},
+        "compute_slowdown_2w": round(cost_model.cpu_compute_slowdown(cal, 2), 3),
+        "compute_slowdown_2w_two_nodes": round(cost_model.cpu_compute_slowdown(cal_nodes, 2), 3),
+        "runnable_besides": {k[:-5]: round(v, 2) for k, v in step.items() if k.endswith("_busy")},
+        "load_average_start": [round(x, 2) for x in load_start],
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "step_1w_s": round(step["1w"], 4), "step_2w_one_node_s": round(step["2w_one_node"], 4),
         "step_2w_two_nodes_s": round(step["2w_two_nodes"], 4),
         "gloo": {k: round(v, 5) for k, v in collectives.items()}, "trainable_params": trainable,
-        "busy_processes": round(cal.busy, 2), "machine_cpus": os.cpu_count(), "micro_batch": args.batch,
+        "machine_cpus": os.cpu_count(), "micro_batch": args.batch,
         "steps": args.steps, "predicted_per_node_count": per_node,
         "per_node_count_note": f"[serial, overlap] bounds on {cost_model.H100_NODE.name}",
     }

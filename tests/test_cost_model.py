@@ -8,7 +8,7 @@ import pytest
 
 from megl_ray.training import cost_model
 from megl_ray.training.cost_model import (
-    CpuCalibration, Hardware, comm_bytes_per_gpu, cpu_step_prediction, cpu_throughput_ratio, step_cost, step_flops)
+    CpuCalibration, Hardware, comm_bytes_per_gpu, cpu_compute_slowdown, cpu_step_prediction, cpu_throughput_ratio, step_cost, step_flops)
 from megl_ray.training.memory_model import PRESETS, ModelShape, Setup, TransformerShape, memory_per_gpu
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "scaling.md"
@@ -68,13 +68,20 @@ def test_step_cost_parts_add_up_and_use_the_memory_model():
 
 
 def test_cpu_prediction_from_single_worker_measurements():
-    cal = CpuCalibration(step_1w_s=1.0, allreduce_s=0.1, allgather_s=0.05, latency_s=0.01, cores=2, busy=0.0)
+    # two free cores: two copies of the kernel run as fast as one, so compute is not slowed
+    cal = CpuCalibration(step_1w_s=1.0, allreduce_s=0.1, allgather_s=0.05, latency_s=0.01, cores=2,
+                         kernel_1_s=2.0, kernel_2_s=2.0)
     assert cpu_step_prediction(cal, 1) == pytest.approx(1.0)
-    assert cpu_step_prediction(cal, 2) == pytest.approx(1.0 + 0.15 + 0.01)  # two free cores: no slowdown
+    assert cpu_step_prediction(cal, 2) == pytest.approx(1.0 + 0.15 + 0.01)
     assert cpu_throughput_ratio(cal) == pytest.approx(2 / 1.16)
-    loaded = replace(cal, busy=2.0)  # two other busy processes: 1 worker gets 2/3 core, 2 workers 1/2 core each
-    assert cpu_step_prediction(loaded, 2) == pytest.approx(1.0 * (2 / 3) / (1 / 2) + 0.16)
-    assert cpu_step_prediction(cal, 4) == pytest.approx(2.0 + 1.5 * 0.15 + 0.01)  # 4 threads on 2 cores; ring 3/4
+    # the cores give two processes only 1.5 cores' worth (other load, shared caches): compute 1.33× slower each
+    shared = replace(cal, kernel_2_s=2.0 * 2 / 1.5)
+    assert cpu_compute_slowdown(shared, 2) == pytest.approx(4 / 3)
+    assert cpu_step_prediction(shared, 2) == pytest.approx(4 / 3 + 0.16)
+    one_core = replace(cal, kernel_2_s=4.0)  # two copies on what amounts to one core: no gain from a 2nd worker
+    assert cpu_throughput_ratio(one_core) == pytest.approx(2 / (2.0 + 0.16))
+    # 4 workers on 2 cores: each gets half a core at best; ring factor 3/4 relative to 2 workers' 1/2
+    assert cpu_step_prediction(cal, 4) == pytest.approx(2.0 + 1.5 * 0.15 + 0.01)
 
 
 def _doc_table(header_start: str) -> list[dict[str, str]]:

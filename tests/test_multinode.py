@@ -2,6 +2,7 @@
 the embedded S3, a node-local storage path refused, and a node lost mid-run and replaced."""
 
 import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -13,23 +14,40 @@ from megl_ray.data.reader import read_split
 
 pytestmark = pytest.mark.slow
 FAST = Path(__file__).resolve().parent / "configs" / "tiny-fast.yaml"
-FAST_ARGS = ["train.placement_strategy=STRICT_SPREAD", "train.num_workers=2", "train.cache_data=true"]
+# No validation (the dataset has no val split and none is carved): on 2 cores each validation pass is a Ray Data
+# execution of ~20 s, once per epoch and attempt, and what these tests check is the steps, samples and shards.
+FAST_ARGS = ["train.placement_strategy=STRICT_SPREAD", "train.num_workers=2", "train.cache_data=true",
+             "data.val_fraction=0"]
+GLOBAL_BATCH = 2 * 16  # 2 workers × tiny-fast's data.batch_size
 
 
 @pytest.fixture(scope="module")
 def s3_data(embedded_s3):
-    """The driver talks to the embedded server through the usual variables; the bundled dataset is uploaded once."""
+    """The driver talks to the embedded server through the usual variables; the bundled dataset is converted once,
+    without a val split (train and test only)."""
     mp = pytest.MonkeyPatch()
     for key, value in embedded_s3.env().items():
         mp.setenv(key, value)
     from megl_ray import storage
-    from megl_ray.training.embedded import ensure_bundled_dataset
+    from megl_ray.data import convert
+    from megl_ray.data.sample import sample_dataset_path
 
-    uri = "s3://megl-multinode/datasets/digits"
-    ensure_bundled_dataset(uri)
+    uri = "s3://megl-multinode/datasets/digits-noval"
+    storage.ensure_bucket(uri)
+    summary = convert.main([str(sample_dataset_path()), uri, "--val-fraction", "0", "--rows-per-shard", "64",
+                            "--overwrite"])
+    assert summary["rows_rejected"] == 0
     storage.ensure_bucket("s3://megl-multinode/runs")
     yield uri
     mp.undo()
+
+
+def _train_ids(uri):
+    return sorted(read_split(uri, "train").column("id").to_pylist())
+
+
+def _steps_per_epoch(uri):
+    return math.ceil(len(_train_ids(uri)) / GLOBAL_BATCH)  # the last batch of each worker padded, none dropped
 
 
 def _train(cluster, args, capsys):
@@ -73,7 +91,6 @@ def test_a_node_local_storage_path_is_refused_with_workers_on_two_nodes(two_node
     assert json.loads(out.strip().splitlines()[-1])["error"]
 
 
-@pytest.mark.wip(reason="hangs in the driver's cached-dataset materialize when run after the rest of the suite in one pytest process (passes alone; issue 13)")
 def test_two_workers_on_two_nodes_checkpoint_both_shards_to_s3(two_node_cluster, s3_data, embedded_s3, tmp_path,
                                                                capsys):
     from megl_ray import storage
@@ -84,7 +101,7 @@ def test_two_workers_on_two_nodes_checkpoint_both_shards_to_s3(two_node_cluster,
                                                f"train.sample_log_dir={samples}"], capsys)
     assert code == 0, err[-4000:]
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["steps"] == result["planned_steps"] == 9  # 272 images, 2 workers × 16 → 9 steps
+    assert result["steps"] == result["planned_steps"] == _steps_per_epoch(s3_data) == 10  # 302 images, 2 × 16 a step
     workers = _train_worker_nodes(two_node_cluster)
     assert set(workers) == set(_node_with(two_node_cluster, "node_a") + _node_with(two_node_cluster, "node_b"))
     files = storage.list_files(result["checkpoint"])
@@ -94,10 +111,9 @@ def test_two_workers_on_two_nodes_checkpoint_both_shards_to_s3(two_node_cluster,
         assert f"rng_rank{rank}.pt" in names
     assert "train_state.json" in names
     trained = [i for r in _sample_rows(samples) for i in r["ids"]]
-    assert sorted(trained) == sorted(read_split(s3_data, "train").column("id").to_pylist())
+    assert sorted(trained) == _train_ids(s3_data)
 
 
-@pytest.mark.wip(reason="hangs in the driver's cached-dataset materialize when run after the rest of the suite in one pytest process (passes alone; issue 13)")
 def test_a_node_lost_mid_run_is_replaced_and_the_run_completes_with_exact_steps_and_samples(
         two_node_cluster, s3_data, tmp_path, capsys, monkeypatch):
     cluster = two_node_cluster
@@ -130,7 +146,8 @@ def test_a_node_lost_mid_run_is_replaced_and_the_run_completes_with_exact_steps_
     assert code == 0, err[-4000:]
     assert "killed" in events and "replaced" in events, "the node was never lost"
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["steps"] == result["planned_steps"] == 18
+    per_epoch = _steps_per_epoch(s3_data)
+    assert result["steps"] == result["planned_steps"] == 2 * per_epoch
 
     # the second attempt ran on the head and the replacement node; the lost node's workers are dead
     replacement = [i for i in _node_with(cluster, "node_b") if i not in lost]
@@ -141,14 +158,14 @@ def test_a_node_lost_mid_run_is_replaced_and_the_run_completes_with_exact_steps_
     rows = _sample_rows(samples)
     resumed = [r for r in rows if r["start_step"] > 0]
     assert {r["start_step"] for r in resumed} == {4}, "resumed from another step than the last checkpoint"
-    train_ids = sorted(read_split(s3_data, "train").column("id").to_pylist())
+    train_ids = _train_ids(s3_data)
     before = [i for r in rows if r["start_step"] == 0 and r["epoch"] == 0 and r["step"] <= 4 for i in r["ids"]]
     after = [i for r in resumed if r["epoch"] == 0 for i in r["ids"]]
     assert sorted(before + after) == train_ids, "the interrupted epoch: every sample exactly once"
     # epoch 2 read the cached split again, some of whose blocks were produced on (and lost with) node_b
     second = [i for r in resumed if r["epoch"] == 1 for i in r["ids"]]
     assert sorted(second) == train_ids
-    assert max(r["step"] for r in resumed) == 18
+    assert max(r["step"] for r in resumed) == 2 * per_epoch
     from ray.util.state import list_tasks
 
     data_tasks = [t for t in list_tasks(address=cluster.address, filters=[("node_id", "=", lost[0])], limit=10000)

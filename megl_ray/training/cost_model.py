@@ -166,7 +166,9 @@ def step_cost(preset: str, nodes: int, setup: Setup, hw: Hardware = H100_NODE, g
 
 @dataclass(frozen=True)
 class CpuCalibration:
-    """What ``bench/scaling.py`` measures with ONE worker (and one gloo pair for the collectives), to predict more."""
+    """What ``bench/scaling.py`` measures to predict N CPU workers: ONE worker's step, gloo collectives between two
+    plain processes, and how much compute the machine gives two CPU-bound processes at once (a kernel with no Ray,
+    DeepSpeed or model in it: a property of the cores and of whatever else runs on them, not of the training job)."""
 
     step_1w_s: float
     """Median step time of one worker (its micro-batch, DeepSpeed ZeRO, no peers)."""
@@ -177,22 +179,31 @@ class CpuCalibration:
     latency_s: float
     """Measured gloo all-reduce of one number (the per-step scalar collectives of the loop)."""
     cores: int
-    """CPU cores of the machine."""
-    busy: float
-    """Other runnable processes on the machine, averaged while the single worker was measured."""
-    threads_per_worker: int = 1
+    """CPU cores of the machine (stated: ``os.cpu_count()``)."""
+    kernel_1_s: float = 1.0
+    """A fixed single-threaded compute kernel (``bench/scaling.py``: float32 matmuls), one copy running alone."""
+    kernel_2_s: float = 1.0
+    """The same kernel with two copies running at once, the slower copy's time: 1× ``kernel_1_s`` on two free cores,
+    2× on one core (or two hyperthreads of one), in between when other processes take part of a core."""
     scalar_collectives_per_step: int = 1
 
 
+def cpu_compute_slowdown(cal: CpuCalibration, workers: int) -> float:
+    """How much longer each worker's compute takes when ``workers`` single-threaded workers run at once than when
+    one runs alone: the measured two-copy kernel slowdown for 2; for more, at least ``workers / cores`` (the cores
+    are shared out), and never less than what two copies already cost."""
+    if workers <= 1:
+        return 1.0
+    measured = cal.kernel_2_s / cal.kernel_1_s
+    return measured if workers == 2 else max(measured, workers / cal.cores)
+
+
 def cpu_step_prediction(cal: CpuCalibration, workers: int) -> float:
-    """Predicted step time of ``workers`` CPU workers (same micro-batch each): compute slowed by core sharing, plus
-    ZeRO-2's gradient reduction and parameter gather (scaled from the two-process measurement by the ring factor
-    (N−1)/N relative to N=2), plus the loop's scalar collectives."""
-
-    def share(n: int) -> float:  # fraction of a core each CPU-bound thread gets
-        return min(1.0, cal.cores / (cal.busy + n * cal.threads_per_worker))
-
-    compute = cal.step_1w_s * share(1) / share(workers)
+    """Predicted step time of ``workers`` CPU workers (same micro-batch each): one worker's compute slowed by sharing
+    the cores (``cpu_compute_slowdown``), plus ZeRO-2's gradient reduction and parameter gather (scaled from the
+    two-process measurement by the ring factor (N−1)/N relative to N=2), plus the loop's scalar collectives. No
+    overlap: gloo collectives on CPUs run between the compute, not beside it."""
+    compute = cal.step_1w_s * cpu_compute_slowdown(cal, workers)
     if workers == 1:
         return compute
     ring = ((workers - 1) / workers) / 0.5
