@@ -3,6 +3,7 @@ the embedded S3, a node-local storage path refused, and a node lost mid-run and 
 
 import json
 import math
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -21,10 +22,13 @@ FAST_ARGS = ["train.placement_strategy=STRICT_SPREAD", "train.num_workers=2", "t
 GLOBAL_BATCH = 2 * 16  # 2 workers × tiny-fast's data.batch_size
 
 
+SUBSET = 160  # of the bundled 400 images: ~4 optimizer steps an epoch; on 2 cores every step counts
+
+
 @pytest.fixture(scope="module")
-def s3_data(embedded_s3):
-    """The driver talks to the embedded server through the usual variables; the bundled dataset is converted once,
-    without a val split (train and test only)."""
+def s3_data(embedded_s3, tmp_path_factory):
+    """The driver talks to the embedded server through the usual variables; the first ``SUBSET`` images of the
+    bundled dataset are converted once, without a val split (train and test only)."""
     mp = pytest.MonkeyPatch()
     for key, value in embedded_s3.env().items():
         mp.setenv(key, value)
@@ -32,10 +36,18 @@ def s3_data(embedded_s3):
     from megl_ray.data import convert
     from megl_ray.data.sample import sample_dataset_path
 
-    uri = "s3://megl-multinode/datasets/digits-noval"
+    full, src = sample_dataset_path(), tmp_path_factory.mktemp("digits-subset")
+    subset = dict(list(json.loads((full / "exp_annotation.json").read_text()).items())[:SUBSET])
+    (src / "exp_annotation.json").write_text(json.dumps(subset))
+    shutil.copy(full / "label_class_id_mapping.json", src)
+    for record in subset.values():  # copies: the converter refuses files reached through links (path escapes)
+        for rel in (record["image_path"], record.get("visual_exp")):
+            if rel:
+                (src / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(full / rel, src / rel)
+    uri = "s3://megl-multinode/datasets/digits-subset"
     storage.ensure_bucket(uri)
-    summary = convert.main([str(sample_dataset_path()), uri, "--val-fraction", "0", "--rows-per-shard", "64",
-                            "--overwrite"])
+    summary = convert.main([str(src), uri, "--val-fraction", "0", "--rows-per-shard", "32", "--overwrite"])
     assert summary["rows_rejected"] == 0
     storage.ensure_bucket("s3://megl-multinode/runs")
     yield uri
@@ -97,11 +109,11 @@ def test_two_workers_on_two_nodes_checkpoint_both_shards_to_s3(two_node_cluster,
 
     samples = tmp_path / "samples"
     code, out, err = _train(two_node_cluster, [*FAST_ARGS, f"data.uri={s3_data}", "run.storage_path=s3://megl-multinode/runs",
-                                               "run.name=two-nodes", "train.checkpoint_every=4",
+                                               "run.name=two-nodes", "train.checkpoint_every=2",
                                                f"train.sample_log_dir={samples}"], capsys)
     assert code == 0, err[-4000:]
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["steps"] == result["planned_steps"] == _steps_per_epoch(s3_data) == 10  # 302 images, 2 × 16 a step
+    assert result["steps"] == result["planned_steps"] == _steps_per_epoch(s3_data)
     workers = _train_worker_nodes(two_node_cluster)
     assert set(workers) == set(_node_with(two_node_cluster, "node_a") + _node_with(two_node_cluster, "node_b"))
     files = storage.list_files(result["checkpoint"])
@@ -120,9 +132,11 @@ def test_a_node_lost_mid_run_is_replaced_and_the_run_completes_with_exact_steps_
     lost = [i for i in _node_with(cluster, "node_b")]
     assert len(lost) == 1
     marker, samples = tmp_path / "held", tmp_path / "samples"
-    # Rank 1 stops at step 5 (the last checkpoint is step 4) and waits there while the test kills node_b's whole
+    per_epoch = _steps_per_epoch(s3_data)
+    assert per_epoch >= 4, "the loss must fall inside the first epoch, after its checkpoint at step 2"
+    # Rank 1 stops at step 3 (the last checkpoint is step 2) and waits there while the test kills node_b's whole
     # process group (raylet, agents, its training worker and the Ray Data tasks it ran) and starts a replacement.
-    monkeypatch.setenv("MEGL_TEST_KILL_AT_STEP", "5")
+    monkeypatch.setenv("MEGL_TEST_KILL_AT_STEP", "3")
     monkeypatch.setenv("MEGL_TEST_KILL_MARKER", str(marker))
     monkeypatch.setenv("MEGL_TEST_KILL_HOLD_S", "240")
     events = {}
@@ -146,7 +160,6 @@ def test_a_node_lost_mid_run_is_replaced_and_the_run_completes_with_exact_steps_
     assert code == 0, err[-4000:]
     assert "killed" in events and "replaced" in events, "the node was never lost"
     result = json.loads(out.strip().splitlines()[-1])
-    per_epoch = _steps_per_epoch(s3_data)
     assert result["steps"] == result["planned_steps"] == 2 * per_epoch
 
     # the second attempt ran on the head and the replacement node; the lost node's workers are dead
@@ -157,9 +170,9 @@ def test_a_node_lost_mid_run_is_replaced_and_the_run_completes_with_exact_steps_
 
     rows = _sample_rows(samples)
     resumed = [r for r in rows if r["start_step"] > 0]
-    assert {r["start_step"] for r in resumed} == {4}, "resumed from another step than the last checkpoint"
+    assert {r["start_step"] for r in resumed} == {2}, "resumed from another step than the last checkpoint"
     train_ids = _train_ids(s3_data)
-    before = [i for r in rows if r["start_step"] == 0 and r["epoch"] == 0 and r["step"] <= 4 for i in r["ids"]]
+    before = [i for r in rows if r["start_step"] == 0 and r["epoch"] == 0 and r["step"] <= 2 for i in r["ids"]]
     after = [i for r in resumed if r["epoch"] == 0 for i in r["ids"]]
     assert sorted(before + after) == train_ids, "the interrupted epoch: every sample exactly once"
     # epoch 2 read the cached split again, some of whose blocks were produced on (and lost with) node_b
