@@ -138,7 +138,10 @@ def _epoch_shard(cfg: MEGLConfig, loop: dict[str, Any], epoch: int, rank: int, w
     seed = epoch_seed(cfg.train.seed, epoch)
     if loop.get("train_cache") is not None:
         return cached_share(loop["train_cache"], mine, pad_to, seed)
-    return build_dataset(cfg.data.uri, "train", tokenizer=loop["tokenizer"], image_size=cfg.model.image_size,
+    from megl_ray.model.vlm import pixel_size
+
+    return build_dataset(cfg.data.uri, "train", tokenizer=loop["tokenizer"], image_size=pixel_size(cfg.model),
+                         image_aspect=cfg.model.image_aspect,
                          max_rationales=cfg.data.max_rationales, max_text_tokens=cfg.model.max_text_tokens,
                          seed=seed, include_ids=mine, pad_to=pad_to)
 
