@@ -42,7 +42,7 @@ class ResumableASHA(AsyncHyperBandScheduler):
     restores one and writes its copies back when it ends, which would put back the state it started from."""
 
     def __init__(self, state_uri: str, **kwargs: Any) -> None:
-        super().__init__(brackets=1, **kwargs)
+        super().__init__(brackets=1, stop_last_trials=False, **kwargs)
         self._state_uri = state_uri
         self._state_loaded = False
 
@@ -80,6 +80,11 @@ class ResumableASHA(AsyncHyperBandScheduler):
         self._load_state()
         action = super().on_trial_result(tune_controller, trial, result)
         self._save_state()
+        if result.get(self._time_attr, 0) >= self._max_t:
+            # Its last epoch: the trial ends by itself. A STOP now (ASHA's rule at max_t) would kill the trial's
+            # driver inside TorchTrainer.fit, before it writes result.json and closes its MLflow/W&B run (left
+            # RUNNING), and would call a completed trial early-stopped.
+            return self.CONTINUE
         return action
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
