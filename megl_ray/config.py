@@ -43,7 +43,13 @@ class ModelConfig:
     vit_pool: Literal["mean", "cls"] = "mean"
     """ViT pooling for the new head: ``mean`` of patch tokens (closed-form CAM) or the ``cls`` token (autograd)."""
     image_size: int = 64
-    """Side of the square image the classifier sees (224 for the torchvision backbones)."""
+    """Side of the square image the classifier sees (224 for the torchvision backbones). Images are decoded once at
+    the larger of this and the vision tower's side (336 for CLIP-L/336) and resized down per consumer, so neither
+    the classifier nor the VLM reads an upsampled image."""
+    image_aspect: Literal["squash", "pad"] = "squash"
+    """How a non-square image becomes square: ``squash`` (resized, aspect ratio lost) or ``pad`` (LLaVA-1.5's
+    expand2square: centred on a square of the CLIP mean colour, then resized; ground-truth masks are padded alike.
+    The dataset's prior Ā stays the one converted in the squashed frame)."""
     cam_target: Literal["label", "prediction"] = "label"
     """Class whose saliency is supervised during training: the ground-truth label (as in explanation supervision)
     or the predicted class. At inference the prediction is always used."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
@@ -21,6 +22,14 @@ from megl_ray.model.saliency import closed_form_cam
 # the CLIP tower of the VLM expects a different normalisation of the same (saliency-masked) image.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def fit_pixels(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, S, S) pixels, decoded at the model's ``pixel_size``, resized down to a consumer's side (antialiased
+    bilinear, like the PIL resize of a direct decode); returned as they are when they already have that side."""
+    if tuple(pixels.shape[-2:]) == (size, size):
+        return pixels
+    return F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 @dataclass
