@@ -18,6 +18,7 @@ from megl_ray import losses
 from megl_ray.config import LossConfig, MEGLConfig, ModelConfig
 from megl_ray.data.transforms import encode_prompt, pad_sequences
 from megl_ray.model.classifier import Classifier, build_classifier, fit_pixels
+from megl_ray.model.counterfactual import counterfactual_images, explained_region
 from megl_ray.model.precision import autocast_dtype, prepare_model
 from megl_ray.model.saliency import gradcam, upsample
 from megl_ray.model.vlm import CLIP_MEAN, CLIP_STD, VLMBundle, build_vlm
@@ -153,7 +154,12 @@ class MEGLModel(nn.Module):
         out, sal = self.classify_with_saliency(pixels, labels if self.cfg.cam_target == "label" else "prediction")
         ce = losses.classification_loss(out.logits, labels)
 
-        visual = dc = text = text_logits = rrr = None
+        visual = dc = text = text_logits = rrr = counterfactual = None
+        if w.counterfactual_weight > 0 and self.training and pixels.shape[0] > 1:
+            region = explained_region(sal, masks, has_mask, tuple(pixels.shape[-2:]))
+            cf = counterfactual_images(pixels.detach(), region)  # at the decoded side, then resized like f's input
+            cf_logits = self.classifier(fit_pixels(cf, self.cfg.image_size)).logits
+            counterfactual = losses.classification_loss(cf_logits, labels)
         if rrr_on:
             # Σ_k log p_k of the annotated samples only; samples are independent (per-sample norms), so the others
             # get a zero input gradient and no penalty.
@@ -173,7 +179,7 @@ class MEGLModel(nn.Module):
             else:
                 text = self.rationale_text_loss(embeds, attention_mask, text_labels)
 
-        loss = losses.megl_objective(ce, text, visual, dc, has_mask, w, sample_weight, rrr)
+        loss = losses.megl_objective(ce, text, visual, dc, has_mask, w, sample_weight, rrr, counterfactual)
         terms = {"loss": loss.detach(), "ce": ce.detach().mean()}
         if text is not None:
             terms["text"] = text.detach().mean()
@@ -183,6 +189,8 @@ class MEGLModel(nn.Module):
             terms["dc"] = dc.detach()[~has_mask].mean()
         if rrr is not None:
             terms["rrr"] = rrr.detach()[has_mask].mean()
+        if counterfactual is not None:
+            terms["cf"] = counterfactual.detach().mean()
         return MEGLOutput(loss=loss, logits=out.logits, saliency=sal, terms=terms, text_logits=text_logits, text=text)
 
     # -- inference -----------------------------------------------------------------------------------------------
