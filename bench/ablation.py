@@ -219,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary = summarise(records, rows)
     context = (f"Dataset: `{args.data or f'make_sample --shortcut --n-per-class {args.n_per_class}'}`; the tiny "
                f"preset (`megl_ray/configs/tiny.yaml`) with overrides {list(args.overrides) or 'none'}; "
-               f"{args.seeds} seed(s) per row; through `megl_ray.train.fit` (2 Ray Train workers, DeepSpeed "
+               "seeds (train.seed = 0, 1, ...) per row as in the table; through `megl_ray.train.fit` (2 Ray Train "
+               "workers, DeepSpeed "
                "ZeRO-2, CPU). Test accuracy is decoy-free: the decoy's position is random in the test split. "
                "The paper's column is its ViT Table 4 accuracy on its own datasets, for the direction of each row.")
     (out / "ablation.md").write_text(markdown(summary, context))
