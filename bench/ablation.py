@@ -37,20 +37,23 @@ from megl_ray.errors import UserError  # noqa: E402
 log = logging.getLogger("bench.ablation")
 
 LABEL_FREE_PROMPT = "USER: <image>\nWhat digit is this, and why? ASSISTANT:"
+CF_WEIGHT = 1.0
 RRR_WEIGHT = 10.0
 # Table 4 rows (CE only, + visual, + text, + visual + text, + L_dc = full MEGL), then this project's options:
-# the input-gradient penalty (loss.rrr_weight, item 3 of issue 11) and the label-free prompt (item 4).
+# counterfactual-background consistency (loss.counterfactual_weight, item 3 of issue 11), the label-free prompt
+# (item 4) and, on request (--rows), the input-gradient penalty (loss.rrr_weight).
 ROWS: dict[str, tuple[str, list[str]]] = {
     "ce": ("CE only", ["loss.text_weight=0", "loss.visual_weight=0"]),
     "visual": ("+ visual", ["loss.text_weight=0", "loss.dc_weight=0"]),
     "text": ("+ text", ["loss.visual_weight=0"]),
     "visual_text": ("+ visual + text", ["loss.dc_weight=0"]),
     "megl": ("+ L_dc (full MEGL)", []),
-    "megl_rrr": (f"full MEGL + RRR (loss.rrr_weight={RRR_WEIGHT:g})", [f"loss.rrr_weight={RRR_WEIGHT}"]),
+    "megl_cf": (f"full MEGL + counterfactual backgrounds (loss.counterfactual_weight={CF_WEIGHT:g})",
+                [f"loss.counterfactual_weight={CF_WEIGHT}"]),
     "megl_label_free": ("full MEGL, label-free prompt", [f"model.prompt_template={LABEL_FREE_PROMPT}"]),
-    "megl_rrr_label_free": ("full MEGL + RRR, label-free prompt",
-                            [f"loss.rrr_weight={RRR_WEIGHT}", f"model.prompt_template={LABEL_FREE_PROMPT}"]),
+    "megl_rrr": (f"full MEGL + RRR (loss.rrr_weight={RRR_WEIGHT:g})", [f"loss.rrr_weight={RRR_WEIGHT}"]),
 }
+DEFAULT_ROWS = ("ce", "visual", "text", "visual_text", "megl", "megl_cf", "megl_label_free")
 PAPER_VIT = {"ce": 0.7858, "visual": 0.8206, "text": 0.8220, "visual_text": 0.8234, "megl": 0.8317}
 """Table 4 of the paper, ViT backbone, accuracy (its own datasets, not ours)."""
 METRICS = ("accuracy", "macro_f1", "miou", "bleu4")
@@ -61,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="converted dataset (local dir or s3://); default: make_sample --shortcut")
     p.add_argument("--n-per-class", type=int, default=40, help="images per class of the generated dataset")
     p.add_argument("--seeds", type=int, default=3, help="seeds per row (train.seed = 0..N-1)")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows (default all: {','.join(ROWS)})")
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                   help=f"comma-separated rows (default {','.join(DEFAULT_ROWS)}; also: megl_rrr)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "ablation"), help="results folder")
     p.add_argument("--work", help="scratch folder for data and runs (default: a new temp dir)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides applied to every row")
@@ -215,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary = summarise(records, rows)
     context = (f"Dataset: `{args.data or f'make_sample --shortcut --n-per-class {args.n_per_class}'}`; the tiny "
                f"preset (`megl_ray/configs/tiny.yaml`) with overrides {list(args.overrides) or 'none'}; "
-               f"{args.seeds} seed(s) per row; through `megl_ray.train.fit` (2 Ray Train workers, DeepSpeed "
+               "seeds (train.seed = 0, 1, ...) per row as in the table; through `megl_ray.train.fit` (2 Ray Train "
+               "workers, DeepSpeed "
                "ZeRO-2, CPU). Test accuracy is decoy-free: the decoy's position is random in the test split. "
                "The paper's column is its ViT Table 4 accuracy on its own datasets, for the direction of each row.")
     (out / "ablation.md").write_text(markdown(summary, context))

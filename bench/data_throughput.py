@@ -77,8 +77,8 @@ def main(argv=None) -> dict:
             rates = {}
             for mode in ("streaming", "cached"):
                 built = time.perf_counter()  # a cached split is read and preprocessed here: its time counts
-                ds = build_dataset(uri, "train", tokenizer=model.tokenizer, image_size=cfg.model.image_size,
-                                   max_rationales=cfg.data.max_rationales,
+                ds = build_dataset(uri, "train", tokenizer=model.tokenizer, image_size=model.pixel_size,
+                                   image_aspect=cfg.model.image_aspect, max_rationales=cfg.data.max_rationales,
                                    max_text_tokens=cfg.model.max_text_tokens, info=info, cache=mode == "cached")
                 rows, seconds = 0, 0.0
                 for epoch in range(args.epochs + 1):

@@ -92,7 +92,7 @@ def build(tiny: bool, batch: int, rationale_tokens: int, seed: int = 0):
     torch.manual_seed(seed)
     model = build_megl_model(cfg, 10, vlm=_vlm(cfg, tiny))
     g = torch.Generator().manual_seed(seed)
-    size = cfg.model.image_size
+    size = model.pixel_size  # what the data pipeline decodes at: CLIP-L/336's side, above ResNet-50's 224
     vocab = model.vlm.config.text_config.vocab_size
     prompt = [model.tokenizer.bos_token_id] + [model.image_token_id] * model.num_image_tokens
     text = torch.randint(10, vocab, (batch, 12 + rationale_tokens), generator=g)

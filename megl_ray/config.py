@@ -43,7 +43,13 @@ class ModelConfig:
     vit_pool: Literal["mean", "cls"] = "mean"
     """ViT pooling for the new head: ``mean`` of patch tokens (closed-form CAM) or the ``cls`` token (autograd)."""
     image_size: int = 64
-    """Side of the square image the classifier sees (224 for the torchvision backbones)."""
+    """Side of the square image the classifier sees (224 for the torchvision backbones). Images are decoded once at
+    the larger of this and the vision tower's side (336 for CLIP-L/336) and resized down per consumer, so neither
+    the classifier nor the VLM reads an upsampled image."""
+    image_aspect: Literal["squash", "pad"] = "squash"
+    """How a non-square image becomes square: ``squash`` (resized, aspect ratio lost) or ``pad`` (LLaVA-1.5's
+    expand2square: centred on a square of the CLIP mean colour, then resized; ground-truth masks are padded alike.
+    The dataset's prior Ā stays the one converted in the squashed frame)."""
     cam_target: Literal["label", "prediction"] = "label"
     """Class whose saliency is supervised during training: the ground-truth label (as in explanation supervision)
     or the predicted class. At inference the prediction is always used."""
@@ -150,8 +156,19 @@ class LossConfig:
     uses, not only where the last-stage CAM points, so it removes a shortcut (see bench/ablation.py). Needs a
     double backward: not available with train.zero_stage=3."""
 
+    counterfactual_weight: float = 0.0
+    """λ_cf, an option beyond the paper (0 = off): counterfactual-background consistency. Every training image's
+    explained region (its ground-truth map where it has one, else its own Â above 0.5, detached) is pasted onto
+    another image's background — that image's object blanked, its background (and any shortcut in it) kept — and
+    the classifier must still predict the original label: CE(f(I_cf), y). A shortcut outside the explanation then
+    predicts the wrong class on every counterfactual, so the supervised explanation decides what the prediction
+    may use. After Chang et al., *Towards Robust Classification Model by Counterfactual and Invariant Data
+    Generation*, CVPR 2021, and Xiao et al., *Noise or Signal: The Role of Image Backgrounds in Object
+    Recognition*, ICLR 2021 (background swaps). One more classifier forward per step; no double backward, so it
+    works under ZeRO-3. Measured in bench/ablation.py."""
+
     def __post_init__(self) -> None:
-        for name in ("text_weight", "visual_weight", "dc_weight", "rrr_weight"):
+        for name in ("text_weight", "visual_weight", "dc_weight", "rrr_weight", "counterfactual_weight"):
             value = getattr(self, name)
             _check(value >= 0, f"loss.{name}", f"must be >= 0, got {value}")
         _check(self.gaussian_sigma > 0, "loss.gaussian_sigma", f"must be > 0, got {self.gaussian_sigma}")
@@ -195,12 +212,17 @@ class OptimConfig:
     """Linear warm-up steps."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 disables)."""
+    classifier_lr: float | None = None
+    """Peak learning rate of the classifier f (its own parameter groups, same schedule); None: ``lr``. A small CNN
+    trained from scratch wants a larger rate than a transformer or LoRA adapters do."""
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _check(self.classifier_lr is None or self.classifier_lr > 0, "optim.classifier_lr",
+               f"must be > 0, got {self.classifier_lr}")
 
 
 @dataclass

@@ -61,7 +61,7 @@ def measure(exported: Any, device: str, batch_sizes: list[int], warmup: int, rep
             num_beams: int = 1, seed: int = 0) -> list[dict[str, Any]]:
     """One row per (pipeline, batch size): batch, median batch latency, per-image latency, images/s, params."""
     model = exported.model
-    size = exported.config.model.image_size
+    size = model.pixel_size  # what the data pipeline decodes at
     params = count_parameters(model)
     generator = torch.Generator().manual_seed(seed)
     rows = []

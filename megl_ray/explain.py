@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from megl_ray.cli import ArgumentParser, run_cli, setup_logging
-from megl_ray.data.transforms import to_rgb
+from megl_ray.data.transforms import expand_to_square, to_rgb
 from megl_ray.errors import UserError
 
 log = logging.getLogger("megl_ray.explain")
@@ -103,11 +103,18 @@ def grey(values: np.ndarray) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8), "L")
 
 
-def model_pixels(data: bytes, image_size: int) -> torch.Tensor:
-    """(3, S, S) pixels exactly as training feeds them: decoded, resized, rounded to uint8 levels, in [0, 1]."""
+def model_pixels(data: bytes, image_size: int, aspect: str = "squash") -> torch.Tensor:
+    """(3, S, S) pixels exactly as training feeds them: decoded (squashed or padded to a square), resized, rounded
+    to uint8 levels, in [0, 1]."""
     from megl_ray.data.transforms import decode_image
 
-    return torch.as_tensor(np.rint(decode_image(data, image_size) * 255.0) / 255.0, dtype=torch.float32)
+    return torch.as_tensor(np.rint(decode_image(data, image_size, aspect) * 255.0) / 255.0, dtype=torch.float32)
+
+
+def as_seen(image: Image.Image, aspect: str) -> Image.Image:
+    """The picture in the frame Â refers to: padded to a square as the model saw it with ``model.image_aspect=pad``
+    (Â covers the padding too), the picture itself when squashed (Â is stretched back over it)."""
+    return expand_to_square(image) if aspect == "pad" else image
 
 
 class _Names:
@@ -132,19 +139,20 @@ def explain_images(exported: Any, loaded: Sequence[tuple[str, bytes, Image.Image
                    num_beams: int, max_new_tokens: int | None, batch_size: int, names: _Names) -> list[dict[str, Any]]:
     """Predict, draw and explain each (uri, bytes, picture) of ``read_image``; write its PNGs into ``out``; return
     one record per image."""
-    model, size = exported.model, exported.config.model.image_size
+    model, size, aspect = exported.model, exported.model.pixel_size, exported.config.model.image_aspect
     records = []
     device = next(model.classifier.parameters()).device
     k = max(1, min(top_k, len(exported.classes)))
     for start in range(0, len(loaded), batch_size):
         chunk = loaded[start:start + batch_size]
-        pixels = torch.stack([model_pixels(data, size) for _, data, _ in chunk]).to(device)
+        pixels = torch.stack([model_pixels(data, size, aspect) for _, data, _ in chunk]).to(device)
         probs, saliency = model.predict(pixels)
         probs, saliency = probs.float().cpu(), saliency.float().cpu()
         predicted = [exported.classes[i] for i in probs.argmax(dim=1).tolist()]
         rationales = model.generate(pixels, predicted, max_new_tokens=max_new_tokens, num_beams=num_beams)
         for i, (uri, _, image) in enumerate(chunk):
             name = names(Path(uri.rstrip("/")).stem)
+            image = as_seen(image, aspect)
             heat_map = heat(saliency[i], (image.height, image.width))
             overlay(image, heat_map).save(out / f"{name}_overlay.png")
             grey(heat_map).save(out / f"{name}_saliency.png")
@@ -235,7 +243,7 @@ def explain_rows(exported: Any, table: Any, mask_size: int, out: Path, names: _N
         for i in range(len(columns["id"])):
             name = names(str(columns["id"][i]))
             with Image.open(io.BytesIO(columns["image"][i])) as img:
-                image = to_rgb(img)
+                image = as_seen(to_rgb(img), exported.config.model.image_aspect)
             image.save(out / f"{name}_image.png")  # re-encoded: the source format may be one browsers cannot show
             sal = torch.as_tensor(outs["saliency"][i])
             overlay(image, heat(sal, (image.height, image.width))).save(out / f"{name}_overlay.png")

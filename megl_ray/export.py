@@ -106,7 +106,9 @@ def save_export(model: Any, cfg: MEGLConfig, classes: list[str], dst: str, extra
             (root / VLM_CONFIG_FILE).write_text(model.vlm.config.to_json_string())
         omitted = len(set(model.state_dict(keep_vars=True)) - set(state))
         meta = {"format_version": FORMAT_VERSION, "classes": list(classes), "num_classes": len(classes),
-                "omitted": omitted, "standalone": standalone, **(extra or {})}
+                "omitted": omitted, "standalone": standalone,
+                # the decode side (classifier's or vision tower's, the larger): what a classifier-only reader needs
+                "pixel_size": int(getattr(model, "pixel_size", cfg.model.image_size)), **(extra or {})}
         (root / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         if dst.startswith("s3://"):
             from megl_ray import storage

@@ -108,7 +108,8 @@ def run_batch(exported: Any, columns: dict[str, list[Any]], mask_size: int, num_
 
     model, cfg = exported.model, exported.config
     # The training transform, so that pixels are exactly what the model saw during validation (uint8-rounded).
-    pre = preprocess_rows(columns, model.tokenizer, cfg.model.image_size, mask_size, 1, cfg.model.max_text_tokens)
+    pre = preprocess_rows(columns, model.tokenizer, model.pixel_size, mask_size, 1, cfg.model.max_text_tokens,
+                          cfg.model.image_aspect)
     device = next(model.classifier.parameters()).device
     pixels = torch.as_tensor(pre["pixels"]).float().div_(255.0).to(device)
     probs, saliency = model.predict(pixels)

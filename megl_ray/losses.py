@@ -1,7 +1,8 @@
 """The MEGL objective (arXiv 2411.13053), one function per term and one for the combination.
 
 Per sample i:
-    L_i = CE_i + λ_text·L_text,i + λ_vis·[I_V,i·L_visual,i + (1 − I_V,i)·λ_dc·L_dc,i] (+ λ_rrr·I_V,i·L_rrr,i)
+    L_i = CE_i + λ_text·L_text,i + λ_vis·[I_V,i·L_visual,i + (1 − I_V,i)·λ_dc·L_dc,i]
+          (+ λ_rrr·I_V,i·L_rrr,i + λ_cf·CE(f(I_cf,i), y_i): the options ``loss.rrr_weight``, ``loss.counterfactual_weight``)
 and the batch loss is the mean of L_i. Every term is returned per sample, so that the masking by I_V is per sample,
 never per batch. No Ray here: these are plain tensor functions, testable on small hand-made tensors.
 
@@ -138,9 +139,11 @@ def input_gradient_penalty(input_grad: torch.Tensor, target: torch.Tensor) -> to
 @compute_in_fp32
 def megl_objective(ce: torch.Tensor, text: torch.Tensor | None, visual: torch.Tensor | None,
                    dc: torch.Tensor | None, has_mask: torch.Tensor, weights: LossConfig,
-                   sample_weight: torch.Tensor | None = None, rrr: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over the batch of CE + λ_text·L_text + λ_vis·[I_V·L_visual + (1 − I_V)·λ_dc·L_dc] (+ λ_rrr·I_V·L_rrr,
-    the option ``loss.rrr_weight``); None terms are 0.
+                   sample_weight: torch.Tensor | None = None, rrr: torch.Tensor | None = None,
+                   counterfactual: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the batch of CE + λ_text·L_text + λ_vis·[I_V·L_visual + (1 − I_V)·λ_dc·L_dc] (+ λ_rrr·I_V·L_rrr
+    and λ_cf·L_cf, the options ``loss.rrr_weight`` and ``loss.counterfactual_weight``; ``counterfactual`` is the
+    per-sample CE on the counterfactual-background images); None terms are 0.
 
     ``sample_weight`` (B,) makes it a weighted mean; rows that only pad a worker's shard carry weight 0."""
     total = ce
@@ -156,6 +159,8 @@ def megl_objective(ce: torch.Tensor, text: torch.Tensor | None, visual: torch.Te
     per_sample = total + weights.visual_weight * vis
     if rrr is not None:
         per_sample = per_sample + weights.rrr_weight * torch.where(has_mask, rrr, torch.zeros_like(rrr))
+    if counterfactual is not None:
+        per_sample = per_sample + weights.counterfactual_weight * counterfactual
     if sample_weight is None:
         return per_sample.mean()
     sample_weight = sample_weight.to(per_sample.dtype)

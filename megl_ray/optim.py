@@ -10,18 +10,29 @@ from torch import nn
 from megl_ray.config import OptimConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters in two groups: matrices decay, biases and norm gains do not (the usual AdamW split)."""
-    decay, no_decay = [], []
-    for _, param in model.named_parameters():
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
+                 classifier_lr: float | None = None) -> list[dict]:
+    """Trainable parameters in groups: matrices decay, biases and norm gains do not (the usual AdamW split); with
+    ``classifier_lr`` the classifier's parameters (names ``classifier.*``) get their own pair of groups at that rate
+    (the schedule scales every group's rate alike)."""
+    split = classifier_lr is not None and classifier_lr != lr
+    groups: dict[tuple[bool, bool], list] = {(False, True): [], (False, False): []}
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.dim() >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        key = (split and name.startswith("classifier."), param.dim() >= 2)
+        groups.setdefault(key, []).append(param)
+    out = []
+    for (is_classifier, decays), params in groups.items():  # decay, no decay, then the classifier's
+        group = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        if is_classifier:
+            group["lr"] = classifier_lr
+        out.append(group)
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr, cfg.classifier_lr), lr=cfg.lr)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:

@@ -147,7 +147,7 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
 
     from megl_ray.data.pipeline import fits_in_cache, preprocessed_bytes_per_row
     from megl_ray.data.schema import load_dataset_info
-    from megl_ray.model.vlm import load_tokenizer
+    from megl_ray.model.vlm import load_tokenizer, pixel_size
     from megl_ray.training.accounting import planned_steps
     from megl_ray.training.ds_config import global_batch_size
     from megl_ray.training.guards import DIVERGED_KEY, raise_if_diverged
@@ -173,7 +173,7 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
     splits = plan_splits(cfg, info, evaluate_test)
     train_ids = splits.train_ids
     tokenizer = load_tokenizer(cfg.model, splits.corpus + list(info.classes))
-    row_bytes = preprocessed_bytes_per_row(cfg.model.image_size, info.mask_size, cfg.data.max_rationales,
+    row_bytes = preprocessed_bytes_per_row(pixel_size(cfg.model), info.mask_size, cfg.data.max_rationales,
                                            cfg.model.max_text_tokens)
     cache = cfg.train.cache_data if cfg.train.cache_data is not None else fits_in_cache(len(train_ids), row_bytes)
     datasets, train_cache = build_datasets(cfg, info, tokenizer, splits, cache)

@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 def make_batch(rows: list[dict[str, Any]], model: MEGLModel, cfg: MEGLConfig, mask_size: int,
                epoch: int) -> dict[str, torch.Tensor]:
     columns = {key: [r[key] for r in rows] for key in rows[0]}
-    pre = preprocess_rows(columns, model.tokenizer, cfg.model.image_size, mask_size, cfg.data.max_rationales,
-                          cfg.model.max_text_tokens)
+    pre = preprocess_rows(columns, model.tokenizer, model.pixel_size, mask_size, cfg.data.max_rationales,
+                          cfg.model.max_text_tokens, cfg.model.image_aspect)
     return model_batch(pre, model.tokenizer, cfg.model.prompt_template, model.num_image_tokens, epoch,
                        cfg.data.rationale_seed)
 

@@ -9,6 +9,31 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 import pytest  # noqa: E402 - appended section
 
 
+def _small_sample() -> str:
+    """A 400-image generation of the bundled digits (``make_sample --n-per-class 40``, ~4 s, cached by the
+    generator's source): what the no-data default trains on in this suite ($MEGL_SAMPLE_DIR, read by
+    ``megl_ray.data.sample``). The end-to-end tests exercise the machinery; the 1,000 bundled images are for the
+    default run's accuracy, and would make every end-to-end test 2.5× longer. Subprocesses and Ray workers
+    inherit it."""
+    import hashlib
+    import shutil
+    from pathlib import Path
+
+    from megl_ray.data import make_sample
+
+    digest = hashlib.sha256(Path(make_sample.__file__).read_bytes()).hexdigest()[:12]
+    root = Path.home() / ".cache" / "megl_ray" / "test-sample" / f"digits-40-{digest}"
+    if not (root / "exp_annotation.json").is_file():
+        staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+        make_sample.main([str(staging), "--n-per-class", "40", "--seed", "0", "--overwrite"])
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(staging, root)
+    return str(root)
+
+
+os.environ.setdefault("MEGL_SAMPLE_DIR", _small_sample())
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _local_ray_undone():
     """A module's in-process ``ray.init()`` (a local instance) switches the whole process to Ray's token

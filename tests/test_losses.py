@@ -127,3 +127,13 @@ def test_objective_adds_rrr_on_masked_samples_only():
     rrr = torch.tensor([0.25, 99.0])  # sample 1 has no mask: its penalty must not count
     total = losses.megl_objective(ce, None, None, None, torch.tensor([True, False]), w, rrr=rrr)
     assert total.item() == pytest.approx(((1 + 10 * 0.25) + 2) / 2)
+
+
+def test_objective_adds_the_counterfactual_ce_of_every_sample():
+    w = LossConfig(text_weight=0.0, visual_weight=0.0, counterfactual_weight=0.5)
+    ce, cf = torch.tensor([1.0, 2.0]), torch.tensor([4.0, 0.5])
+    total = losses.megl_objective(ce, None, None, None, torch.tensor([True, False]), w, counterfactual=cf)
+    assert total.item() == pytest.approx(((1 + 0.5 * 4.0) + (2 + 0.5 * 0.5)) / 2)
+    weighted = losses.megl_objective(ce, None, None, None, torch.tensor([True, False]), w,
+                                     sample_weight=torch.tensor([1.0, 0.0]), counterfactual=cf)
+    assert weighted.item() == pytest.approx(1 + 0.5 * 4.0)  # a padding row's counterfactual does not count

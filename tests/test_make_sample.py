@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from megl_ray.data import convert, make_sample
-from megl_ray.data.sample import sample_dataset_path
+from megl_ray.data.sample import BUNDLED_SAMPLE
 from megl_ray.errors import UserError
 
-BUNDLED = sample_dataset_path()
+BUNDLED = BUNDLED_SAMPLE  # the packaged folder itself, whatever $MEGL_SAMPLE_DIR says
 
 
 def generate(out: Path, *flags: str) -> dict:
@@ -47,8 +47,8 @@ def test_generation_is_deterministic(tmp_path: Path):
 
 
 def test_bundled_folder_equals_a_fresh_generation(tmp_path: Path):
-    summary = generate(tmp_path / "fresh", "--n-per-class", "40", "--seed", "0")
-    assert summary["images"] == 400 and summary["with_mask"] == 40
+    summary = generate(tmp_path / "fresh", "--n-per-class", "100", "--seed", "0")
+    assert summary["images"] == 1000 and summary["with_mask"] == 100
     fresh, bundled = all_files(tmp_path / "fresh"), all_files(BUNDLED)
     assert sorted(fresh) == sorted(bundled)
     for name, data in fresh.items():
@@ -57,17 +57,17 @@ def test_bundled_folder_equals_a_fresh_generation(tmp_path: Path):
             assert np.array_equal(pixels(data), pixels(bundled[name])), name
         else:
             assert data == bundled[name], name
-    assert sum(len(d) for d in bundled.values()) < 2_000_000
+    assert sum(len(d) for d in bundled.values()) < 4_000_000  # lean: 1,000 images in under 4 MB
 
 
 def test_bundled_sample_content():
     annotations = json.loads((BUNDLED / "exp_annotation.json").read_text())
     mapping = json.loads((BUNDLED / "label_class_id_mapping.json").read_text())
     assert mapping == {name: i for i, name in enumerate(make_sample.CLASS_NAMES)}
-    assert len(annotations) == 400
-    assert np.bincount([r["class_id"] for r in annotations.values()]).tolist() == [40] * 10
+    assert len(annotations) == 1000
+    assert np.bincount([r["class_id"] for r in annotations.values()]).tolist() == [100] * 10
     with_mask = [r for r in annotations.values() if r["visual_exp"]]
-    assert len(with_mask) == 40  # 10 %
+    assert len(with_mask) == 100  # 10 %
     for record in annotations.values():
         assert record["ans"] == make_sample.CLASS_NAMES[record["class_id"]]
         assert 2 <= len(record["exp"]) <= 3 and len(set(record["exp"])) == len(record["exp"])
@@ -88,10 +88,10 @@ def test_bundled_sample_content():
 
 def test_converting_the_bundled_sample_rejects_nothing(tmp_path: Path):
     summary = convert.main([str(BUNDLED), str(tmp_path / "out")])
-    assert summary["rows_in"] == summary["rows_written"] == 400
+    assert summary["rows_in"] == summary["rows_written"] == 1000
     assert summary["rows_rejected"] == 0 and summary["rejected_by_reason"] == {}
     assert (tmp_path / "out" / "rejected.jsonl").read_text() == ""
-    assert summary["with_mask"] == 40
+    assert summary["with_mask"] == 100
     info = json.loads((tmp_path / "out" / "dataset.json").read_text())
     assert 0.03 < info["mask_coverage"]["train"] < 0.2
     assert np.isclose(np.sum(info["prior"]), 1.0)

@@ -25,6 +25,26 @@ def test_biases_and_norms_do_not_decay_and_frozen_parameters_are_left_out():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
 
 
+def test_the_classifier_gets_its_own_rate_under_the_same_schedule():
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.classifier = torch.nn.Linear(3, 2)
+            self.vlm = torch.nn.Linear(2, 2)
+
+    model = Two()
+    opt = build_optimizer(model, OptimConfig(lr=0.001, classifier_lr=0.01, warmup_steps=2))
+    rates = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert rates[id(model.classifier.weight)] == rates[id(model.classifier.bias)] == 0.01
+    assert rates[id(model.vlm.weight)] == rates[id(model.vlm.bias)] == 0.001
+    sched = build_scheduler(opt, OptimConfig(lr=0.001, classifier_lr=0.01, warmup_steps=2), total_steps=10)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.0005, 0.0005, 0.005, 0.005])  # warm-up: half
+    opt.step()
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.001, 0.001, 0.01, 0.01])
+    assert len(param_groups(model, 0.0, 0.001, None)) == 2  # no classifier rate: the two usual groups
+
+
 def test_plain_step_updates_and_schedules():
     class Tiny(torch.nn.Module):
         def __init__(self):

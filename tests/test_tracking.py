@@ -104,11 +104,18 @@ def test_the_console_shows_each_progress_line_once_within_the_line_budget(tracke
     for chatter in ("RayTrainWorker pid=", "Checkpoint successfully created", "Execution plan of Dataset",
                     "built successfully", "Started a local Ray instance", "Found credentials"):
         assert chatter not in tracked["stderr"], chatter
-    # The line budget of the embedded default (180 steps, log_every 10, 20 epochs): what is not a progress line
-    # does not grow with the steps, so this run bounds it. It is counted with a first run's extra lines
-    # (embedded S3 created, the bundled dataset uploaded).
+    # The line budget of the embedded default (the packaged tiny config on the bundled sample's 699 train images):
+    # what is not a progress line does not grow with the steps, so this run bounds it. It is counted with a first
+    # run's extra lines (embedded S3 created, the bundled dataset uploaded).
+    from megl_ray.config import load_config, packaged_config
+    from megl_ray.training.accounting import planned_steps
+
+    default = load_config(packaged_config("tiny"))
+    planned = planned_steps(699, default.train.num_workers, default.data.batch_size, default.train.epochs,
+                            default.train.grad_accum)
+    assert planned == 264
     fixed = len(lines) - len(steps) - len(epochs)
-    assert fixed + 180 // 10 + 20 <= 60, "\n".join(lines)
+    assert fixed + -(-planned // default.run.log_every) + default.train.epochs <= 60, "\n".join(lines)
     # the closing lines: the pictures and TensorBoard, then the commands that evaluate and explain the export
     assert lines[-5].startswith("[megl] curves: ") and lines[-4].startswith("[megl] gallery of validation")
     assert lines[-3].startswith("[megl] TensorBoard: tensorboard --logdir ")

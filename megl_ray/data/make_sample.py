@@ -184,6 +184,16 @@ def render(pixels: np.ndarray, rng: np.random.Generator, decoy_slot: int | None)
 # ------------------------------------------------------------------------------------------------------------ build
 
 
+BUNDLED_PER_CLASS = 100
+BUNDLED_RESULTS = """
+What the embedded default (`bash scripts/run_default.sh`: the packaged tiny config, 2 Ray Train workers, DeepSpeed
+ZeRO-2, 264 optimizer steps) reaches on this sample, measured on a 2-core machine shared with other jobs: test
+accuracy 0.944 (val 0.977), test mIoU 0.142 (Grad-CAM of the predicted class at 0.5 against the stroke masks;
+even the masks themselves pooled to the classifier's 16x16 grid only reach 0.73). On the 400 images of earlier
+versions, with the schedule of then, the default ended at test accuracy 0.27.
+"""
+
+
 def _readme(args: argparse.Namespace, n_images: int, n_masks: int) -> str:
     flags = f" --n-per-class {args.n_per_class} --seed {args.seed}" + (" --shortcut" if args.shortcut else "")
     shortcut = (
@@ -191,6 +201,7 @@ def _readme(args: argparse.Namespace, n_images: int, n_masks: int) -> str:
         "in train and val, and in a random slot in test; every record carries its `split`.\n"
         if args.shortcut else ""
     )
+    bundled = args.n_per_class == BUNDLED_PER_CLASS and args.seed == 0 and not args.shortcut
     return f"""# MEGL digits sample
 
 {n_images} real handwritten digits ({len(CLASS_NAMES)} classes x {args.n_per_class}) in the MEGL source layout
@@ -205,7 +216,7 @@ is downloaded. Each 64x64 RGB PNG is one MNIST digit, scaled 1.2-1.6x and placed
 stroke on a light random texture. {n_masks} images have a ground-truth mask (`masks/*.npy`, float32 64x64 in
 [0, 1]: the digit's own pixels). Each image has two or three templated rationales quoting evidence measured on the
 image (position, size, stroke colour and thickness, closed loops) with per-class shape wording.
-{shortcut}
+{shortcut}{BUNDLED_RESULTS if bundled else ""}
 The output is deterministic: the same command gives identical files (PNG bytes assume the same zlib build; the
 decoded pixels are the same everywhere).
 

@@ -2,7 +2,8 @@
 and tests and single-process code call them directly.
 
 The model consumes one batch dict (see ``collate``):
-    pixels        float32 (B, 3, S, S) in [0, 1]  (the model normalises per consumer: classifier and CLIP differ)
+    pixels        float32 (B, 3, S, S) in [0, 1]  (S: the model's pixel_size; the model resizes down and normalises
+                                                   per consumer: classifier and CLIP differ)
     labels        int64 (B,)
     masks         float32 (B, M, M) in [0, 1]     (zeros where has_mask is False)
     has_mask      bool (B,)
@@ -47,13 +48,52 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
-    """Encoded image bytes → float32 (3, size, size) in [0, 1] (RGB, bilinear resize)."""
+PAD_RGB = (122, 116, 104)
+"""The background of LLaVA-1.5's ``expand2square``: ``int(255 × CLIP image mean)`` per channel."""
+
+
+def expand_to_square(img: Image.Image, fill: tuple[int, int, int] = PAD_RGB) -> Image.Image:
+    """LLaVA-1.5's pad-to-square: the image centred on a square canvas of ``fill`` (offset floor((long-short)/2))."""
+    width, height = img.size
+    if width == height:
+        return img
+    side = max(width, height)
+    canvas = Image.new(img.mode, (side, side), fill)
+    canvas.paste(img, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def decode_image_sized(data: bytes, size: int, aspect: str = "squash") -> tuple[np.ndarray, tuple[int, int]]:
+    """(``decode_image``'s pixels, the image's original (width, height)): pad mode needs the latter for the mask."""
     with Image.open(io.BytesIO(data)) as img:
         img = to_rgb(img)
+        original = img.size
+        if aspect == "pad":
+            img = expand_to_square(img)
+        elif aspect != "squash":
+            raise ValueError(f"image aspect must be 'squash' or 'pad', got {aspect!r}")
         if img.size != (size, size):
             img = img.resize((size, size), Image.BILINEAR)
-        return np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0, original
+
+
+def decode_image(data: bytes, size: int, aspect: str = "squash") -> np.ndarray:
+    """Encoded image bytes → float32 (3, size, size) in [0, 1] (RGB, bilinear resize; ``aspect`` ``squash``
+    stretches a non-square image, ``pad`` pads it to a square first, see ``expand_to_square``)."""
+    return decode_image_sized(data, size, aspect)[0]
+
+
+def pad_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A stored (M, M) uint8 mask — area-resized from a width × height image, i.e. squashed — moved into the frame
+    of ``expand_to_square``: shrunk along the short side and centred on zeros, so it stays on the padded pixels."""
+    if width == height:
+        return mask
+    m, side = mask.shape[0], max(width, height)
+    inner = (max(1, round(m * width / side)), max(1, round(m * height / side)))
+    offset = (round(m * ((side - width) // 2) / side), round(m * ((side - height) // 2) / side))
+    out = Image.new("L", (m, m), 0)
+    out.paste(Image.fromarray(mask, "L").resize(inner, Image.BOX), offset)
+    return np.asarray(out, dtype=np.uint8)
 
 
 def decode_mask(data: bytes | None, mask_size: int) -> np.ndarray:
@@ -144,19 +184,24 @@ def tokenize_rationales(tokenizer: Any, rationales: Sequence[str], max_rationale
 
 
 def preprocess_rows(rows: dict[str, Any], tokenizer: Any, image_size: int, mask_size: int, max_rationales: int,
-                    max_text_tokens: int) -> dict[str, np.ndarray]:
+                    max_text_tokens: int, aspect: str = "squash") -> dict[str, np.ndarray]:
     """The heavy, epoch-independent part, on a columnar batch of stored rows (``schema.PARQUET_SCHEMA`` columns):
     decode and resize images (kept uint8 to move 4× fewer bytes), decode masks, tokenise rationales. This is what
-    the Ray Data pipeline runs in ``map_batches``; the single-process reader calls it directly."""
+    the Ray Data pipeline runs in ``map_batches``; the single-process reader calls it directly. ``image_size`` is
+    the decode side, the model's ``pixel_size`` (the larger of the classifier's and the vision tower's sides);
+    ``aspect`` is ``model.image_aspect``."""
     n = len(rows["id"])
     pixels = np.empty((n, 3, image_size, image_size), dtype=np.uint8)
     masks = np.zeros((n, mask_size, mask_size), dtype=np.uint8)
     rationale_ids = np.empty((n, max_rationales, max_text_tokens), dtype=np.int32)
     counts = np.empty(n, dtype=np.int32)
     for i in range(n):
-        pixels[i] = np.rint(decode_image(rows["image"][i], image_size) * 255.0).astype(np.uint8)
+        decoded, (width, height) = decode_image_sized(rows["image"][i], image_size, aspect)
+        pixels[i] = np.rint(decoded * 255.0).astype(np.uint8)
         if rows["has_mask"][i]:
             masks[i] = mask_from_bytes(rows["mask"][i], mask_size)
+            if aspect == "pad":
+                masks[i] = pad_mask(masks[i], width, height)
         rationale_ids[i], counts[i] = tokenize_rationales(tokenizer, list(rows["rationales"][i]), max_rationales,
                                                           max_text_tokens)
     return {

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
@@ -21,6 +22,14 @@ from megl_ray.model.saliency import closed_form_cam
 # the CLIP tower of the VLM expects a different normalisation of the same (saliency-masked) image.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def fit_pixels(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, S, S) pixels, decoded at the model's ``pixel_size``, resized down to a consumer's side (antialiased
+    bilinear, like the PIL resize of a direct decode); returned as they are when they already have that side."""
+    if tuple(pixels.shape[-2:]) == (size, size):
+        return pixels
+    return F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 @dataclass
@@ -114,23 +123,29 @@ class Classifier(nn.Module):
 
 
 class TinyCNN(nn.Module):
-    """Four 3×3 conv stages (stride 1) with 2×2 max-pooling between them, 64 px → 8×8 grid, widths C/4, C/2, C, C.
+    """Four 3×3 conv stages, widths C/4, C/2, C, C: full resolution, then 2×2 max-pooling before the second and the
+    third, and a dilated (×2) fourth stage that widens the receptive field without pooling: 64 px → a 16×16 grid.
 
-    Full-resolution first convolution and max-pooling (not strided convolutions) keep the thin digit strokes; the
-    receptive field (~38 px) covers a whole digit. Per-channel GroupNorm (instance normalisation with affine gains)
-    makes each image's features independent of its background tint and stroke colour, and is per sample, so a batch
-    split across workers computes exactly what one process computes on the whole batch (the equivalence tests rely
-    on it; BatchNorm would not). With these changes CE-only training on the bundled digits goes from 0.2 to ~0.9
-    test accuracy in 200 steps (8 groups and strided convolutions stayed near chance for the first ~70 steps)."""
+    Why each choice (measured on the bundled digits, CE only, batch 32, AdamW with warm-up to 1e-2):
+    - Full-resolution first convolution and max-pooling (not strided convolutions) keep the thin digit strokes.
+    - A 16×16 grid, not 8×8: Grad-CAM is read at the grid's resolution, and even a perfect 8×8 map (the mask pooled
+      to the grid, upsampled, thresholded at 0.5) has IoU 0.55 with the stroke masks; a 16×16 one has 0.77. The
+      dilated stage keeps the receptive field (~40 px) over a whole digit. It also learnt faster: 0.96 val accuracy
+      after 200 steps against 0.90 for the pooled 8×8 variant.
+    - Per-channel GroupNorm (instance normalisation with affine gains) makes each image's features independent of
+      its background tint and stroke colour, and is per sample, so a batch split across workers computes exactly
+      what one process computes on the whole batch (the equivalence tests rely on it; BatchNorm would not)."""
 
     def __init__(self, channels: int = 64):
         super().__init__()
         widths = [3, channels // 4, channels // 2, channels, channels]
         layers: list[nn.Module] = []
         for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])):
-            if i > 0:
+            if i in (1, 2):
                 layers.append(nn.MaxPool2d(2))
-            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(cout, cout), nn.ReLU(inplace=True)]
+            dilation = 2 if i == 3 else 1
+            layers += [nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation), nn.GroupNorm(cout, cout),
+                       nn.ReLU(inplace=True)]
         self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

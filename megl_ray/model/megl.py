@@ -17,7 +17,8 @@ from torch import nn
 from megl_ray import losses
 from megl_ray.config import LossConfig, MEGLConfig, ModelConfig
 from megl_ray.data.transforms import encode_prompt, pad_sequences
-from megl_ray.model.classifier import Classifier, build_classifier
+from megl_ray.model.classifier import Classifier, build_classifier, fit_pixels
+from megl_ray.model.counterfactual import counterfactual_images, explained_region
 from megl_ray.model.precision import autocast_dtype, prepare_model
 from megl_ray.model.saliency import gradcam, upsample
 from megl_ray.model.vlm import CLIP_MEAN, CLIP_STD, VLMBundle, build_vlm
@@ -72,6 +73,8 @@ class MEGLModel(nn.Module):
         self.image_token_id = vlm.image_token_id
         self.num_image_tokens = vlm.num_image_tokens
         self.vision_image_size = vlm.vision_image_size
+        # The side the data is decoded at (``vlm.pixel_size`` from the config alone): each consumer resizes down.
+        self.pixel_size = max(model_cfg.image_size, vlm.vision_image_size)
         grid = int(round(vlm.num_image_tokens ** 0.5))
         if grid * grid != vlm.num_image_tokens:
             raise ValueError(f"SDTG needs a square image-token grid, got {vlm.num_image_tokens} tokens")
@@ -88,7 +91,9 @@ class MEGLModel(nn.Module):
     # -- pieces --------------------------------------------------------------------------------------------------
 
     def image_tokens(self, pixels: torch.Tensor, saliency: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """V = W_A·CLIP(I ⊙ Â) + W_I·Z_I with SDTG; the plain LLaVA image tokens W_A·CLIP(I) without."""
+        """V = W_A·CLIP(I ⊙ Â) + W_I·Z_I with SDTG; the plain LLaVA image tokens W_A·CLIP(I) without. I ⊙ Â is
+        taken at the pixels' own side (``pixel_size``, never below the tower's), Â upsampled to it, and the product
+        resized down to the tower's side when larger."""
         image = pixels * upsample(saliency, tuple(pixels.shape[-2:])) if self.fusion is not None else pixels
         if image.shape[-1] != self.vision_image_size:
             image = F.interpolate(image, size=(self.vision_image_size, self.vision_image_size), mode="bilinear",
@@ -114,8 +119,9 @@ class MEGLModel(nn.Module):
 
     def classify_with_saliency(self, pixels: torch.Tensor, target: torch.Tensor | str):
         """(classifier output, Â of ``target`` classes or of the "prediction"). Closed-form CAM inside the head
-        when it has one (ZeRO-3 safe); otherwise autograd Grad-CAM, differentiable while training."""
-        out = self.classifier(pixels, cam_target=target)
+        when it has one (ZeRO-3 safe); otherwise autograd Grad-CAM, differentiable while training. The classifier
+        reads the pixels resized to ``model.image_size``."""
+        out = self.classifier(fit_pixels(pixels, self.cfg.image_size), cam_target=target)
         if out.cam is not None:
             return out, out.cam
         classes = out.logits.argmax(dim=1) if isinstance(target, str) else target
@@ -148,7 +154,12 @@ class MEGLModel(nn.Module):
         out, sal = self.classify_with_saliency(pixels, labels if self.cfg.cam_target == "label" else "prediction")
         ce = losses.classification_loss(out.logits, labels)
 
-        visual = dc = text = text_logits = rrr = None
+        visual = dc = text = text_logits = rrr = counterfactual = None
+        if w.counterfactual_weight > 0 and self.training and pixels.shape[0] > 1:
+            region = explained_region(sal, masks, has_mask, tuple(pixels.shape[-2:]))
+            cf = counterfactual_images(pixels.detach(), region)  # at the decoded side, then resized like f's input
+            cf_logits = self.classifier(fit_pixels(cf, self.cfg.image_size)).logits
+            counterfactual = losses.classification_loss(cf_logits, labels)
         if rrr_on:
             # Σ_k log p_k of the annotated samples only; samples are independent (per-sample norms), so the others
             # get a zero input gradient and no penalty.
@@ -168,7 +179,7 @@ class MEGLModel(nn.Module):
             else:
                 text = self.rationale_text_loss(embeds, attention_mask, text_labels)
 
-        loss = losses.megl_objective(ce, text, visual, dc, has_mask, w, sample_weight, rrr)
+        loss = losses.megl_objective(ce, text, visual, dc, has_mask, w, sample_weight, rrr, counterfactual)
         terms = {"loss": loss.detach(), "ce": ce.detach().mean()}
         if text is not None:
             terms["text"] = text.detach().mean()
@@ -178,6 +189,8 @@ class MEGLModel(nn.Module):
             terms["dc"] = dc.detach()[~has_mask].mean()
         if rrr is not None:
             terms["rrr"] = rrr.detach()[has_mask].mean()
+        if counterfactual is not None:
+            terms["cf"] = counterfactual.detach().mean()
         return MEGLOutput(loss=loss, logits=out.logits, saliency=sal, terms=terms, text_logits=text_logits, text=text)
 
     # -- inference -----------------------------------------------------------------------------------------------

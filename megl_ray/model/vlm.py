@@ -6,8 +6,11 @@ config with random weights and a tokenizer trained on the corpus; ``llava`` and 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -17,7 +20,7 @@ from torch import nn
 from megl_ray.config import ModelConfig
 from megl_ray.data.transforms import IMAGE_TOKEN
 from megl_ray.errors import ConfigError, UserError
-from megl_ray.model.checkpoint_io import local_dir
+from megl_ray.model.checkpoint_io import local_dir, read_uri_bytes
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,32 @@ def load_tokenizer(cfg: ModelConfig, corpus: Iterable[str] | None = None) -> Any
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def vision_tower_image_size(cfg: ModelConfig) -> int:
+    """The image side the configured preset's CLIP tower reads, from the config alone (tiny) or the checkpoint's
+    ``config.json`` (one small file: the driver sizes the data without loading or downloading any weights)."""
+    if cfg.preset == "tiny":
+        return cfg.tiny_vision_image_size
+    key, uri = ("model.vlm_path", cfg.vlm_path) if cfg.preset == "llava" else ("model.vision_path", cfg.vision_path)
+    return _configured_image_size(key, str(uri))
+
+
+@functools.lru_cache(maxsize=16)
+def _configured_image_size(key: str, uri: str) -> int:
+    path = uri.rstrip("/") + "/config.json"
+    try:
+        data = json.loads(read_uri_bytes(path if uri.startswith("s3://") else os.path.expanduser(path)))
+        vision = data.get("vision_config", data)  # a LLaVA or full CLIP config nests it; CLIPVisionConfig does not
+        return int(vision.get("image_size", 224))  # transformers' CLIPVisionConfig default
+    except (UserError, ValueError, AttributeError, TypeError) as err:
+        raise UserError(f"{key}: cannot read the vision tower's image size from {path}: {err}") from None
+
+
+def pixel_size(cfg: ModelConfig) -> int:
+    """The side images are decoded at: the larger of the classifier's and the vision tower's, so that each
+    consumer only ever resizes down (a 224 decode upsampled to CLIP-L/336 would feed the VLM a blurred image)."""
+    return max(cfg.image_size, vision_tower_image_size(cfg))
 
 
 def tiny_llava_config(cfg: ModelConfig, vocab_size: int, image_token_id: int, pad_token_id: int) -> Any:

@@ -60,9 +60,11 @@ def build_datasets(cfg: MEGLConfig, info: Any, tokenizer: Any, splits: Splits, c
     """(datasets for the TorchTrainer, cached training split or None). Training data is not among the trainer's
     datasets: each worker reads its own seeded share every epoch (``megl_ray.training.accounting``)."""
     from megl_ray.data.pipeline import build_dataset
+    from megl_ray.model.vlm import pixel_size
 
-    common = dict(tokenizer=tokenizer, image_size=cfg.model.image_size, max_rationales=cfg.data.max_rationales,
-                  max_text_tokens=cfg.model.max_text_tokens, seed=cfg.train.seed, info=info)
+    common = dict(tokenizer=tokenizer, image_size=pixel_size(cfg.model), image_aspect=cfg.model.image_aspect,
+                  max_rationales=cfg.data.max_rationales, max_text_tokens=cfg.model.max_text_tokens,
+                  seed=cfg.train.seed, info=info)
     datasets = {}
     if splits.val_source == "split":
         datasets["val"] = build_dataset(cfg.data.uri, "val", num_shards=cfg.train.num_workers, **common)

@@ -8,20 +8,23 @@ from typing import Any
 
 import torch
 
+from megl_ray.model.classifier import fit_pixels
 from megl_ray.model.saliency import gradcam
 
 
 class ClassifierOnly(torch.nn.Module):
     """The classifier of an export with ``MEGLModel.predict``'s contract: (probabilities, Â of the prediction)."""
 
-    def __init__(self, classifier: Any):
+    def __init__(self, classifier: Any, image_size: int, pixel_size: int):
         super().__init__()
         self.classifier = classifier
+        self.image_size = image_size
+        self.pixel_size = pixel_size  # the side the full model's data was decoded at: the same pixels, resized alike
 
     def predict(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         closed = self.classifier.cam_weight is not None
         with torch.no_grad() if closed else torch.enable_grad():  # the autograd Grad-CAM needs a graph
-            out = self.classifier(pixels, cam_target="prediction")
+            out = self.classifier(fit_pixels(pixels, self.image_size), cam_target="prediction")
             sal = out.cam if closed else gradcam(out.features, out.logits, out.logits.argmax(1), None,
                                                  create_graph=False)
         return out.logits.detach().softmax(dim=1), sal.detach()
@@ -51,7 +54,8 @@ def load_classifier_only(export_uri: str, device: str = "cpu") -> tuple[Classifi
         state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     classifier.load_state_dict(state, strict=True)
     tokenizer = AutoTokenizer.from_pretrained(str(root / TOKENIZER_DIR))
-    return ClassifierOnly(classifier).to(device).eval(), cfg, tokenizer
+    pixels = int(meta.get("pixel_size", m.image_size))  # exports written before pixel_size decoded at image_size
+    return ClassifierOnly(classifier, m.image_size, pixels).to(device).eval(), cfg, tokenizer
 
 
 def evaluate_test_split(export_uri: str, data_uri: str, device: str = "cpu") -> dict[str, float | None]:
@@ -67,8 +71,8 @@ def evaluate_test_split(export_uri: str, data_uri: str, device: str = "cpu") -> 
     info = load_dataset_info(data_uri)
     classification, saliency = ClassificationMetrics(info.num_classes), SaliencyMetrics()
     for rows in iter_row_batches(read_split(data_uri, "test", info), 64, epoch=0, seed=0, shuffle=False):
-        pre = preprocess_rows({k: [r[k] for r in rows] for k in rows[0]}, tokenizer, cfg.model.image_size,
-                              info.mask_size, 1, cfg.model.max_text_tokens)
+        pre = preprocess_rows({k: [r[k] for r in rows] for k in rows[0]}, tokenizer, model.pixel_size,
+                              info.mask_size, 1, cfg.model.max_text_tokens, cfg.model.image_aspect)
         pixels = torch.as_tensor(pre["pixels"]).float().div_(255.0).to(device)
         probs, sal = model.predict(pixels)
         classification.update(probs.float().cpu(), torch.as_tensor(np.asarray(pre["label"], dtype=np.int64)))

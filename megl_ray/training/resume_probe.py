@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -80,12 +79,15 @@ def resume_loop_per_worker(loop: dict[str, Any]) -> None:
         dist.all_reduce(loss)
         return loss.item() / world
 
-    ckpt = Path(tempfile.mkdtemp(prefix="megl-resume-"))
+    # One directory for all ranks (they share the machine), as the trainer's checkpoint directory is: rank 0 alone
+    # writes the train state and DeepSpeed's model states, every rank its own ZeRO shards into it.
+    ckpt = Path(loop["checkpoint_dir"])
     first = []
     for i, batch in enumerate(batches):
         first.append(step(engine, batch))
         if i + 1 == loop["save_at"]:
             save_checkpoint(engine, TrainState(step=i + 1), ckpt, rank)
+            dist.barrier()  # every rank's files are there before anyone reads or measures the directory
     ckpt_bytes = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
     del engine
     resumed = _engine(cfg, loop)
@@ -106,7 +108,10 @@ def run_resume_probe(cfg: MEGLConfig, tokenizer: Any, num_classes: int, rows: li
     from megl_ray.training.probe import run_cpu_workers
 
     out = Path(storage_path) / "resume-probe.json"
+    checkpoint_dir = Path(storage_path) / "resume-probe-checkpoint"
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
     run_cpu_workers(resume_loop_per_worker, cfg, storage_path, "resume-probe", {
         "config": cfg.to_dict(), "tokenizer": tokenizer, "num_classes": num_classes, "rows": rows,
-        "mask_size": mask_size, "steps": steps, "save_at": save_at, "threads": threads, "out": str(out)})
+        "mask_size": mask_size, "steps": steps, "save_at": save_at, "threads": threads, "out": str(out),
+        "checkpoint_dir": str(checkpoint_dir)})
     return json.loads(out.read_text())

@@ -132,13 +132,15 @@ def _validate(engine: Any, shard: Any, cfg: MEGLConfig, num_image_tokens: int, n
 def _epoch_shard(cfg: MEGLConfig, loop: dict[str, Any], epoch: int, rank: int, world: int) -> Any:
     """This worker's share of ``epoch`` as a Ray Dataset, in the epoch's seeded order (see ``accounting``)."""
     from megl_ray.data.pipeline import build_dataset, cached_share
+    from megl_ray.model.vlm import pixel_size
 
     mine = epoch_share(loop["train_ids"], cfg.train.seed, epoch, rank, world)
     pad_to = math.ceil(len(loop["train_ids"]) / world)
     seed = epoch_seed(cfg.train.seed, epoch)
     if loop.get("train_cache") is not None:
         return cached_share(loop["train_cache"], mine, pad_to, seed)
-    return build_dataset(cfg.data.uri, "train", tokenizer=loop["tokenizer"], image_size=cfg.model.image_size,
+    return build_dataset(cfg.data.uri, "train", tokenizer=loop["tokenizer"], image_size=pixel_size(cfg.model),
+                         image_aspect=cfg.model.image_aspect,
                          max_rationales=cfg.data.max_rationales, max_text_tokens=cfg.model.max_text_tokens,
                          seed=seed, include_ids=mine, pad_to=pad_to)
 
