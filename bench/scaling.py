@@ -93,24 +93,31 @@ def _kernel_worker(rank: int, reps: int, start_at: float, out: str) -> None:
         a @ b
     while time.time() < start_at:
         time.sleep(0.005)
-    start = time.perf_counter()
-    for _ in range(reps):
-        c = a @ b
-        a = c / c.norm()
-    Path(f"{out}.{rank}").write_text(str(time.perf_counter() - start))
+    chunks = []  # timed in chunks, like the steps of a run: a burst of other load moves the median little
+    for _ in range(KERNEL_CHUNKS):
+        start = time.perf_counter()
+        for _ in range(max(1, reps // KERNEL_CHUNKS)):
+            c = a @ b
+            a = c / c.norm()
+        chunks.append(time.perf_counter() - start)
+    Path(f"{out}.{rank}").write_text(json.dumps(chunks))
+
+
+KERNEL_CHUNKS = 20
 
 
 def measure_kernel(copies: int, reps: int) -> float:
-    """Wall time of the kernel with ``copies`` copies running at once, the slowest copy's (the workers of a
-    step wait for the slowest). With one copy: what one core gives; with two: what the cores give two processes."""
+    """Time of the kernel with ``copies`` copies running at once: the median chunk of the slowest copy (the
+    workers of a step wait for the slowest) × the chunks, as the bench takes the median step of a run. With one
+    copy: what one core gives; with two: what the cores give two processes."""
     import torch.multiprocessing as mp
 
     out = tempfile.mktemp(prefix="megl-kernel-")
     mp.spawn(_kernel_worker, args=(reps, time.time() + 3.0, out), nprocs=copies, join=True)
-    times = [float(Path(f"{out}.{r}").read_text()) for r in range(copies)]
+    medians = [statistics.median(json.loads(Path(f"{out}.{r}").read_text())) for r in range(copies)]
     for r in range(copies):
         Path(f"{out}.{r}").unlink()
-    return max(times)
+    return max(medians) * KERNEL_CHUNKS
 
 
 class RunnableSampler:

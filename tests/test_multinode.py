@@ -37,7 +37,7 @@ def s3_data(embedded_s3, tmp_path_factory):
     from megl_ray.data.sample import sample_dataset_path
 
     full, src = sample_dataset_path(), tmp_path_factory.mktemp("digits-subset")
-    subset = dict(list(json.loads((full / "exp_annotation.json").read_text()).items())[:SUBSET])
+    subset = dict(list(json.loads((full / "exp_annotation.json").read_text()).items())[:SUBSET])  # classes mixed
     (src / "exp_annotation.json").write_text(json.dumps(subset))
     shutil.copy(full / "label_class_id_mapping.json", src)
     for record in subset.values():  # copies: the converter refuses files reached through links (path escapes)
