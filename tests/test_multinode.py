@@ -6,6 +6,7 @@ import math
 import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,10 @@ FAST = Path(__file__).resolve().parent / "configs" / "tiny-fast.yaml"
 FAST_ARGS = ["train.placement_strategy=STRICT_SPREAD", "train.num_workers=2", "train.cache_data=true",
              "data.val_fraction=0"]
 GLOBAL_BATCH = 2 * 16  # 2 workers × tiny-fast's data.batch_size
+# Run names new to every session: each session has a fresh S3 server, but the post-training evaluation fetches the
+# export through the node cache (~/.cache/megl_ray/s3/<bucket>/<key>, which assumes a key is never rewritten), so
+# a fixed name would evaluate an earlier session's export.
+SESSION = uuid.uuid4().hex[:8]
 
 
 SUBSET = 160  # of the bundled 400 images: ~4 optimizer steps an epoch; on 2 cores every step counts
@@ -97,7 +102,7 @@ def _sample_rows(sample_dir):
 
 def test_a_node_local_storage_path_is_refused_with_workers_on_two_nodes(two_node_cluster, s3_data, tmp_path, capsys):
     code, out, err = _train(two_node_cluster, [*FAST_ARGS, f"data.uri={s3_data}",
-                                               f"run.storage_path={tmp_path / 'runs'}", "run.name=local"], capsys)
+                                               f"run.storage_path={tmp_path / 'runs'}", f"run.name=local-{SESSION}"], capsys)
     assert code == 2, err[-3000:]
     assert "is a node-local path, but workers can be placed on 2 nodes" in err and "Traceback" not in err
     assert json.loads(out.strip().splitlines()[-1])["error"]
@@ -109,7 +114,7 @@ def test_two_workers_on_two_nodes_checkpoint_both_shards_to_s3(two_node_cluster,
 
     samples = tmp_path / "samples"
     code, out, err = _train(two_node_cluster, [*FAST_ARGS, f"data.uri={s3_data}", "run.storage_path=s3://megl-multinode/runs",
-                                               "run.name=two-nodes", "train.checkpoint_every=2",
+                                               f"run.name=two-nodes-{SESSION}", "train.checkpoint_every=2",
                                                f"train.sample_log_dir={samples}"], capsys)
     assert code == 0, err[-4000:]
     result = json.loads(out.strip().splitlines()[-1])
@@ -154,7 +159,7 @@ def test_a_node_lost_mid_run_is_replaced_and_the_run_completes_with_exact_steps_
     thread = threading.Thread(target=lose_and_replace_node_b, daemon=True)
     thread.start()
     code, out, err = _train(cluster, [*FAST_ARGS, f"data.uri={s3_data}", "run.storage_path=s3://megl-multinode/runs",
-                                      "run.name=node-loss", "train.epochs=2", "train.checkpoint_every=2",
+                                      f"run.name=node-loss-{SESSION}", "train.epochs=2", "train.checkpoint_every=2",
                                       f"train.sample_log_dir={samples}"], capsys)
     thread.join(timeout=60)
     assert code == 0, err[-4000:]
