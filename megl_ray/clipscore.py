@@ -76,10 +76,15 @@ class CLIPScorer:
         of a reduction's order do not make two runs' corpus means differ."""
         if len(images) != len(texts):
             raise ValueError(f"{len(images)} images but {len(texts)} texts")
-        if not texts:
-            return np.zeros(0, dtype=np.float64)
-        cos = (self.embed_images(images) * self.embed_texts(texts)).sum(dim=-1)
-        return np.round((CLIP_SCORE_WEIGHT * cos.clamp_min(0.0)).cpu().numpy(), 9)
+        scores = np.zeros(len(texts), dtype=np.float64)
+        # An empty rationale (a model that emits EOS at once) describes nothing: it scores 0, and is kept out of the
+        # batch, since a batch of empty strings tokenises to (N, 0) ids, which CLIP's text tower cannot embed.
+        kept = [i for i, text in enumerate(texts) if text.strip()]
+        if kept:
+            cos = (self.embed_images([images[i] for i in kept])
+                   * self.embed_texts([texts[i] for i in kept])).sum(dim=-1)
+            scores[kept] = np.round((CLIP_SCORE_WEIGHT * cos.clamp_min(0.0)).cpu().numpy(), 9)
+        return scores
 
     def score_bytes(self, encoded: Sequence[bytes], texts: Sequence[str]) -> np.ndarray:
         """``score`` for encoded images (the dataset's stored bytes, at their own resolution)."""

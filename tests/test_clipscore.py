@@ -69,3 +69,13 @@ def test_a_directory_without_clip_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="model directory not found"):
         CLIPScorer(str(tmp_path / "missing"))
     assert corpus_clip_score(None) is None
+
+
+def test_an_empty_rationale_scores_zero_and_leaves_the_others_as_they_were(clip_dir):
+    images, texts = _images(3), SENTENCES[:3]
+    scorer = CLIPScorer(str(clip_dir))
+    full = scorer.score(images, texts)
+    mixed = scorer.score(images, [texts[0], "  ", texts[2]])
+    assert mixed[1] == 0.0
+    np.testing.assert_allclose(mixed[[0, 2]], full[[0, 2]], rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(scorer.score(images, ["", "", ""]), np.zeros(3))  # no (N, 0) ids reach CLIP
