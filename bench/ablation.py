@@ -50,7 +50,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "megl": ("+ L_dc (full MEGL)", []),
     "megl_cf": (f"full MEGL + counterfactual backgrounds (loss.counterfactual_weight={CF_WEIGHT:g})",
                 [f"loss.counterfactual_weight={CF_WEIGHT}"]),
-    "megl_label_free": ("full MEGL, label-free prompt", [f"model.prompt_template={LABEL_FREE_PROMPT}"]),
+    # json.dumps: a double-quoted YAML string, else "USER: <image>..." would be read as a mapping
+    "megl_label_free": ("full MEGL, label-free prompt", [f"model.prompt_template={json.dumps(LABEL_FREE_PROMPT)}"]),
     "megl_rrr": (f"full MEGL + RRR (loss.rrr_weight={RRR_WEIGHT:g})", [f"loss.rrr_weight={RRR_WEIGHT}"]),
 }
 DEFAULT_ROWS = ("ce", "visual", "text", "visual_text", "megl", "megl_cf", "megl_label_free")

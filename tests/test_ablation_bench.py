@@ -7,9 +7,26 @@ import pytest
 
 from tests.bench_support import run_bench
 
-pytestmark = pytest.mark.slow
 
 
+def test_every_row_is_a_valid_config_and_the_label_free_prompt_has_no_label():
+    import importlib.util
+
+    from megl_ray.config import load_config, packaged_config
+    from tests.bench_support import ROOT
+
+    spec = importlib.util.spec_from_file_location("ablation", ROOT / "bench" / "ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    assert set(ablation.DEFAULT_ROWS) <= set(ablation.ROWS) and ablation.DEFAULT_ROWS[0] == "ce"
+    configs = {row: load_config(packaged_config("tiny"), overrides) for row, (_, overrides) in ablation.ROWS.items()}
+    assert configs["ce"].loss.text_weight == configs["ce"].loss.visual_weight == 0
+    assert configs["megl_cf"].loss.counterfactual_weight > 0 and configs["megl"].loss.counterfactual_weight == 0
+    prompt = configs["megl_label_free"].model.prompt_template  # a string, not YAML's reading of "USER: ..."
+    assert prompt == ablation.LABEL_FREE_PROMPT and "{label}" not in prompt and "<image>" in prompt
+
+
+@pytest.mark.slow
 def test_ablation_trains_each_row_and_writes_its_table_chart_and_json(tmp_path: Path):
     out = tmp_path / "out"
     result, stderr = run_bench("ablation", "--rows", "ce,megl_cf", "--seeds", "1", "--n-per-class", "10",
