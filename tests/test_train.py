@@ -51,10 +51,14 @@ def test_ray_job_submit_runs_the_trainer_and_leaves_checkpoints_in_the_embedded_
                              start_new_session=True)
     assert start.wait(timeout=300) == 0, start.stdout.read().decode()[-3000:]
     try:
-        job = subprocess.run(
-            [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--", "python", "-m", "megl_ray.train",
-             "--config", str(FAST), "run.name=job"],
-            env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+        for _ in range(20):  # `ray start` returns before the job agent is up; Ray's own answer says to retry
+            job = subprocess.run(
+                [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--", "python", "-m",
+                 "megl_ray.train", "--config", str(FAST), "run.name=job"],
+                env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+            if "No available agent to submit job" not in job.stderr:
+                break
+            time.sleep(5)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout + job.stderr
         result = json.loads([line for line in job.stdout.splitlines() if line.startswith('{"checkpoint"')][-1])
