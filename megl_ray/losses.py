@@ -137,13 +137,27 @@ def input_gradient_penalty(input_grad: torch.Tensor, target: torch.Tensor) -> to
 
 
 @compute_in_fp32
+def visual_ramp(step: int, total_steps: int, start: float, end: float) -> float:
+    """Factor in [0, 1] on λ_vis at optimizer step ``step`` (0-based) of ``total_steps``: 0 before ``start``·total,
+    linear up to 1 at ``end``·total, 1 after; always 1 when ``end`` is 0 (no ramp, the paper's constant weight)."""
+    if end <= 0:
+        return 1.0
+    progress = step / max(1, total_steps)
+    if progress >= end:
+        return 1.0
+    if progress < start:
+        return 0.0
+    return (progress - start) / max(end - start, 1e-12)
+
+
 def megl_objective(ce: torch.Tensor, text: torch.Tensor | None, visual: torch.Tensor | None,
                    dc: torch.Tensor | None, has_mask: torch.Tensor, weights: LossConfig,
                    sample_weight: torch.Tensor | None = None, rrr: torch.Tensor | None = None,
-                   counterfactual: torch.Tensor | None = None) -> torch.Tensor:
+                   counterfactual: torch.Tensor | None = None, visual_scale: float = 1.0) -> torch.Tensor:
     """Mean over the batch of CE + λ_text·L_text + λ_vis·[I_V·L_visual + (1 − I_V)·λ_dc·L_dc] (+ λ_rrr·I_V·L_rrr
     and λ_cf·L_cf, the options ``loss.rrr_weight`` and ``loss.counterfactual_weight``; ``counterfactual`` is the
-    per-sample CE on the counterfactual-background images); None terms are 0.
+    per-sample CE on the counterfactual-background images); None terms are 0. ``visual_scale`` multiplies λ_vis
+    (the ramp of ``loss.visual_ramp_start/end``, see :func:`visual_ramp`).
 
     ``sample_weight`` (B,) makes it a weighted mean; rows that only pad a worker's shard carry weight 0."""
     total = ce
@@ -156,7 +170,7 @@ def megl_objective(ce: torch.Tensor, text: torch.Tensor | None, visual: torch.Te
         vis = torch.where(has_mask, visual, torch.zeros_like(visual))
     if dc is not None:
         vis = vis + (1 - indicator) * weights.dc_weight * dc
-    per_sample = total + weights.visual_weight * vis
+    per_sample = total + weights.visual_weight * visual_scale * vis
     if rrr is not None:
         per_sample = per_sample + weights.rrr_weight * torch.where(has_mask, rrr, torch.zeros_like(rrr))
     if counterfactual is not None:

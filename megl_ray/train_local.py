@@ -22,6 +22,7 @@ from megl_ray.data.schema import load_dataset_info
 from megl_ray.data.transforms import model_batch, preprocess_rows
 from megl_ray.errors import UserError
 from megl_ray.export import save_export
+from megl_ray.losses import visual_ramp
 from megl_ray.model import MEGLModel, build_megl_model
 from megl_ray.model.precision import autocast_dtype
 from megl_ray.optim import build_optimizer, build_scheduler, plain_step
@@ -82,6 +83,7 @@ def train(cfg: MEGLConfig, max_steps: int = 0, export: str | None = None) -> dic
     for epoch in range(cfg.train.epochs):
         for rows in iter_row_batches(train_table, cfg.data.batch_size, epoch, cfg.train.seed):
             batch = make_batch(rows, model, cfg, info.mask_size, epoch)
+            batch["visual_scale"] = visual_ramp(step, total, cfg.loss.visual_ramp_start, cfg.loss.visual_ramp_end)
             half = autocast_dtype(cfg.train.precision)  # the same autocast the DeepSpeed config enables
             with torch.autocast("cpu", dtype=half or torch.bfloat16, enabled=half is not None):
                 out = plain_step(model, optimizer, scheduler, batch, cfg.optim.grad_clip)

@@ -31,7 +31,8 @@ def setup():
     tokenizer = load_tokenizer(cfg.model, [t for r in rows for t in r["rationales"]] + info.classes)
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
              log_to_driver=False)
-    single_cfg = load_config(packaged_config("tiny"), ["data.batch_size=16", "optim.lr=0.003", "loss.dc_weight=0.5"])
+    single_cfg = load_config(packaged_config("tiny"), ["data.batch_size=16", "optim.lr=0.003", "loss.visual_weight=1",
+                                                       "loss.dc_weight=0.5"])
     single = run_steps(single_cfg, tokenizer, info.num_classes, rows, info.mask_size, STEPS)["losses"]
     yield cfg, tokenizer, info, rows, single
     ray.shutdown()

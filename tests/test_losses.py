@@ -137,3 +137,28 @@ def test_objective_adds_the_counterfactual_ce_of_every_sample():
     weighted = losses.megl_objective(ce, None, None, None, torch.tensor([True, False]), w,
                                      sample_weight=torch.tensor([1.0, 0.0]), counterfactual=cf)
     assert weighted.item() == pytest.approx(1 + 0.5 * 4.0)  # a padding row's counterfactual does not count
+
+
+def test_visual_ramp_is_zero_then_linear_then_one():
+    # ramp over 30-60 % of 100 steps
+    assert [losses.visual_ramp(s, 100, 0.3, 0.6) for s in (0, 29, 30, 45, 59, 60, 99)] == \
+        pytest.approx([0.0, 0.0, 0.0, 0.5, 29 / 30, 1.0, 1.0])
+    assert losses.visual_ramp(0, 100, 0.0, 0.0) == 1.0  # no ramp: the paper's constant λ_vis from step 0
+    assert losses.visual_ramp(49, 100, 0.5, 0.5) == 0.0 and losses.visual_ramp(50, 100, 0.5, 0.5) == 1.0
+
+
+def test_objective_visual_scale_multiplies_visual_and_dc_terms_only():
+    ce, text = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.5])
+    visual, dc = torch.tensor([0.2, 9.0]), torch.tensor([9.0, 0.4])
+    has_mask = torch.tensor([True, False])
+    w = LossConfig(text_weight=2.0, visual_weight=3.0, dc_weight=0.5)
+    got = losses.megl_objective(ce, text, visual, dc, has_mask, w, visual_scale=0.25)
+    # sample 0: 1 + 2·0.5 + 3·0.25·0.2; sample 1: 2 + 2·0.5 + 3·0.25·0.5·0.4
+    assert got.item() == pytest.approx(((1 + 1 + 0.15) + (2 + 1 + 0.15)) / 2)
+
+
+def test_visual_ramp_bounds_are_validated():
+    from megl_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="visual_ramp"):
+        LossConfig(visual_ramp_start=0.6, visual_ramp_end=0.3)

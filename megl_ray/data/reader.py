@@ -80,7 +80,11 @@ def bundled_dataset_uri(cache_dir: str | Path | None = None) -> str:
     from megl_ray.data.sample import sample_dataset_path
 
     src = sample_dataset_path()
-    digest = hashlib.sha256((src / "exp_annotation.json").read_bytes()).hexdigest()[:12]
+    # The masks are part of the key: a regenerated sample can keep its annotation file and change only its masks.
+    content = hashlib.sha256((src / "exp_annotation.json").read_bytes())
+    for mask in sorted((src / "masks").glob("*.npy")):
+        content.update(mask.name.encode() + mask.read_bytes())
+    digest = content.hexdigest()[:12]
     root = Path(cache_dir or Path.home() / ".cache" / "megl_ray" / "datasets") / f"digits-{digest}"
     if not (root / DATASET_INFO_FILE).is_file():
         # Convert beside the target and rename: concurrent callers (two workers, two tests) never see half a dataset.

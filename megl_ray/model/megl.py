@@ -141,10 +141,14 @@ class MEGLModel(nn.Module):
     def forward(self, pixels: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None = None,
                 has_mask: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, text_labels: torch.Tensor | None = None,
-                sample_weight: torch.Tensor | None = None, full_logits: bool = False, **_: Any) -> MEGLOutput:
+                sample_weight: torch.Tensor | None = None, full_logits: bool = False, visual_scale: float = 1.0,
+                **_: Any) -> MEGLOutput:
         """The MEGL objective. ``full_logits`` computes the LM's logits at every position (tests; training computes
-        them at the rationale positions only)."""
+        them at the rationale positions only). ``visual_scale`` multiplies λ_vis (the training loop's ramp,
+        ``losses.visual_ramp``); the visual terms are computed and logged at 0 too (they are cheap beside the CAM),
+        so their curves start at step 1."""
         w = self.loss_cfg
+        visual_on = w.visual_weight > 0
         if has_mask is None:
             has_mask = torch.zeros_like(labels, dtype=torch.bool)
         rrr_on = (w.rrr_weight > 0 and masks is not None and bool(has_mask.any()) and self.training
@@ -166,9 +170,9 @@ class MEGLModel(nn.Module):
             score = (F.log_softmax(out.logits.float(), dim=1).sum(dim=1) * has_mask).sum()
             (input_grad,) = torch.autograd.grad(score, pixels, create_graph=True)
             rrr = losses.input_gradient_penalty(input_grad, masks)
-        if w.visual_weight > 0 and masks is not None and bool(has_mask.any()):
+        if visual_on and masks is not None and bool(has_mask.any()):
             visual = losses.visual_loss(sal, masks, w.visual_transform, w.gaussian_sigma)
-        if w.visual_weight > 0 and w.dc_weight > 0 and not bool(has_mask.all()):
+        if visual_on and w.dc_weight > 0 and not bool(has_mask.all()):
             dc = losses.distribution_consistency_loss(sal, self.prior, w.kl_eps)
         if w.text_weight > 0 and input_ids is not None:
             tokens = self.image_tokens(pixels, sal, out.features)
@@ -179,7 +183,8 @@ class MEGLModel(nn.Module):
             else:
                 text = self.rationale_text_loss(embeds, attention_mask, text_labels)
 
-        loss = losses.megl_objective(ce, text, visual, dc, has_mask, w, sample_weight, rrr, counterfactual)
+        loss = losses.megl_objective(ce, text, visual, dc, has_mask, w, sample_weight, rrr, counterfactual,
+                                     visual_scale)
         terms = {"loss": loss.detach(), "ce": ce.detach().mean()}
         if text is not None:
             terms["text"] = text.detach().mean()

@@ -22,6 +22,7 @@ import torch
 
 from megl_ray.config import MEGLConfig, config_from_dict
 from megl_ray.errors import ConfigError
+from megl_ray.losses import visual_ramp
 from megl_ray.training.console import configure_worker
 from megl_ray.training.progress import Progress
 from megl_ray.training.accounting import (Accounting, FaultHook, epoch_seed, epoch_share, planned_steps,
@@ -241,6 +242,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 acc.applied_step()
                 continue
             batch = {k: v.to(engine.device) for k, v in batch.items()}
+            batch["visual_scale"] = visual_ramp(state.step, total_steps, cfg.loss.visual_ramp_start,
+                                                cfg.loss.visual_ramp_end)
             boundary = engine.is_gradient_accumulation_boundary()  # before step(), which advances the counter
             out = engine(**batch)
             engine.backward(out.loss)
