@@ -65,7 +65,8 @@ def test_bf16_under_zero2_and_zero3_matches_fp32_for_groupnorm_and_batchnorm(ray
     info = load_dataset_info(uri)
     rows = read_split(uri, "train", info).slice(0, 32).to_pylist()
     assert any(r["has_mask"] for r in rows) and not all(r["has_mask"] for r in rows)  # visual and dc terms both on
-    base = ["data.batch_size=4", "train.num_workers=2", "optim.lr=0.003", "loss.dc_weight=0.5",
+    # λ_vis 1, the weight TOLERANCE was measured at: the default's 10 multiplies the bf16 rounding of L_visual too
+    base = ["data.batch_size=4", "train.num_workers=2", "optim.lr=0.003", "loss.visual_weight=1", "loss.dc_weight=0.5",
             "model.max_text_tokens=16"]
     cfg = load_config(packaged_config("tiny"), base)
     tokenizer = load_tokenizer(cfg.model, [t for r in rows for t in r["rationales"]] + info.classes)
