@@ -136,7 +136,6 @@ def input_gradient_penalty(input_grad: torch.Tensor, target: torch.Tensor) -> to
     return (outside * input_grad).pow(2).flatten(1).sum(dim=1)
 
 
-@compute_in_fp32
 def visual_ramp(step: int, total_steps: int, start: float, end: float) -> float:
     """Factor in [0, 1] on λ_vis at optimizer step ``step`` (0-based) of ``total_steps``: 0 before ``start``·total,
     linear up to 1 at ``end``·total, 1 after; always 1 when ``end`` is 0 (no ramp, the paper's constant weight)."""
@@ -150,6 +149,7 @@ def visual_ramp(step: int, total_steps: int, start: float, end: float) -> float:
     return (progress - start) / max(end - start, 1e-12)
 
 
+@compute_in_fp32
 def megl_objective(ce: torch.Tensor, text: torch.Tensor | None, visual: torch.Tensor | None,
                    dc: torch.Tensor | None, has_mask: torch.Tensor, weights: LossConfig,
                    sample_weight: torch.Tensor | None = None, rrr: torch.Tensor | None = None,
