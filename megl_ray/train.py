@@ -63,7 +63,9 @@ def _start_ray(address: str | None, verbose: bool = False) -> None:
         ray.init(address=address, **ray_init_options(verbose))
         configure_driver(verbose)
         return
-    for key, value in quiet_env(verbose).items():  # inherited by the local Ray's processes
+    from megl_ray.training.ray_env import worker_pool_env
+
+    for key, value in {**quiet_env(verbose), **worker_pool_env()}.items():  # inherited by the local Ray's processes
         os.environ.setdefault(key, value)
     # A local Ray: every core, bound to loopback, temp dir short (unix socket paths are limited to ~107 bytes).
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")

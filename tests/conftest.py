@@ -34,6 +34,18 @@ def _small_sample() -> str:
 os.environ.setdefault("MEGL_SAMPLE_DIR", _small_sample())
 
 
+def _keep_idle_ray_workers() -> None:
+    """The tests' own ``ray.init(num_cpus=2)`` instances get the raylet settings of the project's (they inherit this
+    environment): task workers survive between epochs instead of a new process per Ray Data task."""
+    from megl_ray.training.ray_env import worker_pool_env
+
+    for key, value in worker_pool_env().items():
+        os.environ.setdefault(key, value)
+
+
+_keep_idle_ray_workers()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _local_ray_undone():
     """A module's in-process ``ray.init()`` (a local instance) switches the whole process to Ray's token

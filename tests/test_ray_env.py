@@ -2,6 +2,7 @@
 
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +39,46 @@ def test_a_local_ray_leaves_the_process_out_of_token_mode(monkeypatch):
             ray.shutdown()
     assert "RAY_AUTH_MODE" not in os.environ
     assert get_authentication_mode() != AuthenticationMode.TOKEN
+
+
+def test_worker_pool_env_keeps_idle_workers_and_lets_the_user_override():
+    env = ray_env.worker_pool_env({})
+    assert int(env["RAY_num_workers_soft_limit"]) >= 16  # above a run's own ~12 actors on a 2-CPU node
+    assert int(env["RAY_idle_worker_killing_time_threshold_ms"]) >= 10_000  # outlives the gap between epochs
+    assert ray_env.worker_pool_env({"RAY_num_workers_soft_limit": "4"})["RAY_num_workers_soft_limit"] == "4"
+
+
+def _idle_workers_alive(ray) -> tuple[int, int]:
+    """(processes that ran eight overlapping tasks, as Ray Data runs an epoch's; how many of them are still alive
+    after 2.5 s idle)."""
+    import time
+
+    @ray.remote(num_cpus=0.25)
+    def pid():
+        time.sleep(1.0)  # overlapping: more than one worker process
+        return os.getpid()
+
+    ran = set(ray.get([pid.remote() for _ in range(8)]))
+    time.sleep(2.5)  # > the default idle-worker killing threshold (1 s)
+    return len(ran), sum(Path(f"/proc/{p}").exists() for p in ran)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep", [True, False], ids=["worker_pool_env", "ray_defaults"])
+def test_task_workers_survive_an_idle_gap_only_with_worker_pool_env(monkeypatch, keep):
+    ray = pytest.importorskip("ray")
+    for key in ray_env.worker_pool_env({}):
+        monkeypatch.delenv(key, raising=False)
+    if keep:
+        for key, value in ray_env.worker_pool_env({}).items():
+            monkeypatch.setenv(key, value)
+    with ray_env.local_ray_undone():
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
+                 _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+        try:
+            ran, alive = _idle_workers_alive(ray)
+        finally:
+            ray.shutdown()
+    assert ran >= 2
+    # Ray's defaults keep one idle worker per CPU (here 1): the next epoch's tasks would start new processes
+    assert (alive == ran) if keep else (alive <= 1), (ran, alive)

@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megl_ray.training.ray_env import worker_pool_env
+
 # Lost nodes are noticed within seconds, not the default ~30 s: the GCS health-checks raylets every second.
 FAST_FAILURE_DETECTION = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
                           "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3",
@@ -119,7 +121,7 @@ class LocalCluster:
         else:
             args += [f"--address={self.address}"]
         # No token authentication: every port is on loopback, and a driver of this machine connects without a token.
-        env = {**os.environ, **FAST_FAILURE_DETECTION, "RAY_AUTH_MODE": "disabled", **self.env,
+        env = {**os.environ, **FAST_FAILURE_DETECTION, **worker_pool_env(), "RAY_AUTH_MODE": "disabled", **self.env,
                # Ray Train's controller queries the state API without an address: with other Ray instances on the
                # machine, auto-detection fails, so name this cluster's dashboard.
                "RAY_API_SERVER_ADDRESS": self.dashboard_url}

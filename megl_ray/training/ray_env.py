@@ -56,3 +56,20 @@ def refresh_auth_cache() -> None:
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
+
+
+def worker_pool_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Raylet settings for the Ray instances this project starts itself (the local Ray of ``train``/``tune``,
+    ``LocalCluster``'s nodes): keep idle task workers alive between a training run's epochs. Values the user set in
+    ``environ`` (default ``os.environ``) win.
+
+    Why: by default a raylet keeps at most as many worker processes as it has CPUs (``num_workers_soft_limit``)
+    and kills any idle one above that after 1 s (``idle_worker_killing_time_threshold_ms``). A training run's own
+    actors (Ray Train's controller and workers, Ray Data's coordinators, ~12 processes) already exceed 2 CPUs, so
+    every Ray Data task of every epoch (each worker's share, each validation read) started a new Python process
+    that imported pyarrow, numpy and torch again: 94 worker processes for the default run, 34 s per epoch of
+    22 steps that take 3 s. With these: 22 processes, 7 s per epoch, the default run 9 min 22 s -> 3 min 25 s
+    (same metrics). Idle workers keep their memory (a few hundred MB each, ~10 of them in that run)."""
+    environ = os.environ if environ is None else environ
+    wanted = {"RAY_num_workers_soft_limit": "32", "RAY_idle_worker_killing_time_threshold_ms": "60000"}
+    return {key: environ.get(key, value) for key, value in wanted.items()}
