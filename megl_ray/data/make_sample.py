@@ -201,8 +201,9 @@ BUNDLED_PER_CLASS = 100
 BUNDLED_RESULTS = """
 What the embedded default (`bash scripts/run_default.sh`: the packaged tiny config, 2 Ray Train workers, DeepSpeed
 ZeRO-2, 264 optimizer steps, λ_vis 10 ramped in over 20-40 % of the run) reaches on this sample, measured on a quiet
-2-core machine: test accuracy 0.949 (val 0.931), test mIoU 0.594 (Grad-CAM of the predicted class, upsampled and
-thresholded at 0.5 of its peak, against the digit regions), in 5 min 3 s wall (4 min 48 s inside the trainer). With
+2-core machine: test accuracy 0.944 (val 0.954), test mIoU 0.582 (Grad-CAM of the predicted class, upsampled and
+thresholded at 0.5 of its peak, against the digit regions), in 3 min 19 s wall on a fresh `MEGL_HOME` (176 s inside
+the trainer; the DeepSpeed kernel already built: the first run on a machine compiles it, about a minute more). With
 λ_vis 1 from the first step the same run reached mIoU 0.32 in the in-process trainer; against the bare strokes
 (earlier masks, 6 % of the image) it was 0.14. On the 400 images of earlier versions the default ended at test
 accuracy 0.27.
