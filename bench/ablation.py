@@ -8,7 +8,8 @@ all on one Ray instance started once. Every exported model is then scored on the
 mIoU of Â against the ground-truth masks and BLEU-4 of greedy rationales (``megl_ray.metrics``). Without
 ``--data`` the dataset is ``python -m megl_ray.data.make_sample --shortcut``: a dark square whose position encodes
 the label in train and val and is random in test, so test accuracy is *decoy-free* accuracy: what the classifier
-learnt from the digit itself.
+learnt from the digit itself. At the default size (80 per class) one seed of the 7 default rows takes ~13 minutes on
+2 cores, three seeds ~39 (bench/results/ablation/README.md).
 
 Writes, under ``--out``: ``runs.jsonl`` (one line per finished run; re-running skips those, so an interrupted
 ablation resumes), ``ablation.md`` (mean ± std over seeds, beside the paper's ViT column), ``ablation.png`` (bar
@@ -77,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_dataset(work: Path, n_per_class: int) -> str:
     from megl_ray.data import convert, make_sample
+    from megl_ray.data.schema import DATASET_INFO_FILE
 
     src, dst = work / "shortcut-src", work / "shortcut"
-    if not (dst / "dataset_info.json").is_file():
+    if not (dst / DATASET_INFO_FILE).is_file():  # a --work folder of an earlier run: its dataset again
         make_sample.main([str(src), "--shortcut", "--n-per-class", str(n_per_class), "--overwrite"])
         convert.main([str(src), str(dst), "--overwrite"])
     return str(dst)

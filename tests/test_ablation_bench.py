@@ -8,16 +8,32 @@ import pytest
 from tests.bench_support import run_bench
 
 
-
-def test_every_row_is_a_valid_config_and_the_label_free_prompt_has_no_label():
+def _ablation_module():
     import importlib.util
 
-    from megl_ray.config import load_config, packaged_config
     from tests.bench_support import ROOT
 
     spec = importlib.util.spec_from_file_location("ablation", ROOT / "bench" / "ablation.py")
     ablation = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablation)
+    return ablation
+
+
+def test_a_work_folder_with_a_converted_dataset_is_not_generated_again(tmp_path: Path, monkeypatch):
+    from megl_ray.data import make_sample
+    from megl_ray.data.schema import DATASET_INFO_FILE
+
+    ablation = _ablation_module()
+    (tmp_path / "shortcut").mkdir()
+    (tmp_path / "shortcut" / DATASET_INFO_FILE).write_text("{}")
+    monkeypatch.setattr(make_sample, "main", lambda argv: pytest.fail(f"generated again: {argv}"))
+    assert ablation.make_dataset(tmp_path, 80) == str(tmp_path / "shortcut")
+
+
+def test_every_row_is_a_valid_config_and_the_label_free_prompt_has_no_label():
+    from megl_ray.config import load_config, packaged_config
+
+    ablation = _ablation_module()
     assert set(ablation.DEFAULT_ROWS) <= set(ablation.ROWS) and ablation.DEFAULT_ROWS[0] == "ce"
     configs = {row: load_config(packaged_config("tiny"), overrides) for row, (_, overrides) in ablation.ROWS.items()}
     assert configs["ce"].loss.text_weight == configs["ce"].loss.visual_weight == 0
