@@ -23,7 +23,7 @@ ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 ARG DEEPSPEED_VERSION=0.19.8
 
-# DeepSpeed ops: none pre-built. The trainer hands DeepSpeed its own torch AdamW (megl_ray/optim.py) with ZeRO-2/3,
+# DeepSpeed ops: none pre-built. The trainer hands DeepSpeed its own torch AdamW (megl_ray/training/optim.py) with ZeRO-2/3,
 # bf16 and NCCL and no offload, so no DeepSpeed extension is loaded on GPU nodes; pre-building FUSED_ADAM, CPU_ADAM
 # or UTILS would add many minutes of nvcc to every build and hundreds of MB to the image for ops never used. A config
 # that needs one (ZeRO-Offload needs CPU_ADAM) JIT-compiles it once per node into TORCH_EXTENSIONS_DIR (nvcc and
@@ -43,7 +43,7 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
  && mkdir /home/ray/megl_ray
 
 # The project, installed from its source; the source stays here, the working directory of `ray start` and so of
-# every job, so `--config megl_ray/configs/<name>.yaml` resolves as it does in a checkout.
+# every job, so `--config megl_ray/config/presets/<name>.yaml` resolves as it does in a checkout.
 WORKDIR /home/ray/megl_ray
 COPY --chown=1000:100 . .
 RUN pip install --no-cache-dir . \

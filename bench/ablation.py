@@ -3,9 +3,9 @@
     python bench/ablation.py                       # bundled-style shortcut digits, 3 seeds, all rows
     python bench/ablation.py --data DATASET --seeds 5 --rows ce,megl,megl_rrr --out bench/results/my_ablation
 
-Each row × seed is one run of the real trainer, ``megl_ray.train.fit`` (Ray Train + DeepSpeed ZeRO-2, Ray Data),
+Each row × seed is one run of the real trainer, ``megl_ray.driver.fit.fit`` (Ray Train + DeepSpeed ZeRO-2, Ray Data),
 all on one Ray instance started once. Every exported model is then scored on the test split: accuracy, macro-F1,
-mIoU of Â against the ground-truth masks and BLEU-4 of greedy rationales (``megl_ray.metrics``). Without
+mIoU of Â against the ground-truth masks and BLEU-4 of greedy rationales (``megl_ray.evaluation.metrics``). Without
 ``--data`` the dataset is ``python -m megl_ray.data.make_sample --shortcut``: a dark square whose position encodes
 the label in train and val and is random in test, so test accuracy is *decoy-free* accuracy: what the classifier
 learnt from the digit itself. At the default size (80 per class) one seed of the 7 default rows takes ~13 minutes on
@@ -93,9 +93,9 @@ def score_export(export: str, data: str) -> dict[str, float | None]:
 
     from megl_ray.data.reader import read_split
     from megl_ray.data.schema import load_dataset_info
-    from megl_ray.evaluate import predict_in_process
-    from megl_ray.export import load_export
-    from megl_ray.metrics import ClassificationMetrics, SaliencyMetrics, bleu4
+    from megl_ray.evaluation.evaluate_run import predict_in_process
+    from megl_ray.model.export_io import load_export
+    from megl_ray.evaluation.metrics import ClassificationMetrics, SaliencyMetrics, bleu4
 
     info = load_dataset_info(data)
     table = read_split(data, "test", info)
@@ -112,7 +112,7 @@ def score_export(export: str, data: str) -> dict[str, float | None]:
 
 def run_one(row: str, seed: int, data: str, runs: Path, overrides: Sequence[str]) -> dict[str, Any]:
     from megl_ray.config import load_config, packaged_config
-    from megl_ray.train import fit
+    from megl_ray.driver.fit import fit
 
     name = f"{row}-s{seed}"
     cfg = load_config(packaged_config("tiny"), [*overrides, *ROWS[row][1], f"train.seed={seed}", f"data.uri={data}",
@@ -223,8 +223,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ray.shutdown()
     summary = summarise(records, rows)
     context = (f"Dataset: `{args.data or f'make_sample --shortcut --n-per-class {args.n_per_class}'}`; the tiny "
-               f"preset (`megl_ray/configs/tiny.yaml`) with overrides {list(args.overrides) or 'none'}; "
-               "seeds (train.seed = 0, 1, ...) per row as in the table; through `megl_ray.train.fit` (2 Ray Train "
+               f"preset (`megl_ray/config/presets/tiny.yaml`) with overrides {list(args.overrides) or 'none'}; "
+               "seeds (train.seed = 0, 1, ...) per row as in the table; through `megl_ray.driver.fit.fit` (2 Ray Train "
                "workers, DeepSpeed "
                "ZeRO-2, CPU). Test accuracy is decoy-free: the decoy's position is random in the test split. "
                "The paper's column is its ViT Table 4 accuracy on its own datasets, for the direction of each row.")

@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
     from megl_ray.data import make_sample
     from megl_ray.data.schema import load_dataset_info
     from megl_ray.model import build_megl_model
-    from megl_ray.train_local import make_batch
+    from megl_ray.training.local import make_batch
 
     work = Path(tempfile.mkdtemp(prefix="megl-bench-"))
     with storage.EmbeddedS3(work / "s3") as server:

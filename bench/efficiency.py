@@ -1,7 +1,7 @@
 """The paper's efficiency table (Table 5) at MEGL-R18's shapes, random init from config (no downloads):
 ResNet-18 at 224², CLIP ViT-L/14-336 (576 image tokens) and Qwen2-0.5B (``bench/gpu_step.py``'s shapes), LoRA-free.
 
-Rows as ``python -m megl_ray.evaluate --efficiency`` prints them for an export (``megl_ray.efficiency``): parameters,
+Rows as ``python -m megl_ray.evaluate --efficiency`` prints them for an export (``megl_ray.evaluation.efficiency``): parameters,
 per-image latency and images/s of classifier + saliency, and of classifier + saliency + a rationale of exactly
 ``--max-new-tokens`` tokens, at batch 1 and ``--batch``; warm-up calls, then the median of ``--repeats``. bf16 VLM on
 CUDA, fp32 on CPU (``--precision`` to change). ``--device cpu --tiny`` runs the same code at tiny shapes (CI smoke).
@@ -40,7 +40,7 @@ def build(tiny: bool):
     from gpu_step import _vlm  # the large-model shapes, one definition for both GPU benches
 
     from megl_ray.config import load_config, packaged_config
-    from megl_ray.export import Exported
+    from megl_ray.model.export_io import Exported
     from megl_ray.model import build_megl_model
 
     overrides = ["model.freeze_vision=true"]
@@ -56,8 +56,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from megl_ray.efficiency import format_efficiency, report
-    from megl_ray.inference import prepare_for_inference
+    from megl_ray.evaluation.efficiency import format_efficiency, report
+    from megl_ray.evaluation.inference import prepare_for_inference
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("efficiency: --device cuda but no CUDA device is visible (use --device cpu --tiny)", file=sys.stderr)

@@ -132,7 +132,7 @@ def megl_worker(config: dict) -> None:
     import ray.train
     import torch
 
-    from megl_ray.optim import build_optimizer, build_scheduler
+    from megl_ray.training.optim import build_optimizer, build_scheduler
     from megl_ray.training.ds_config import deepspeed_config
 
     device = config["device"]
@@ -189,7 +189,7 @@ def run_plain(args) -> dict:
     """The same model and batch: torch.autocast bf16 over fp32 weights, AdamW, no Ray, no DeepSpeed."""
     import torch
 
-    from megl_ray.optim import build_optimizer, build_scheduler, plain_step
+    from megl_ray.training.optim import build_optimizer, build_scheduler, plain_step
 
     device = args.device
     cfg, model, batch = build(args.tiny, args.batch, args.rationale_tokens)

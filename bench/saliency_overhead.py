@@ -27,7 +27,7 @@ from contextlib import nullcontext
 
 import torch
 
-from megl_ray import losses
+from megl_ray.model import losses
 from megl_ray.model.classifier import build_classifier
 from megl_ray.model.saliency import closed_form_cam, per_image_gradcam
 

@@ -1,4 +1,4 @@
-"""Does the step cost model (``megl_ray/training/cost_model.py``) predict what a second worker brings? Measured here:
+"""Does the step cost model (``megl_ray/planning/cost_model.py``) predict what a second worker brings? Measured here:
 
   1. calibration, no two-worker training in it: the median step time of ONE Ray Train + DeepSpeed worker (tiny
      MEGL model, its micro-batch), the gloo all-reduce of the model's gradient bytes and all-gather of its parameter
@@ -8,7 +8,7 @@
   2. the prediction of the model for 2 workers (``cost_model.cpu_throughput_ratio``): one worker's step slowed by
      the kernel's two-copy slowdown (1 on two free cores, 2 on one), plus the collectives;
   3. the measurement: 2 workers on one node, and 2 workers on two Ray nodes (``STRICT_SPREAD`` over a local
-     two-node cluster, ``megl_ray.training.local_cluster``), the same micro-batch each.
+     two-node cluster, ``megl_ray.cluster.local_cluster``), the same micro-batch each.
 
 ``measured_2w_vs_1w`` is samples/s of 2 workers ÷ samples/s of 1 (2 × t₁ / t₂); ``predicted_2w_vs_1w`` the model's.
 The last stdout line is one JSON object, with the model's per-node-count predictions for the GPU configurations of
@@ -75,7 +75,7 @@ def measure_collectives(grad_numel: int, param_numel: int, repeats: int) -> dict
     """gloo collectives of the model's sizes between two processes on this machine (one thread each)."""
     import torch.multiprocessing as mp
 
-    from megl_ray.training.local_cluster import free_port
+    from megl_ray.cluster.local_cluster import free_port
 
     out = tempfile.mktemp(suffix=".json")
     mp.spawn(_collective_worker, args=(free_port(), grad_numel, param_numel, repeats, out), nprocs=2, join=True)
@@ -157,9 +157,9 @@ def main(argv=None) -> dict:
     from megl_ray.data.schema import load_dataset_info
     from megl_ray.model import build_megl_model
     from megl_ray.model.vlm import load_tokenizer
-    from megl_ray.training import cost_model
-    from megl_ray.training.local_cluster import LocalCluster
-    from megl_ray.training.probe import run_distributed
+    from megl_ray.planning import cost_model
+    from megl_ray.cluster.local_cluster import LocalCluster
+    from megl_ray.probes.fixed_batch import run_distributed
 
     uri = bundled_dataset_uri()
     info = load_dataset_info(uri)

@@ -5,7 +5,7 @@
   ray_ds_vs_single  their ratio (target ≤ 1.5 on CPU)
 
 Both use the same fixed batches of the bundled dataset and the same model, optimizer and schedule (the probe in
-``megl_ray/training/probe.py``); step times are medians after two warm-up steps. The last stdout line is one JSON
+``megl_ray/probes/fixed_batch.py``); step times are medians after two warm-up steps. The last stdout line is one JSON
 object.
 
     python bench/train_overhead.py [--steps 12] [--batch 32] [--zero-stage 2]
@@ -39,7 +39,7 @@ def main(argv=None) -> dict:
     from megl_ray.data.reader import bundled_dataset_uri, read_split
     from megl_ray.data.schema import load_dataset_info
     from megl_ray.model.vlm import load_tokenizer
-    from megl_ray.training.probe import run_distributed, run_steps
+    from megl_ray.probes.fixed_batch import run_distributed, run_steps
 
     uri = bundled_dataset_uri()
     info = load_dataset_info(uri)

@@ -1,268 +1,17 @@
-"""Exported MEGL weights: what training leaves for evaluation and explanation, loadable without Ray or DeepSpeed.
-
-An export is a directory (local or ``s3://``):
-    model.safetensors   what training changed: every trainable tensor (classifier, projector, SDTG fusion, LoRA
-                        adapters), every buffer (prior Ā, BatchNorm statistics), and frozen parameters only when no
-                        base checkpoint named in the config holds them (the random-init tiny preset)
-    config.yaml         the resolved MEGLConfig the model was built from (it names the base checkpoints)
-    tokenizer/          the tokenizer (``save_pretrained``), which the tiny preset trained on the corpus
-    meta.json           classes, number of classes, format version, what produced it, ``omitted`` (how many
-                        frozen base tensors are left to the base checkpoints), ``standalone``
-    vlm_config.json     only in a standalone export: the VLM's architecture, so loading needs no base checkpoint
-
-Loading rebuilds the model from ``config.yaml`` (real presets load their base checkpoints from the paths in it) and
-then loads ``model.safetensors``; every tensor it lacks must be a frozen base tensor. safetensors holds tensors
-only, so loading never unpickles objects. Every file is checked where it is read (``check_export``, ``load_export``):
-a damaged or foreign export is one clear ``UserError`` naming the file, never a traceback from its parser. ``python -m megl_ray.export --merge SRC DST`` writes a standalone export:
-LoRA merged into the base weights, every tensor included, no base checkpoint needed.
-"""
+"""``python -m megl_ray.export --merge SRC DST``: rewrite a megl_ray export as a standalone one (LoRA adapters merged
+into the base weights, every tensor written, loadable without the base checkpoints). The last stdout line is one
+JSON object (see ``megl_ray.model.export_io`` for the export's layout)."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import shutil
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+import argparse
+import sys
+from typing import Any, Sequence
 
-import torch
-
-from megl_ray import safe_io
-from megl_ray.config import MEGLConfig, config_from_dict
-from megl_ray.errors import UserError
-
-FORMAT_VERSION = 1
-VLM_CONFIG_FILE = "vlm_config.json"
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.yaml"
-META_FILE = "meta.json"
-TOKENIZER_DIR = "tokenizer"
+from megl_ray.cli import ArgumentParser, run_cli, setup_logging
 
 
-@dataclass
-class Exported:
-    model: Any  # MEGLModel
-    config: MEGLConfig
-    classes: list[str]
-    meta: dict[str, Any]
-
-
-def base_prefixes(cfg: MEGLConfig) -> tuple[str, ...]:
-    """State-dict prefixes whose frozen parameters come from a base checkpoint the config names: the VLM of the
-    real presets. The classifier (≤ 90 MB) is always exported whole, so it loads without its base weights."""
-    return ("vlm.",) if cfg.model.preset in ("llava", "clip-qwen2") else ()
-
-
-def exported_names(model: Any, cfg: MEGLConfig, standalone: bool = False) -> set[str]:
-    """State-dict names an export holds (see the module docstring)."""
-    frozen_base = set() if standalone else {
-        name for name, p in model.named_parameters(remove_duplicate=False)
-        if not p.requires_grad and name.startswith(base_prefixes(cfg))}
-    return {name for name in model.state_dict(keep_vars=True) if name not in frozen_base}
-
-
-def exported_state(model: Any, cfg: MEGLConfig, gather: Callable | None = None, keep: bool = True,
-                   standalone: bool = False) -> dict[str, torch.Tensor] | None:
-    """The tensors of an export, on CPU. ``gather(params)``, for ZeRO-3, is a context manager that materialises
-    partitioned parameters: it is entered module by module (every rank, collectively) and only for tensors the
-    export holds, so a frozen 7B base is never gathered and no more than one module is whole at a time. Ranks
-    with ``keep=False`` take part in the gathers and return None."""
-    names = exported_names(model, cfg, standalone)
-    by_param: dict[int, list[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if name in names:
-            by_param.setdefault(id(tensor), []).append(name)
-    state: dict[str, torch.Tensor] = {}
-    for _, module in model.named_modules():
-        params = [p for _, p in module.named_parameters(recurse=False) if id(p) in by_param]
-        tensors = params + [b for _, b in module.named_buffers(recurse=False) if id(b) in by_param]
-        if not tensors:
-            continue
-        with gather(params) if gather is not None and params else contextlib.nullcontext():
-            if keep:
-                for tensor in tensors:
-                    for name in by_param[id(tensor)]:
-                        # clone(): tied or shared storages cannot be saved as separate safetensors entries
-                        state[name] = tensor.detach().cpu().contiguous().clone()
-    return state if keep else None
-
-
-def save_export(model: Any, cfg: MEGLConfig, classes: list[str], dst: str, extra: dict[str, Any] | None = None,
-                state: dict[str, torch.Tensor] | None = None, standalone: bool = False) -> str:
-    """Write ``model`` (a MEGLModel) as an export to a local directory or ``s3://`` prefix; returns ``dst``.
-    ``state`` (from ``exported_state``) is used when given, e.g. gathered from ZeRO-3 shards."""
-    from safetensors.torch import save_file
-
-    if state is None:
-        state = exported_state(model, cfg, standalone=standalone)
-    with tempfile.TemporaryDirectory(prefix="megl-export-") as tmp:
-        root = Path(tmp)
-        save_file(state, str(root / WEIGHTS_FILE))
-        (root / CONFIG_FILE).write_text(cfg.to_yaml())
-        model.tokenizer.save_pretrained(str(root / TOKENIZER_DIR))
-        if standalone:
-            (root / VLM_CONFIG_FILE).write_text(model.vlm.config.to_json_string())
-        omitted = len(set(model.state_dict(keep_vars=True)) - set(state))
-        meta = {"format_version": FORMAT_VERSION, "classes": list(classes), "num_classes": len(classes),
-                "omitted": omitted, "standalone": standalone,
-                # the decode side (classifier's or vision tower's, the larger): what a classifier-only reader needs
-                "pixel_size": int(getattr(model, "pixel_size", cfg.model.image_size)), **(extra or {})}
-        (root / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        if dst.startswith("s3://"):
-            from megl_ray import storage
-
-            storage.upload(str(root), dst)
-        else:
-            out = Path(dst)
-            out.mkdir(parents=True, exist_ok=True)
-            for item in root.iterdir():
-                target = out / item.name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                shutil.move(str(item), str(target))
-    return dst
-
-
-def _standalone_vlm(root: Path, cfg: MEGLConfig, tokenizer: Any) -> Any:
-    """The VLM of a standalone export: its architecture from ``vlm_config.json``, weights from the export."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    from megl_ray.model.vlm import VLMBundle, _num_image_tokens, set_memory_options
-
-    config = LlavaConfig.from_json_file(str(root / VLM_CONFIG_FILE))
-    model = LlavaForConditionalGeneration(config)
-    set_memory_options(model, cfg.model)
-    return VLMBundle(model, tokenizer, config.image_token_id, _num_image_tokens(config),
-                     config.vision_config.image_size)
-
-
-def _read_meta(root: Path, uri: str) -> dict[str, Any]:
-    try:
-        meta = json.loads(safe_io.read_text(root / META_FILE, safe_io.TEXT_LIMIT, META_FILE))
-    except safe_io.FileProblem as problem:
-        raise UserError(f"{uri}: {problem.detail}") from None
-    except (ValueError, RecursionError) as err:
-        raise UserError(f"{uri}: {META_FILE} is not valid JSON ({str(err)[:120] or type(err).__name__})") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{uri}: {META_FILE} must hold a JSON object, got {type(meta).__name__}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{uri}: export format {meta.get('format_version')!r} is not supported ({FORMAT_VERSION})")
-    classes, num = meta.get("classes"), meta.get("num_classes")
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
-        raise UserError(f"{uri}: {META_FILE} 'classes' must be a non-empty list of names")
-    if not isinstance(num, int) or isinstance(num, bool) or num != len(classes):
-        raise UserError(f"{uri}: {META_FILE} 'num_classes' is {num!r}, but 'classes' names {len(classes)}")
-    return meta
-
-
-def check_export(uri: str) -> tuple[Path, dict[str, Any]]:
-    """(local directory, validated ``meta.json``) of an export, without building the model."""
-    from megl_ray.model.checkpoint_io import local_dir
-
-    root = local_dir(uri)
-    missing = [name for name in (WEIGHTS_FILE, CONFIG_FILE, META_FILE, TOKENIZER_DIR) if not (root / name).exists()]
-    if missing:
-        raise UserError(f"{uri} is not a megl_ray export (missing {', '.join(missing)})")
-    return root, _read_meta(root, uri)
-
-
-def load_export_config(root: Path, uri: str) -> MEGLConfig:
-    """The export's validated ``config.yaml`` (a ``UserError`` naming the file otherwise)."""
-    from megl_ray.strict_yaml import load_yaml_file
-
-    try:
-        return config_from_dict(load_yaml_file(root / CONFIG_FILE, CONFIG_FILE))
-    except UserError as err:
-        raise UserError(f"{uri}: {CONFIG_FILE}: {err}") from None
-
-
-def _load_tokenizer(root: Path, uri: str) -> Any:
-    from transformers import AutoTokenizer
-
-    path = root / TOKENIZER_DIR
-    if not path.is_dir() or not any(path.iterdir()):
-        raise UserError(f"{uri}: {TOKENIZER_DIR}/ is empty or not a directory (no saved tokenizer)")
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:  # what transformers raises on bad files
-        raise UserError(f"{uri}: cannot load {TOKENIZER_DIR}/: {str(err).splitlines()[0][:200]}") from None
-
-
-def _load_weights(root: Path, uri: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        safe_io.check_regular_file(root / WEIGHTS_FILE, WEIGHTS_FILE)
-        return load_file(str(root / WEIGHTS_FILE))
-    except safe_io.FileProblem as problem:
-        raise UserError(f"{uri}: {problem.detail}") from None
-    except (SafetensorError, OSError, ValueError) as err:  # truncated, corrupt header, not safetensors at all
-        raise UserError(f"{uri}: {WEIGHTS_FILE} is not a readable safetensors file ({str(err)[:200]})") from None
-
-
-def load_export(uri: str, device: str | torch.device = "cpu") -> Exported:
-    """Rebuild the MEGL model of an export; clear one-line errors for a missing, damaged or foreign directory."""
-    from megl_ray.model import build_megl_model
-
-    root, meta = check_export(uri)
-    cfg = load_export_config(root, uri)
-    standalone = bool(meta.get("standalone"))
-    # Evaluation runs in fp32: a 16-bit frozen tower would need autocast around every caller.
-    build_cfg = config_from_dict(cfg.to_dict(), ["train.precision=fp32", "model.classifier_weights=null"])
-    tokenizer = _load_tokenizer(root, uri)
-    state = _load_weights(root, uri)
-    try:
-        vlm = _standalone_vlm(root, build_cfg, tokenizer) if standalone else None
-    except (OSError, ValueError) as err:  # a missing or corrupt vlm_config.json
-        raise UserError(f"{uri}: cannot read {VLM_CONFIG_FILE}: {str(err).splitlines()[0][:200]}") from None
-    model = build_megl_model(build_cfg, int(meta["num_classes"]), tokenizer=tokenizer, prior=state.get("prior"),
-                             vlm=vlm)
-    own = model.state_dict()
-    mismatched = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
-    unexpected = sorted(set(state) - set(own))
-    absent = sorted(exported_names(model, cfg, standalone) - set(state))
-    if mismatched or unexpected or absent:
-        raise UserError(f"{uri}: weights do not fit the model its config builds (shape mismatch {mismatched[:3]}, "
-                        f"unexpected {unexpected[:3]}, missing {absent[:3]})")
-    model.load_state_dict(state, strict=False)
-    model.to(device).eval()
-    return Exported(model=model, config=cfg, classes=list(meta["classes"]), meta=meta)
-
-
-def merge_lora(model: Any) -> int:
-    """Fold every LoRA adapter into its base layer (W + B·A·scale) and put the base layer back; returns how many."""
-    from peft.tuners.lora import LoraLayer
-
-    merged = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
-            merged += 1
-    return merged
-
-
-def merge_export(src: str, dst: str) -> dict[str, Any]:
-    """A standalone export from ``src``: LoRA merged, every tensor written, loadable without base checkpoints."""
-    exported = load_export(src)
-    model, cfg = exported.model, exported.config
-    merged = merge_lora(model)
-    merged_cfg = config_from_dict(cfg.to_dict(), ["model.lora_r=0"])
-    model.cfg = merged_cfg.model
-    save_export(model, merged_cfg, exported.classes, dst, standalone=True,
-                extra={k: v for k, v in exported.meta.items()
-                       if k not in ("format_version", "classes", "num_classes", "omitted", "standalone")})
-    return {"export": dst, "source": src, "merged_lora_layers": merged,
-            "tensors": len(model.state_dict()), "standalone": True}
-
-
-def build_parser():
-    from megl_ray.cli import ArgumentParser
-
+def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m megl_ray.export", description="Rewrite a megl_ray export.")
     p.add_argument("--merge", action="store_true", required=True,
                    help="merge LoRA adapters into the base weights and write a standalone export")
@@ -271,15 +20,14 @@ def build_parser():
     return p
 
 
-def main(argv: Any = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    # Lazy: torch, transformers and peft load only once the arguments are understood (`--help` answers at once).
+    from megl_ray.model.export_io import merge_export
+
     return merge_export(args.src, args.dst)
 
 
 if __name__ == "__main__":
-    import sys
-
-    from megl_ray.cli import run_cli, setup_logging
-
     setup_logging()
     sys.exit(run_cli("megl_ray.export", main))

@@ -37,7 +37,7 @@ os.environ.setdefault("MEGL_SAMPLE_DIR", _small_sample())
 def _keep_idle_ray_workers() -> None:
     """The tests' own ``ray.init(num_cpus=2)`` instances get the raylet settings of the project's (they inherit this
     environment): task workers survive between epochs instead of a new process per Ray Data task."""
-    from megl_ray.training.ray_env import worker_pool_env
+    from megl_ray.cluster.ray_env import worker_pool_env
 
     for key, value in worker_pool_env().items():
         os.environ.setdefault(key, value)
@@ -51,8 +51,8 @@ def _local_ray_undone():
     """A module's in-process ``ray.init()`` (a local instance) switches the whole process to Ray's token
     authentication, and ``ray.shutdown()`` does not switch it back: a later module's driver joining the two-node
     cluster (started without tokens) would refuse its workers' calls and wait forever for its first Ray Data
-    execution (``megl_ray.training.ray_env``). Undone at the end of every module, after its own Ray fixtures."""
-    from megl_ray.training.ray_env import local_ray_undone
+    execution (``megl_ray.cluster.ray_env``). Undone at the end of every module, after its own Ray fixtures."""
+    from megl_ray.cluster.ray_env import local_ray_undone
 
     with local_ray_undone(("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")):
         yield
@@ -74,13 +74,13 @@ def embedded_s3(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_node_cluster(embedded_s3, tmp_path_factory):
-    """A real two-node Ray cluster on 127.0.0.1 (``megl_ray.training.local_cluster``): a head with 2 CPUs and the
+    """A real two-node Ray cluster on 127.0.0.1 (``megl_ray.cluster.local_cluster``): a head with 2 CPUs and the
     custom resource ``node_a``, a worker node with 1 CPU and ``node_b``, small object stores, their own ports and
     temp dirs; every node reaches the embedded S3 server. Tests may kill and add nodes (``cluster.kill``/``add_node``);
     every process group started is killed at the end (other Ray instances on the machine are left alone)."""
     from pathlib import Path
 
-    from megl_ray.training.local_cluster import LocalCluster
+    from megl_ray.cluster.local_cluster import LocalCluster
 
     repo = Path(__file__).resolve().parents[1]
     env = {**embedded_s3.env(), "DS_ACCELERATOR": "cpu",

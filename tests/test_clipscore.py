@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from megl_ray.clipscore import CLIP_SCORE_WEIGHT, CLIPScorer, corpus_clip_score
+from megl_ray.evaluation.clipscore import CLIP_SCORE_WEIGHT, CLIPScorer, corpus_clip_score
 from megl_ray.errors import UserError
 from tests.tiny_clip import SENTENCES, save_tiny_clip
 

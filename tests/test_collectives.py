@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import pytest
 
-from megl_ray.metrics import ClassificationMetrics, SaliencyMetrics
+from megl_ray.evaluation.metrics import ClassificationMetrics, SaliencyMetrics
 from megl_ray.training.collectives import all_gather_ids, all_reduce_sums, route_metric_sync
 
 

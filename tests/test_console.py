@@ -1,4 +1,4 @@
-"""megl_ray.training.console: which of Ray's forwarded lines are dropped (routine ones only) and that the filter wraps
+"""megl_ray.reporting.console: which of Ray's forwarded lines are dropped (routine ones only) and that the filter wraps
 Ray's printer without losing anything else. Lines below were printed by a real 2-worker run of the tiny preset."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from megl_ray.training import console
+from megl_ray.reporting import console
 
 ROUTINE = [
     "Checkpoint successfully created at: Checkpoint(filesystem=s3, path=megl/runs/base1/checkpoint_2026-12-01)",

@@ -1,4 +1,4 @@
-"""The step cost model (``megl_ray.training.cost_model``): its arithmetic by hand, and docs/scaling.md = its output."""
+"""The step cost model (``megl_ray.planning.cost_model``): its arithmetic by hand, and docs/scaling.md = its output."""
 
 import re
 from dataclasses import replace
@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from megl_ray.training import cost_model
-from megl_ray.training.cost_model import (
+from megl_ray.planning import cost_model
+from megl_ray.planning.cost_model import (
     CpuCalibration, Hardware, comm_bytes_per_gpu, cpu_compute_slowdown, cpu_step_prediction, cpu_throughput_ratio, step_cost, step_flops)
-from megl_ray.training.memory_model import PRESETS, ModelShape, Setup, TransformerShape, memory_per_gpu
+from megl_ray.planning.memory_model import PRESETS, ModelShape, Setup, TransformerShape, memory_per_gpu
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "scaling.md"
 VISION = TransformerShape(layers=2, hidden=8, intermediate=16, heads=2, gated_mlp=False)

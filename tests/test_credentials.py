@@ -3,7 +3,7 @@
 import os
 import stat
 
-from megl_ray.training.credentials import credentials_file, load_credentials, public_env
+from megl_ray.cluster.credentials import credentials_file, load_credentials, public_env
 
 
 def test_forwarded_settings_carry_no_credentials():
@@ -28,7 +28,7 @@ def test_the_credentials_file_is_private_temporary_and_fills_in_only_what_is_mis
 def test_tune_trials_get_no_credentials_in_their_runtime_env(monkeypatch):
     from ray.tune.execution import class_cache
 
-    from megl_ray.training.credentials import INHERIT_VAR, keep_tune_from_logging_credentials
+    from megl_ray.cluster.credentials import INHERIT_VAR, keep_tune_from_logging_credentials
 
     monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", set(class_cache.ENV_VARS_TO_PROPAGATE))
     monkeypatch.setenv(INHERIT_VAR, "1")

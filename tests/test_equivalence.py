@@ -10,7 +10,7 @@ from megl_ray.config import load_config, packaged_config  # noqa: E402
 from megl_ray.data.reader import bundled_dataset_uri, read_split  # noqa: E402
 from megl_ray.data.schema import load_dataset_info  # noqa: E402
 from megl_ray.model.vlm import load_tokenizer  # noqa: E402
-from megl_ray.training.probe import run_distributed, run_steps  # noqa: E402
+from megl_ray.probes.fixed_batch import run_distributed, run_steps  # noqa: E402
 
 pytestmark = pytest.mark.slow
 STEPS = 4

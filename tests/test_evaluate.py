@@ -56,7 +56,7 @@ def test_cli_prints_every_key_and_writes_the_json(export, data_uri, tmp_path):
     assert result["max_new_tokens"] == 8 and [p["device"] for p in result["placement"]] == ["cpu"]
     # without --clip-path CLIPScore is null and says why; SPICE is null with its reason unless CoreNLP is installed
     assert result["clip_score"] is None and "--clip-path" in result["not_computed"]["clip_score"]
-    from megl_ray.spice import spice_status
+    from megl_ray.evaluation.spice import spice_status
     assert (result["spice"] is None) == (spice_status() is not None)
     assert result["spice"] is not None or result["not_computed"]["spice"] == spice_status()
     assert result["meteor"] is not None or shutil.which("java") is None
@@ -162,7 +162,7 @@ def test_a_bad_input_through_a_subprocess_has_no_traceback(tmp_path):
 
 
 def test_efficiency_prints_the_table_and_the_json(export, tmp_path, capsys):
-    from megl_ray.export import load_export
+    from megl_ray.model.export_io import load_export
 
     code, out, err = _run(["--efficiency", "--checkpoint", export, "--batch-size", "3", "--warmup", "1",
                            "--repeats", "2", "--max-new-tokens", "5", "--out", str(tmp_path / "eff.json")], capsys)
@@ -188,7 +188,7 @@ def test_efficiency_prints_the_table_and_the_json(export, tmp_path, capsys):
 
 def test_actor_pool_follows_the_cluster_gpus():
     from megl_ray.errors import UserError
-    from megl_ray.evaluate import plan_actors
+    from megl_ray.evaluation.evaluate_run import plan_actors
 
     gpu_cluster, cpu_cluster = {"CPU": 64.0, "GPU": 8.0}, {"CPU": 16.0}
     assert plan_actors(None, "auto", 10_000, gpu_cluster) == (8, True)  # one actor per GPU, not per core
@@ -204,7 +204,7 @@ def test_actor_pool_follows_the_cluster_gpus():
 def test_the_actor_resolves_the_device_itself(export):
     import torch
 
-    from megl_ray.evaluate import Predictor
+    from megl_ray.evaluation.evaluate_run import Predictor
 
     actor = Predictor(export, "auto", "auto", None, 64, 1, 4)
     assert actor.error is None and actor.placement.device == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -5,7 +5,7 @@ import torch
 
 from megl_ray.config import load_config, packaged_config
 from megl_ray.errors import UserError
-from megl_ray.export import load_export, save_export
+from megl_ray.model.export_io import load_export, save_export
 from megl_ray.model import build_megl_model
 from tests.toy import CLASS_NAMES, corpus, make_batch
 

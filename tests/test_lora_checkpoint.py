@@ -24,7 +24,7 @@ def _engine(cfg, num_classes, tokenizer, prior):
     import deepspeed
 
     from megl_ray.model import build_megl_model
-    from megl_ray.optim import build_optimizer, build_scheduler
+    from megl_ray.training.optim import build_optimizer, build_scheduler
     from megl_ray.training.ds_config import deepspeed_config
 
     torch.manual_seed(cfg.train.seed)
@@ -86,9 +86,9 @@ def _accuracy(model, cfg, uri, info):
 def test_lora_checkpoint_excludes_frozen_tensors_resumes_exactly_and_exports_what_changed(distributed, tmp_path):
     from megl_ray.data.reader import bundled_dataset_uri, read_split
     from megl_ray.data.schema import load_dataset_info
-    from megl_ray.export import exported_state, load_export, save_export
+    from megl_ray.model.export_io import exported_state, load_export, save_export
     from megl_ray.model.vlm import load_tokenizer
-    from megl_ray.train_local import make_batch
+    from megl_ray.training.local import make_batch
     from megl_ray.training.worker import TrainState, load_checkpoint, save_checkpoint
     from tests.base_models import make_clip_qwen2_base
 

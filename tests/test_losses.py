@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from megl_ray import losses
+from megl_ray.model import losses
 from megl_ray.config import LossConfig
 
 

@@ -73,7 +73,7 @@ def test_forward_reports_every_term_and_total_matches_equation():
     model.train()
     out = model(**batch, full_logits=True)
     assert set(out.terms) == {"loss", "ce", "text", "visual", "dc"}
-    from megl_ray import losses
+    from megl_ray.model import losses
     ce = losses.classification_loss(out.logits, batch["labels"])
     text = losses.text_loss(out.text_logits, batch["text_labels"])
     vis = losses.visual_loss(out.saliency, batch["masks"])

@@ -4,7 +4,7 @@ device, no weights) and the accounting rules of ZeRO stages, precision, checkpoi
 import pytest
 import torch
 
-from megl_ray.training.memory_model import (CLIP_L_336, GIB, PRESETS, QWEN2_0_5B, VICUNA_7B, Setup,
+from megl_ray.planning.memory_model import (CLIP_L_336, GIB, PRESETS, QWEN2_0_5B, VICUNA_7B, Setup,
                                             TransformerShape, memory_per_gpu, table)
 
 
@@ -70,7 +70,7 @@ def test_lora_parameter_count_matches_peft():
 def test_readme_7b_table_is_the_one_the_model_computes():
     from pathlib import Path
 
-    from megl_ray.training.memory_model import markdown_7b
+    from megl_ray.planning.memory_model import markdown_7b
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert markdown_7b() in readme

@@ -1,4 +1,4 @@
-"""Every metric of megl_ray.metrics against a hand computation or the reference library, on tiny fixed examples."""
+"""Every metric of megl_ray.evaluation.metrics against a hand computation or the reference library, on tiny fixed examples."""
 
 import logging
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from megl_ray import metrics as M
+from megl_ray.evaluation import metrics as M
 
 # --------------------------------------------------------------------------------------------- classification
 
@@ -153,7 +153,7 @@ def test_meteor_is_pycocoevalcap_meteor():
 
 def test_meteor_without_java_is_null_with_a_warning(monkeypatch, caplog):
     monkeypatch.setattr(M.shutil, "which", lambda name: None)
-    with caplog.at_level(logging.WARNING, logger="megl_ray.metrics"):
+    with caplog.at_level(logging.WARNING, logger="megl_ray.evaluation.metrics"):
         assert M.meteor(HYPS, REFS) is None
     assert "java not found" in caplog.text
 

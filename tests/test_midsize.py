@@ -16,7 +16,7 @@ def test_midsize_zero3_bf16_lora_checkpointing_trains_partitions_and_resumes_exa
     from megl_ray.data.reader import bundled_dataset_uri, read_split
     from megl_ray.data.schema import load_dataset_info
     from megl_ray.model.vlm import load_tokenizer
-    from megl_ray.training.resume_probe import run_resume_probe
+    from megl_ray.probes.resume import run_resume_probe
 
     uri = bundled_dataset_uri()
     info = load_dataset_info(uri)

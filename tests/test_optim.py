@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megl_ray.config import OptimConfig, load_config
-from megl_ray.optim import build_optimizer, build_scheduler, lr_factor, param_groups, plain_step
+from megl_ray.training.optim import build_optimizer, build_scheduler, lr_factor, param_groups, plain_step
 from megl_ray.training.ds_config import deepspeed_config, global_batch_size
 
 

@@ -1,11 +1,11 @@
-"""megl_ray.training.pictures: curves.png from a run's history, and the closing lines that name the pictures."""
+"""megl_ray.reporting.pictures: curves.png from a run's history, and the closing lines that name the pictures."""
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
-from megl_ray.training.pictures import closing_lines, draw_curves
+from megl_ray.reporting.pictures import closing_lines, draw_curves
 
 
 def test_curves_png_has_both_panels_from_a_history(tmp_path):

@@ -134,7 +134,7 @@ def test_pipeline_module_is_the_only_data_module_importing_ray():
     import subprocess
     import sys
     code = ("import sys; import megl_ray.data.schema, megl_ray.data.convert, megl_ray.data.transforms, "
-            "megl_ray.data.reader, megl_ray.data.make_sample, megl_ray.model, megl_ray.losses; "
+            "megl_ray.data.reader, megl_ray.data.make_sample, megl_ray.model, megl_ray.model.losses; "
             "assert 'ray' not in sys.modules, [m for m in sys.modules if m.startswith('ray')]")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 

@@ -1,10 +1,10 @@
-"""``megl_ray.training.placement``: which nodes can host a worker, and the node-local storage check (no Ray)."""
+"""``megl_ray.cluster.placement``: which nodes can host a worker, and the node-local storage check (no Ray)."""
 
 import pytest
 
 from megl_ray.config import load_config, packaged_config
 from megl_ray.errors import ConfigError, UserError
-from megl_ray.training.placement import check_run_storage, nodes_that_fit
+from megl_ray.cluster.placement import check_run_storage, nodes_that_fit
 
 NODES = [{"NodeID": "head", "Alive": True, "Resources": {"CPU": 2.0, "node_a": 1.0}},
          {"NodeID": "b", "Alive": True, "Resources": {"CPU": 1.0, "node_b": 1.0}},

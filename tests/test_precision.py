@@ -8,7 +8,7 @@ import tempfile
 import pytest
 import torch
 
-from megl_ray import losses
+from megl_ray.model import losses
 from megl_ray.config import config_from_dict, load_config, packaged_config
 from megl_ray.model import build_megl_model
 from megl_ray.model.precision import is_norm
@@ -59,7 +59,7 @@ def test_bf16_under_zero2_and_zero3_matches_fp32_for_groupnorm_and_batchnorm(ray
     from megl_ray.data.reader import bundled_dataset_uri, read_split
     from megl_ray.data.schema import load_dataset_info
     from megl_ray.model.vlm import load_tokenizer
-    from megl_ray.training.probe import run_distributed
+    from megl_ray.probes.fixed_batch import run_distributed
 
     uri = bundled_dataset_uri()
     info = load_dataset_info(uri)

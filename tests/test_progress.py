@@ -1,10 +1,10 @@
-"""megl_ray.training.progress: rank 0's events (what, when) and the driver's display of them, without Ray."""
+"""megl_ray.reporting.progress: rank 0's events (what, when) and the driver's display of them, without Ray."""
 
 from __future__ import annotations
 
 import io
 
-from megl_ray.training.progress import ConsoleDisplay, Progress, ProgressBoard
+from megl_ray.reporting.progress import ConsoleDisplay, Progress, ProgressBoard
 
 
 class _Remote:

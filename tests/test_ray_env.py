@@ -1,4 +1,4 @@
-"""A local Ray's token authentication does not outlive it (``megl_ray.training.ray_env``)."""
+"""A local Ray's token authentication does not outlive it (``megl_ray.cluster.ray_env``)."""
 
 import os
 import tempfile
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from megl_ray.training import ray_env
+from megl_ray.cluster import ray_env
 
 
 def test_restore_puts_variables_back_and_refreshes_ray_only_when_auth_changed(monkeypatch):

@@ -2,7 +2,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
-from megl_ray.retrying_fs import RetryingHandler, StorageUnavailableError, is_transient, retrying
+from megl_ray.storage.retrying_fs import RetryingHandler, StorageUnavailableError, is_transient, retrying
 
 
 class Flaky(pafs.FileSystemHandler):

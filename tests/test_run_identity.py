@@ -4,8 +4,8 @@ import pytest
 
 from megl_ray.config import load_config, packaged_config
 from megl_ray.errors import UserError
-from megl_ray.training import run_identity
-from megl_ray.training.run_identity import check_run, differing_keys, fingerprint, fresh_name, name_given
+from megl_ray.driver import run_identity
+from megl_ray.driver.run_identity import check_run, differing_keys, fingerprint, fresh_name, name_given
 
 
 def _cfg(*overrides):

@@ -1,10 +1,10 @@
-"""``megl_ray.safe_io``: bounded reads of regular files only, and path confinement."""
+"""``megl_ray.config.safe_io``: bounded reads of regular files only, and path confinement."""
 
 import os
 
 import pytest
 
-from megl_ray import safe_io
+from megl_ray.config import safe_io
 
 
 def test_read_bytes_refuses_fifos_directories_and_oversized_files_before_reading(tmp_path):

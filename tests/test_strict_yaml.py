@@ -1,9 +1,9 @@
-"""``megl_ray.strict_yaml``: duplicate keys, alias bombs and deep nesting are one-line errors."""
+"""``megl_ray.config.strict_yaml``: duplicate keys, alias bombs and deep nesting are one-line errors."""
 
 import pytest
 
 from megl_ray.errors import ConfigError
-from megl_ray.strict_yaml import parse_yaml
+from megl_ray.config.strict_yaml import parse_yaml
 
 
 def test_strict_yaml():

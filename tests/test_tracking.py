@@ -1,4 +1,4 @@
-"""megl_ray.training.tracking, and what a user of ``python -m megl_ray.train`` sees: one real training run of the
+"""megl_ray.reporting.tracking, and what a user of ``python -m megl_ray.train`` sees: one real training run of the
 tiny preset (2 workers, 9 steps) tracked at once by TensorBoard, a real ``mlflow server`` on 127.0.0.1 and W&B in
 offline mode serves the slow tests — read back through ``MlflowClient`` and W&B's offline run file — together with
 its console (line budget) and its pictures (curves.png, a gallery that renders in headless Chromium)."""
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from megl_ray.config import load_config
-from megl_ray.training import tracking
+from megl_ray.reporting import tracking
 from tests.tracking_support import mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]

@@ -185,7 +185,7 @@ def test_re_runs_carved_validation_and_no_secret_at_rest(tmp_path, capsys, monke
     from megl_ray import storage
     from megl_ray.data import convert
     from megl_ray.data.sample import sample_dataset_path
-    from megl_ray.training.embedded import embedded_store_for
+    from megl_ray.storage.embedded_home import embedded_store_for
 
     for var in ("MEGL_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_ADDRESS"):

@@ -172,7 +172,7 @@ def test_a_bad_space_or_option_is_one_clear_line(tmp_path, capsys):
 
 
 def test_concurrency_fits_the_cluster():
-    from megl_ray.tune import max_concurrent_trials
+    from megl_ray.tuning.sweep import max_concurrent_trials
 
     one = load_config(TINY)
     two = load_config(TINY, ["train.num_workers=2"])
@@ -188,7 +188,7 @@ def test_concurrency_fits_the_cluster():
 def test_asha_rungs_survive_a_restart(tmp_path):
     from types import SimpleNamespace
 
-    from megl_ray.tune_hooks import ResumableASHA
+    from megl_ray.tuning.hooks import ResumableASHA
 
     def asha():
         return ResumableASHA(str(tmp_path / "asha_state.yaml"), time_attr="epoch", max_t=4, grace_period=1,
@@ -209,7 +209,7 @@ def test_asha_rungs_survive_a_restart(tmp_path):
 
 def test_a_trial_must_leave_a_cpu_to_ray_data():
     from megl_ray.errors import UserError
-    from megl_ray.tune import _check_cpus
+    from megl_ray.tuning.sweep import _check_cpus
 
     _check_cpus({"CPU": 2.0}, load_config(TINY, ["train.num_workers=2"]))
     with pytest.raises(UserError, match="train.num_workers=3 needs 1.5 CPUs plus 1 for data, the cluster has 2"):
@@ -221,7 +221,7 @@ def test_asha_lets_a_trial_in_its_last_epoch_finish_by_itself(tmp_path):
     tracking run: the last epoch is recorded on its rung but always continues."""
     from types import SimpleNamespace
 
-    from megl_ray.tune_hooks import ResumableASHA
+    from megl_ray.tuning.hooks import ResumableASHA
 
     asha = ResumableASHA(str(tmp_path / "asha_state.yaml"), time_attr="epoch", max_t=2, grace_period=1,
                          reduction_factor=2, metric="val_accuracy", mode="max")

@@ -6,7 +6,7 @@ import pytest
 from ray import tune
 
 from megl_ray.config import MEGLConfig, load_config
-from megl_ray.tune_space import SpaceError, apply_values, load_space, parse_space
+from megl_ray.tuning.space import SpaceError, apply_values, load_space, parse_space
 
 REPO = Path(__file__).resolve().parents[1]
 SPACES = sorted((REPO / "tune_spaces").glob("*.yaml"))

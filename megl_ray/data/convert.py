@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from megl_ray import safe_io
+from megl_ray.config import safe_io
 from megl_ray.cli import ArgumentParser, run_cli
 from megl_ray.data import schema
 from megl_ray.data.schema import SPLITS, Invalid, JsonObject

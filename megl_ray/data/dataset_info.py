@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from megl_ray import safe_io
+from megl_ray.config import safe_io
 from megl_ray.errors import UserError
 
 FORMAT_VERSION = 1
@@ -152,7 +152,7 @@ def load_dataset_info(uri: str) -> DatasetInfo:
             f"no {DATASET_INFO_FILE} at {uri} (not a converted dataset, or its conversion did not finish)"
         ) from None
     except (OSError, UnicodeDecodeError) as err:
-        from megl_ray.retrying_fs import is_transient
+        from megl_ray.storage.retrying_fs import is_transient
 
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         if is_transient(err):

@@ -28,7 +28,7 @@ from ray.data.expressions import col
 from megl_ray.data.reader import split_paths
 from megl_ray.data.schema import DatasetInfo, load_dataset_info
 from megl_ray.data.transforms import model_batch, preprocess_rows
-from megl_ray.retrying_fs import retrying
+from megl_ray.storage.retrying_fs import retrying
 
 # Each worker's read also retries these (on top of pyarrow's own S3 retries): a restarting S3-compatible server
 # answers with connection errors for a few seconds.
@@ -73,7 +73,7 @@ def build_dataset(uri: str, split: str, *, tokenizer: Any, image_size: int, max_
     """
     configure_data_context()
     info = info or load_dataset_info(uri)
-    from megl_ray.training.credentials import workers_inherit_env
+    from megl_ray.cluster.credentials import workers_inherit_env
 
     # Ray pickles the filesystem into its read tasks: no credentials inside when those inherit them
     fs, paths = split_paths(uri, info, split, embed_credentials=not workers_inherit_env())

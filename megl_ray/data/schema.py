@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
-from megl_ray import safe_io
+from megl_ray.config import safe_io
 from megl_ray.data.dataset_info import (  # noqa: F401 - the format's names, importable from here as before
     DATASET_INFO_FILE,
     FORMAT_VERSION,

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from megl_ray import safe_io
+from megl_ray.config import safe_io
 from megl_ray.storage.errors import BucketNotFoundError, InvalidURIError, NotFoundError, StorageError
 from megl_ray.storage.s3 import S3Options, _call, boto3_client
 from megl_ray.storage.uri import _dir_prefix, _join, _local_path, _safe_target, is_s3, split_s3

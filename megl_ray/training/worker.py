@@ -22,12 +22,13 @@ import torch
 
 from megl_ray.config import MEGLConfig, config_from_dict
 from megl_ray.errors import ConfigError
-from megl_ray.losses import visual_ramp
-from megl_ray.training.console import configure_worker
-from megl_ray.training.progress import Progress
+from megl_ray.model.losses import visual_ramp
+from megl_ray.reporting.console import configure_worker
+from megl_ray.reporting.progress import Progress
 from megl_ray.training.accounting import (Accounting, FaultHook, epoch_seed, epoch_share, planned_steps,
                                           steps_per_epoch)
 from megl_ray.training.collectives import all_gather_ids, route_metric_sync
+from megl_ray.training.plan import WorkerPlan, plan_of
 from megl_ray.training.rank_state import (LOAD_OPTIONS, SAVE_OPTIONS, exclude_tied_frozen, load_rng, reseed_rank,
                                           save_rng)
 
@@ -112,7 +113,7 @@ def _validate(engine: Any, shard: Any, cfg: MEGLConfig, num_image_tokens: int, n
     (torchmetrics states, synchronised across the workers at ``compute`` through the engine's device)."""
     from megl_ray.data.pipeline import iter_epoch
     from megl_ray.data.transforms import model_batch
-    from megl_ray.metrics import ClassificationMetrics, SaliencyMetrics
+    from megl_ray.evaluation.metrics import ClassificationMetrics, SaliencyMetrics
 
     model = engine.module
     model.eval()
@@ -130,60 +131,61 @@ def _validate(engine: Any, shard: Any, cfg: MEGLConfig, num_image_tokens: int, n
     return {"val_accuracy": float(cls["accuracy"]), "val_miou": float("nan") if miou is None else float(miou)}
 
 
-def _epoch_shard(cfg: MEGLConfig, loop: dict[str, Any], epoch: int, rank: int, world: int) -> Any:
+def _epoch_shard(cfg: MEGLConfig, plan: WorkerPlan, epoch: int, rank: int, world: int) -> Any:
     """This worker's share of ``epoch`` as a Ray Dataset, in the epoch's seeded order (see ``accounting``)."""
     from megl_ray.data.pipeline import build_dataset, cached_share
     from megl_ray.model.vlm import pixel_size
 
-    mine = epoch_share(loop["train_ids"], cfg.train.seed, epoch, rank, world)
-    pad_to = math.ceil(len(loop["train_ids"]) / world)
+    mine = epoch_share(list(plan.train_ids), cfg.train.seed, epoch, rank, world)
+    pad_to = math.ceil(plan.train_rows / world)
     seed = epoch_seed(cfg.train.seed, epoch)
-    if loop.get("train_cache") is not None:
-        return cached_share(loop["train_cache"], mine, pad_to, seed)
-    return build_dataset(cfg.data.uri, "train", tokenizer=loop["tokenizer"], image_size=pixel_size(cfg.model),
+    if plan.train_cache is not None:
+        return cached_share(plan.train_cache, mine, pad_to, seed)
+    return build_dataset(cfg.data.uri, "train", tokenizer=plan.tokenizer, image_size=pixel_size(cfg.model),
                          image_aspect=cfg.model.image_aspect,
                          max_rationales=cfg.data.max_rationales, max_text_tokens=cfg.model.max_text_tokens,
                          seed=seed, include_ids=mine, pad_to=pad_to)
 
 
-def train_loop_per_worker(loop: dict[str, Any]) -> None:
-    """Ray Train's ``train_loop_per_worker``: ``loop`` carries the resolved config and what the driver prepared."""
-    os.environ.update(loop["env"])  # S3 endpoint, DS_ACCELERATOR: before DeepSpeed is imported
-    from megl_ray.training.credentials import load_credentials
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``: ``loop_config`` holds the driver's typed ``WorkerPlan``."""
+    plan = plan_of(loop_config)
+    os.environ.update(plan.env)  # S3 endpoint, DS_ACCELERATOR: before DeepSpeed is imported
+    from megl_ray.cluster.credentials import load_credentials
 
-    load_credentials(loop.get("credentials_file"))  # only what this worker's environment lacks
+    load_credentials(plan.credentials_file)  # only what this worker's environment lacks
     import deepspeed
     import ray.train
     from ray.train import Checkpoint
 
     from megl_ray.data.pipeline import iter_model_batches
-    from megl_ray.export import save_export
+    from megl_ray.model.export_io import save_export
     from megl_ray.model import build_megl_model
-    from megl_ray.optim import build_optimizer, build_scheduler
+    from megl_ray.training.optim import build_optimizer, build_scheduler
     from megl_ray.training.ds_config import deepspeed_config, resolve_precision
     from megl_ray.training.guards import DIVERGED_KEY, DivergenceGuard
 
-    cfg: MEGLConfig = config_from_dict(loop["config"])
-    cfg.train.precision = resolve_precision(cfg, loop["use_gpu"])
+    cfg = plan.megl_config()
+    cfg.train.precision = resolve_precision(cfg, plan.use_gpu)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    configure_worker(loop.get("verbose", False), rank, loop["use_gpu"])
+    configure_worker(plan.verbose, rank, plan.use_gpu)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = build_megl_model(cfg, loop["num_classes"], tokenizer=loop["tokenizer"],
-                             prior=torch.tensor(loop["prior"], dtype=torch.float32))
+    model = build_megl_model(cfg, plan.num_classes, tokenizer=plan.tokenizer,
+                             prior=torch.tensor(plan.prior, dtype=torch.float32))
     if cfg.train.zero_stage == 3 and model.classifier.cam_weight is None:
         raise ConfigError("train.zero_stage=3 cannot train a classifier head without a closed-form CAM "
                           "(model.classifier_head=mlp or model.vit_pool=cls): its Grad-CAM needs a double backward, "
                           "which DeepSpeed ZeRO-3 does not support; use train.zero_stage=2")
-    per_epoch = steps_per_epoch(loop["train_rows"], world, cfg.data.batch_size)
-    total_steps = planned_steps(loop["train_rows"], world, cfg.data.batch_size, cfg.train.epochs,
+    per_epoch = steps_per_epoch(plan.train_rows, world, cfg.data.batch_size)
+    total_steps = planned_steps(plan.train_rows, world, cfg.data.batch_size, cfg.train.epochs,
                                 cfg.train.grad_accum)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                          config=deepspeed_config(cfg, loop["use_gpu"]), dist_init_required=False)
+                                          config=deepspeed_config(cfg, plan.use_gpu), dist_init_required=False)
     reseed_rank(cfg.train.seed, rank)  # identical weights, different dropout masks per rank
-    state = TrainState(config=loop["config"])
+    state = TrainState(config=plan.config)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -193,7 +195,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         log.info("resumed from %s at epoch %d, step %d (%d samples of the epoch done)",
                  checkpoint.path, state.epoch, state.step, len(state.epoch_ids))
     start_step = state.step  # where this worker group started: 0, or the step of the checkpoint it resumed
-    progress = Progress(total_steps, cfg.run.log_every, loop.get("board") if rank == 0 else None)
+    progress = Progress(total_steps, cfg.run.log_every, plan.board if rank == 0 else None)
     sample_log = None
     if cfg.train.sample_log_dir:
         Path(cfg.train.sample_log_dir).mkdir(parents=True, exist_ok=True)
@@ -220,7 +222,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             ray.train.report(reported)
 
     terms = {k: v for k, v in state.metrics.items() if not k.startswith("val_")}
-    validate = loop.get("has_val", True)
+    validate = plan.has_val
     while state.epoch < cfg.train.epochs:
         epoch = state.epoch
         skip = state.epoch_micro  # micro-batches of this epoch already trained (a resumed run replays, skipping)
@@ -228,7 +230,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         acc = Accounting()
         if skip < per_epoch:
             batches = iter_model_batches(
-                _epoch_shard(cfg, loop, epoch, rank, world), tokenizer=model.tokenizer,
+                _epoch_shard(cfg, plan, epoch, rank, world), tokenizer=model.tokenizer,
                 template=cfg.model.prompt_template, num_image_tokens=model.num_image_tokens, epoch=epoch,
                 batch_size=cfg.data.batch_size, seed=cfg.train.seed, rank=rank,
                 shuffle_buffer=cfg.data.shuffle_buffer, with_ids=True)
@@ -273,7 +275,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         if validate:
             faults.maybe_kill(state.step, "validation", rank, world, log)
             val = _validate(engine, ray.train.get_dataset_shard("val"), cfg, model.num_image_tokens,
-                            loop["num_classes"])
+                            plan.num_classes)
         if rank == 0:
             progress.epoch(epoch, cfg.train.epochs, state.step, val)
         state.epoch = epoch + 1
@@ -281,22 +283,22 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         report({**terms, **val}, None, with_checkpoint=engine.micro_steps % cfg.train.grad_accum == 0)
     if sample_log is not None:
         sample_log.close()
-    _export(engine, cfg, loop, rank, save_export)
+    _export(engine, cfg, plan, rank)
 
 
 def scheduler_lr(engine: Any) -> float:
     return float(engine.optimizer.param_groups[0]["lr"]) if hasattr(engine.optimizer, "param_groups") else 0.0
 
 
-def _export(engine: Any, cfg: MEGLConfig, loop: dict[str, Any], rank: int, save_export: Any) -> None:
+def _export(engine: Any, cfg: MEGLConfig, plan: WorkerPlan, rank: int) -> None:
     """The export (what training changed): under ZeRO-3 gathered module by module (collectively), rank 0 writes."""
     import deepspeed
 
-    from megl_ray.export import exported_state
+    from megl_ray.model.export_io import exported_state
 
     gather = ((lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None))
               if cfg.train.zero_stage == 3 else None)
     state = exported_state(engine.module, cfg, gather=gather, keep=rank == 0)
     if rank == 0:
-        save_export(engine.module, cfg, loop["classes"], loop["run_uri"] + "/export",
+        save_export(engine.module, cfg, list(plan.classes), plan.run_uri + "/export",
                     extra={"data_uri": cfg.data.uri, "steps": engine.global_steps}, state=state)

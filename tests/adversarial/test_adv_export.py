@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from megl_ray import evaluate, explain
-from megl_ray.export import load_export
+from megl_ray.model.export_io import load_export
 from tests.adversarial.harness import assert_user_error, edit_json, run, snapshot
 
 
@@ -24,7 +24,7 @@ def export_dir(tiny_dataset, tmp_path_factory) -> Path:
     """An untrained export of the tiny preset for the tiny dataset's classes (building it takes seconds)."""
     from megl_ray.config import load_config, packaged_config
     from megl_ray.data.schema import load_dataset_info
-    from megl_ray.export import save_export
+    from megl_ray.model.export_io import save_export
     from megl_ray.model import build_megl_model
 
     info = load_dataset_info(str(tiny_dataset))

@@ -37,7 +37,7 @@ def _engine(cfg: MEGLConfig, loop: dict[str, Any]):
     import deepspeed
 
     from megl_ray.model import build_megl_model
-    from megl_ray.optim import build_optimizer, build_scheduler
+    from megl_ray.training.optim import build_optimizer, build_scheduler
     from megl_ray.training.ds_config import deepspeed_config
 
     torch.manual_seed(cfg.train.seed)
@@ -54,7 +54,7 @@ def resume_loop_per_worker(loop: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from megl_ray.training.probe import fixed_batches
+    from megl_ray.probes.fixed_batch import fixed_batches
     from megl_ray.training.worker import TrainState, load_checkpoint, save_checkpoint
 
     torch.set_num_threads(loop.get("threads", 1))
@@ -105,7 +105,7 @@ def resume_loop_per_worker(loop: dict[str, Any]) -> None:
 def run_resume_probe(cfg: MEGLConfig, tokenizer: Any, num_classes: int, rows: list[dict[str, Any]],
                      mask_size: int, steps: int, save_at: int, storage_path: str, threads: int = 1) -> list[dict]:
     """``resume_loop_per_worker`` on ``cfg.train.num_workers`` CPU workers of the current Ray cluster."""
-    from megl_ray.training.probe import run_cpu_workers
+    from megl_ray.probes.fixed_batch import run_cpu_workers
 
     out = Path(storage_path) / "resume-probe.json"
     checkpoint_dir = Path(storage_path) / "resume-probe-checkpoint"

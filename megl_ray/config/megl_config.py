@@ -14,10 +14,10 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
-from megl_ray.config_build import _build, _coerce, _deep_copy, _parse_override, _set_path, _type_name  # noqa: F401
+from megl_ray.config.build import _build, _coerce, _deep_copy, _parse_override, _set_path, _type_name  # noqa: F401
 from megl_ray.errors import ConfigError
-from megl_ray.safe_io import check_name
-from megl_ray.strict_yaml import load_yaml_file
+from megl_ray.config.safe_io import check_name
+from megl_ray.config.strict_yaml import load_yaml_file
 
 ClassifierName = Literal["tiny", "resnet18", "resnet50", "vit_b_16"]
 VLMPreset = Literal["tiny", "llava", "clip-qwen2"]
@@ -299,7 +299,7 @@ class RunConfig:
     tracking: str | list[str] = "tensorboard"
     """Experiment tracking: ``none``, ``tensorboard``, ``mlflow``, ``wandb``, or a list of them. The driver logs the
     resolved config, every loss term, throughput, per-epoch validation and final test metrics and the export URI;
-    a tracking failure is a warning, never the end of training (``megl_ray.training.tracking``)."""
+    a tracking failure is a warning, never the end of training (``megl_ray.reporting.tracking``)."""
     tracking_uri: str | None = None
     """MLflow tracking server, e.g. ``http://127.0.0.1:5000`` (None: ``$MLFLOW_TRACKING_URI``, else MLflow's default)."""
     experiment: str | None = None
@@ -344,7 +344,7 @@ class MEGLConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# Building dataclasses from plain dicts (types checked, keys named) lives in config_build.py.
+# Building dataclasses from plain dicts (types checked, keys named) lives in build.py.
 
 
 def config_from_dict(data: dict[str, Any] | None, overrides: Sequence[str] = ()) -> MEGLConfig:
@@ -365,8 +365,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 
 def packaged_config(name: str) -> Path:
-    """Path of a config shipped in ``megl_ray/configs`` (e.g. ``tiny``)."""
-    path = Path(__file__).parent / "configs" / f"{name}.yaml"
+    """Path of a preset shipped in ``megl_ray/config/presets`` (e.g. ``tiny``)."""
+    path = Path(__file__).parent / "presets" / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"no packaged config named '{name}'")
     return path

@@ -1,8 +1,8 @@
 """The cost of one optimizer step of a MEGL model on N nodes: compute, ZeRO communication, data loading.
 
-No Ray, no torch: arithmetic on the architecture shapes of ``megl_ray.training.memory_model`` (which also gives the
+No Ray, no torch: arithmetic on the architecture shapes of ``megl_ray.planning.memory_model`` (which also gives the
 memory per GPU: there is one memory model in the project), so ``docs/scaling.md`` is generated from code
-(``python -m megl_ray.training.cost_model`` prints its tables) and ``bench/scaling.py`` checks the same formulas
+(``python -m megl_ray.planning.cost_model`` prints its tables) and ``bench/scaling.py`` checks the same formulas
 against measured CPU workers.
 
 What the numbers follow:
@@ -35,7 +35,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass, replace
 
-from megl_ray.training.memory_model import PRESETS, ModelShape, Setup, TransformerShape, memory_per_gpu
+from megl_ray.planning.memory_model import PRESETS, ModelShape, Setup, TransformerShape, memory_per_gpu
 
 GIB = 2**30
 
@@ -219,7 +219,7 @@ def cpu_throughput_ratio(cal: CpuCalibration, workers: int = 2) -> float:
 # ------------------------------------------------------------------------------------------------ docs tables
 
 DOC_CONFIGS = {
-    # preset: (setup on the GPUs, gradient accumulation) as in megl_ray/configs/*.yaml
+    # preset: (setup on the GPUs, gradient accumulation) as in megl_ray/config/presets/*.yaml
     "r18-qwen2-0.5b": (Setup(zero_stage=2, precision="bf16", micro_batch=8), 1),
     "r50-llava-1.5-7b-lora": (Setup(zero_stage=3, precision="bf16", micro_batch=4), 4),
 }
@@ -272,7 +272,7 @@ def markdown(rows: list[dict[str, object]], keys: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    p = argparse.ArgumentParser(prog="python -m megl_ray.training.cost_model", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m megl_ray.planning.cost_model", description=__doc__.split("\n\n")[0])
     p.add_argument("--markdown", action="store_true", help="print the docs/scaling.md tables to stderr")
     args = p.parse_args(argv)
     scaling, memory = scaling_table(), memory_table()

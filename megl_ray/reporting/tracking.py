@@ -3,7 +3,7 @@
 The driver is the one place that sees the whole run: rank 0's progress (every ``run.log_every`` steps: each loss
 term, samples/s, tokens/s, lr, memory), each epoch's validation metrics, the test metrics computed after training
 and the export URI. So tracking happens there, once per run, with the libraries' own clients (``MlflowClient``,
-``wandb``, ``SummaryWriter``) — the workers only send rank 0's numbers to the driver (``megl_ray.training.progress``).
+``wandb``, ``SummaryWriter``) — the workers only send rank 0's numbers to the driver (``megl_ray.reporting.progress``).
 
 A tracking backend that fails (server down, no W&B key, a disk full) is reported once as a warning and switched
 off; training goes on. Re-running a run of the same name (a resume) continues its MLflow run and W&B run.
@@ -149,7 +149,7 @@ class MlflowBackend:
     def export(self, uri: str) -> None:
         # A reference, not a copy: the weights stay in the run directory (they may be gigabytes).
         self.client.set_tag(self.run_id, EXPORT_URI_TAG, uri)
-        self.client.log_dict(self.run_id, {"export_uri": uri, "load_with": "megl_ray.export.load_export"},
+        self.client.log_dict(self.run_id, {"export_uri": uri, "load_with": "megl_ray.model.export_io.load_export"},
                              "export_reference.json")
 
     def close(self, success: bool) -> None:
@@ -163,7 +163,7 @@ class WandbBackend:
     def __init__(self, cfg: Any, run_uri: str, local_dir: Path) -> None:
         import wandb
 
-        from megl_ray.training.embedded import megl_home
+        from megl_ray.config import megl_home
 
         directory = Path(os.environ.get("WANDB_DIR") or megl_home() / "wandb")
         directory.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ RESUMABLE_KEYS = frozenset({
 
 def fingerprint(cfg: MEGLConfig) -> dict[str, Any]:
     """The resolved config as flat ``section.key`` pairs, without ``RESUMABLE_KEYS``."""
-    from megl_ray.training.tracking import flatten
+    from megl_ray.reporting.tracking import flatten
 
     return {k: v for k, v in sorted(flatten(cfg.to_dict()).items()) if k not in RESUMABLE_KEYS}
 

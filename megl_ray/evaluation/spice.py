@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 from typing import Sequence
 
-log = logging.getLogger("megl_ray.spice")
+log = logging.getLogger("megl_ray.evaluation.spice")
 
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 
@@ -48,7 +48,7 @@ def spice_status() -> str | None:
 def spice(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[float | None, str | None]:
     """(corpus SPICE F-score, None), or (None, reason) when it cannot be computed here. Text goes in as
     ``metrics.coco_tokenize`` gives it, as for METEOR and CIDEr."""
-    from megl_ray.metrics import _coco_inputs, _float
+    from megl_ray.evaluation.metrics import _coco_inputs, _float
 
     if not hypotheses:
         return None, "no hypotheses"

@@ -39,7 +39,7 @@ def load_classifier_only(export_uri: str, device: str = "cpu") -> tuple[Classifi
     from transformers import AutoTokenizer
 
     from megl_ray.config import config_from_dict
-    from megl_ray.export import CONFIG_FILE, META_FILE, TOKENIZER_DIR, WEIGHTS_FILE
+    from megl_ray.model.export_io import CONFIG_FILE, META_FILE, TOKENIZER_DIR, WEIGHTS_FILE
     from megl_ray.model.checkpoint_io import local_dir
     from megl_ray.model.classifier import build_classifier
 
@@ -65,7 +65,7 @@ def evaluate_test_split(export_uri: str, data_uri: str, device: str = "cpu") -> 
     from megl_ray.data.reader import iter_row_batches, read_split
     from megl_ray.data.schema import load_dataset_info
     from megl_ray.data.transforms import preprocess_rows
-    from megl_ray.metrics import ClassificationMetrics, SaliencyMetrics
+    from megl_ray.evaluation.metrics import ClassificationMetrics, SaliencyMetrics
 
     model, cfg, tokenizer = load_classifier_only(export_uri, device)
     info = load_dataset_info(data_uri)
@@ -85,7 +85,7 @@ def _evaluate_with_credentials(export_uri: str, data_uri: str, device: str,
                                credentials: str | None) -> dict[str, float | None]:
     """In the Ray task: credentials the task's environment lacks come from the 0600 file, as in the workers (a
     joined cluster's processes did not inherit the driver's environment)."""
-    from megl_ray.training.credentials import load_credentials
+    from megl_ray.cluster.credentials import load_credentials
 
     load_credentials(credentials)
     return evaluate_test_split(export_uri, data_uri, device)
@@ -96,7 +96,7 @@ def evaluate_where_the_gpus_are(export_uri: str, data_uri: str, use_gpu: bool, c
     """``evaluate_test_split`` as a Ray task holding one training worker's resources."""
     import ray
 
-    from megl_ray.training.credentials import credentials_file
+    from megl_ray.cluster.credentials import credentials_file
 
     task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=cpus,
                       runtime_env={"env_vars": env})(_evaluate_with_credentials)

@@ -28,7 +28,7 @@ def draw_curves(history: Sequence[dict[str, Any]], path: Path, title: str) -> Pa
         return None
     figure = Figure(figsize=(11, 4), dpi=100)
     losses, metrics = figure.subplots(1, 2)
-    from megl_ray.training.progress import SHOWN_TERMS
+    from megl_ray.reporting.progress import SHOWN_TERMS
 
     for term in SHOWN_TERMS:
         points = [(e["step"], e["values"][term]) for e in steps if term in e["values"]]
@@ -83,8 +83,8 @@ def write_pictures(history: Sequence[dict[str, Any]], run_uri: str, export_uri: 
 
 
 def _gallery(export_uri: str, data_uri: str, out: Path) -> int:
-    from megl_ray.explain import write_gallery
-    from megl_ray.export import load_export
+    from megl_ray.evaluation.explanations import write_gallery
+    from megl_ray.model.export_io import load_export
 
     exported = load_export(export_uri)
     examples = write_gallery(exported, export_uri, data_uri, "val", GALLERY_PER_CLASS, out, num_beams=1,
@@ -108,7 +108,7 @@ def closing_lines(made: dict[str, Any], run_uri: str, tensorboard_dir: str | Non
 
 def local_run_dir(run_name: str) -> Path:
     """Where a run's pictures are kept on this machine: ``$MEGL_HOME/runs/<name>`` (a temp dir if unwritable)."""
-    from megl_ray.training.embedded import megl_home
+    from megl_ray.config import megl_home
 
     path = megl_home() / "runs" / run_name
     try:

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from megl_ray import safe_io
+from megl_ray.config import safe_io
 from megl_ray.errors import ConfigError, UserError
 
 MAX_ALIASES = 64

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megl_ray.training.ray_env import worker_pool_env
+from megl_ray.cluster.ray_env import worker_pool_env
 
 # Lost nodes are noticed within seconds, not the default ~30 s: the GCS health-checks raylets every second.
 FAST_FAILURE_DETECTION = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",

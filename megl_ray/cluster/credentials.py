@@ -59,7 +59,7 @@ def credentials_file() -> Iterator[str | None]:
     if not values:
         yield None
         return
-    from megl_ray.training.embedded import megl_home
+    from megl_ray.config import megl_home
 
     directory = megl_home() / "credentials"
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from megl_ray.errors import UserError
+from megl_ray.evaluation.options import PRECISIONS
 
-log = logging.getLogger("megl_ray.inference")
+log = logging.getLogger("megl_ray.evaluation.inference")
 
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_device(name: str) -> str:
@@ -71,7 +71,7 @@ def prepare_for_inference(exported: Any, device: str = "auto", precision: str = 
     """Make a loaded export ready to predict, in place: device and dtype resolved here, LoRA adapters folded into
     their base layers (``export.merge_lora``, peft's merge, in float32 before any cast) so inference runs plain
     linear layers, VLM (and SDTG projection) cast, eval mode. Returns where it now runs."""
-    from megl_ray.export import merge_lora
+    from megl_ray.model.export_io import merge_lora
 
     resolved = resolve_device(device)
     dtype = resolve_dtype(precision, resolved)
@@ -91,7 +91,7 @@ def prepare_for_inference(exported: Any, device: str = "auto", precision: str = 
 def load_for_inference(uri: str, device: str = "auto", precision: str = "auto") -> tuple[Any, Placement]:
     """The export at ``uri``, loaded on the CPU and then ``prepare_for_inference``-d. Returns (Exported,
     Placement)."""
-    from megl_ray.export import load_export
+    from megl_ray.model.export_io import load_export
 
     resolve_dtype(precision, resolve_device(device))  # a bad --device/--precision fails before the slow load
     exported = load_export(uri, device="cpu")

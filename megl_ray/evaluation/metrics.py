@@ -8,7 +8,7 @@ training loop's per-epoch validation:
 * ``SaliencyMetrics.update(saliency, masks, has_mask)`` — mIoU (torchmetrics ``MeanIoU``) and the pointing game;
 * ``TextMetrics.update(hypotheses, references)`` — BLEU-4 (sacrebleu), METEOR and CIDEr (pycocoevalcap),
   ROUGE-L (rouge-score) and ``text_similarity`` (all-MiniLM-L6-v2 text-to-text cosine; the paper's image-text
-  CLIPScore is ``megl_ray.clipscore``, SPICE ``megl_ray.spice``).
+  CLIPScore is ``megl_ray.evaluation.clipscore``, SPICE ``megl_ray.evaluation.spice``).
 
 The first two are torchmetrics metrics underneath, so under ``torch.distributed`` their ``compute`` already reduces
 over all ranks. Text metrics are corpus-level (BLEU, CIDEr's IDF), so they keep the strings and score at the end.
@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger("megl_ray.metrics")
+log = logging.getLogger("megl_ray.evaluation.metrics")
 
 SALIENCY_THRESHOLD = 0.5
 """A pixel is 'explained' when the upsampled saliency, divided by its per-sample maximum, is ≥ this."""

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 
 from megl_ray.errors import ConfigError
-from megl_ray.strict_yaml import StrictLoader
+from megl_ray.config.strict_yaml import StrictLoader
 
 
 def _type_name(tp: Any) -> str:

@@ -5,7 +5,7 @@ generation, at batch 1 and at a throughput batch (``--batch-size``).
 Each figure is the median of ``--repeats`` timed calls after ``--warmup`` untimed ones (CUDA synchronised around
 each call). Inputs are random pixels of the model's image size: latency does not depend on what the image shows,
 and generation is held at exactly ``max_new_tokens`` tokens (``min_new_tokens``), so a model that happens to stop
-early does not look fast. The device and precision are resolved as for evaluation (``megl_ray.inference``).
+early does not look fast. The device and precision are resolved as for evaluation (``megl_ray.evaluation.inference``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ from typing import Any, Callable
 import torch
 
 from megl_ray.errors import UserError
+from megl_ray.evaluation.options import EvaluateOptions
+from megl_ray.evaluation.inference import load_for_inference
+from megl_ray.evaluation.scoring import write_json
 
-log = logging.getLogger("megl_ray.efficiency")
+log = logging.getLogger("megl_ray.evaluation.efficiency")
 
 PIPELINES = ("classifier+saliency", "classifier+saliency+rationale")
 
@@ -123,7 +126,7 @@ def report(exported: Any, placement: Any, name: str, batch_size: int, warmup: in
             "placement": [placement.as_dict()]}
 
 
-def check_arguments(args: argparse.Namespace) -> None:
+def check_arguments(args: EvaluateOptions) -> None:
     for name, low in (("batch_size", 1), ("repeats", 1), ("warmup", 0), ("num_beams", 1)):
         if getattr(args, name) < low:
             raise UserError(f"--{name.replace('_', '-')} must be at least {low}")
@@ -131,17 +134,13 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserError("--max-new-tokens must be at least 1")
 
 
-def run_efficiency(args: argparse.Namespace) -> dict[str, Any]:
+def run_efficiency(args: EvaluateOptions) -> dict[str, Any]:
     """The ``--efficiency`` mode of ``python -m megl_ray.evaluate``."""
-    from megl_ray.inference import load_for_inference
-
     check_arguments(args)
     exported, placement = load_for_inference(args.checkpoint, args.device, args.precision)
     result = report(exported, placement, args.checkpoint, args.batch_size, args.warmup, args.repeats,
                     args.max_new_tokens or exported.config.model.max_text_tokens, args.num_beams)
     print(format_efficiency(result), file=sys.stderr, flush=True)
     if args.out:
-        from megl_ray.evaluate import _write_json
-
-        _write_json(args.out, result)
+        write_json(args.out, result)
     return result

@@ -258,6 +258,6 @@ def parse_space(data: Any, source: str = "<space>", base: MEGLConfig | None = No
 
 def load_space(path: str | Path, base: MEGLConfig | None = None) -> SearchSpace:
     """Load and validate a space file; every error is a ``SpaceError`` naming the file (and the key)."""
-    from megl_ray.strict_yaml import load_yaml_file
+    from megl_ray.config.strict_yaml import load_yaml_file
 
     return parse_space(load_yaml_file(path, "search space file", SpaceError), str(path), base)

@@ -22,7 +22,7 @@ from megl_ray.config import MEGLConfig, config_from_dict
 def fixed_batches(cfg: MEGLConfig, model: Any, rows: list[dict[str, Any]], mask_size: int, global_batch: int,
                   steps: int) -> list[dict[str, torch.Tensor]]:
     """``steps`` global batches of consecutive rows (cycling), built by the trainer's own batch code."""
-    from megl_ray.train_local import make_batch
+    from megl_ray.training.local import make_batch
 
     batches = []
     for step in range(steps):
@@ -36,7 +36,7 @@ def run_steps(cfg: MEGLConfig, tokenizer: Any, num_classes: int, rows: list[dict
               use_gpu: bool = False) -> dict[str, list[float]]:
     """Train ``steps`` steps; returns {"losses": global mean loss per step, "step_s": seconds per step}."""
     from megl_ray.model import build_megl_model
-    from megl_ray.optim import build_optimizer, build_scheduler, plain_step
+    from megl_ray.training.optim import build_optimizer, build_scheduler, plain_step
 
     torch.manual_seed(cfg.train.seed)
     model = build_megl_model(cfg, num_classes, tokenizer=tokenizer)
@@ -116,7 +116,7 @@ def run_cpu_workers(loop_fn: Any, cfg: MEGLConfig, storage_path: str, name: str,
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from megl_ray.training.embedded import megl_home
+    from megl_ray.config import megl_home
 
     env = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": os.environ.get(
         "TORCH_EXTENSIONS_DIR", str(megl_home() / "torch_extensions"))}

@@ -1,0 +1,204 @@
+"""The head-node side of a training run: plan it, hand the workers a typed plan, run Ray Train, then evaluate
+and draw where the resources are.
+
+``fit`` trains one resolved configuration on Ray (a Tune trial calls it too); ``run`` is what
+``python -m megl_ray.train`` does around it: a run name, the embedded default, the run-identity check, a local Ray
+undone afterwards. Progress goes to stderr; the result is ``result.json`` (also written to the run directory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import ray
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from megl_ray import storage
+from megl_ray.cluster.credentials import INHERIT_VAR, credentials_file
+from megl_ray.cluster.placement import check_run_storage
+from megl_ray.cluster.ray_env import local_ray_undone
+from megl_ray.cluster.ray_session import check_resources, run_storage, run_uri, start_ray, worker_env
+from megl_ray.config import MEGLConfig, load_config, megl_home, packaged_config
+from megl_ray.data.pipeline import fits_in_cache, preprocessed_bytes_per_row
+from megl_ray.data.schema import load_dataset_info
+from megl_ray.driver.embedded import embedded_default
+from megl_ray.storage.embedded_home import points_into_embedded
+from megl_ray.driver.inputs import build_datasets, plan_splits
+from megl_ray.driver.post_eval import evaluate_where_the_gpus_are
+from megl_ray.driver.run_identity import check_run, fresh_name, name_given
+from megl_ray.errors import UserError
+from megl_ray.model.vlm import load_tokenizer, pixel_size
+from megl_ray.reporting.console import configure_driver, quiet_ray_data, train_logging_config
+from megl_ray.reporting.pictures import closing_lines, local_run_dir, write_pictures
+from megl_ray.reporting.progress import RunMonitor
+from megl_ray.reporting.tracking import Tracker
+from megl_ray.training.accounting import planned_steps
+from megl_ray.training.ds_config import global_batch_size
+from megl_ray.training.guards import DIVERGED_KEY, raise_if_diverged
+from megl_ray.training.plan import WorkerPlan
+from megl_ray.training.worker import train_loop_per_worker
+
+log = logging.getLogger("megl_ray.train")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """What ``python -m megl_ray.train`` was asked for."""
+
+    config: str | None = None
+    """A YAML config (default: the packaged tiny preset)."""
+    overrides: tuple[str, ...] = ()
+    """``key=value`` overrides applied on top of ``config``."""
+    address: str | None = None
+    """The Ray cluster to join (default ``$RAY_ADDRESS``, else a local Ray started here)."""
+    verbose: bool = False
+    """Also show Ray's, Ray Data's and DeepSpeed's own logs (and our debug logs)."""
+
+
+def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = (),
+        evaluate_test: bool = True, verbose: bool = False, console: bool = True) -> dict[str, Any]:
+    """Train ``cfg`` (data and storage resolved) on Ray; returns the result dict.
+
+    ``callbacks`` go to the run's ``RunConfig`` (a Tune trial passes ``TuneReportCallback()`` so that every
+    report of the workers — per epoch, with ``val_accuracy`` — reaches Tune's scheduler)."""
+    started = time.monotonic()
+    uri = run_uri(cfg.run.storage_path, cfg.run.name)
+    local_dir = local_run_dir(cfg.run.name)  # pictures and TensorBoard files, beside their copies in the run dir
+    info = load_dataset_info(cfg.data.uri)  # fails fast, before Ray starts, on bad data or unreachable storage
+    start_ray(address, verbose)
+    quiet_ray_data(verbose)
+    use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    check_resources(cfg, use_gpu)
+    check_run_storage(cfg, use_gpu, ray.nodes(), ray.get_runtime_context().get_node_id())
+
+    splits = plan_splits(cfg, info, evaluate_test)
+    train_ids = splits.train_ids
+    tokenizer = load_tokenizer(cfg.model, splits.corpus + list(info.classes))
+    row_bytes = preprocessed_bytes_per_row(pixel_size(cfg.model), info.mask_size, cfg.data.max_rationales,
+                                           cfg.model.max_text_tokens)
+    cache = cfg.train.cache_data if cfg.train.cache_data is not None else fits_in_cache(len(train_ids), row_bytes)
+    datasets, train_cache = build_datasets(cfg, info, tokenizer, splits, cache)
+    planned = planned_steps(len(train_ids), cfg.train.num_workers, cfg.data.batch_size, cfg.train.epochs,
+                            cfg.train.grad_accum)
+    log.info("%d train images, %d workers, global batch %d, %d optimizer steps planned, validation: %s%s",
+             len(train_ids), cfg.train.num_workers, global_batch_size(cfg), planned, splits.val_source,
+             " (data cached)" if cache else "")
+
+    storage_path, filesystem = run_storage(cfg.run.storage_path)
+    tracker = Tracker(cfg, uri, local_dir)
+    tracker.config(cfg.to_dict())
+    monitor = RunMonitor(planned, tracker, display=console)
+    plan = WorkerPlan(
+        config=cfg.to_dict(), env=worker_env(use_gpu), tokenizer=tokenizer, num_classes=info.num_classes,
+        classes=tuple(info.classes), prior=tuple(tuple(row) for row in info.prior_array().tolist()),
+        train_ids=tuple(train_ids), use_gpu=use_gpu, run_uri=uri, has_val="val" in datasets,
+        train_cache=train_cache, verbose=verbose, board=monitor.board)
+    scaling = ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                            resources_per_worker=None if use_gpu else {"CPU": cfg.train.cpus_per_worker},
+                            placement_strategy=cfg.train.placement_strategy)
+    run_config = RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=filesystem,
+                           failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                           checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks),
+                           logging_config=train_logging_config(verbose))
+    try:
+        # the credentials file: for workers that did not inherit them; removed when training ends
+        with monitor, credentials_file() as credentials:
+            plan = dataclasses.replace(plan, credentials_file=credentials)
+            trainer = TorchTrainer(train_loop_per_worker, train_loop_config=plan.as_loop_config(),
+                                   scaling_config=scaling, datasets=datasets,
+                                   dataset_config=DataConfig(datasets_to_split=list(datasets)), run_config=run_config)
+            result = trainer.fit()
+    except BaseException:
+        tracker.close(success=False)
+        raise
+    metrics = result.metrics or {}
+    if result.error is not None or metrics.get(DIVERGED_KEY):
+        tracker.close(success=False)
+        if result.error is not None:
+            raise UserError(f"training failed: {str(result.error).splitlines()[0]}")
+        raise_if_diverged(metrics)
+    scheme = "s3://" if cfg.run.storage_path.startswith("s3://") else ""
+    summary = {
+        "checkpoint": scheme + result.checkpoint.path if result.checkpoint else None,
+        "run_dir": uri, "export": uri + "/export", "data_uri": cfg.data.uri,
+        "steps": int(metrics.get("step", 0)), "planned_steps": planned, "epochs": int(metrics.get("epoch", 0)),
+        "val_accuracy": _round(metrics.get("val_accuracy")), "val_miou": _round(metrics.get("val_miou")),
+        "test_accuracy": None, "test_miou": None,
+        **splits.summary(cfg),
+        "final_loss": _round(metrics.get("loss")), "num_workers": cfg.train.num_workers,
+        "zero_stage": cfg.train.zero_stage, "global_batch_size": global_batch_size(cfg),
+    }
+
+    def write_result() -> None:
+        storage.write_bytes(uri + "/result.json", (json.dumps(summary, indent=2) + "\n").encode())
+
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    write_result()  # before any post-training evaluation: a failure there loses nothing
+    if evaluate_test:
+        test = evaluate_where_the_gpus_are(uri + "/export", cfg.data.uri, use_gpu, cfg.train.cpus_per_worker,
+                                           worker_env(use_gpu))
+        summary.update(test_accuracy=_round(test["test_accuracy"]), test_miou=_round(test["test_miou"]))
+        tracker.summary({"test/accuracy": test["test_accuracy"], "test/miou": test["test_miou"]})
+    tracker.export(summary["export"])
+    if evaluate_test:  # the end-of-run report; a sweep's trials skip it
+        summary["pictures"] = write_pictures(monitor.history, uri, summary["export"], cfg.data.uri, local_dir,
+                                             title=f"run {cfg.run.name}")
+    if "tensorboard" in tracker.backends:
+        summary["tensorboard"] = str(local_dir / "tensorboard")
+    tracker.close(success=True)
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    write_result()
+    return summary
+
+
+def _round(value: Any) -> float | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return round(float(value), 4)
+
+
+def next_steps(result: dict[str, Any]) -> list[str]:
+    """The commands that evaluate and explain this run's export (they reach the embedded store by themselves)."""
+    export, data = result["export"], result["data_uri"]
+    home = f"MEGL_HOME={os.environ['MEGL_HOME']} " if "MEGL_HOME" in os.environ and points_into_embedded(
+        export, data) else ""
+    out = megl_home() / "explanations" / Path(result["run_dir"]).name
+    return [f"evaluate it: {home}python -m megl_ray.evaluate --checkpoint {export} --data {data}",
+            f"explain it:  {home}python -m megl_ray.explain --checkpoint {export} --gallery --data {data} "
+            f"--out {out}"]
+
+
+def run(options: TrainOptions) -> dict[str, Any]:
+    """``python -m megl_ray.train``: resolve the config, name the run, serve the embedded default where nothing
+    else is given, resume or refuse an existing run of that name, train, and say what to do next."""
+    configure_driver(options.verbose)
+    cfg = load_config(options.config or packaged_config("tiny"), options.overrides)
+    if not name_given(options.config, options.overrides):  # every invocation a new run, unless a name is chosen
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=fresh_name(cfg.run.name)))
+        log.info("run %s (to resume it if interrupted, re-run with run.name=%s)", cfg.run.name, cfg.run.name)
+    with embedded_default(cfg) as resolved:
+        complete = check_run(resolved, run_uri(resolved.run.storage_path, resolved.run.name))
+        if complete is not None:
+            return complete
+        # A local Ray leaves token authentication (and our dashboard address) in this process: undone after it,
+        # so that a later run in the same process can join a cluster started without tokens.
+        with local_ray_undone(("RAY_API_SERVER_ADDRESS", INHERIT_VAR)):
+            try:
+                result = fit(resolved, options.address, verbose=options.verbose)
+            finally:
+                # Flush the workers' forwarded logs now, so the result is the last line of stdout.
+                ray.shutdown()
+    for line in closing_lines(result.get("pictures", {}), result["run_dir"], result.get("tensorboard")):
+        print(line, file=sys.stderr, flush=True)
+    print("\n".join(f"[megl] {line}" for line in next_steps(result)), file=sys.stderr, flush=True)
+    return result
