@@ -12,7 +12,8 @@ import json
 import logging
 import math
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from megl_ray.errors import UserError, redact_urls
 

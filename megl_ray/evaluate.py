@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from megl_ray.cli import ArgumentParser, run_cli, setup_logging
 from megl_ray.evaluation.options import PRECISIONS, RAY_ROW_THRESHOLD, EvaluateOptions
-
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from megl_ray.cli import ArgumentParser, run_cli, setup_logging
 from megl_ray.evaluation.options import PRECISIONS, ExplainOptions

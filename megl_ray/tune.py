@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from megl_ray.cli import ArgumentParser, run_cli, setup_logging
 from megl_ray.tuning.settings import METRICS, SweepOptions

@@ -14,8 +14,13 @@ import contextlib
 import json
 import os
 import secrets
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping
+
+import ray
+from ray.tune.execution import class_cache
+
+from megl_ray.config import megl_home
 
 CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MEGL_S3_SECRET_KEY")
 FORWARDED_PREFIXES = ("AWS_", "MEGL_", "MLFLOW_", "WANDB_")
@@ -34,8 +39,6 @@ def workers_inherit_env() -> bool:
     go without explicit keys. On a cluster joined (``--address``, ``$RAY_ADDRESS``, ``ray job submit``), they keep
     them: its processes only have what the cluster provides plus, on this machine, the credentials file, which Ray
     reads before any of our code runs."""
-    import ray
-
     if os.environ.get(INHERIT_VAR) == "1":
         return True
     return not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
@@ -59,7 +62,6 @@ def credentials_file() -> Iterator[str | None]:
     if not values:
         yield None
         return
-    from megl_ray.config import megl_home
 
     directory = megl_home() / "credentials"
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -88,6 +90,5 @@ def keep_tune_from_logging_credentials() -> None:
     anyway (and the credentials file covers the rest), so they are dropped from that list."""
     if not workers_inherit_env():
         return
-    from ray.tune.execution import class_cache
 
     class_cache.ENV_VARS_TO_PROPAGATE = {v for v in class_cache.ENV_VARS_TO_PROPAGATE if not is_credential(v)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from megl_ray import storage
 from megl_ray.config import MEGLConfig
 from megl_ray.errors import UserError
 
@@ -27,8 +28,6 @@ def nodes_that_fit(nodes: list[dict[str, Any]], need: dict[str, float]) -> list[
 
 def check_run_storage(cfg: MEGLConfig, use_gpu: bool, nodes: list[dict[str, Any]], driver_node: str) -> None:
     """Refuse a node-local ``run.storage_path`` when workers may be placed on a node other than the driver's."""
-    from megl_ray import storage
-
     if storage.is_s3(cfg.run.storage_path) or cfg.run.shared_filesystem:
         return
     hosts = nodes_that_fit(nodes, worker_resources(cfg, use_gpu))

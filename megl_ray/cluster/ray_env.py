@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
+
+import ray
+from ray._raylet import AuthenticationTokenLoader, Config
 
 AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
@@ -48,11 +51,8 @@ def refresh_auth_cache() -> None:
     """Make Ray's C++ side read the authentication variables again (popping ``RAY_AUTH_MODE`` alone is not enough:
     the driver keeps refusing unauthenticated calls). Ray has no public call for it; this is what Ray's own tests do
     between clusters (``ray._private.authentication_test_utils.reset_auth_token_state``): config, then token cache."""
-    import ray
-
     if ray.is_initialized():  # a connected core worker keeps the mode it started with; never change it under it
         return
-    from ray._raylet import AuthenticationTokenLoader, Config
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()

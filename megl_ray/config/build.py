@@ -12,18 +12,18 @@ from typing import Any, Literal
 
 import yaml
 
-from megl_ray.errors import ConfigError
 from megl_ray.config.strict_yaml import StrictLoader
+from megl_ray.errors import ConfigError
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` (Literal, Optional, list, bool/int/float/str, dataclass)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -35,10 +35,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return coerce(value, arg, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {' or '.join(type_name(a) for a in args)}, got {value!r}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: expected one of {', '.join(repr(a) for a in args)}, got {value!r}")
@@ -46,9 +46,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
+        return build_dataclass(tp, value, key)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -75,7 +75,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r} at {key}")
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -87,11 +87,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             raise ConfigError(f"unknown config key '{full}' (valid: {', '.join(names)})")
-        kwargs[key] = _coerce(value, hints[key], full)
+        kwargs[key] = coerce(value, hints[key], full)
     return cls(**kwargs)
 
 
-def _parse_override(text: str) -> tuple[list[str], Any]:
+def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key=value")
     key, raw = text.split("=", 1)
@@ -105,7 +105,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _set_path(tree: dict, path: list[str], value: Any) -> None:
+def set_path(tree: dict, path: list[str], value: Any) -> None:
     node = tree
     for i, part in enumerate(path[:-1]):
         child = node.setdefault(part, {})
@@ -115,9 +115,9 @@ def _set_path(tree: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _deep_copy(value: Any) -> Any:
+def deep_copy(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _deep_copy(v) for k, v in value.items()}
+        return {k: deep_copy(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_deep_copy(v) for v in value]
+        return [deep_copy(v) for v in value]
     return value

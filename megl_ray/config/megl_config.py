@@ -8,16 +8,17 @@ saved inside every checkpoint (``to_dict``) and is what a sweep's best trial wri
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import yaml
 
-from megl_ray.config.build import _build, _coerce, _deep_copy, _parse_override, _set_path, _type_name  # noqa: F401
-from megl_ray.errors import ConfigError
+from megl_ray.config.build import build_dataclass, deep_copy, parse_override, set_path
 from megl_ray.config.safe_io import check_name
 from megl_ray.config.strict_yaml import load_yaml_file
+from megl_ray.errors import ConfigError
 
 ClassifierName = Literal["tiny", "resnet18", "resnet50", "vit_b_16"]
 VLMPreset = Literal["tiny", "llava", "clip-qwen2"]
@@ -349,13 +350,13 @@ class MEGLConfig:
 
 def config_from_dict(data: dict[str, Any] | None, overrides: Sequence[str] = ()) -> MEGLConfig:
     """Build a validated ``MEGLConfig`` from a nested dict plus ``key=value`` overrides (values parsed as YAML)."""
-    tree = _deep_copy(data or {})
+    tree = deep_copy(data or {})
     if not isinstance(tree, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(tree).__name__}")
     for text in overrides:
-        path, value = _parse_override(text)
-        _set_path(tree, path, value)
-    return _build(MEGLConfig, tree, "")
+        path, value = parse_override(text)
+        set_path(tree, path, value)
+    return build_dataclass(MEGLConfig, tree, "")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> MEGLConfig:

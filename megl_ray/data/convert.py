@@ -26,14 +26,17 @@ import sys
 import time
 import uuid
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow.fs import FileSelector, FileType
 
+from megl_ray import storage
+from megl_ray.cli import ArgumentParser, run_cli, setup_logging
 from megl_ray.config import safe_io
-from megl_ray.cli import ArgumentParser, run_cli
 from megl_ray.data import schema
 from megl_ray.data.schema import SPLITS, Invalid, JsonObject
 from megl_ray.errors import UserError
@@ -72,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def assign_split(record_id: str, seed: int, val_fraction: float, test_fraction: float) -> str:
     """Deterministic split of one image from a hash of (seed, id): the same id always lands in the same split."""
-    digest = hashlib.sha256(f"{seed}\x00{record_id}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed}\x00{record_id}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2.0**64  # uniform in [0, 1)
     if u < test_fraction:
         return "test"
@@ -274,8 +277,6 @@ class _Destination:
     succeeded (``commit``) or the clean-up when it did not (``abort``)."""
 
     def __init__(self, fs: Any, base: str, dst: str, overwrite: bool):
-        from pyarrow.fs import FileSelector, FileType
-
         self.fs, self.base, self.dst = fs, base, dst
         info = fs.get_file_info(base)
         if info.type not in (FileType.NotFound, FileType.Directory):
@@ -298,8 +299,6 @@ class _Destination:
 
     def commit(self) -> None:
         """Replace the old dataset's own files by the new ones; ``dataset.json`` goes first and comes back last."""
-        from pyarrow.fs import FileSelector, FileType
-
         for name in self.existing:
             path = f"{self.base}/{name}"
             (self.fs.delete_dir if self.fs.get_file_info(path).type == FileType.Directory else self.fs.delete_file)(path)
@@ -325,8 +324,6 @@ def shuffled_records(records: Any, seed: int) -> list[tuple[str, Any]]:
     """The (id, record) pairs in a seeded random order, so that every shard mixes the classes even when the
     annotation file is sorted by class (training streams shards in order; a class-sorted shard gives single-class
     batches). A repeated id keeps its first entry: later copies come after all first entries."""
-    import numpy as np
-
     pairs = list(records)
     first: dict[str, int] = {}
     for index, (record_id, _) in enumerate(pairs):
@@ -340,8 +337,6 @@ def shuffled_records(records: Any, seed: int) -> list[tuple[str, Any]]:
 
 def convert(args: argparse.Namespace) -> dict[str, Any]:
     """Run one conversion with parsed arguments; return the summary dict."""
-    from megl_ray import storage
-
     started = time.monotonic()
     _check_args(args)
     src = os.path.abspath(args.src)
@@ -426,7 +421,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from megl_ray.cli import setup_logging
-
     setup_logging()
     sys.exit(run_cli("megl_ray.data.convert", main))

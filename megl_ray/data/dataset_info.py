@@ -12,9 +12,11 @@ import math
 from typing import Any
 
 import numpy as np
+from pyarrow.fs import FileType
 
 from megl_ray.config import safe_io
 from megl_ray.errors import UserError
+from megl_ray.storage import pyarrow_filesystem
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -109,7 +111,7 @@ class DatasetInfo:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> "DatasetInfo":
+    def from_json(cls, text: str) -> DatasetInfo:
         """Parse and validate; unknown keys are ignored so newer writers stay readable by older readers."""
         try:
             raw = json.loads(text)
@@ -132,10 +134,6 @@ class DatasetInfo:
 
 def load_dataset_info(uri: str) -> DatasetInfo:
     """Load ``dataset.json`` from a converted dataset's root (local path or ``s3://``), or from the file's own URI."""
-    from pyarrow.fs import FileType
-
-    from megl_ray.storage import pyarrow_filesystem
-
     fs, path = pyarrow_filesystem(uri)
     if not path.endswith(".json"):
         path = path.rstrip("/") + "/" + DATASET_INFO_FILE

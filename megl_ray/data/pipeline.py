@@ -16,7 +16,8 @@ change no gradient. This is the only data module that imports Ray.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +26,7 @@ import ray.data
 from ray.data import FileShuffleConfig
 from ray.data.expressions import col
 
+from megl_ray.cluster.credentials import workers_inherit_env
 from megl_ray.data.reader import split_paths
 from megl_ray.data.schema import DatasetInfo, load_dataset_info
 from megl_ray.data.transforms import model_batch, preprocess_rows
@@ -73,7 +75,6 @@ def build_dataset(uri: str, split: str, *, tokenizer: Any, image_size: int, max_
     """
     configure_data_context()
     info = info or load_dataset_info(uri)
-    from megl_ray.cluster.credentials import workers_inherit_env
 
     # Ray pickles the filesystem into its read tasks: no credentials inside when those inherit them
     fs, paths = split_paths(uri, info, split, embed_credentials=not workers_inherit_env())

@@ -6,22 +6,24 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from megl_ray.data.schema import DATASET_INFO_FILE, DatasetInfo, load_dataset_info
+from megl_ray.data import convert
+from megl_ray.data.sample import sample_dataset_path
+from megl_ray.data.schema import DATASET_INFO_FILE, PARQUET_SCHEMA, DatasetInfo, load_dataset_info
 from megl_ray.errors import UserError
+from megl_ray.storage import pyarrow_filesystem
 
 
 def split_paths(uri: str, info: DatasetInfo, split: str, embed_credentials: bool = True) -> tuple[Any, list[str]]:
     """(pyarrow filesystem, shard paths) of one split; ``embed_credentials`` as in ``storage.pyarrow_filesystem``
     (False for a filesystem that Ray ships to its workers)."""
-    from megl_ray.storage import pyarrow_filesystem
-
     if split not in info.shards:
         raise UserError(f"dataset at {uri} has no split '{split}' (it has {', '.join(info.shards)})")
     fs, base = pyarrow_filesystem(uri, embed_credentials=embed_credentials)
@@ -47,8 +49,6 @@ def read_split(uri: str, split: str, info: DatasetInfo | None = None,
 
 def check_shard_schema(found: pa.Schema, uri: str, split: str) -> None:
     """Refuse shards whose columns are not the converter's (a foreign Parquet file under a dataset's name)."""
-    from megl_ray.data.schema import PARQUET_SCHEMA
-
     for want in PARQUET_SCHEMA:
         index = found.get_field_index(want.name)
         if index < 0 or not found.field(index).type.equals(want.type):
@@ -76,9 +76,6 @@ def iter_row_batches(table: pa.Table, batch_size: int, epoch: int, seed: int, sh
 
 def bundled_dataset_uri(cache_dir: str | Path | None = None) -> str:
     """The bundled sample dataset converted (once, cached by the sample's content hash) to a local directory."""
-    from megl_ray.data import convert
-    from megl_ray.data.sample import sample_dataset_path
-
     src = sample_dataset_path()
     # The masks are part of the key: a regenerated sample can keep its annotation file and change only its masks.
     content = hashlib.sha256((src / "exp_annotation.json").read_bytes())

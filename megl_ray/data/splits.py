@@ -6,7 +6,7 @@ stratified by class, so every class keeps its share in both parts and the same s
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -11,30 +11,25 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-import os
-from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
 
+from megl_ray import storage
 from megl_ray.config import MEGLConfig, megl_home
+from megl_ray.data import convert
+from megl_ray.data.sample import sample_dataset_path
+from megl_ray.data.schema import DATASET_INFO_FILE
 from megl_ray.storage.embedded_home import BUCKET, embedded_store_for, serving
 
 log = logging.getLogger(__name__)
 
 
 def bundled_dataset_s3_uri() -> str:
-    from megl_ray.data.sample import sample_dataset_path
-
     digest = hashlib.sha256((sample_dataset_path() / "exp_annotation.json").read_bytes()).hexdigest()[:12]
     return f"s3://{BUCKET}/datasets/digits-{digest}"
 
 
 def ensure_bundled_dataset(uri: str) -> None:
     """Convert and upload the bundled sample dataset to ``uri`` unless a complete conversion is there."""
-    from megl_ray import storage
-    from megl_ray.data import convert
-    from megl_ray.data.sample import sample_dataset_path
-    from megl_ray.data.schema import DATASET_INFO_FILE
-
     storage.ensure_bucket(uri)
     if storage.exists(f"{uri}/{DATASET_INFO_FILE}"):
         return
@@ -55,8 +50,6 @@ def embedded_default(cfg: MEGLConfig) -> Iterator[MEGLConfig]:
             ensure_bundled_dataset(data_uri)
         storage_path = cfg.run.storage_path or f"s3://{BUCKET}/runs"
         if cfg.run.storage_path is None:
-            from megl_ray import storage
-
             storage.ensure_bucket(storage_path)
         log.info("embedded S3 at %s: data %s, runs %s", server.endpoint_url, data_uri, storage_path)
         yield dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, uri=data_uri),

@@ -15,9 +15,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -27,14 +28,13 @@ from megl_ray import storage
 from megl_ray.cluster.credentials import INHERIT_VAR, credentials_file
 from megl_ray.cluster.placement import check_run_storage
 from megl_ray.cluster.ray_env import local_ray_undone
-from megl_ray.cluster.ray_session import check_resources, run_storage, run_uri, start_ray, worker_env
 from megl_ray.config import MEGLConfig, load_config, megl_home, packaged_config
 from megl_ray.data.pipeline import fits_in_cache, preprocessed_bytes_per_row
 from megl_ray.data.schema import load_dataset_info
 from megl_ray.driver.embedded import embedded_default
-from megl_ray.storage.embedded_home import points_into_embedded
 from megl_ray.driver.inputs import build_datasets, plan_splits
 from megl_ray.driver.post_eval import evaluate_where_the_gpus_are
+from megl_ray.driver.ray_session import check_resources, run_storage, run_uri, start_ray, worker_env
 from megl_ray.driver.run_identity import check_run, fresh_name, name_given
 from megl_ray.errors import UserError
 from megl_ray.model.vlm import load_tokenizer, pixel_size
@@ -42,6 +42,7 @@ from megl_ray.reporting.console import configure_driver, quiet_ray_data, train_l
 from megl_ray.reporting.pictures import closing_lines, local_run_dir, write_pictures
 from megl_ray.reporting.progress import RunMonitor
 from megl_ray.reporting.tracking import Tracker
+from megl_ray.storage.embedded_home import points_into_embedded
 from megl_ray.training.accounting import planned_steps
 from megl_ray.training.ds_config import global_batch_size
 from megl_ray.training.guards import DIVERGED_KEY, raise_if_diverged

@@ -6,7 +6,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from megl_ray.config import MEGLConfig
+from megl_ray.data.pipeline import build_dataset
+from megl_ray.data.reader import read_split
+from megl_ray.data.splits import carve_validation
 from megl_ray.errors import UserError
+from megl_ray.model.vlm import pixel_size
 
 
 @dataclass
@@ -27,9 +31,6 @@ class Splits:
 def plan_splits(cfg: MEGLConfig, info: Any, evaluate_test: bool) -> Splits:
     """Read train's ids, classes and rationales (no images) and decide what validates; user errors for empty
     splits, before Ray starts."""
-    from megl_ray.data.reader import read_split
-    from megl_ray.data.splits import carve_validation
-
     counts = dict(info.splits)
     described = ", ".join(f"{k}={v}" for k, v in counts.items())
     if counts.get("train", 0) == 0:
@@ -59,9 +60,6 @@ def plan_splits(cfg: MEGLConfig, info: Any, evaluate_test: bool) -> Splits:
 def build_datasets(cfg: MEGLConfig, info: Any, tokenizer: Any, splits: Splits, cache: bool) -> tuple[dict, Any]:
     """(datasets for the TorchTrainer, cached training split or None). Training data is not among the trainer's
     datasets: each worker reads its own seeded share every epoch (``megl_ray.training.accounting``)."""
-    from megl_ray.data.pipeline import build_dataset
-    from megl_ray.model.vlm import pixel_size
-
     common = dict(tokenizer=tokenizer, image_size=pixel_size(cfg.model), image_aspect=cfg.model.image_aspect,
                   max_rationales=cfg.data.max_rationales, max_text_tokens=cfg.model.max_text_tokens,
                   seed=cfg.train.seed, info=info)

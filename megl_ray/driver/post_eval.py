@@ -4,11 +4,25 @@ files of the export, never the VLM's weights (the saliency Â is the classifier'
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import numpy as np
+import ray
 import torch
+import yaml
+from safetensors import safe_open
+from transformers import AutoTokenizer
 
-from megl_ray.model.classifier import fit_pixels
+from megl_ray.cluster.credentials import credentials_file, load_credentials
+from megl_ray.config import config_from_dict
+from megl_ray.data.reader import iter_row_batches, read_split
+from megl_ray.data.schema import load_dataset_info
+from megl_ray.data.transforms import preprocess_rows
+from megl_ray.evaluation.metrics import ClassificationMetrics, SaliencyMetrics
+from megl_ray.model.checkpoint_io import local_dir
+from megl_ray.model.classifier import build_classifier, fit_pixels
+from megl_ray.model.export_io import CONFIG_FILE, META_FILE, TOKENIZER_DIR, WEIGHTS_FILE
 from megl_ray.model.saliency import gradcam
 
 
@@ -32,17 +46,6 @@ class ClassifierOnly(torch.nn.Module):
 
 def load_classifier_only(export_uri: str, device: str = "cpu") -> tuple[ClassifierOnly, Any, Any]:
     """(classifier predictor, config, tokenizer) of an export, reading only ``classifier.*`` tensors."""
-    import json
-
-    import yaml
-    from safetensors import safe_open
-    from transformers import AutoTokenizer
-
-    from megl_ray.config import config_from_dict
-    from megl_ray.model.export_io import CONFIG_FILE, META_FILE, TOKENIZER_DIR, WEIGHTS_FILE
-    from megl_ray.model.checkpoint_io import local_dir
-    from megl_ray.model.classifier import build_classifier
-
     root = local_dir(export_uri)
     cfg = config_from_dict(yaml.safe_load((root / CONFIG_FILE).read_text()))
     meta = json.loads((root / META_FILE).read_text())
@@ -60,13 +63,6 @@ def load_classifier_only(export_uri: str, device: str = "cpu") -> tuple[Classifi
 
 def evaluate_test_split(export_uri: str, data_uri: str, device: str = "cpu") -> dict[str, float | None]:
     """Accuracy and mIoU of an export's classifier on the test split (the metrics of ``megl_ray.evaluate``)."""
-    import numpy as np
-
-    from megl_ray.data.reader import iter_row_batches, read_split
-    from megl_ray.data.schema import load_dataset_info
-    from megl_ray.data.transforms import preprocess_rows
-    from megl_ray.evaluation.metrics import ClassificationMetrics, SaliencyMetrics
-
     model, cfg, tokenizer = load_classifier_only(export_uri, device)
     info = load_dataset_info(data_uri)
     classification, saliency = ClassificationMetrics(info.num_classes), SaliencyMetrics()
@@ -85,8 +81,6 @@ def _evaluate_with_credentials(export_uri: str, data_uri: str, device: str,
                                credentials: str | None) -> dict[str, float | None]:
     """In the Ray task: credentials the task's environment lacks come from the 0600 file, as in the workers (a
     joined cluster's processes did not inherit the driver's environment)."""
-    from megl_ray.cluster.credentials import load_credentials
-
     load_credentials(credentials)
     return evaluate_test_split(export_uri, data_uri, device)
 
@@ -94,10 +88,6 @@ def _evaluate_with_credentials(export_uri: str, data_uri: str, device: str,
 def evaluate_where_the_gpus_are(export_uri: str, data_uri: str, use_gpu: bool, cpus: float,
                                 env: dict[str, str]) -> dict[str, float | None]:
     """``evaluate_test_split`` as a Ray task holding one training worker's resources."""
-    import ray
-
-    from megl_ray.cluster.credentials import credentials_file
-
     task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=cpus,
                       runtime_env={"env_vars": env})(_evaluate_with_credentials)
     with credentials_file() as credentials:  # removed when the task has finished

@@ -13,11 +13,16 @@ import logging
 import secrets
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+import yaml
+
+from megl_ray import storage
 from megl_ray.config import MEGLConfig
 from megl_ray.errors import UserError
+from megl_ray.reporting.tracking import flatten
 
 log = logging.getLogger("megl_ray.train")
 IDENTITY_FILE = "run.json"
@@ -31,8 +36,6 @@ RESUMABLE_KEYS = frozenset({
 
 def fingerprint(cfg: MEGLConfig) -> dict[str, Any]:
     """The resolved config as flat ``section.key`` pairs, without ``RESUMABLE_KEYS``."""
-    from megl_ray.reporting.tracking import flatten
-
     return {k: v for k, v in sorted(flatten(cfg.to_dict()).items()) if k not in RESUMABLE_KEYS}
 
 
@@ -45,8 +48,6 @@ def check_run(cfg: MEGLConfig, run_uri: str) -> dict[str, Any] | None:
     """Before training: the finished result when this run is complete (None: train or resume it). Raises a
     ``UserError`` naming the keys when the run exists with another configuration; records the identity of a new
     run."""
-    from megl_ray import storage
-
     identity_uri, current = f"{run_uri}/{IDENTITY_FILE}", fingerprint(cfg)
     if storage.exists(identity_uri):
         saved = json.loads(storage.read_bytes(identity_uri))["fingerprint"]
@@ -70,8 +71,6 @@ def name_given(config_path: str | None, overrides: Sequence[str]) -> bool:
     if any(o.split("=", 1)[0].strip() == "run.name" for o in overrides):
         return True
     if config_path:
-        import yaml
-
         try:
             tree = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError):

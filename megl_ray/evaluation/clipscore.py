@@ -14,12 +14,17 @@ model Hessel et al. use): nothing is fetched from a model hub. No candidate pref
 from __future__ import annotations
 
 import io
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+from transformers.utils import logging as hf_logging
 
 from megl_ray.errors import UserError
+from megl_ray.model.checkpoint_io import local_dir
 
 CLIP_SCORE_WEIGHT = 2.5
 """w of Hessel et al.: rescales cosines, which rarely exceed 0.4 for CLIP, to roughly [0, 1]."""
@@ -35,11 +40,6 @@ class CLIPScorer:
     """A CLIP model, tokenizer and image processor loaded once from ``path``; ``score`` gives per-pair CLIP-S."""
 
     def __init__(self, path: str, device: str | torch.device = "cpu"):
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-        from transformers.utils import logging as hf_logging
-
-        from megl_ray.model.checkpoint_io import local_dir
-
         hf_logging.disable_progress_bar()
         root = str(local_dir(path))
         try:
@@ -88,8 +88,6 @@ class CLIPScorer:
 
     def score_bytes(self, encoded: Sequence[bytes], texts: Sequence[str]) -> np.ndarray:
         """``score`` for encoded images (the dataset's stored bytes, at their own resolution)."""
-        from PIL import Image
-
         images = []
         for data in encoded:
             with Image.open(io.BytesIO(data)) as img:

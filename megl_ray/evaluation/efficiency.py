@@ -10,18 +10,18 @@ early does not look fast. The device and precision are resolved as for evaluatio
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from megl_ray.errors import UserError
-from megl_ray.evaluation.options import EvaluateOptions
 from megl_ray.evaluation.inference import load_for_inference
+from megl_ray.evaluation.options import EvaluateOptions
 from megl_ray.evaluation.scoring import write_json
 
 log = logging.getLogger("megl_ray.evaluation.efficiency")

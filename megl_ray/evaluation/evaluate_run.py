@@ -20,16 +20,17 @@ so they report identical numbers.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import sys
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import ray
+import ray.data
 import torch
 
 from megl_ray.cluster.ray_env import local_ray_undone
@@ -38,8 +39,8 @@ from megl_ray.data.reader import read_split
 from megl_ray.data.schema import load_dataset_info
 from megl_ray.errors import UserError
 from megl_ray.evaluation.clipscore import CLIPScorer
-from megl_ray.evaluation.inference import PRECISIONS, load_for_inference, resolve_device, run_batch
 from megl_ray.evaluation.efficiency import run_efficiency
+from megl_ray.evaluation.inference import PRECISIONS, load_for_inference, resolve_device, run_batch
 from megl_ray.evaluation.options import RAY_ROW_THRESHOLD, EvaluateOptions
 from megl_ray.evaluation.scoring import METRIC_KEYS, format_table, score, write_json
 from megl_ray.model.export_io import check_export, load_export_config
@@ -115,10 +116,6 @@ class Predictor:
 @contextlib.contextmanager
 def ray_session() -> Iterator[Any]:
     """Ray, connected to ``RAY_ADDRESS`` when set, else a local instance; shut down only if started here."""
-    import ray
-
-    from megl_ray.cluster.ray_env import local_ray_undone
-
     started_here = not ray.is_initialized()
     with local_ray_undone():  # a local Ray's token authentication must not outlive it (see ray_env)
         if started_here:
@@ -149,10 +146,6 @@ def predict_with_ray(ray: Any, checkpoint: str, table: pa.Table, mask_size: int,
                      clip_path: str | None) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     """The same predictions through Ray Data: one block per in-process batch, ``workers`` model-holding actors.
     Returns (outputs in row order, where each actor ran)."""
-    import ray.data
-
-    from megl_ray.data.pipeline import configure_data_context
-
     configure_data_context()
     n = table.num_rows
     indexed = table.append_column("_row", pa.array(np.arange(n, dtype=np.int64)))
@@ -205,7 +198,6 @@ def _ray_candidate(args: EvaluateOptions, rows: int) -> bool:
         return True
     if args.device == "cpu" or local_gpu:
         return False
-    import ray
 
     return bool(os.environ.get("RAY_ADDRESS")) or ray.is_initialized()
 

@@ -19,9 +19,11 @@ import logging
 import re
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+import matplotlib
 import numpy as np
 import torch
 from PIL import Image
@@ -71,8 +73,6 @@ def heat(saliency: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 
 def overlay(image: Image.Image, heat_map: np.ndarray, alpha: float = OVERLAY_ALPHA) -> Image.Image:
     """The heat map through matplotlib's colormap (no figure, no display), alpha-blended over the image."""
-    import matplotlib
-
     colours = matplotlib.colormaps[COLORMAP](heat_map)[..., :3]
     base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     blended = (1.0 - alpha) * base + alpha * colours

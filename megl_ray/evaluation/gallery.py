@@ -4,8 +4,9 @@ and reference rationales), its images as files beside it; no script, no external
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 COLORMAP = "jet"
 """The heat map's matplotlib colormap (red = high)."""
@@ -46,7 +47,7 @@ def _card(ex: dict[str, Any]) -> str:
     verdict = "ok" if ex["predicted"] == ex["label"] else "wrong"
     refs = "".join(f"<li>{e(r)}</li>" for r in ex["references"])
     iou = "no mask" if ex["iou"] is None and not ex["mask"] else ("n/a" if ex["iou"] is None else f"{ex['iou']:.2f}")
-    return (f'<div class="card"><div class="pics">'
+    return ('<div class="card"><div class="pics">'
             + _figure(ex["image"], f"image {ex['id']}", "image")
             + _figure(ex["overlay"], "saliency overlay", "saliency Â")
             + _figure(ex["region"], "saliency region", "Â ≥ 0.5·max")

@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from megl_ray.data.transforms import preprocess_rows
 from megl_ray.errors import UserError
 from megl_ray.evaluation.options import PRECISIONS
+from megl_ray.model.export_io import load_export, merge_lora
 
 log = logging.getLogger("megl_ray.evaluation.inference")
 
@@ -71,8 +73,6 @@ def prepare_for_inference(exported: Any, device: str = "auto", precision: str = 
     """Make a loaded export ready to predict, in place: device and dtype resolved here, LoRA adapters folded into
     their base layers (``export.merge_lora``, peft's merge, in float32 before any cast) so inference runs plain
     linear layers, VLM (and SDTG projection) cast, eval mode. Returns where it now runs."""
-    from megl_ray.model.export_io import merge_lora
-
     resolved = resolve_device(device)
     dtype = resolve_dtype(precision, resolved)
     model = exported.model
@@ -91,8 +91,6 @@ def prepare_for_inference(exported: Any, device: str = "auto", precision: str = 
 def load_for_inference(uri: str, device: str = "auto", precision: str = "auto") -> tuple[Any, Placement]:
     """The export at ``uri``, loaded on the CPU and then ``prepare_for_inference``-d. Returns (Exported,
     Placement)."""
-    from megl_ray.model.export_io import load_export
-
     resolve_dtype(precision, resolve_device(device))  # a bad --device/--precision fails before the slow load
     exported = load_export(uri, device="cpu")
     return exported, prepare_for_inference(exported, device, precision)
@@ -104,8 +102,6 @@ def run_batch(exported: Any, columns: dict[str, list[Any]], mask_size: int, num_
     saliency of the predicted class, the rationale generated for the predicted class (at most ``max_new_tokens``
     tokens; default the trained ``model.max_text_tokens``) and, with a ``clip`` scorer, each rationale's CLIPScore
     against its image."""
-    from megl_ray.data.transforms import preprocess_rows
-
     model, cfg = exported.model, exported.config
     # The training transform, so that pixels are exactly what the model saw during validation (uint8-rounded).
     pre = preprocess_rows(columns, model.tokenizer, model.pixel_size, mask_size, 1, cfg.model.max_text_tokens,

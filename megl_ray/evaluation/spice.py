@@ -13,8 +13,12 @@ import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+
+from pycocoevalcap.spice.spice import Spice
+
+from megl_ray.evaluation.metrics import _coco_inputs, _float
 
 log = logging.getLogger("megl_ray.evaluation.spice")
 
@@ -48,14 +52,11 @@ def spice_status() -> str | None:
 def spice(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[float | None, str | None]:
     """(corpus SPICE F-score, None), or (None, reason) when it cannot be computed here. Text goes in as
     ``metrics.coco_tokenize`` gives it, as for METEOR and CIDEr."""
-    from megl_ray.evaluation.metrics import _coco_inputs, _float
-
     if not hypotheses:
         return None, "no hypotheses"
     reason = spice_status()
     if reason is not None:
         return None, reason
-    from pycocoevalcap.spice.spice import Spice
 
     gts, res = _coco_inputs(hypotheses, references)
     scorer = Spice.__new__(Spice)  # skip __init__: it would download CoreNLP when the jars are missing

@@ -10,14 +10,15 @@ import tempfile
 from pathlib import Path
 
 import torch
+from filelock import FileLock
+from safetensors.torch import load as load_safetensors
 
+from megl_ray import storage
 from megl_ray.errors import UserError
 
 
 def read_uri_bytes(uri: str) -> bytes:
     if uri.startswith("s3://"):
-        from megl_ray import storage  # boto3 only when needed
-
         return storage.read_bytes(uri)
     path = Path(uri)
     if not path.is_file():
@@ -29,8 +30,6 @@ def load_state_dict_file(uri: str) -> dict[str, torch.Tensor]:
     """A state dict from a .safetensors or .pt/.pth file (local or s3://)."""
     data = read_uri_bytes(uri)
     if uri.endswith(".safetensors"):
-        from safetensors.torch import load as load_safetensors
-
         return load_safetensors(data)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -56,10 +55,6 @@ def local_dir(uri: str) -> Path:
     the first one download while the others wait and then reuse its copy (the cache's rename keeps a copy whole,
     but without the lock every racing worker would still download a 7B checkpoint in full)."""
     if uri.startswith("s3://"):
-        from filelock import FileLock
-
-        from megl_ray import storage
-
         lock = fetch_lock_path(uri)
         lock.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(lock)):

@@ -12,10 +12,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+from torchvision.models import get_model_weights
 
 from megl_ray.errors import ConfigError
+from megl_ray.model.checkpoint_io import load_state_dict_file
 from megl_ray.model.saliency import closed_form_cam
 
 # Classifiers see ImageNet-normalised pixels; the model receives [0, 1] pixels and normalises per consumer, because
@@ -78,7 +82,7 @@ class Classifier(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def train(self, mode: bool = True) -> "Classifier":
+    def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
         if self.norm_frozen:  # frozen BatchNorm stays in eval mode: running statistics, no batch statistics
             for module in self.modules():
@@ -211,7 +215,6 @@ class ClsTokenClassifier(Classifier):
     def forward(self, pixels: torch.Tensor, cam_target: torch.Tensor | str | None = None) -> ClassifierOutput:
         # The fused attention kernels have no double backward; the autograd Grad-CAM differentiates through the
         # last block twice, so attention runs on the math kernel here.
-        from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel(SDPBackend.MATH):
             return self._forward(pixels)
@@ -235,7 +238,6 @@ def _torchvision_weights(builder_name: str, weights: str | None):
     """Resolve a torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``) for a builder; None for other values."""
     if weights is None or "/" in weights or weights.endswith((".pt", ".pth", ".safetensors")):
         return None
-    from torchvision.models import get_model_weights
 
     enum = get_model_weights(builder_name)
     try:
@@ -249,8 +251,6 @@ def _torchvision_weights(builder_name: str, weights: str | None):
 def build_classifier(name: str, num_classes: int, *, image_size: int = 224, head: str = "linear",
                      vit_pool: str = "mean", weights: str | None = None) -> Classifier:
     """Build classifier ``name`` with a new head for ``num_classes``; load ``weights`` (see ``ModelConfig``)."""
-    import torchvision
-
     tv_weights = _torchvision_weights(name, weights) if name != "tiny" else None
     if name == "tiny":
         model: Classifier = Classifier(TinyCNN(64), 64, num_classes, head)
@@ -272,8 +272,6 @@ def build_classifier(name: str, num_classes: int, *, image_size: int = 224, head
 
 def load_classifier_state(model: Classifier, uri: str) -> None:
     """Load a state dict from a local or ``s3://`` .pt/.safetensors file; never unpickles arbitrary objects."""
-    from megl_ray.model.checkpoint_io import load_state_dict_file
-
     state = load_state_dict_file(uri)
     # A head trained for other classes is expected not to fit: keep ours, load the rest strictly.
     state = {k: v for k, v in state.items() if not k.startswith("head.")}

@@ -23,15 +23,24 @@ import contextlib
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from peft.tuners.lora import LoraLayer
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
-from megl_ray.config import safe_io
-from megl_ray.config import MEGLConfig, config_from_dict
+from megl_ray import storage
+from megl_ray.config import MEGLConfig, config_from_dict, safe_io
+from megl_ray.config.strict_yaml import load_yaml_file
 from megl_ray.errors import UserError
+from megl_ray.model import build_megl_model
+from megl_ray.model.checkpoint_io import local_dir
+from megl_ray.model.vlm import VLMBundle, _num_image_tokens, set_memory_options
 
 FORMAT_VERSION = 1
 VLM_CONFIG_FILE = "vlm_config.json"
@@ -93,8 +102,6 @@ def save_export(model: Any, cfg: MEGLConfig, classes: list[str], dst: str, extra
                 state: dict[str, torch.Tensor] | None = None, standalone: bool = False) -> str:
     """Write ``model`` (a MEGLModel) as an export to a local directory or ``s3://`` prefix; returns ``dst``.
     ``state`` (from ``exported_state``) is used when given, e.g. gathered from ZeRO-3 shards."""
-    from safetensors.torch import save_file
-
     if state is None:
         state = exported_state(model, cfg, standalone=standalone)
     with tempfile.TemporaryDirectory(prefix="megl-export-") as tmp:
@@ -111,8 +118,6 @@ def save_export(model: Any, cfg: MEGLConfig, classes: list[str], dst: str, extra
                 "pixel_size": int(getattr(model, "pixel_size", cfg.model.image_size)), **(extra or {})}
         (root / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         if dst.startswith("s3://"):
-            from megl_ray import storage
-
             storage.upload(str(root), dst)
         else:
             out = Path(dst)
@@ -127,10 +132,6 @@ def save_export(model: Any, cfg: MEGLConfig, classes: list[str], dst: str, extra
 
 def _standalone_vlm(root: Path, cfg: MEGLConfig, tokenizer: Any) -> Any:
     """The VLM of a standalone export: its architecture from ``vlm_config.json``, weights from the export."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    from megl_ray.model.vlm import VLMBundle, _num_image_tokens, set_memory_options
-
     config = LlavaConfig.from_json_file(str(root / VLM_CONFIG_FILE))
     model = LlavaForConditionalGeneration(config)
     set_memory_options(model, cfg.model)
@@ -159,8 +160,6 @@ def _read_meta(root: Path, uri: str) -> dict[str, Any]:
 
 def check_export(uri: str) -> tuple[Path, dict[str, Any]]:
     """(local directory, validated ``meta.json``) of an export, without building the model."""
-    from megl_ray.model.checkpoint_io import local_dir
-
     root = local_dir(uri)
     missing = [name for name in (WEIGHTS_FILE, CONFIG_FILE, META_FILE, TOKENIZER_DIR) if not (root / name).exists()]
     if missing:
@@ -170,8 +169,6 @@ def check_export(uri: str) -> tuple[Path, dict[str, Any]]:
 
 def load_export_config(root: Path, uri: str) -> MEGLConfig:
     """The export's validated ``config.yaml`` (a ``UserError`` naming the file otherwise)."""
-    from megl_ray.config.strict_yaml import load_yaml_file
-
     try:
         return config_from_dict(load_yaml_file(root / CONFIG_FILE, CONFIG_FILE))
     except UserError as err:
@@ -179,8 +176,6 @@ def load_export_config(root: Path, uri: str) -> MEGLConfig:
 
 
 def _load_tokenizer(root: Path, uri: str) -> Any:
-    from transformers import AutoTokenizer
-
     path = root / TOKENIZER_DIR
     if not path.is_dir() or not any(path.iterdir()):
         raise UserError(f"{uri}: {TOKENIZER_DIR}/ is empty or not a directory (no saved tokenizer)")
@@ -191,9 +186,6 @@ def _load_tokenizer(root: Path, uri: str) -> Any:
 
 
 def _load_weights(root: Path, uri: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         safe_io.check_regular_file(root / WEIGHTS_FILE, WEIGHTS_FILE)
         return load_file(str(root / WEIGHTS_FILE))
@@ -205,8 +197,6 @@ def _load_weights(root: Path, uri: str) -> dict[str, torch.Tensor]:
 
 def load_export(uri: str, device: str | torch.device = "cpu") -> Exported:
     """Rebuild the MEGL model of an export; clear one-line errors for a missing, damaged or foreign directory."""
-    from megl_ray.model import build_megl_model
-
     root, meta = check_export(uri)
     cfg = load_export_config(root, uri)
     standalone = bool(meta.get("standalone"))
@@ -234,8 +224,6 @@ def load_export(uri: str, device: str | torch.device = "cpu") -> Exported:
 
 def merge_lora(model: Any) -> int:
     """Fold every LoRA adapter into its base layer (W + B·A·scale) and put the base layer back; returns how many."""
-    from peft.tuners.lora import LoraLayer
-
     merged = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):

@@ -7,16 +7,17 @@ terms.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megl_ray.model import losses
 from megl_ray.config import LossConfig, MEGLConfig, ModelConfig
 from megl_ray.data.transforms import encode_prompt, pad_sequences
+from megl_ray.model import losses
 from megl_ray.model.classifier import Classifier, build_classifier, fit_pixels
 from megl_ray.model.counterfactual import counterfactual_images, explained_region
 from megl_ray.model.precision import autocast_dtype, prepare_model

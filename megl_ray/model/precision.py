@@ -27,7 +27,8 @@ and eps), the saliency normalisation (a max-normalised map, eps 1e-8) and the CE
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -11,11 +11,24 @@ import importlib.util
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
+from peft import LoraConfig, inject_adapter_in_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 from megl_ray.config import ModelConfig
 from megl_ray.data.transforms import IMAGE_TOKEN
@@ -43,9 +56,6 @@ class VLMBundle:
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> Any:
     """A byte-level BPE tokenizer trained on ``corpus`` with the ``tokenizers`` library (the tiny preset's)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -58,8 +68,6 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> Any:
 
 def load_tokenizer(cfg: ModelConfig, corpus: Iterable[str] | None = None) -> Any:
     """The tokenizer the configured preset uses, without loading any weights (the driver prepares data with it)."""
-    from transformers import AutoTokenizer
-
     if cfg.preset == "tiny":
         if cfg.tokenizer_path:
             return AutoTokenizer.from_pretrained(str(local_dir(cfg.tokenizer_path)))
@@ -106,8 +114,6 @@ def pixel_size(cfg: ModelConfig) -> int:
 
 
 def tiny_llava_config(cfg: ModelConfig, vocab_size: int, image_token_id: int, pad_token_id: int) -> Any:
-    from transformers import CLIPVisionConfig, LlavaConfig, Qwen2Config
-
     hidden = cfg.tiny_hidden_size
     vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=cfg.tiny_layers,
                               num_attention_heads=4, image_size=cfg.tiny_vision_image_size, patch_size=8,
@@ -128,8 +134,6 @@ def _num_image_tokens(config: Any) -> int:
 
 def build_tiny(cfg: ModelConfig, corpus: Iterable[str] | None = None, tokenizer: Any = None) -> VLMBundle:
     """The tiny preset: random-init 2-layer CLIP + 2-layer Qwen2 and a BPE tokenizer trained on ``corpus``."""
-    from transformers import LlavaForConditionalGeneration
-
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg, corpus)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config = tiny_llava_config(cfg, len(tokenizer), image_token_id, tokenizer.pad_token_id)
@@ -140,8 +144,6 @@ def build_tiny(cfg: ModelConfig, corpus: Iterable[str] | None = None, tokenizer:
 def load_llava(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> VLMBundle:
     """A ``llava-1.5-7b-hf``-layout directory (config.json, safetensors, tokenizer files), loaded directly in
     ``dtype`` (the training's 16-bit type for frozen weights: a 7B LM never exists in fp32 on the host)."""
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration
-
     path = local_dir(cfg.vlm_path)
     try:
         model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype)
@@ -157,9 +159,6 @@ def load_llava(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> VLMBundl
 def assemble_clip_qwen2(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> VLMBundle:
     """LLaVA assembled from a CLIP vision checkpoint and a Qwen2 causal LM, with a new (trainable) projector;
     weights loaded and the shell built in ``dtype``."""
-    from transformers import AutoModelForCausalLM, CLIPVisionModel, LlavaConfig
-    from transformers import LlavaForConditionalGeneration
-
     vision_dir, lm_dir = local_dir(cfg.vision_path), local_dir(cfg.lm_path)
     try:
         vision = CLIPVisionModel.from_pretrained(str(vision_dir), dtype=dtype)
@@ -202,8 +201,6 @@ def apply_training_mode(bundle: VLMBundle, cfg: ModelConfig) -> None:
         lm.requires_grad_(False)
         model.lm_head.requires_grad_(False)
     if cfg.lora_r > 0:
-        from peft import LoraConfig, inject_adapter_in_model
-
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=list(cfg.lora_target_modules), bias="none")
         try:

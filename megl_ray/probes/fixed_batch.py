@@ -14,16 +14,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray.train
 import torch
+import torch.distributed as dist
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
-from megl_ray.config import MEGLConfig, config_from_dict
+from megl_ray.config import MEGLConfig, config_from_dict, megl_home
+from megl_ray.model import build_megl_model
+from megl_ray.training.ds_config import deepspeed_config
+from megl_ray.training.local import make_batch
+from megl_ray.training.optim import build_optimizer, build_scheduler, plain_step
 
 
 def fixed_batches(cfg: MEGLConfig, model: Any, rows: list[dict[str, Any]], mask_size: int, global_batch: int,
                   steps: int) -> list[dict[str, torch.Tensor]]:
     """``steps`` global batches of consecutive rows (cycling), built by the trainer's own batch code."""
-    from megl_ray.training.local import make_batch
-
     batches = []
     for step in range(steps):
         chunk = [rows[(step * global_batch + i) % len(rows)] for i in range(global_batch)]
@@ -35,9 +41,6 @@ def run_steps(cfg: MEGLConfig, tokenizer: Any, num_classes: int, rows: list[dict
               steps: int, rank: int = 0, world: int = 1, deepspeed_engine: bool = False,
               use_gpu: bool = False) -> dict[str, list[float]]:
     """Train ``steps`` steps; returns {"losses": global mean loss per step, "step_s": seconds per step}."""
-    from megl_ray.model import build_megl_model
-    from megl_ray.training.optim import build_optimizer, build_scheduler, plain_step
-
     torch.manual_seed(cfg.train.seed)
     model = build_megl_model(cfg, num_classes, tokenizer=tokenizer)
     global_batch = cfg.data.batch_size * world
@@ -47,8 +50,6 @@ def run_steps(cfg: MEGLConfig, tokenizer: Any, num_classes: int, rows: list[dict
     engine = None
     if deepspeed_engine:
         import deepspeed
-
-        from megl_ray.training.ds_config import deepspeed_config
 
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                               config=deepspeed_config(cfg, use_gpu), dist_init_required=False)
@@ -67,8 +68,6 @@ def run_steps(cfg: MEGLConfig, tokenizer: Any, num_classes: int, rows: list[dict
         times.append(time.perf_counter() - start)
         loss = out.loss.detach().double()
         if world > 1:
-            import torch.distributed as dist
-
             dist.all_reduce(loss)
             loss /= world
         losses.append(loss.item())
@@ -78,7 +77,6 @@ def run_steps(cfg: MEGLConfig, tokenizer: Any, num_classes: int, rows: list[dict
 def probe_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker loop around ``run_steps`` with DeepSpeed; reports the result from every rank."""
     os.environ.update(config.get("env", {}))
-    import ray.train
 
     ctx = ray.train.get_context()
     torch.set_num_threads(config.get("threads", 1))
@@ -113,11 +111,6 @@ def run_cpu_workers(loop_fn: Any, cfg: MEGLConfig, storage_path: str, name: str,
                     extra_resources: dict[str, float] | None = None) -> None:
     """``loop_fn(loop)`` on ``cfg.train.num_workers`` CPU Ray Train workers (DeepSpeed's CPU accelerator), placed by
     ``cfg.train.placement_strategy``; raises the workers' error."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from megl_ray.config import megl_home
-
     env = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": os.environ.get(
         "TORCH_EXTENSIONS_DIR", str(megl_home() / "torch_extensions"))}
     trainer = TorchTrainer(

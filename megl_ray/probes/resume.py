@@ -14,9 +14,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+import ray.train
 import torch
+import torch.distributed as dist
 
 from megl_ray.config import MEGLConfig, config_from_dict
+from megl_ray.model import build_megl_model
+from megl_ray.probes.fixed_batch import fixed_batches, run_cpu_workers
+from megl_ray.training.ds_config import deepspeed_config
+from megl_ray.training.optim import build_optimizer, build_scheduler
+from megl_ray.training.worker import TrainState, load_checkpoint, save_checkpoint
 
 
 def parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -36,10 +43,6 @@ def parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
 def _engine(cfg: MEGLConfig, loop: dict[str, Any]):
     import deepspeed
 
-    from megl_ray.model import build_megl_model
-    from megl_ray.training.optim import build_optimizer, build_scheduler
-    from megl_ray.training.ds_config import deepspeed_config
-
     torch.manual_seed(cfg.train.seed)
     model = build_megl_model(cfg, loop["num_classes"], tokenizer=loop["tokenizer"])
     optimizer = build_optimizer(model, cfg.optim)
@@ -51,11 +54,6 @@ def _engine(cfg: MEGLConfig, loop: dict[str, Any]):
 
 def resume_loop_per_worker(loop: dict[str, Any]) -> None:
     os.environ.update(loop["env"])
-    import ray.train
-    import torch.distributed as dist
-
-    from megl_ray.probes.fixed_batch import fixed_batches
-    from megl_ray.training.worker import TrainState, load_checkpoint, save_checkpoint
 
     torch.set_num_threads(loop.get("threads", 1))
     cfg = config_from_dict(loop["config"])
@@ -105,8 +103,6 @@ def resume_loop_per_worker(loop: dict[str, Any]) -> None:
 def run_resume_probe(cfg: MEGLConfig, tokenizer: Any, num_classes: int, rows: list[dict[str, Any]],
                      mask_size: int, steps: int, save_at: int, storage_path: str, threads: int = 1) -> list[dict]:
     """``resume_loop_per_worker`` on ``cfg.train.num_workers`` CPU workers of the current Ray cluster."""
-    from megl_ray.probes.fixed_batch import run_cpu_workers
-
     out = Path(storage_path) / "resume-probe.json"
     checkpoint_dir = Path(storage_path) / "resume-probe-checkpoint"
     checkpoint_dir.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,10 @@ import sys
 import warnings
 from typing import Any
 
+import ray
+from ray.data import DataContext
+from ray.train import LoggingConfig
+
 from megl_ray.cli import setup_logging
 
 log = logging.getLogger("megl_ray.train")
@@ -85,22 +89,16 @@ def _quiet_libraries() -> None:
 
 def ray_init_options(verbose: bool) -> dict[str, Any]:
     """``ray.init`` keyword arguments: the job's logging config (root and ``ray`` loggers of its workers)."""
-    import ray
-
     return {"logging_config": ray.LoggingConfig(log_level="INFO" if verbose else "WARNING"), "log_to_driver": True}
 
 
 def train_logging_config(verbose: bool) -> Any:
     """Ray Train's own ``ray.train`` logs (controller and workers)."""
-    from ray.train import LoggingConfig
-
     return LoggingConfig(log_level="INFO" if verbose else "WARNING")
 
 
 def quiet_ray_data(verbose: bool) -> None:
     """Ray Data's per-execution plan lines and progress bars off (its datasets carry this context to the workers)."""
-    from ray.data import DataContext
-
     ctx = DataContext.get_current()
     ctx.print_on_execution_start = verbose
     ctx.enable_progress_bars = False  # the training progress display is ours; Ray Data's would interleave with it

@@ -6,8 +6,19 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+
+import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from megl_ray import storage
+from megl_ray.config import megl_home
+from megl_ray.evaluation.explanations import write_gallery
+from megl_ray.model.export_io import load_export
+from megl_ray.reporting.progress import SHOWN_TERMS
 
 log = logging.getLogger("megl_ray.train")
 
@@ -17,10 +28,7 @@ GALLERY_MAX_NEW_TOKENS = 16
 
 def draw_curves(history: Sequence[dict[str, Any]], path: Path, title: str) -> Path | None:
     """Loss terms against optimizer steps (left) and validation metrics against epochs (right), as one PNG."""
-    import matplotlib
-
     matplotlib.use("Agg", force=False)  # no display needed, none opened
-    from matplotlib.figure import Figure
 
     steps = [e for e in history if e["kind"] == "step"]
     epochs = [e for e in history if e["kind"] == "epoch"]
@@ -28,7 +36,6 @@ def draw_curves(history: Sequence[dict[str, Any]], path: Path, title: str) -> Pa
         return None
     figure = Figure(figsize=(11, 4), dpi=100)
     losses, metrics = figure.subplots(1, 2)
-    from megl_ray.reporting.progress import SHOWN_TERMS
 
     for term in SHOWN_TERMS:
         points = [(e["step"], e["values"][term]) for e in steps if term in e["values"]]
@@ -42,7 +49,6 @@ def draw_curves(history: Sequence[dict[str, Any]], path: Path, title: str) -> Pa
         if points:
             metrics.plot(*zip(*points), marker="o", label=name)
     metrics.set(xlabel="epoch", ylabel="metric", title="validation", ylim=(0, 1.02))
-    from matplotlib.ticker import MaxNLocator
 
     metrics.xaxis.set_major_locator(MaxNLocator(integer=True))
     for axes in (losses, metrics):
@@ -60,8 +66,6 @@ def write_pictures(history: Sequence[dict[str, Any]], run_uri: str, export_uri: 
     """``curves.png`` and ``gallery/index.html`` into ``local_dir`` and the run directory; returns their paths.
 
     Either may fail (a plotting backend, a model that cannot generate): that is a warning, not a failed run."""
-    from megl_ray import storage
-
     local_dir.mkdir(parents=True, exist_ok=True)
     made: dict[str, Any] = {}
     try:
@@ -83,9 +87,6 @@ def write_pictures(history: Sequence[dict[str, Any]], run_uri: str, export_uri: 
 
 
 def _gallery(export_uri: str, data_uri: str, out: Path) -> int:
-    from megl_ray.evaluation.explanations import write_gallery
-    from megl_ray.model.export_io import load_export
-
     exported = load_export(export_uri)
     examples = write_gallery(exported, export_uri, data_uri, "val", GALLERY_PER_CLASS, out, num_beams=1,
                              max_new_tokens=GALLERY_MAX_NEW_TOKENS, batch_size=32)
@@ -108,8 +109,6 @@ def closing_lines(made: dict[str, Any], run_uri: str, tensorboard_dir: str | Non
 
 def local_run_dir(run_name: str) -> Path:
     """Where a run's pictures are kept on this machine: ``$MEGL_HOME/runs/<name>`` (a temp dir if unwritable)."""
-    from megl_ray.config import megl_home
-
     path = megl_home() / "runs" / run_name
     try:
         path.mkdir(parents=True, exist_ok=True)

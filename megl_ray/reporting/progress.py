@@ -12,12 +12,15 @@ keeps the history for the run's ``curves.png``.
 from __future__ import annotations
 
 import logging
+import resource
 import sys
 import threading
 import time
 from typing import Any
 
+import ray
 import torch
+from tqdm import tqdm
 
 log = logging.getLogger("megl_ray.train")
 
@@ -66,8 +69,6 @@ class Progress:
 
 
 def _peak_rss() -> float:
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
 
 
@@ -112,8 +113,6 @@ class ConsoleDisplay:
         self.total = total
         self.bar = None
         if getattr(self.stream, "isatty", lambda: False)():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, unit="step", file=self.stream, dynamic_ncols=True, desc="[megl] train",
                             bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {postfix} [{elapsed}]")
 
@@ -142,8 +141,6 @@ class RunMonitor:
     """The driver's side: a board actor for rank 0, a thread showing and tracking what arrives on it."""
 
     def __init__(self, total: int, tracker: Any | None, display: bool = True, interval_s: float = 0.5) -> None:
-        import ray
-
         board_cls = ray.remote(num_cpus=0)(ProgressBoard)
         self.board = board_cls.remote()
         self.tracker = tracker
@@ -169,8 +166,6 @@ class RunMonitor:
             self._poll()
 
     def _poll(self) -> None:
-        import ray
-
         try:
             events = ray.get(self.board.drain.remote(), timeout=30)
         except Exception as err:  # the display is a convenience: never fail training over it

@@ -19,6 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from torch.utils.tensorboard import SummaryWriter
+
+from megl_ray import storage
+from megl_ray.config import megl_home
+
 log = logging.getLogger("megl_ray.train")
 
 DEFAULT_EXPERIMENT = "megl"
@@ -56,8 +61,6 @@ class TensorBoardBackend:
     """Event files written locally, uploaded into ``<run>/tensorboard`` at each epoch and at the end."""
 
     def __init__(self, cfg: Any, run_uri: str, local_dir: Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
         self.local = local_dir / "tensorboard"
         self.remote = run_uri + "/tensorboard"
         self.writer = SummaryWriter(str(self.local))
@@ -83,8 +86,6 @@ class TensorBoardBackend:
         self._sync()
 
     def _sync(self) -> None:
-        from megl_ray import storage
-
         self.writer.flush()
         storage.upload(str(self.local), self.remote)
 
@@ -162,8 +163,6 @@ class WandbBackend:
 
     def __init__(self, cfg: Any, run_uri: str, local_dir: Path) -> None:
         import wandb
-
-        from megl_ray.config import megl_home
 
         directory = Path(os.environ.get("WANDB_DIR") or megl_home() / "wandb")
         directory.mkdir(parents=True, exist_ok=True)

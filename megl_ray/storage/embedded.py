@@ -18,6 +18,8 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import botocore.exceptions
+
 from megl_ray.storage.errors import EmbeddedServerError
 from megl_ray.storage.s3 import DEFAULT_REGION, S3Options, boto3_client
 from megl_ray.storage.weed import (
@@ -334,8 +336,6 @@ class EmbeddedS3:
 
     def _ready(self) -> bool:
         """S3 answers signed requests and the master knows a volume server (else the first write fails)."""
-        import botocore.exceptions
-
         assert self._ports is not None
         host = f"[{self.host}]" if ":" in self.host else self.host
         try:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from megl_ray.config import megl_home
 from megl_ray.storage.embedded import EMBEDDED_SECRET_ENV, EMBEDDED_SECRET_KEY_DEFAULT, EmbeddedS3

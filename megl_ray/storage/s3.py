@@ -11,9 +11,26 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlparse
+
+import boto3
+import botocore.exceptions
+import pyarrow.fs as pafs
+from boto3.exceptions import Boto3Error
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    SSLError,
+)
 
 from megl_ray.errors import redact_urls
 from megl_ray.storage.errors import (
@@ -99,9 +116,6 @@ def _retry_seconds(text: str) -> float:
 
 
 def _boto3_session(options: S3Options) -> Any:
-    import boto3
-    import botocore.exceptions
-
     # A session given a profile ignores AWS_* credential variables; only name it when asked to.
     try:
         if options.access_key:
@@ -113,9 +127,6 @@ def _boto3_session(options: S3Options) -> Any:
 
 def _resolve_credentials(options: S3Options, *, from_env: bool = False) -> Any:
     """botocore credentials for ``options`` from the usual chain, or None when there are none."""
-    import boto3
-    import botocore.exceptions
-
     try:
         # Left to itself boto3 reads AWS_PROFILE and still lets AWS_* credential variables win, as the AWS CLI does.
         session = boto3.session.Session(region_name=options.region) if from_env else _boto3_session(options)
@@ -137,8 +148,6 @@ def boto3_client(options: S3Options | None = None) -> Any:
     addressing when the endpoint is overridden (MinIO, Ceph and SeaweedFS do not serve bucket subdomains).
     Clients are cached per options and process (they are thread-safe).
     """
-    from botocore.config import Config
-
     options = options or S3Options.from_env()
     key = (
         os.getpid(),
@@ -183,8 +192,6 @@ def pyarrow_filesystem(uri: str, options: S3Options | None = None, *,
     filesystem (a pickled S3FileSystem carries its explicit keys): the AWS SDK reads them from the environment of
     whichever process uses it (a Ray worker, a Tune trial), and nothing Ray stores holds them.
     """
-    import pyarrow.fs as pafs
-
     if not is_s3(uri):
         return pafs.LocalFileSystem(), str(_local_path(uri).resolve())
     bucket, key = split_s3(uri)
@@ -229,8 +236,6 @@ def _scrub(text: str, options: S3Options | None) -> str:
 
 def _client_error_of(err: BaseException) -> Any:
     """The botocore ClientError behind ``err`` (s3transfer and boto3 wrap it), or None."""
-    from botocore.exceptions import ClientError
-
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
@@ -242,8 +247,6 @@ def _client_error_of(err: BaseException) -> Any:
 
 
 def _is_transient(err: BaseException) -> bool:
-    from botocore.exceptions import HTTPClientError, IncompleteReadError, SSLError
-
     if isinstance(err, SSLError):
         return False
     if isinstance(err, (HTTPClientError, IncompleteReadError)):
@@ -259,9 +262,6 @@ def _is_transient(err: BaseException) -> bool:
 
 
 def _is_storage_exception(err: BaseException) -> bool:
-    from boto3.exceptions import Boto3Error
-    from botocore.exceptions import BotoCoreError, ClientError
-
     if isinstance(err, (BotoCoreError, ClientError, Boto3Error)):
         return True
     try:
@@ -274,14 +274,6 @@ def _is_storage_exception(err: BaseException) -> bool:
 
 def _storage_error(err: BaseException, uri: str, options: S3Options) -> StorageError:
     """One clear line for what went wrong at ``uri``."""
-    from botocore.exceptions import (
-        EndpointConnectionError,
-        HTTPClientError,
-        NoCredentialsError,
-        PartialCredentialsError,
-        SSLError,
-    )
-
     where = options.describe()
     if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
         return AccessDeniedError(

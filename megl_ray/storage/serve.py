@@ -7,7 +7,8 @@ import logging
 import os
 import signal
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from megl_ray.cli import ArgumentParser, setup_logging
 from megl_ray.errors import UserError

@@ -11,6 +11,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import botocore.exceptions
+
 from megl_ray.config import safe_io
 from megl_ray.storage.errors import BucketNotFoundError, InvalidURIError, NotFoundError, StorageError
 from megl_ray.storage.s3 import S3Options, _call, boto3_client
@@ -134,8 +136,6 @@ def list_files(prefix_uri: str, options: S3Options | None = None) -> list[str]:
 
 def ensure_bucket(uri: str, options: S3Options | None = None) -> None:
     """Create the URI's bucket if it does not exist (for the embedded server, tests and first runs)."""
-    import botocore.exceptions
-
     options = options or S3Options.from_env()
     bucket, _ = split_s3(uri)
     client = boto3_client(options)

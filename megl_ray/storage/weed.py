@@ -9,8 +9,9 @@ import shutil
 import signal
 import socket
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from megl_ray.storage.errors import EmbeddedServerError
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -77,7 +77,7 @@ class FaultHook:
     kills: list[tuple[int, str, Path]] = field(default_factory=list)
 
     @classmethod
-    def from_env(cls) -> "FaultHook":
+    def from_env(cls) -> FaultHook:
         spec, marker = os.environ.get("MEGL_TEST_KILL_AT_STEP", ""), os.environ.get("MEGL_TEST_KILL_MARKER", "")
         kills = []
         if spec and marker:

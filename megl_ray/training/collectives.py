@@ -8,10 +8,13 @@ takes the device explicitly and moves what it sends onto it; results come back w
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torchmetrics import Metric
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 
 def _distributed() -> bool:
@@ -50,8 +53,6 @@ def all_reduce_sums(values: dict[str, float], device: torch.device) -> dict[str,
 def device_sync_fn(device: torch.device):
     """A torchmetrics ``dist_sync_fn`` that gathers a state through ``device`` and hands the gathered copies back on
     the state's own device (where the metric computes)."""
-    from torchmetrics.utilities.distributed import gather_all_tensors
-
     def sync(tensor: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
         gathered = gather_all_tensors(tensor.to(device), group=group)
         return [g.to(tensor.device) for g in gathered]
@@ -62,8 +63,6 @@ def device_sync_fn(device: torch.device):
 def route_metric_sync(metric_objects: Iterable[Any], device: torch.device) -> None:
     """Make every torchmetrics ``Metric`` inside ``metric_objects`` (our metric wrappers, collections, metrics)
     synchronise through ``device``."""
-    from torchmetrics import Metric
-
     sync = device_sync_fn(device)
     seen: set[int] = set()
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 from megl_ray.errors import UserError
 
 DIVERGED_KEY = "diverged"
@@ -52,9 +55,6 @@ class DivergenceGuard:
 
 
 def _any_rank(flag: bool, device: Any = None) -> bool:
-    import torch
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return flag
     tensor = torch.tensor([1.0 if flag else 0.0], device=device)  # on the loss's device: NCCL has no CPU tensors

@@ -17,12 +17,12 @@ from megl_ray.data.reader import bundled_dataset_uri, iter_row_batches, read_spl
 from megl_ray.data.schema import load_dataset_info
 from megl_ray.data.transforms import model_batch, preprocess_rows
 from megl_ray.errors import UserError
+from megl_ray.model import MEGLModel, build_megl_model
 from megl_ray.model.export_io import save_export
 from megl_ray.model.losses import visual_ramp
-from megl_ray.model import MEGLModel, build_megl_model
 from megl_ray.model.precision import autocast_dtype
-from megl_ray.training.optim import build_optimizer, build_scheduler, plain_step
 from megl_ray.training.guards import DivergenceGuard
+from megl_ray.training.optim import build_optimizer, build_scheduler, plain_step
 
 log = logging.getLogger("megl_ray.train_local")
 

@@ -18,19 +18,36 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray.train
 import torch
+from ray.train import Checkpoint
 
-from megl_ray.config import MEGLConfig, config_from_dict
+from megl_ray.cluster.credentials import load_credentials
+from megl_ray.config import MEGLConfig
+from megl_ray.data.pipeline import build_dataset, cached_share, iter_epoch, iter_model_batches
+from megl_ray.data.transforms import model_batch
 from megl_ray.errors import ConfigError
+from megl_ray.evaluation.metrics import ClassificationMetrics, SaliencyMetrics
+from megl_ray.model import build_megl_model
+from megl_ray.model.export_io import exported_state, save_export
 from megl_ray.model.losses import visual_ramp
+from megl_ray.model.vlm import pixel_size
 from megl_ray.reporting.console import configure_worker
 from megl_ray.reporting.progress import Progress
-from megl_ray.training.accounting import (Accounting, FaultHook, epoch_seed, epoch_share, planned_steps,
-                                          steps_per_epoch)
+from megl_ray.training.accounting import Accounting, FaultHook, epoch_seed, epoch_share, planned_steps, steps_per_epoch
 from megl_ray.training.collectives import all_gather_ids, route_metric_sync
+from megl_ray.training.ds_config import deepspeed_config, resolve_precision
+from megl_ray.training.guards import DIVERGED_KEY, DivergenceGuard
+from megl_ray.training.optim import build_optimizer, build_scheduler
 from megl_ray.training.plan import WorkerPlan, plan_of
-from megl_ray.training.rank_state import (LOAD_OPTIONS, SAVE_OPTIONS, exclude_tied_frozen, load_rng, reseed_rank,
-                                          save_rng)
+from megl_ray.training.rank_state import (
+    LOAD_OPTIONS,
+    SAVE_OPTIONS,
+    exclude_tied_frozen,
+    load_rng,
+    reseed_rank,
+    save_rng,
+)
 
 log = logging.getLogger("megl_ray.train")
 DS_TAG = "megl"
@@ -111,10 +128,6 @@ def load_checkpoint(engine: Any, directory: Path, rank: int) -> TrainState:
 def _validate(engine: Any, shard: Any, cfg: MEGLConfig, num_image_tokens: int, num_classes: int) -> dict[str, float]:
     """Validation accuracy and mIoU over this worker's share of the split, with the evaluation's own metric code
     (torchmetrics states, synchronised across the workers at ``compute`` through the engine's device)."""
-    from megl_ray.data.pipeline import iter_epoch
-    from megl_ray.data.transforms import model_batch
-    from megl_ray.evaluation.metrics import ClassificationMetrics, SaliencyMetrics
-
     model = engine.module
     model.eval()
     classification, saliency = ClassificationMetrics(num_classes), SaliencyMetrics()
@@ -133,9 +146,6 @@ def _validate(engine: Any, shard: Any, cfg: MEGLConfig, num_image_tokens: int, n
 
 def _epoch_shard(cfg: MEGLConfig, plan: WorkerPlan, epoch: int, rank: int, world: int) -> Any:
     """This worker's share of ``epoch`` as a Ray Dataset, in the epoch's seeded order (see ``accounting``)."""
-    from megl_ray.data.pipeline import build_dataset, cached_share
-    from megl_ray.model.vlm import pixel_size
-
     mine = epoch_share(list(plan.train_ids), cfg.train.seed, epoch, rank, world)
     pad_to = math.ceil(plan.train_rows / world)
     seed = epoch_seed(cfg.train.seed, epoch)
@@ -151,19 +161,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``: ``loop_config`` holds the driver's typed ``WorkerPlan``."""
     plan = plan_of(loop_config)
     os.environ.update(plan.env)  # S3 endpoint, DS_ACCELERATOR: before DeepSpeed is imported
-    from megl_ray.cluster.credentials import load_credentials
 
     load_credentials(plan.credentials_file)  # only what this worker's environment lacks
     import deepspeed
-    import ray.train
-    from ray.train import Checkpoint
-
-    from megl_ray.data.pipeline import iter_model_batches
-    from megl_ray.model.export_io import save_export
-    from megl_ray.model import build_megl_model
-    from megl_ray.training.optim import build_optimizer, build_scheduler
-    from megl_ray.training.ds_config import deepspeed_config, resolve_precision
-    from megl_ray.training.guards import DIVERGED_KEY, DivergenceGuard
 
     cfg = plan.megl_config()
     cfg.train.precision = resolve_precision(cfg, plan.use_gpu)
@@ -293,8 +293,6 @@ def scheduler_lr(engine: Any) -> float:
 def _export(engine: Any, cfg: MEGLConfig, plan: WorkerPlan, rank: int) -> None:
     """The export (what training changed): under ZeRO-3 gathered module by module (collectively), rank 0 writes."""
     import deepspeed
-
-    from megl_ray.model.export_io import exported_state
 
     gather = ((lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None))
               if cfg.train.zero_stage == 3 else None)

@@ -11,6 +11,8 @@ import yaml
 from ray.tune import Callback
 from ray.tune.schedulers import AsyncHyperBandScheduler
 
+from megl_ray import storage
+
 log = logging.getLogger("megl_ray.tune")
 INTERRUPT_HOOK = "MEGL_TEST_TUNE_INTERRUPT_AFTER"
 
@@ -53,7 +55,6 @@ class ResumableASHA(AsyncHyperBandScheduler):
         if self._state_loaded:
             return
         self._state_loaded = True
-        from megl_ray import storage
 
         if not storage.exists(self._state_uri):
             return
@@ -66,8 +67,6 @@ class ResumableASHA(AsyncHyperBandScheduler):
         log.info("ASHA resumes with %d recorded result(s)", sum(len(v) for v in saved["recorded"]))
 
     def _save_state(self) -> None:
-        from megl_ray import storage
-
         state = {"milestones": self._milestones(),
                  "recorded": [{k: float(v) for k, v in recorded.items()} for _, recorded in self._brackets[0]._rungs]}
         storage.write_bytes(self._state_uri, yaml.safe_dump(state).encode())

@@ -20,6 +20,7 @@ in the base config.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -28,8 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ray import tune
 
-from megl_ray.config import MEGLConfig, _coerce, config_from_dict
+from megl_ray.config import MEGLConfig, config_from_dict
+from megl_ray.config.build import coerce
+from megl_ray.config.strict_yaml import load_yaml_file
 from megl_ray.errors import ConfigError
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
@@ -61,8 +65,6 @@ class Param:
 
     def domain(self) -> Any:
         """The Ray Tune domain (or grid search) of this parameter."""
-        from ray import tune
-
         if self.kind == "uniform":
             return tune.uniform(*self.args)
         if self.kind == "loguniform":
@@ -178,8 +180,6 @@ def _valid_keys_of(section: str) -> list[str]:
 
 
 def _closest(key: str) -> str:
-    import difflib
-
     match = difflib.get_close_matches(key, _valid_keys(), n=1)
     return f" (did you mean '{match[0]}'?)" if match else ""
 
@@ -220,7 +220,7 @@ def _parse_param(key: Any, spec: Any, fail: Any) -> Param:
             number = _number(value, integer=tp is int)
             value = value if number is None else number  # a non-number fails in the type check below
         try:
-            values.append(_coerce(value, _field_type(key), key))
+            values.append(coerce(value, _field_type(key), key))
         except ConfigError as err:
             fail(key, f"{kind} value {value!r} does not fit: {str(err).split(': ', 1)[-1]}")
     return Param(key, kind, tuple(values))
@@ -258,6 +258,4 @@ def parse_space(data: Any, source: str = "<space>", base: MEGLConfig | None = No
 
 def load_space(path: str | Path, base: MEGLConfig | None = None) -> SearchSpace:
     """Load and validate a space file; every error is a ``SpaceError`` naming the file (and the key)."""
-    from megl_ray.config.strict_yaml import load_yaml_file
-
     return parse_space(load_yaml_file(path, "search space file", SpaceError), str(path), base)

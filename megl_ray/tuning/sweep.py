@@ -19,20 +19,33 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import FIFOScheduler
 
 from megl_ray import storage
-from megl_ray.cluster.credentials import (INHERIT_VAR, credentials_file, keep_tune_from_logging_credentials,
-                                          load_credentials, public_env)
+from megl_ray.cluster.credentials import (
+    INHERIT_VAR,
+    credentials_file,
+    keep_tune_from_logging_credentials,
+    load_credentials,
+    public_env,
+)
 from megl_ray.cluster.ray_env import local_ray_undone
-from megl_ray.cluster.ray_session import check_resources, run_storage, run_uri, start_ray
 from megl_ray.config import MEGLConfig
 from megl_ray.data.schema import load_dataset_info
 from megl_ray.driver.embedded import embedded_default
 from megl_ray.driver.fit import fit
+from megl_ray.driver.ray_session import check_resources, run_storage, run_uri, start_ray
 from megl_ray.errors import UserError
 from megl_ray.reporting.console import configure_driver
 from megl_ray.tuning.hooks import InterruptAfter, ResumableASHA
 from megl_ray.tuning.report import report, trial_rows
-from megl_ray.tuning.settings import (ASHA_STATE_FILE, DATA_HEADROOM_CPU, METRICS, SWEEP_FILE,
-                                      TRIAL_DRIVER_RESOURCES, SweepOptions, SweepSettings, settings_from)
+from megl_ray.tuning.settings import (
+    ASHA_STATE_FILE,
+    DATA_HEADROOM_CPU,
+    METRICS,
+    SWEEP_FILE,
+    TRIAL_DRIVER_RESOURCES,
+    SweepOptions,
+    SweepSettings,
+    settings_from,
+)
 from megl_ray.tuning.space import apply_values
 
 log = logging.getLogger("megl_ray.tune")
