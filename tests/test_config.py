@@ -6,7 +6,7 @@ import yaml
 from megl_ray.config import MEGLConfig, config_from_dict, load_config, packaged_config
 from megl_ray.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "megl_ray" / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "megl_ray" / "config" / "presets"
 
 
 def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):

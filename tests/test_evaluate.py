@@ -15,7 +15,8 @@ from megl_ray import train_local
 from megl_ray.cli import run_cli
 from megl_ray.data.reader import bundled_dataset_uri
 from megl_ray.data.schema import load_dataset_info
-from megl_ray.evaluate import METRIC_KEYS, main
+from megl_ray.evaluate import main
+from megl_ray.evaluation.scoring import METRIC_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {*METRIC_KEYS, "split", "samples", "per_class", "mask_samples", "checkpoint", "data", "out"}

@@ -23,7 +23,7 @@ def test_the_headline_spaces_are_shipped():
 def test_every_space_file_loads_validates_and_samples(path):
     text = path.read_text()
     assert text.startswith("#") and "loguniform" in text.split("\n\n")[0], "the header documenting the form"
-    base = load_config(REPO / "megl_ray" / "configs" / "tiny.yaml")
+    base = load_config(REPO / "megl_ray" / "config" / "presets" / "tiny.yaml")
     space = load_space(path, base)
     assert space.params
     # Every sampled configuration is a valid config.

@@ -17,6 +17,7 @@ from pyarrow.fs import FileType
 from megl_ray.config import safe_io
 from megl_ray.errors import UserError
 from megl_ray.storage import pyarrow_filesystem
+from megl_ray.storage.retrying_fs import is_transient
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -150,8 +151,6 @@ def load_dataset_info(uri: str) -> DatasetInfo:
             f"no {DATASET_INFO_FILE} at {uri} (not a converted dataset, or its conversion did not finish)"
         ) from None
     except (OSError, UnicodeDecodeError) as err:
-        from megl_ray.storage.retrying_fs import is_transient
-
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         if is_transient(err):
             raise UserError(f"storage unreachable while reading {DATASET_INFO_FILE} at {uri}: {first}") from None

@@ -47,7 +47,7 @@ from megl_ray.training.accounting import planned_steps
 from megl_ray.training.ds_config import global_batch_size
 from megl_ray.training.guards import DIVERGED_KEY, raise_if_diverged
 from megl_ray.training.plan import WorkerPlan
-from megl_ray.training.worker import train_loop_per_worker
+from megl_ray.training.entry import train_loop_per_worker
 
 log = logging.getLogger("megl_ray.train")
 

@@ -62,6 +62,7 @@ class Placement:
 
 def _node_id() -> str | None:
     try:
+        # Lazy: inference runs in plain processes too (train_local, a bare GPU machine without Ray installed).
         import ray
 
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None

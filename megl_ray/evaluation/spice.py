@@ -27,6 +27,7 @@ CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar
 
 def spice_dir() -> Path | None:
     try:
+        # Lazy and guarded: SPICE is optional (its Java jars come with pycocoevalcap); without it the key is null.
         import pycocoevalcap.spice.spice as module
     except ImportError:
         return None

@@ -21,9 +21,9 @@ import torch.distributed as dist
 from megl_ray.config import MEGLConfig, config_from_dict
 from megl_ray.model import build_megl_model
 from megl_ray.probes.fixed_batch import fixed_batches, run_cpu_workers
+from megl_ray.training.checkpoints import TrainState, load_checkpoint, save_checkpoint
 from megl_ray.training.ds_config import deepspeed_config
 from megl_ray.training.optim import build_optimizer, build_scheduler
-from megl_ray.training.worker import TrainState, load_checkpoint, save_checkpoint
 
 
 def parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:

@@ -116,6 +116,7 @@ def filter_forwarded_logs(verbose: bool) -> bool:
     if verbose:
         return False
     try:
+        # Lazy and guarded: a private Ray module, which another Ray release may move (then nothing is filtered).
         from ray._private import worker
     except ImportError:
         return False
@@ -149,6 +150,7 @@ def configure_worker(verbose: bool, rank: int, use_gpu: bool) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
+        # Lazy: DeepSpeed picks its accelerator when imported, so only workers (their environment set) import it.
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)

@@ -262,14 +262,8 @@ def _is_transient(err: BaseException) -> bool:
 
 
 def _is_storage_exception(err: BaseException) -> bool:
-    if isinstance(err, (BotoCoreError, ClientError, Boto3Error)):
-        return True
-    try:
-        from s3transfer.exceptions import S3TransferFailedError, S3UploadFailedError
-
-        return isinstance(err, (S3TransferFailedError, S3UploadFailedError))
-    except ImportError:  # pragma: no cover - s3transfer ships with boto3
-        return False
+    # Boto3Error covers boto3's transfer failures too (S3TransferFailedError, S3UploadFailedError)
+    return isinstance(err, (BotoCoreError, ClientError, Boto3Error))
 
 
 def _storage_error(err: BaseException, uri: str, options: S3Options) -> StorageError:

@@ -3,6 +3,7 @@ its life to Python's, picking free port pairs, and reading what it left behind (
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import shutil
@@ -33,8 +34,6 @@ def _weed_binary() -> str:
 
 def _load_prctl() -> Callable[..., int] | None:
     try:
-        import ctypes
-
         return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):  # not Linux: rely on stop() and atexit
         return None

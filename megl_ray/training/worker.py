@@ -1,28 +1,25 @@
-"""The per-worker training loop that Ray Train runs on every worker: DeepSpeed ZeRO on Ray's process group.
+"""The per-worker training loop: DeepSpeed ZeRO on Ray Train's process group, exact sample accounting, a checkpoint
+every ``train.checkpoint_every`` steps and at each epoch's end (``checkpoints``).
 
-Checkpoints hold the DeepSpeed shards of every rank plus ``train_state.json`` (epoch, optimizer step, the ids
-already trained in the current epoch, the resolved config) and one RNG file per rank. Resuming mid-epoch trains
-exactly the rest of that epoch: the ids not yet seen are dealt out evenly to the workers, so no sample is seen
-twice, none is missed, and the number of optimizer steps is the planned one.
+Resuming mid-epoch trains exactly the rest of that epoch: the ids not yet seen are dealt out evenly to the workers,
+so no sample is seen twice, none is missed, and the number of optimizer steps is the planned one. Imports DeepSpeed:
+Ray Train calls ``megl_ray.training.entry.train_loop_per_worker``, which sets the environment first.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import os
 import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import ray.train
 import torch
 from ray.train import Checkpoint
 
-from megl_ray.cluster.credentials import load_credentials
 from megl_ray.config import MEGLConfig
 from megl_ray.data.pipeline import build_dataset, cached_share, iter_epoch, iter_model_batches
 from megl_ray.data.transforms import model_batch
@@ -35,92 +32,15 @@ from megl_ray.model.vlm import pixel_size
 from megl_ray.reporting.console import configure_worker
 from megl_ray.reporting.progress import Progress
 from megl_ray.training.accounting import Accounting, FaultHook, epoch_seed, epoch_share, planned_steps, steps_per_epoch
+from megl_ray.training.checkpoints import TrainState, load_checkpoint, save_checkpoint
 from megl_ray.training.collectives import all_gather_ids, route_metric_sync
 from megl_ray.training.ds_config import deepspeed_config, resolve_precision
 from megl_ray.training.guards import DIVERGED_KEY, DivergenceGuard
 from megl_ray.training.optim import build_optimizer, build_scheduler
-from megl_ray.training.plan import WorkerPlan, plan_of
-from megl_ray.training.rank_state import (
-    LOAD_OPTIONS,
-    SAVE_OPTIONS,
-    exclude_tied_frozen,
-    load_rng,
-    reseed_rank,
-    save_rng,
-)
+from megl_ray.training.plan import WorkerPlan
+from megl_ray.training.rank_state import reseed_rank
 
 log = logging.getLogger("megl_ray.train")
-DS_TAG = "megl"
-STATE_FILE = "train_state.json"
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0
-    """The epoch in progress (or the next one, when ``epoch_ids`` is empty)."""
-    step: int = 0
-    """Optimizer steps taken so far."""
-    epoch_ids: list[str] = field(default_factory=list)
-    """Ids of the samples of ``epoch`` whose gradients are in the checkpoint's weights."""
-    epoch_micro: int = 0
-    """Micro-batches per worker of ``epoch`` consumed (all applied: checkpoints are taken at step boundaries)."""
-    micro_steps: int = 0
-    """DeepSpeed's micro-step counter (its accumulation position), which its checkpoint does not restore."""
-    metrics: dict[str, Any] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-
-
-def _weights_only_checkpoint_engine(engine: Any) -> None:
-    """Make DeepSpeed load its checkpoint files with ``torch.load(weights_only=True)``: a checkpoint read back
-    from shared storage must not be able to run code. Its files hold tensors, numbers, strings and a few
-    DeepSpeed enums, which are allow-listed."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    class WeightsOnly(TorchCheckpointEngine):
-        def load(self, path: str, map_location=None):
-            from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-            from deepspeed.runtime.zero.config import ZeroStageEnum
-            from deepspeed.utils.tensor_fragment import fragment_address
-
-            allowed = [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler, set, argparse.Namespace]
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
-
-    current = engine.checkpoint_engine
-    if isinstance(current, TorchCheckpointEngine):
-        replacement = WeightsOnly.__new__(WeightsOnly)
-        replacement.__dict__.update(current.__dict__)
-        engine.checkpoint_engine = replacement
-        optimizer = getattr(engine, "optimizer", None)
-        if optimizer is not None and hasattr(optimizer, "checkpoint_engine"):
-            optimizer.checkpoint_engine = replacement
-
-
-def save_checkpoint(engine: Any, state: TrainState, directory: Path, rank: int) -> None:
-    """Every rank writes its DeepSpeed shard (a collective call; frozen parameters excluded), its RNG state, and
-    rank 0 the train state."""
-    exclude_tied_frozen(engine)
-    engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=True, **SAVE_OPTIONS)
-    save_rng(directory / f"rng_rank{rank}.pt")
-    if rank == 0:
-        (directory / STATE_FILE).write_text(json.dumps(asdict(state), default=str))
-
-
-def load_checkpoint(engine: Any, directory: Path, rank: int) -> TrainState:
-    _weights_only_checkpoint_engine(engine)
-    path, _ = engine.load_checkpoint(str(directory), tag=DS_TAG, load_lr_scheduler_states=True,
-                                     load_optimizer_states=True, **LOAD_OPTIONS)
-    if path is None:
-        raise RuntimeError(f"no DeepSpeed checkpoint under {directory}")
-    raw = json.loads((directory / STATE_FILE).read_text())
-    state = TrainState(**raw)
-    load_rng(directory / f"rng_rank{rank}.pt")
-    return state
-
-
 # ------------------------------------------------------------------------------------------------ the loop
 
 
@@ -157,14 +77,8 @@ def _epoch_shard(cfg: MEGLConfig, plan: WorkerPlan, epoch: int, rank: int, world
                          seed=seed, include_ids=mine, pad_to=pad_to)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train's ``train_loop_per_worker``: ``loop_config`` holds the driver's typed ``WorkerPlan``."""
-    plan = plan_of(loop_config)
-    os.environ.update(plan.env)  # S3 endpoint, DS_ACCELERATOR: before DeepSpeed is imported
-
-    load_credentials(plan.credentials_file)  # only what this worker's environment lacks
-    import deepspeed
-
+def run_worker(plan: WorkerPlan) -> None:
+    """One worker's whole run: build, initialise DeepSpeed, resume, train every epoch, validate, export."""
     cfg = plan.megl_config()
     cfg.train.precision = resolve_precision(cfg, plan.use_gpu)
     ctx = ray.train.get_context()
@@ -292,8 +206,6 @@ def scheduler_lr(engine: Any) -> float:
 
 def _export(engine: Any, cfg: MEGLConfig, plan: WorkerPlan, rank: int) -> None:
     """The export (what training changed): under ZeRO-3 gathered module by module (collectively), rank 0 writes."""
-    import deepspeed
-
     gather = ((lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None))
               if cfg.train.zero_stage == 3 else None)
     state = exported_state(engine.module, cfg, gather=gather, keep=rank == 0)
