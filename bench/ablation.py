@@ -26,8 +26,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -38,8 +39,8 @@ from megl_ray.errors import UserError  # noqa: E402
 log = logging.getLogger("bench.ablation")
 
 LABEL_FREE_PROMPT = "USER: <image>\nWhat digit is this, and why? ASSISTANT:"
-# λ_cf 3, not 1: in-process checks on the 80-per-class shortcut digits (seed 0; 216 steps at global batch 32), decoy-free
-# test accuracy 0.60 at λ_cf 3 against 0.08 at λ_cf 1 (CE only: 0.11); seeds 1 and 2 at λ_cf 3: 0.32, 0.68.
+# λ_cf 3, not 1: in-process checks on the 80-per-class shortcut digits (seed 0; 216 steps at global batch 32),
+# decoy-free test accuracy 0.60 at λ_cf 3 against 0.08 at λ_cf 1 (CE only: 0.11); seeds 1 and 2 at λ_cf 3: 0.32, 0.68.
 CF_WEIGHT = 3.0
 RRR_WEIGHT = 10.0
 # Table 4 rows (CE only, + visual, + text, + visual + text, + L_dc = full MEGL), then this project's options:
@@ -51,8 +52,10 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "text": ("+ text", ["loss.visual_weight=0"]),
     "visual_text": ("+ visual + text", ["loss.dc_weight=0"]),
     "megl": ("+ L_dc (full MEGL)", []),
-    "megl_cf": (f"full MEGL + counterfactual backgrounds (loss.counterfactual_weight={CF_WEIGHT:g})",
-                [f"loss.counterfactual_weight={CF_WEIGHT}"]),
+    "megl_cf": (
+        f"full MEGL + counterfactual backgrounds (loss.counterfactual_weight={CF_WEIGHT:g})",
+        [f"loss.counterfactual_weight={CF_WEIGHT}"],
+    ),
     # json.dumps: a double-quoted YAML string, else "USER: <image>..." would be read as a mapping
     "megl_label_free": ("full MEGL, label-free prompt", [f"model.prompt_template={json.dumps(LABEL_FREE_PROMPT)}"]),
     "megl_rrr": (f"full MEGL + RRR (loss.rrr_weight={RRR_WEIGHT:g})", [f"loss.rrr_weight={RRR_WEIGHT}"]),
@@ -68,8 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="converted dataset (local dir or s3://); default: make_sample --shortcut")
     p.add_argument("--n-per-class", type=int, default=80, help="images per class of the generated dataset")
     p.add_argument("--seeds", type=int, default=3, help="seeds per row (train.seed = 0..N-1)")
-    p.add_argument("--rows", default=",".join(DEFAULT_ROWS),
-                   help=f"comma-separated rows (default {','.join(DEFAULT_ROWS)}; also: megl_rrr)")
+    p.add_argument(
+        "--rows",
+        default=",".join(DEFAULT_ROWS),
+        help=f"comma-separated rows (default {','.join(DEFAULT_ROWS)}; also: megl_rrr)",
+    )
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "ablation"), help="results folder")
     p.add_argument("--work", help="scratch folder for data and runs (default: a new temp dir)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides applied to every row")
@@ -94,20 +100,25 @@ def score_export(export: str, data: str) -> dict[str, float | None]:
     from megl_ray.data.reader import read_split
     from megl_ray.data.schema import load_dataset_info
     from megl_ray.evaluation.evaluate_run import predict_in_process
-    from megl_ray.model.export_io import load_export
     from megl_ray.evaluation.metrics import ClassificationMetrics, SaliencyMetrics, bleu4
+    from megl_ray.model.export_io import load_export
 
     info = load_dataset_info(data)
     table = read_split(data, "test", info)
     out = predict_in_process(load_export(export), table, info.mask_size, 64, num_beams=1, max_new_tokens=32)
     cls, sal = ClassificationMetrics(info.num_classes), SaliencyMetrics()
     cls.update(torch.as_tensor(out["probs"]), torch.as_tensor(out["label"]))
-    sal.update(torch.as_tensor(out["saliency"]), torch.as_tensor(out["mask"]).float() / 255.0,
-               torch.as_tensor(out["has_mask"]))
+    sal.update(
+        torch.as_tensor(out["saliency"]), torch.as_tensor(out["mask"]).float() / 255.0, torch.as_tensor(out["has_mask"])
+    )
     c, s = cls.compute(), sal.compute()
     refs = [list(r) for r in table.column("rationales").to_pylist()]
-    return {"accuracy": c["accuracy"], "macro_f1": c["macro_f1"], "miou": s["miou"],
-            "bleu4": bleu4([str(g) for g in out["generated"]], refs)}
+    return {
+        "accuracy": c["accuracy"],
+        "macro_f1": c["macro_f1"],
+        "miou": s["miou"],
+        "bleu4": bleu4([str(g) for g in out["generated"]], refs),
+    }
 
 
 def run_one(row: str, seed: int, data: str, runs: Path, overrides: Sequence[str]) -> dict[str, Any]:
@@ -115,14 +126,28 @@ def run_one(row: str, seed: int, data: str, runs: Path, overrides: Sequence[str]
     from megl_ray.driver.fit import fit
 
     name = f"{row}-s{seed}"
-    cfg = load_config(packaged_config("tiny"), [*overrides, *ROWS[row][1], f"train.seed={seed}", f"data.uri={data}",
-                                                f"run.storage_path={runs}", f"run.name={name}",
-                                                "run.log_every=1000"])
+    cfg = load_config(
+        packaged_config("tiny"),
+        [
+            *overrides,
+            *ROWS[row][1],
+            f"train.seed={seed}",
+            f"data.uri={data}",
+            f"run.storage_path={runs}",
+            f"run.name={name}",
+            "run.log_every=1000",
+        ],
+    )
     started = time.monotonic()
     result = fit(cfg, evaluate_test=False)
     metrics = score_export(result["export"], data)
-    return {"row": row, "seed": seed, **metrics, "steps": result["steps"],
-            "seconds": round(time.monotonic() - started, 1)}
+    return {
+        "row": row,
+        "seed": seed,
+        **metrics,
+        "steps": result["steps"],
+        "seconds": round(time.monotonic() - started, 1),
+    }
 
 
 def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -137,8 +162,11 @@ def summarise(records: list[dict[str, Any]], rows: list[str]) -> dict[str, dict[
     for row in rows:
         mine = [r for r in records if r["row"] == row]
         if mine:
-            summary[row] = {"label": ROWS[row][0], "seeds": len(mine),
-                            **{m: _mean_std([r[m] for r in mine]) for m in METRICS}}
+            summary[row] = {
+                "label": ROWS[row][0],
+                "seeds": len(mine),
+                **{m: _mean_std([r[m] for r in mine]) for m in METRICS},
+            }
     return summary
 
 
@@ -147,9 +175,11 @@ def markdown(summary: dict[str, dict[str, Any]], context: str) -> str:
         mean, std = pair
         return "n/a" if mean is None else f"{mean:.3f} ± {std:.3f}"
 
-    lines = [f"# MEGL ablation (Table 4 rows + options)\n\n{context}\n",
-             "| row | seeds | test accuracy (decoy-free) | macro-F1 | mIoU | BLEU-4 | paper ViT accuracy |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# MEGL ablation (Table 4 rows + options)\n\n{context}\n",
+        "| row | seeds | test accuracy (decoy-free) | macro-F1 | mIoU | BLEU-4 | paper ViT accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row, s in summary.items():
         paper = f"{PAPER_VIT[row]:.4f}" if row in PAPER_VIT else "—"
         lines.append(f"| {s['label']} | {s['seeds']} | " + " | ".join(cell(s[m]) for m in METRICS) + f" | {paper} |")
@@ -158,9 +188,11 @@ def markdown(summary: dict[str, dict[str, Any]], context: str) -> str:
         lines.append("")
         for row, s in summary.items():
             if row != "ce" and s["accuracy"][0] is not None:
-                lines.append(f"- {s['label']}: {100 * (s['accuracy'][0] - base):+.1f} points of test accuracy over "
-                             "CE only" + (f" (paper: {100 * (PAPER_VIT[row] - PAPER_VIT['ce']):+.1f})"
-                                          if row in PAPER_VIT else ""))
+                lines.append(
+                    f"- {s['label']}: {100 * (s['accuracy'][0] - base):+.1f} points of test accuracy over "
+                    "CE only"
+                    + (f" (paper: {100 * (PAPER_VIT[row] - PAPER_VIT['ce']):+.1f})" if row in PAPER_VIT else "")
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -222,18 +254,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         ray.shutdown()
     summary = summarise(records, rows)
-    context = (f"Dataset: `{args.data or f'make_sample --shortcut --n-per-class {args.n_per_class}'}`; the tiny "
-               f"preset (`megl_ray/config/presets/tiny.yaml`) with overrides {list(args.overrides) or 'none'}; "
-               "seeds (train.seed = 0, 1, ...) per row as in the table; through `megl_ray.driver.fit.fit` (2 Ray Train "
-               "workers, DeepSpeed "
-               "ZeRO-2, CPU). Test accuracy is decoy-free: the decoy's position is random in the test split. "
-               "The paper's column is its ViT Table 4 accuracy on its own datasets, for the direction of each row.")
+    context = (
+        f"Dataset: `{args.data or f'make_sample --shortcut --n-per-class {args.n_per_class}'}`; the tiny "
+        f"preset (`megl_ray/config/presets/tiny.yaml`) with overrides {list(args.overrides) or 'none'}; "
+        "seeds (train.seed = 0, 1, ...) per row as in the table; through `megl_ray.driver.fit.fit` (2 Ray Train "
+        "workers, DeepSpeed "
+        "ZeRO-2, CPU). Test accuracy is decoy-free: the decoy's position is random in the test split. "
+        "The paper's column is its ViT Table 4 accuracy on its own datasets, for the direction of each row."
+    )
     (out / "ablation.md").write_text(markdown(summary, context))
     chart(summary, out / "ablation.png")
-    result = {"rows": {k: {m: v[m][0] for m in METRICS} for k, v in summary.items()},
-              "std": {k: {m: v[m][1] for m in METRICS} for k, v in summary.items()},
-              "seeds": args.seeds, "runs": len(records), "data": data, "out": str(out),
-              "seconds": round(time.monotonic() - started, 1)}
+    result = {
+        "rows": {k: {m: v[m][0] for m in METRICS} for k, v in summary.items()},
+        "std": {k: {m: v[m][1] for m in METRICS} for k, v in summary.items()},
+        "seeds": args.seeds,
+        "runs": len(records),
+        "data": data,
+        "out": str(out),
+        "seconds": round(time.monotonic() - started, 1),
+    }
     (out / "ablation.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -31,8 +31,12 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=3, help="timed pipeline epochs (after one warm-up epoch)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=10, help="timed training steps (after two warm-up steps)")
-    p.add_argument("--n-per-class", type=int, default=400,
-                   help="images per class of the generated dataset (400: 4,000 images, Object-ME's size)")
+    p.add_argument(
+        "--n-per-class",
+        type=int,
+        default=400,
+        help="images per class of the generated dataset (400: 4,000 images, Object-ME's size)",
+    )
     return p.parse_args(argv)
 
 
@@ -44,10 +48,9 @@ def main(argv=None) -> dict:
 
     from megl_ray import storage
     from megl_ray.config import load_config, packaged_config
-    from megl_ray.data import convert
+    from megl_ray.data import convert, make_sample
     from megl_ray.data.pipeline import build_dataset, iter_model_batches
     from megl_ray.data.reader import iter_row_batches, read_split
-    from megl_ray.data import make_sample
     from megl_ray.data.schema import load_dataset_info
     from megl_ray.model import build_megl_model
     from megl_ray.training.local import make_batch
@@ -71,21 +74,43 @@ def main(argv=None) -> dict:
         torch.manual_seed(0)
         model = build_megl_model(cfg, info.num_classes, corpus=corpus, prior=torch.as_tensor(info.prior_array()))
 
-        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
-                 log_to_driver=False, runtime_env={"env_vars": server.env()})
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+            log_to_driver=False,
+            runtime_env={"env_vars": server.env()},
+        )
         try:
             rates = {}
             for mode in ("streaming", "cached"):
                 built = time.perf_counter()  # a cached split is read and preprocessed here: its time counts
-                ds = build_dataset(uri, "train", tokenizer=model.tokenizer, image_size=model.pixel_size,
-                                   image_aspect=cfg.model.image_aspect, max_rationales=cfg.data.max_rationales,
-                                   max_text_tokens=cfg.model.max_text_tokens, info=info, cache=mode == "cached")
+                ds = build_dataset(
+                    uri,
+                    "train",
+                    tokenizer=model.tokenizer,
+                    image_size=model.pixel_size,
+                    image_aspect=cfg.model.image_aspect,
+                    max_rationales=cfg.data.max_rationales,
+                    max_text_tokens=cfg.model.max_text_tokens,
+                    info=info,
+                    cache=mode == "cached",
+                )
                 rows, seconds = 0, 0.0
                 for epoch in range(args.epochs + 1):
                     start = built if epoch == 0 else time.perf_counter()
-                    n = sum(b["labels"].shape[0] for b in iter_model_batches(
-                        ds, tokenizer=model.tokenizer, template=cfg.model.prompt_template,
-                        num_image_tokens=model.num_image_tokens, epoch=epoch, batch_size=args.batch_size, seed=0))
+                    n = sum(
+                        b["labels"].shape[0]
+                        for b in iter_model_batches(
+                            ds,
+                            tokenizer=model.tokenizer,
+                            template=cfg.model.prompt_template,
+                            num_image_tokens=model.num_image_tokens,
+                            epoch=epoch,
+                            batch_size=args.batch_size,
+                            seed=0,
+                        )
+                    )
                     elapsed = time.perf_counter() - start
                     print(f"{mode} pipeline epoch {epoch}: {n} images in {elapsed:.2f}s", file=sys.stderr)
                     if epoch > 0 or mode == "cached":  # streaming epoch 0 starts Ray's worker processes
@@ -95,8 +120,10 @@ def main(argv=None) -> dict:
             ray.shutdown()
 
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        batches = [make_batch(r, model, cfg, info.mask_size, 0)
-                   for r in iter_row_batches(train, args.batch_size, epoch=0, seed=0, drop_last=True)]
+        batches = [
+            make_batch(r, model, cfg, info.mask_size, 0)
+            for r in iter_row_batches(train, args.batch_size, epoch=0, seed=0, drop_last=True)
+        ]
         model.train()
         times = []
         for i in range(args.steps + 2):
@@ -116,7 +143,9 @@ def main(argv=None) -> dict:
         "step_images_per_s": round(step_images_per_s, 2),
         "pipeline_vs_step": round(rates["cached"] / step_images_per_s, 3),
         "streaming_vs_step": round(rates["streaming"] / step_images_per_s, 3),
-        "batch_size": args.batch_size, "epochs": args.epochs, "machine_cpus": os.cpu_count(),
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "machine_cpus": os.cpu_count(),
         "train_images": train.num_rows,
     }
 

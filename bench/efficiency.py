@@ -1,7 +1,8 @@
 """The paper's efficiency table (Table 5) at MEGL-R18's shapes, random init from config (no downloads):
 ResNet-18 at 224², CLIP ViT-L/14-336 (576 image tokens) and Qwen2-0.5B (``bench/gpu_step.py``'s shapes), LoRA-free.
 
-Rows as ``python -m megl_ray.evaluate --efficiency`` prints them for an export (``megl_ray.evaluation.efficiency``): parameters,
+Rows as ``python -m megl_ray.evaluate --efficiency`` prints them for an export
+(``megl_ray.evaluation.efficiency``): parameters,
 per-image latency and images/s of classifier + saliency, and of classifier + saliency + a rationale of exactly
 ``--max-new-tokens`` tokens, at batch 1 and ``--batch``; warm-up calls, then the median of ``--repeats``. bf16 VLM on
 CUDA, fp32 on CPU (``--precision`` to change). ``--device cpu --tiny`` runs the same code at tiny shapes (CI smoke).
@@ -40,8 +41,8 @@ def build(tiny: bool):
     from gpu_step import _vlm  # the large-model shapes, one definition for both GPU benches
 
     from megl_ray.config import load_config, packaged_config
-    from megl_ray.model.export_io import Exported
     from megl_ray.model import build_megl_model
+    from megl_ray.model.export_io import Exported
 
     overrides = ["model.freeze_vision=true"]
     if not tiny:
@@ -65,8 +66,9 @@ def main(argv=None) -> dict:
     exported = build(args.tiny)
     placement = prepare_for_inference(exported, args.device, args.precision)
     name = "tiny shapes" if args.tiny else "MEGL-R18 shapes: ResNet-18 224², CLIP ViT-L/14-336, Qwen2-0.5B"
-    result = report(exported, placement, name, args.batch, args.warmup, args.repeats, args.max_new_tokens,
-                    args.num_beams)
+    result = report(
+        exported, placement, name, args.batch, args.warmup, args.repeats, args.max_new_tokens, args.num_beams
+    )
     result["tiny"] = args.tiny
     print(format_efficiency(result), file=sys.stderr, flush=True)
     return result

@@ -47,8 +47,15 @@ def parse_args(argv=None):
 def _config(tiny: bool, batch: int, rationale_tokens: int):
     from megl_ray.config import load_config, packaged_config
 
-    overrides = [f"data.batch_size={batch}", "train.num_workers=1", "train.zero_stage=2", "train.precision=bf16",
-                 "model.freeze_vision=true", f"model.max_text_tokens={rationale_tokens}", "loss.dc_weight=0.5"]
+    overrides = [
+        f"data.batch_size={batch}",
+        "train.num_workers=1",
+        "train.zero_stage=2",
+        "train.precision=bf16",
+        "model.freeze_vision=true",
+        f"model.max_text_tokens={rationale_tokens}",
+        "loss.dc_weight=0.5",
+    ]
     if not tiny:
         overrides += ["model.classifier=resnet50", "model.image_size=224"]
     return load_config(packaged_config("tiny"), overrides)
@@ -58,8 +65,14 @@ def _vlm(cfg, tiny: bool):
     """A VLMBundle at the benchmark's shapes: CLIP-L/14-336 + Qwen2-0.5B, or the tiny preset's."""
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 
-    from megl_ray.model.vlm import VLMBundle, _num_image_tokens, apply_training_mode, set_memory_options
-    from megl_ray.model.vlm import tiny_llava_config, train_tokenizer
+    from megl_ray.model.vlm import (
+        VLMBundle,
+        _num_image_tokens,
+        apply_training_mode,
+        set_memory_options,
+        tiny_llava_config,
+        train_tokenizer,
+    )
 
     words = [f"word{i} shape{i % 7} colour{i % 5}" for i in range(200)]
     tokenizer = train_tokenizer(words, 512)
@@ -67,16 +80,41 @@ def _vlm(cfg, tiny: bool):
     if tiny:
         config = tiny_llava_config(cfg.model, len(tokenizer), image_id, tokenizer.pad_token_id)
     else:
-        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
-        text = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                           num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
-                           tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
-        config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=image_id,
-                             vision_feature_layer=-2, vision_feature_select_strategy="default",
-                             tie_word_embeddings=True)
-    bundle = VLMBundle(LlavaForConditionalGeneration(config), tokenizer, image_id, _num_image_tokens(config),
-                       config.vision_config.image_size)
+        vision = CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+        )
+        text = Qwen2Config(
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        config = LlavaConfig(
+            vision_config=vision.to_dict(),
+            text_config=text.to_dict(),
+            image_token_id=image_id,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            tie_word_embeddings=True,
+        )
+    bundle = VLMBundle(
+        LlavaForConditionalGeneration(config),
+        tokenizer,
+        image_id,
+        _num_image_tokens(config),
+        config.vision_config.image_size,
+    )
     apply_training_mode(bundle, cfg.model)
     set_memory_options(bundle.model, cfg.model)
     return bundle
@@ -102,9 +140,16 @@ def build(tiny: bool, batch: int, rationale_tokens: int, seed: int = 0):
     labels[:, -rationale_tokens:] = ids[:, -rationale_tokens:]
     masks = torch.zeros(batch, 64, 64)
     masks[:, 16:48, 16:48] = 1.0
-    data = {"pixels": torch.rand(batch, 3, size, size, generator=g), "labels": torch.arange(batch) % 10,
-            "masks": masks, "has_mask": torch.arange(batch) % 2 == 0, "input_ids": ids,
-            "attention_mask": torch.ones_like(ids), "text_labels": labels, "sample_weight": torch.ones(batch)}
+    data = {
+        "pixels": torch.rand(batch, 3, size, size, generator=g),
+        "labels": torch.arange(batch) % 10,
+        "masks": masks,
+        "has_mask": torch.arange(batch) % 2 == 0,
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "text_labels": labels,
+        "sample_weight": torch.ones(batch),
+    }
     return cfg, model, data
 
 
@@ -130,17 +175,20 @@ def megl_worker(config: dict) -> None:
     os.environ.update(config["env"])
     import deepspeed
     import ray.train
-    import torch
 
-    from megl_ray.training.optim import build_optimizer, build_scheduler
     from megl_ray.training.ds_config import deepspeed_config
+    from megl_ray.training.optim import build_optimizer, build_scheduler
 
     device = config["device"]
     cfg, model, batch = build(config["tiny"], config["batch"], config["rationale_tokens"])
     optimizer = build_optimizer(model, cfg.optim)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      lr_scheduler=build_scheduler(optimizer, cfg.optim, 1000),
-                                      config=deepspeed_config(cfg, device == "cuda"), dist_init_required=False)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=build_scheduler(optimizer, cfg.optim, 1000),
+        config=deepspeed_config(cfg, device == "cuda"),
+        dist_init_required=False,
+    )
     batch = {k: v.to(engine.device) for k, v in batch.items()}
     times, losses = [], []
     for i in range(config["warmup"] + config["steps"]):
@@ -166,17 +214,29 @@ def run_megl(args, tmp: str) -> dict:
     env = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR",) if k in os.environ}
     if not gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    ray.init(
+        num_cpus=os.cpu_count() or 2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+    )
     try:
         out = str(Path(tmp) / "megl.json")
         trainer = TorchTrainer(
-            megl_worker, train_loop_config={"env": env, "device": args.device, "tiny": args.tiny,
-                                            "batch": args.batch, "rationale_tokens": args.rationale_tokens,
-                                            "warmup": args.warmup, "steps": args.steps, "out": out},
-            scaling_config=ScalingConfig(num_workers=1, use_gpu=gpu,
-                                         resources_per_worker=None if gpu else {"CPU": 1}),
-            run_config=RunConfig(name="gpu_step", storage_path=tmp))
+            megl_worker,
+            train_loop_config={
+                "env": env,
+                "device": args.device,
+                "tiny": args.tiny,
+                "batch": args.batch,
+                "rationale_tokens": args.rationale_tokens,
+                "warmup": args.warmup,
+                "steps": args.steps,
+                "out": out,
+            },
+            scaling_config=ScalingConfig(num_workers=1, use_gpu=gpu, resources_per_worker=None if gpu else {"CPU": 1}),
+            run_config=RunConfig(name="gpu_step", storage_path=tmp),
+        )
         result = trainer.fit()
         if result.error is not None:
             raise result.error
@@ -221,12 +281,19 @@ def main(argv=None) -> dict:
     plain = run_plain(args)
     megl_s, plain_s = statistics.median(megl["step_s"]), statistics.median(plain["step_s"])
     tokens = args.batch * build_tokens(args)
-    return {"megl_step_ms": round(megl_s * 1000, 2), "plain_step_ms": round(plain_s * 1000, 2),
-            "ds_vs_plain": round(megl_s / plain_s, 3), "tokens_per_s": round(tokens / megl_s, 1),
-            "peak_mem_gib": round(megl["peak_gib"], 2),
-            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "none (cpu)",
-            "final_loss": round(megl["losses"][-1], 4), "tiny": args.tiny, "batch": args.batch,
-            "steps": args.steps, "device": args.device}
+    return {
+        "megl_step_ms": round(megl_s * 1000, 2),
+        "plain_step_ms": round(plain_s * 1000, 2),
+        "ds_vs_plain": round(megl_s / plain_s, 3),
+        "tokens_per_s": round(tokens / megl_s, 1),
+        "peak_mem_gib": round(megl["peak_gib"], 2),
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "none (cpu)",
+        "final_loss": round(megl["losses"][-1], 4),
+        "tiny": args.tiny,
+        "batch": args.batch,
+        "steps": args.steps,
+        "device": args.device,
+    }
 
 
 def build_tokens(args) -> int:

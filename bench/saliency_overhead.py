@@ -77,9 +77,11 @@ def main(argv=None) -> dict:
 
     def step_per_image():
         with autocast:
+
             def forward(x):
                 out = model(x)
                 return out.logits, out.features
+
             sal = per_image_gradcam(forward, pixels, labels)
             logits = model(pixels).logits  # the authors' classifier forward on the batch, beside the loop
             return saliency_terms(sal, logits).mean()
@@ -106,13 +108,21 @@ def main(argv=None) -> dict:
     for r in range(args.rounds):
         for name, fn in variants.items():
             times[name].append(timed(fn))
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items()),
-              file=sys.stderr, flush=True)
+        print(
+            f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items()),
+            file=sys.stderr,
+            flush=True,
+        )
     median = {name: statistics.median(t) for name, t in times.items()}
     result = {
-        "arch": args.arch, "batch": args.batch, "image_size": args.image_size, "device": str(device),
+        "arch": args.arch,
+        "batch": args.batch,
+        "image_size": args.image_size,
+        "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "bf16": args.bf16, "rounds": args.rounds, "torch": torch.__version__,
+        "bf16": args.bf16,
+        "rounds": args.rounds,
+        "torch": torch.__version__,
         "step_s": {k: round(v, 5) for k, v in median.items()},
         "saliency_vs_ce": round(median["saliency"] / median["ce"], 4),
         "per_image_vs_ce": round(median["per_image"] / median["ce"], 4) if "per_image" in median else None,

@@ -63,9 +63,11 @@ def _collective_worker(rank: int, port: int, grad_numel: int, param_numel: int, 
     grads, one = torch.ones(grad_numel), torch.ones(1)
     part = torch.ones(param_numel // 2)
     gathered = [torch.empty_like(part) for _ in range(2)]
-    result = {"allreduce_s": timed(lambda: dist.all_reduce(grads)),
-              "allgather_s": timed(lambda: dist.all_gather(gathered, part)),
-              "latency_s": timed(lambda: dist.all_reduce(one))}
+    result = {
+        "allreduce_s": timed(lambda: dist.all_reduce(grads)),
+        "allgather_s": timed(lambda: dist.all_gather(gathered, part)),
+        "latency_s": timed(lambda: dist.all_reduce(one)),
+    }
     if rank == 0:
         Path(out).write_text(json.dumps(result))
     dist.destroy_process_group()
@@ -152,13 +154,13 @@ def main(argv=None) -> dict:
     load_start = os.getloadavg()
     import ray
 
+    from megl_ray.cluster.local_cluster import LocalCluster
     from megl_ray.config import load_config, packaged_config
     from megl_ray.data.reader import bundled_dataset_uri, read_split
     from megl_ray.data.schema import load_dataset_info
     from megl_ray.model import build_megl_model
     from megl_ray.model.vlm import load_tokenizer
     from megl_ray.planning import cost_model
-    from megl_ray.cluster.local_cluster import LocalCluster
     from megl_ray.probes.fixed_batch import run_distributed
 
     uri = bundled_dataset_uri()
@@ -166,9 +168,16 @@ def main(argv=None) -> dict:
     rows = read_split(uri, "train", info).to_pylist()
 
     def cfg(workers: int, placement: str = "PACK"):
-        return load_config(packaged_config("tiny"), ["optim.lr=0.003", "train.zero_stage=2",
-                                                     f"data.batch_size={args.batch}", f"train.num_workers={workers}",
-                                                     f"train.placement_strategy={placement}"])
+        return load_config(
+            packaged_config("tiny"),
+            [
+                "optim.lr=0.003",
+                "train.zero_stage=2",
+                f"data.batch_size={args.batch}",
+                f"train.num_workers={workers}",
+                f"train.placement_strategy={placement}",
+            ],
+        )
 
     tokenizer = load_tokenizer(cfg(1).model, [t for r in rows for t in r["rationales"]] + info.classes)
     model = build_megl_model(cfg(1), info.num_classes, tokenizer=tokenizer)
@@ -185,30 +194,51 @@ def main(argv=None) -> dict:
         ray.init(address=cluster.address, log_to_driver=False)
         try:
             on_head = {"node_a": 0.01}  # both one-node runs on the head
-            runs = [("1w", cfg(1), on_head), ("2w_one_node", cfg(2), on_head),
-                    ("2w_two_nodes", cfg(2, "STRICT_SPREAD"), None)]
+            runs = [
+                ("1w", cfg(1), on_head),
+                ("2w_one_node", cfg(2), on_head),
+                ("2w_two_nodes", cfg(2, "STRICT_SPREAD"), None),
+            ]
             for name, c, extra in runs:
                 if name == "2w_two_nodes":  # the second node only now: it would idle through the one-node runs
                     cluster.add_node(num_cpus=1, resources={"node_b": 1}, attempts=6)
                 # What the cores give one (before the 1-worker run) or two CPU-bound processes (before each
                 # 2-worker run), under the load of that moment: the load of a shared machine moves between runs.
                 kernel[name] = measure_kernel(1 if name == "1w" else 2, args.kernel_reps)
-                print(f"kernel before {name}: {kernel[name]:.3f} s ({1 if name == '1w' else 2} copies)",
-                      file=sys.stderr)
+                print(
+                    f"kernel before {name}: {kernel[name]:.3f} s ({1 if name == '1w' else 2} copies)", file=sys.stderr
+                )
                 with RunnableSampler() as sampler:
-                    result = run_distributed(c, tokenizer, info.num_classes, rows, info.mask_size, args.steps,
-                                             storage, f"scaling-{name}", threads=1, extra_resources=extra)
+                    result = run_distributed(
+                        c,
+                        tokenizer,
+                        info.num_classes,
+                        rows,
+                        info.mask_size,
+                        args.steps,
+                        storage,
+                        f"scaling-{name}",
+                        threads=1,
+                        extra_resources=extra,
+                    )
                 step[name] = statistics.median(result["step_s"][2:])
                 step[f"{name}_busy"] = sampler.mean
-                print(f"{name}: {step[name]:.4f} s/step (runnable processes besides: {sampler.mean:.1f})",
-                      file=sys.stderr)
+                print(
+                    f"{name}: {step[name]:.4f} s/step (runnable processes besides: {sampler.mean:.1f})", file=sys.stderr
+                )
         finally:
             ray.shutdown()
 
     def calibration(two: str) -> cost_model.CpuCalibration:
-        return cost_model.CpuCalibration(step_1w_s=step["1w"], allreduce_s=collectives["allreduce_s"],
-                                         allgather_s=collectives["allgather_s"], latency_s=collectives["latency_s"],
-                                         cores=os.cpu_count() or 1, kernel_1_s=kernel["1w"], kernel_2_s=kernel[two])
+        return cost_model.CpuCalibration(
+            step_1w_s=step["1w"],
+            allreduce_s=collectives["allreduce_s"],
+            allgather_s=collectives["allgather_s"],
+            latency_s=collectives["latency_s"],
+            cores=os.cpu_count() or 1,
+            kernel_1_s=kernel["1w"],
+            kernel_2_s=kernel[two],
+        )
 
     cal, cal_nodes = calibration("2w_one_node"), calibration("2w_two_nodes")
     predicted, predicted_nodes = cost_model.cpu_throughput_ratio(cal, 2), cost_model.cpu_throughput_ratio(cal_nodes, 2)
@@ -219,10 +249,14 @@ def main(argv=None) -> dict:
         key = f"{row['model']}/zero{row['zero_stage']}"
         per_node.setdefault(key, {})[str(row["nodes"])] = {
             "samples_per_s": [row["samples_per_s_serial"], row["samples_per_s_overlap"]],
-            "step_s": [row["step_s_serial"], row["step_s_overlap"]], "memory_gib": row["memory_gib"]}
+            "step_s": [row["step_s_serial"], row["step_s_overlap"]],
+            "memory_gib": row["memory_gib"],
+        }
     return {
-        "measured_2w_vs_1w": round(measured, 3), "measured_2w_vs_1w_two_nodes": round(measured_nodes, 3),
-        "predicted_2w_vs_1w": round(predicted, 3), "predicted_2w_vs_1w_two_nodes": round(predicted_nodes, 3),
+        "measured_2w_vs_1w": round(measured, 3),
+        "measured_2w_vs_1w_two_nodes": round(measured_nodes, 3),
+        "predicted_2w_vs_1w": round(predicted, 3),
+        "predicted_2w_vs_1w_two_nodes": round(predicted_nodes, 3),
         "relative_error": round(abs(predicted - measured) / measured, 3),
         "relative_error_two_nodes": round(abs(predicted_nodes - measured_nodes) / measured_nodes, 3),
         "predicted_step_2w_s": round(cost_model.cpu_step_prediction(cal, 2), 4),
@@ -232,11 +266,15 @@ def main(argv=None) -> dict:
         "runnable_besides": {k[:-5]: round(v, 2) for k, v in step.items() if k.endswith("_busy")},
         "load_average_start": [round(x, 2) for x in load_start],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
-        "step_1w_s": round(step["1w"], 4), "step_2w_one_node_s": round(step["2w_one_node"], 4),
+        "step_1w_s": round(step["1w"], 4),
+        "step_2w_one_node_s": round(step["2w_one_node"], 4),
         "step_2w_two_nodes_s": round(step["2w_two_nodes"], 4),
-        "gloo": {k: round(v, 5) for k, v in collectives.items()}, "trainable_params": trainable,
-        "machine_cpus": os.cpu_count(), "micro_batch": args.batch,
-        "steps": args.steps, "predicted_per_node_count": per_node,
+        "gloo": {k: round(v, 5) for k, v in collectives.items()},
+        "trainable_params": trainable,
+        "machine_cpus": os.cpu_count(),
+        "micro_batch": args.batch,
+        "steps": args.steps,
+        "predicted_per_node_count": per_node,
         "per_node_count_note": f"[serial, overlap] bounds on {cost_model.H100_NODE.name}",
     }
 

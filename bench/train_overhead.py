@@ -46,28 +46,51 @@ def main(argv=None) -> dict:
     rows = read_split(uri, "train", info).to_pylist()
     base = ["optim.lr=0.003", f"train.zero_stage={args.zero_stage}"]
     single_cfg = load_config(packaged_config("tiny"), [*base, f"data.batch_size={args.batch}"])
-    dist_cfg = load_config(packaged_config("tiny"), [*base, f"data.batch_size={args.batch // args.workers}",
-                                                     f"train.num_workers={args.workers}"])
+    dist_cfg = load_config(
+        packaged_config("tiny"),
+        [*base, f"data.batch_size={args.batch // args.workers}", f"train.num_workers={args.workers}"],
+    )
     tokenizer = load_tokenizer(single_cfg.model, [t for r in rows for t in r["rationales"]] + info.classes)
 
     torch.set_num_threads(os.cpu_count() or 1)
     single = run_steps(single_cfg, tokenizer, info.num_classes, rows, info.mask_size, args.steps)
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    ray.init(
+        num_cpus=os.cpu_count() or 2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+    )
     try:
         threads = max(1, (os.cpu_count() or 1) // args.workers)
-        dist = run_distributed(dist_cfg, tokenizer, info.num_classes, rows, info.mask_size, args.steps,
-                               tempfile.mkdtemp(prefix="megl-bench-"), "train-overhead", threads=threads)
+        dist = run_distributed(
+            dist_cfg,
+            tokenizer,
+            info.num_classes,
+            rows,
+            info.mask_size,
+            args.steps,
+            tempfile.mkdtemp(prefix="megl-bench-"),
+            "train-overhead",
+            threads=threads,
+        )
     finally:
         ray.shutdown()
     single_s = statistics.median(single["step_s"][2:])
     dist_s = statistics.median(dist["step_s"][2:])
-    print(f"single process: {single_s:.3f}s/step; {args.workers} Ray+DeepSpeed workers: {dist_s:.3f}s/step",
-          file=sys.stderr)
+    print(
+        f"single process: {single_s:.3f}s/step; {args.workers} Ray+DeepSpeed workers: {dist_s:.3f}s/step",
+        file=sys.stderr,
+    )
     return {
-        "single_step_s": round(single_s, 4), "ray_ds_step_s": round(dist_s, 4),
-        "ray_ds_vs_single": round(dist_s / single_s, 3), "global_batch": args.batch, "workers": args.workers,
-        "zero_stage": args.zero_stage, "steps": args.steps, "device": "cpu", "machine_cpus": os.cpu_count(),
+        "single_step_s": round(single_s, 4),
+        "ray_ds_step_s": round(dist_s, 4),
+        "ray_ds_vs_single": round(dist_s / single_s, 3),
+        "global_batch": args.batch,
+        "workers": args.workers,
+        "zero_stage": args.zero_stage,
+        "steps": args.steps,
+        "device": "cpu",
+        "machine_cpus": os.cpu_count(),
         "max_loss_diff": round(max(abs(a - b) for a, b in zip(single["losses"], dist["losses"])), 8),
     }
 

@@ -55,7 +55,9 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
-def run_cli(prog: str, main: Callable[[Sequence[str] | None], dict[str, Any]], argv: Sequence[str] | None = None) -> int:
+def run_cli(
+    prog: str, main: Callable[[Sequence[str] | None], dict[str, Any]], argv: Sequence[str] | None = None
+) -> int:
     """Run ``main(argv)``, print its result dict as the last stdout line, turn ``UserError`` into one line + exit 2."""
     try:
         result = main(argv)

@@ -4,10 +4,11 @@
         [--max-new-tokens N] [--batch-size 32] [--workers N] [--device auto] [--precision auto] [--clip-path URI]
     python -m megl_ray.evaluate --efficiency --checkpoint URI [--batch-size 32] [--warmup 2] [--repeats 5]
 
-Classification, visual-explanation and rationale metrics (``megl_ray.evaluation.metrics``, ``megl_ray.evaluation.clipscore``,
-``megl_ray.evaluation.spice``; every key is defined in ``docs/evaluation.md``). A readable table goes to stderr, the JSON to
-``--out`` (default ``<checkpoint>/eval_<split>.json``, local or ``s3://``) and, as one object, to the last stdout
-line. ``--efficiency`` measures parameters, latency and throughput instead (``megl_ray.evaluation.efficiency``).
+Classification, visual-explanation and rationale metrics (``megl_ray.evaluation.metrics``,
+``megl_ray.evaluation.clipscore``, ``megl_ray.evaluation.spice``; every key is defined in ``docs/evaluation.md``). A
+readable table goes to stderr, the JSON to ``--out`` (default ``<checkpoint>/eval_<split>.json``, local or
+``s3://``) and, as one object, to the last stdout line. ``--efficiency`` measures parameters, latency and throughput
+instead (``megl_ray.evaluation.efficiency``).
 
 Small splits run in this process. With ``--workers N`` > 1, a split of more than ``RAY_ROW_THRESHOLD`` rows, or a
 driver without the GPU the model should use (a CPU head node under ``ray job submit``), Ray Data spreads prediction
@@ -36,19 +37,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split to score (default test)")
     p.add_argument("--out", help="where to write the JSON (default <checkpoint>/eval_<split>.json)")
     p.add_argument("--num-beams", type=int, default=1, help="beam width of rationale generation (1: greedy)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="longest generated rationale, in tokens (default: the trained model.max_text_tokens)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="longest generated rationale, in tokens (default: the trained model.max_text_tokens)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="images per model call")
-    p.add_argument("--workers", type=int, default=None,
-                   help=f"1: in this process; N > 1: N Ray actors (default: in this process up to "
-                        f"{RAY_ROW_THRESHOLD} rows, else one actor per cluster GPU)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="where the model runs, resolved by the process holding it (auto: cuda where it sees one)")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="VLM weights at inference (auto: bf16 on cuda, fp32 on cpu); the classifier stays fp32")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"1: in this process; N > 1: N Ray actors (default: in this process up to "
+        f"{RAY_ROW_THRESHOLD} rows, else one actor per cluster GPU)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where the model runs, resolved by the process holding it (auto: cuda where it sees one)",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="VLM weights at inference (auto: bf16 on cuda, fp32 on cpu); the classifier stays fp32",
+    )
     p.add_argument("--clip-path", help="CLIP checkpoint dir (local or s3://) for CLIPScore; without it the key is null")
-    p.add_argument("--efficiency", action="store_true",
-                   help="measure parameters, latency and images/s (paper Table 5) instead of scoring a split")
+    p.add_argument(
+        "--efficiency",
+        action="store_true",
+        help="measure parameters, latency and images/s (paper Table 5) instead of scoring a split",
+    )
     p.add_argument("--warmup", type=int, default=2, help="--efficiency: untimed calls before timing")
     p.add_argument("--repeats", type=int, default=5, help="--efficiency: timed calls; the median is reported")
     return p
@@ -58,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     options = EvaluateOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateOptions)})
     # Lazy: torch, Ray and the model code load only once the arguments are understood (`--help` answers at once).
-    from megl_ray.evaluation.evaluate_run import run
+    from megl_ray.evaluation.evaluate_run import run  # noqa: PLC0415
 
     return run(options)
 

@@ -30,11 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (local or s3://)")
     p.add_argument("--top-k", type=int, default=3, help="classes listed per image (default 3)")
     p.add_argument("--num-beams", type=int, default=1, help="beam width of rationale generation (1: greedy)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="longest generated rationale, in tokens (default: the trained model.max_text_tokens)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="longest generated rationale, in tokens (default: the trained model.max_text_tokens)",
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="VLM weights at inference (auto: bf16 on cuda, fp32 on cpu)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="VLM weights at inference (auto: bf16 on cuda, fp32 on cpu)",
+    )
     p.add_argument("--gallery", action="store_true", help="also write DIR/index.html from --data")
     p.add_argument("--data", help="converted dataset for --gallery")
     p.add_argument("--split", default="test", help="split for --gallery (default test)")
@@ -48,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ExplainOptions)}
     options = ExplainOptions(**{**values, "images": tuple(args.images)})
     # Lazy: torch and the model code load only once the arguments are understood (`--help` answers at once).
-    from megl_ray.evaluation.explanations import run
+    from megl_ray.evaluation.explanations import run  # noqa: PLC0415
 
     return run(options)
 

@@ -14,8 +14,12 @@ from megl_ray.cli import ArgumentParser, run_cli, setup_logging
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m megl_ray.export", description="Rewrite a megl_ray export.")
-    p.add_argument("--merge", action="store_true", required=True,
-                   help="merge LoRA adapters into the base weights and write a standalone export")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        required=True,
+        help="merge LoRA adapters into the base weights and write a standalone export",
+    )
     p.add_argument("src", help="export directory (local or s3://)")
     p.add_argument("dst", help="where to write the standalone export (local or s3://)")
     return p
@@ -24,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     # Lazy: torch, transformers and peft load only once the arguments are understood (`--help` answers at once).
-    from megl_ray.model.export_io import merge_export
+    from megl_ray.model.export_io import merge_export  # noqa: PLC0415
 
     return merge_export(args.src, args.dst)
 

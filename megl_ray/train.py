@@ -25,8 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m megl_ray.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML config (default: the packaged tiny config)")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray started here)")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="also show Ray's, Ray Data's and DeepSpeed's own logs (and our debug logs)")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show Ray's, Ray Data's and DeepSpeed's own logs (and our debug logs)",
+    )
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.epochs=3 run.name=exp1")
     return p
 
@@ -34,10 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     # Lazy: Ray, torch and DeepSpeed load only once the arguments are understood (`--help` answers at once).
-    from megl_ray.driver.fit import TrainOptions, run
+    from megl_ray.driver.fit import TrainOptions, run  # noqa: PLC0415
 
-    return run(TrainOptions(config=args.config, overrides=tuple(args.overrides), address=args.address,
-                            verbose=args.verbose))
+    return run(
+        TrainOptions(config=args.config, overrides=tuple(args.overrides), address=args.address, verbose=args.verbose)
+    )
 
 
 if __name__ == "__main__":

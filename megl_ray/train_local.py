@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config or packaged_config("tiny"), args.overrides)
     # Lazy: torch and the model code load only once the config is valid (`--help` and config errors answer at once).
-    from megl_ray.training.local import train
+    from megl_ray.training.local import train  # noqa: PLC0415
 
     return train(cfg, args.max_steps, args.export)
 

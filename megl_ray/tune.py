@@ -31,7 +31,7 @@ _MOVED = {"run_trial": "run_trial", "_trial_name": "trial_name"}
 def __getattr__(name: str) -> Any:
     if name in _MOVED:
         # Lazy: importing the sweep imports Ray Tune, which `--help` and config errors never need.
-        from megl_ray.tuning import sweep
+        from megl_ray.tuning import sweep  # noqa: PLC0415
 
         return getattr(sweep, _MOVED[name])
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -41,18 +41,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m megl_ray.tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--space", required=True, help="search space YAML (see tune_spaces/)")
     p.add_argument("--config", help="base config YAML (default: the packaged tiny config)")
-    p.add_argument("--num-samples", type=int, help="samples drawn from the space; grids are crossed with each "
-                                                   "(default: 1 for an all-grid space, else 4)")
-    p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
-                   help="asha: stop weak trials early (default); fifo: run every trial to the end")
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        help="samples drawn from the space; grids are crossed with each (default: 1 for an all-grid space, else 4)",
+    )
+    p.add_argument(
+        "--scheduler",
+        choices=("asha", "fifo"),
+        default="asha",
+        help="asha: stop weak trials early (default); fifo: run every trial to the end",
+    )
     p.add_argument("--metric", default="val_accuracy", help=f"metric to optimise, one of {', '.join(METRICS)}")
     p.add_argument("--mode", choices=("max", "min"), help="default: max for val_* metrics, else min")
     p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs every trial runs (default 1)")
-    p.add_argument("--reduction-factor", type=float, default=2.0,
-                   help="ASHA: 1/fraction of trials kept at each rung (default 2: the better half)")
-    p.add_argument("--max-concurrent", type=int,
-                   help="at most this many trials at once (default and upper limit: as many as the cluster's "
-                        "CPUs/GPUs fit)")
+    p.add_argument(
+        "--reduction-factor",
+        type=float,
+        default=2.0,
+        help="ASHA: 1/fraction of trials kept at each rung (default 2: the better half)",
+    )
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        help="at most this many trials at once (default and upper limit: as many as the cluster's CPUs/GPUs fit)",
+    )
     p.add_argument("--name", help="sweep name; re-running with the same name resumes it (default: sweep-<space>)")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray started here)")
     p.add_argument("-v", "--verbose", action="store_true", help="also show Ray's, Ray Data's and DeepSpeed's logs")
@@ -63,12 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_intermixed_args(argv)  # key=value overrides may come between options
     options = SweepOptions(
-        space=args.space, config=args.config, overrides=tuple(args.overrides), num_samples=args.num_samples,
-        scheduler=args.scheduler, metric=args.metric, mode=args.mode, grace_period=args.grace_period,
-        reduction_factor=args.reduction_factor, max_concurrent=args.max_concurrent, name=args.name,
-        address=args.address, verbose=args.verbose)
+        space=args.space,
+        config=args.config,
+        overrides=tuple(args.overrides),
+        num_samples=args.num_samples,
+        scheduler=args.scheduler,
+        metric=args.metric,
+        mode=args.mode,
+        grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor,
+        max_concurrent=args.max_concurrent,
+        name=args.name,
+        address=args.address,
+        verbose=args.verbose,
+    )
     # Lazy: Ray Tune, Ray Train and torch load only once the arguments are understood.
-    from megl_ray.tuning.sweep import run
+    from megl_ray.tuning.sweep import run  # noqa: PLC0415
 
     return run(options)
 

@@ -83,10 +83,14 @@ def two_node_cluster(embedded_s3, tmp_path_factory):
     from megl_ray.cluster.local_cluster import LocalCluster
 
     repo = Path(__file__).resolve().parents[1]
-    env = {**embedded_s3.env(), "DS_ACCELERATOR": "cpu",
-           "PYTHONPATH": f"{repo}:{os.environ.get('PYTHONPATH', '')}",
-           "TORCH_EXTENSIONS_DIR": os.environ.get(
-               "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "megl_ray" / "torch_extensions"))}
+    env = {
+        **embedded_s3.env(),
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONPATH": f"{repo}:{os.environ.get('PYTHONPATH', '')}",
+        "TORCH_EXTENSIONS_DIR": os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "megl_ray" / "torch_extensions")
+        ),
+    }
     cluster = LocalCluster(tmp_path_factory.mktemp("cluster"), env=env)
     try:
         cluster.add_node(num_cpus=2, resources={"node_a": 1})
@@ -97,8 +101,11 @@ def two_node_cluster(embedded_s3, tmp_path_factory):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "wip(reason): a test that has not passed on the integrated code yet; skipped "
-                                       "unless MEGL_RUN_WIP=1 (each one is named in the session note with its issue)")
+    config.addinivalue_line(
+        "markers",
+        "wip(reason): a test that has not passed on the integrated code yet; skipped "
+        "unless MEGL_RUN_WIP=1 (each one is named in the session note with its issue)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):

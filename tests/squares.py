@@ -33,14 +33,17 @@ def write_squares(root: Path, per_class: int = 20, seed: int = 0) -> Path:
         name = CLASSES[label]
         r, c = (int(v) for v in rng.integers(0, SIZE - SIDE + 1, size=2))
         image = np.repeat(rng.uniform(0.3, 0.6, size=(SIZE, SIZE, 1)), 3, axis=2)  # grey: colour only in the square
-        image[r:r + SIDE, c:c + SIDE] = COLOURS[name]
+        image[r : r + SIDE, c : c + SIDE] = COLOURS[name]
         mask = np.zeros((SIZE, SIZE), dtype=np.float32)
-        mask[r:r + SIDE, c:c + SIDE] = 1.0
+        mask[r : r + SIDE, c : c + SIDE] = 1.0
         key = f"{n:04d}"
         Image.fromarray(np.rint(image * 255).astype(np.uint8), "RGB").save(root / "images" / f"{key}.png")
         np.save(root / "masks" / f"{key}.npy", mask)
         annotations[key] = {
-            "image_path": f"images/{key}.png", "class_id": label, "visual_exp": f"masks/{key}.npy", "ans": name,
+            "image_path": f"images/{key}.png",
+            "class_id": label,
+            "visual_exp": f"masks/{key}.npy",
+            "ans": name,
             "exp": [f"A {name} square sits in the {_where(r, c)} part.", f"The only coloured patch is {name}."],
         }
     (root / "exp_annotation.json").write_text(json.dumps(annotations, indent=1))

@@ -45,9 +45,22 @@ def test_every_row_is_a_valid_config_and_the_label_free_prompt_has_no_label():
 @pytest.mark.slow
 def test_ablation_trains_each_row_and_writes_its_table_chart_and_json(tmp_path: Path):
     out = tmp_path / "out"
-    result, stderr = run_bench("ablation", "--rows", "ce,megl_cf", "--seeds", "1", "--n-per-class", "10",
-                               "--out", str(out), "--work", str(tmp_path / "work"), "train.epochs=1",
-                               "model.max_text_tokens=16", timeout=1200)
+    result, stderr = run_bench(
+        "ablation",
+        "--rows",
+        "ce,megl_cf",
+        "--seeds",
+        "1",
+        "--n-per-class",
+        "10",
+        "--out",
+        str(out),
+        "--work",
+        str(tmp_path / "work"),
+        "train.epochs=1",
+        "model.max_text_tokens=16",
+        timeout=1200,
+    )
     assert set(result["rows"]) == {"ce", "megl_cf"} and result["runs"] == 2 and result["seeds"] == 1
     for row in result["rows"].values():
         assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["macro_f1"] <= 1.0
@@ -60,6 +73,19 @@ def test_ablation_trains_each_row_and_writes_its_table_chart_and_json(tmp_path: 
     assert "points of test accuracy over CE only" in table
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # re-running finds both runs done and trains nothing
-    again, _ = run_bench("ablation", "--rows", "ce,megl_cf", "--seeds", "1", "--n-per-class", "10", "--out",
-                         str(out), "--work", str(tmp_path / "work"), "train.epochs=1", "model.max_text_tokens=16")
+    again, _ = run_bench(
+        "ablation",
+        "--rows",
+        "ce,megl_cf",
+        "--seeds",
+        "1",
+        "--n-per-class",
+        "10",
+        "--out",
+        str(out),
+        "--work",
+        str(tmp_path / "work"),
+        "train.epochs=1",
+        "model.max_text_tokens=16",
+    )
     assert again["rows"] == result["rows"] and again["seconds"] < result["seconds"]

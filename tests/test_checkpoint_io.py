@@ -30,8 +30,13 @@ def test_a_missing_local_model_directory_is_one_clear_error(tmp_path):
 def ray_one_node(embedded_s3):
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"), runtime_env={"env_vars": embedded_s3.env()})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+        runtime_env={"env_vars": embedded_s3.env()},
+    )
     try:
         yield ray
     finally:
@@ -73,7 +78,12 @@ def test_two_workers_on_one_node_download_a_base_checkpoint_once(embedded_s3, ra
             botocore.client.BaseClient._make_api_call = counting
             time.sleep(max(0.0, start_at - time.time()))  # both ask at once
             path = local_dir(uri)
-            return str(path), len(calls), ray.get_runtime_context().get_node_id(), sorted(p.name for p in path.iterdir())
+            return (
+                str(path),
+                len(calls),
+                ray.get_runtime_context().get_node_id(),
+                sorted(p.name for p in path.iterdir()),
+            )
 
     workers = [Worker.remote() for _ in range(2)]
     ray.get([w.__ray_ready__.remote() for w in workers])

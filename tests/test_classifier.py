@@ -7,8 +7,10 @@ from megl_ray.model.classifier import build_classifier
 from megl_ray.model.saliency import closed_form_cam
 
 
-@pytest.mark.parametrize("name, size, grid, channels", [
-    ("tiny", 64, 16, 64), ("resnet18", 64, 2, 512), ("resnet50", 64, 2, 2048), ("vit_b_16", 32, 2, 768)])
+@pytest.mark.parametrize(
+    "name, size, grid, channels",
+    [("tiny", 64, 16, 64), ("resnet18", 64, 2, 512), ("resnet50", 64, 2, 2048), ("vit_b_16", 32, 2, 768)],
+)
 def test_backbones_give_logits_and_a_feature_map(name, size, grid, channels):
     model = build_classifier(name, num_classes=7, image_size=size).eval()
     with torch.no_grad():

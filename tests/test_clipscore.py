@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from megl_ray.evaluation.clipscore import CLIP_SCORE_WEIGHT, CLIPScorer, corpus_clip_score
 from megl_ray.errors import UserError
+from megl_ray.evaluation.clipscore import CLIP_SCORE_WEIGHT, CLIPScorer, corpus_clip_score
 from tests.tiny_clip import SENTENCES, save_tiny_clip
 
 
@@ -21,8 +21,9 @@ def clip_dir(tmp_path_factory):
 def _images(n, seed=0):
     rng = np.random.default_rng(seed)
     sizes = [(40, 48), (64, 64), (32, 50), (80, 60), (45, 45)]
-    return [Image.fromarray(rng.integers(0, 256, size=(*sizes[i % len(sizes)], 3), dtype=np.uint8), "RGB")
-            for i in range(n)]
+    return [
+        Image.fromarray(rng.integers(0, 256, size=(*sizes[i % len(sizes)], 3), dtype=np.uint8), "RGB") for i in range(n)
+    ]
 
 
 def _by_hand(clip_dir, images, texts, flip=False):

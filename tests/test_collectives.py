@@ -5,9 +5,9 @@ A CPU machine has one real device, so the check is made twice: on a real one-pro
 process-group wrapper rejects any tensor that is not on ``meta`` (as NCCL rejects CPU tensors) and stops at the
 first accepted collective, proving what reached it."""
 
+import pytest
 import torch
 import torch.distributed as dist
-import pytest
 
 from megl_ray.evaluation.metrics import ClassificationMetrics, SaliencyMetrics
 from megl_ray.training.collectives import all_gather_ids, all_reduce_sums, route_metric_sync
@@ -38,7 +38,7 @@ def _guard(monkeypatch, device, stop):
         if stop:
             raise Reached
 
-    real_gather, real_reduce = dist.all_gather, dist.all_reduce
+    real_reduce = dist.all_reduce
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)  # take the multi-rank paths
 
     def all_gather(outputs, tensor, group=None, async_op=False):
@@ -52,7 +52,9 @@ def _guard(monkeypatch, device, stop):
 
     monkeypatch.setattr(dist, "all_gather", all_gather)
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    monkeypatch.setattr(dist, "all_gather_object", lambda *a, **k: pytest.fail("object collectives pick their own device"))
+    monkeypatch.setattr(
+        dist, "all_gather_object", lambda *a, **k: pytest.fail("object collectives pick their own device")
+    )
     return seen
 
 

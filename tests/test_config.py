@@ -28,24 +28,35 @@ def test_every_packaged_config_loads(path):
 
 
 def test_overrides_parse_values_as_yaml():
-    cfg = load_config(packaged_config("tiny"), ["loss.text_weight=0.5", "model.sdtg=false", "train.epochs=3",
-                                                "model.lora_target_modules=[q_proj]", "run.name=abc"])
+    cfg = load_config(
+        packaged_config("tiny"),
+        [
+            "loss.text_weight=0.5",
+            "model.sdtg=false",
+            "train.epochs=3",
+            "model.lora_target_modules=[q_proj]",
+            "run.name=abc",
+        ],
+    )
     assert cfg.loss.text_weight == 0.5 and cfg.model.sdtg is False and cfg.train.epochs == 3
     assert cfg.model.lora_target_modules == ["q_proj"] and cfg.run.name == "abc"
     assert isinstance(load_config(None, ["loss.dc_weight=1"]).loss.dc_weight, float)
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("model.nonsense=1", "unknown config key 'model.nonsense'"),
-    ("nonsense.key=1", "unknown config key 'nonsense'"),
-    ("loss.text_weight=-1", "loss.text_weight: must be >= 0"),
-    ("loss.visual_transform=blur", "loss.visual_transform: expected one of"),
-    ("model.sdtg=maybe", "model.sdtg: expected true or false"),
-    ("train.epochs=1.5", "train.epochs: expected an integer"),
-    ("train.zero_stage=4", "train.zero_stage: must be 0, 1, 2 or 3"),
-    ("model.preset=llava", "model.vlm_path: is required"),
-    ("no_equals_sign", "not of the form key=value"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("model.nonsense=1", "unknown config key 'model.nonsense'"),
+        ("nonsense.key=1", "unknown config key 'nonsense'"),
+        ("loss.text_weight=-1", "loss.text_weight: must be >= 0"),
+        ("loss.visual_transform=blur", "loss.visual_transform: expected one of"),
+        ("model.sdtg=maybe", "model.sdtg: expected true or false"),
+        ("train.epochs=1.5", "train.epochs: expected an integer"),
+        ("train.zero_stage=4", "train.zero_stage: must be 0, 1, 2 or 3"),
+        ("model.preset=llava", "model.vlm_path: is required"),
+        ("no_equals_sign", "not of the form key=value"),
+    ],
+)
 def test_bad_keys_and_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])

@@ -46,13 +46,17 @@ def test_warnings_errors_and_our_lines_are_kept(line):
 
 
 def test_a_routine_error_goes_with_its_traceback_and_nothing_else():
-    lines = ["Failed to send resource request for train-88a9. If this only happens transiently during network "
-             "partition or CPU being overloaded, it's safe to ignore this error.",
-             "Traceback (most recent call last):",
-             '  File "/ray/train/v2/_internal/execution/scaling_policy/autoscaling_coordinator_client.py", line 58',
-             "    ray.get(",
-             "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
-             KEPT[3], ROUTINE[0], *KEPT[:2]]
+    lines = [
+        "Failed to send resource request for train-88a9. If this only happens transiently during network "
+        "partition or CPU being overloaded, it's safe to ignore this error.",
+        "Traceback (most recent call last):",
+        '  File "/ray/train/v2/_internal/execution/scaling_policy/autoscaling_coordinator_client.py", line 58',
+        "    ray.get(",
+        "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
+        KEPT[3],
+        ROUTINE[0],
+        *KEPT[:2],
+    ]
     # a traceback after any other routine line is kept whole: it is a real error
     assert console.drop_routine(lines) == [KEPT[3], *KEPT[:2]]
 
@@ -83,8 +87,16 @@ def test_a_bad_flag_is_one_line_and_exit_2_for_every_cli(capsys):
 
     from megl_ray.cli import run_cli
 
-    for module in ("megl_ray.train", "megl_ray.train_local", "megl_ray.tune", "megl_ray.storage",
-                   "megl_ray.data.make_sample", "megl_ray.data.convert", "megl_ray.evaluate", "megl_ray.explain"):
+    for module in (
+        "megl_ray.train",
+        "megl_ray.train_local",
+        "megl_ray.tune",
+        "megl_ray.storage",
+        "megl_ray.data.make_sample",
+        "megl_ray.data.convert",
+        "megl_ray.evaluate",
+        "megl_ray.explain",
+    ):
         code = run_cli(module, importlib.import_module(module).main, ["--no-such-flag"])
         out, err = capsys.readouterr()
         assert code == 2, (module, err[-2000:])
@@ -93,6 +105,11 @@ def test_a_bad_flag_is_one_line_and_exit_2_for_every_cli(capsys):
     # and through a real ``python -m`` entry point (the storage package's __main__)
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "megl_ray.storage", "serve", "--no-such-flag"], capture_output=True,
-                          text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "megl_ray.storage", "serve", "--no-such-flag"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -106,8 +106,23 @@ EXPECTED = {
     "r_blank": ("rationale", "rationale_blank"),
     "r_number": ("rationale", "rationale_not_text"),
 }
-GOOD = ["good1", "good2", "good3", "m_escape", "m_missing", "m_unreadable", "m_rank", "m_dtype", "m_nan",
-        "m_negative", "m_range", "m_zero", "m_shape", "r_blank", "r_number"]
+GOOD = [
+    "good1",
+    "good2",
+    "good3",
+    "m_escape",
+    "m_missing",
+    "m_unreadable",
+    "m_rank",
+    "m_dtype",
+    "m_nan",
+    "m_negative",
+    "m_range",
+    "m_zero",
+    "m_shape",
+    "r_blank",
+    "r_number",
+]
 
 
 @pytest.fixture
@@ -132,9 +147,12 @@ def bad_corpus(tmp_path: Path) -> Path:
     (masks / "text.npy").write_text("not numpy")
     np.save(tmp_path / "outside.npy", good_mask)
     for name, array in {
-        "rank.npy": np.ones((2, 12, 16), np.float32), "dtype.npy": np.ones((12, 16), np.int64),
-        "nan.npy": np.full((12, 16), np.nan, np.float32), "neg.npy": np.full((12, 16), -1.0, np.float32),
-        "range.npy": np.full((12, 16), 2.0, np.float32), "zero.npy": np.zeros((12, 16), np.float32),
+        "rank.npy": np.ones((2, 12, 16), np.float32),
+        "dtype.npy": np.ones((12, 16), np.int64),
+        "nan.npy": np.full((12, 16), np.nan, np.float32),
+        "neg.npy": np.full((12, 16), -1.0, np.float32),
+        "range.npy": np.full((12, 16), 2.0, np.float32),
+        "zero.npy": np.zeros((12, 16), np.float32),
         "shape.npy": np.ones((16, 12), np.float32),
     }.items():
         np.save(masks / name, array)
@@ -232,8 +250,9 @@ def test_strict_stops_on_a_mask_problem_too(tmp_path: Path, capsys):
 
 def subprocess_convert(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-m", "megl_ray.data.convert", *args], capture_output=True, text=True,
-                          env=env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "megl_ray.data.convert", *args], capture_output=True, text=True, env=env, timeout=60
+    )
 
 
 def test_strict_from_the_command_line_has_no_traceback(bad_corpus: Path, tmp_path: Path):
@@ -349,8 +368,14 @@ def test_images_and_masks_read_back_equal_the_source(tmp_path: Path):
     write_source(src, entries)
     dst = tmp_path / "out"
     run(src, dst, "--mask-size", "8", "--rows-per-shard", "2")
-    assert len(list((dst / "train").glob("*.parquet")) + list((dst / "val").glob("*.parquet"))
-               + list((dst / "test").glob("*.parquet"))) >= 3
+    assert (
+        len(
+            list((dst / "train").glob("*.parquet"))
+            + list((dst / "val").glob("*.parquet"))
+            + list((dst / "test").glob("*.parquet"))
+        )
+        >= 3
+    )
     rows = read_rows(dst)
     for rid, row in rows.items():
         assert row["image"] == source_bytes[rid]
@@ -376,8 +401,13 @@ def test_prior_equals_a_hand_computation(tmp_path: Path):
     for i, m in enumerate((m1, m2, m3)):
         save_image(src / "images" / f"{i}.png", 4, 4, i)
         np.save(src / "masks" / f"{i}.npy", m)
-    write_source(src, [(f"m{i}", rec(f"images/{i}.png", mask=f"masks/{i}.npy", split=s))
-                       for i, s in enumerate(("train", "train", "val"))])
+    write_source(
+        src,
+        [
+            (f"m{i}", rec(f"images/{i}.png", mask=f"masks/{i}.npy", split=s))
+            for i, s in enumerate(("train", "train", "val"))
+        ],
+    )
     dst = tmp_path / "out"
     run(src, dst, "--prior-size", "2")
     info = json.loads((dst / "dataset.json").read_text())

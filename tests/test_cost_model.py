@@ -8,14 +8,30 @@ import pytest
 
 from megl_ray.planning import cost_model
 from megl_ray.planning.cost_model import (
-    CpuCalibration, Hardware, comm_bytes_per_gpu, cpu_compute_slowdown, cpu_step_prediction, cpu_throughput_ratio, step_cost, step_flops)
+    CpuCalibration,
+    Hardware,
+    comm_bytes_per_gpu,
+    cpu_compute_slowdown,
+    cpu_step_prediction,
+    cpu_throughput_ratio,
+    step_cost,
+    step_flops,
+)
 from megl_ray.planning.memory_model import PRESETS, ModelShape, Setup, TransformerShape, memory_per_gpu
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "scaling.md"
 VISION = TransformerShape(layers=2, hidden=8, intermediate=16, heads=2, gated_mlp=False)
 LM = TransformerShape(layers=3, hidden=8, intermediate=16, heads=2, vocab=100)
-TOY = ModelShape("r18-toy", classifier_params=1000, classifier_act_bytes=0.0, vision=VISION, lm=LM, image_tokens=4,
-                 text_tokens=6, rationale_tokens=2)
+TOY = ModelShape(
+    "r18-toy",
+    classifier_params=1000,
+    classifier_act_bytes=0.0,
+    vision=VISION,
+    lm=LM,
+    image_tokens=4,
+    text_tokens=6,
+    rationale_tokens=2,
+)
 
 
 def test_step_flops_follow_the_formula_by_hand():
@@ -45,8 +61,10 @@ def test_zero_communication_volumes_by_hand():
     z3c, _ = comm_bytes_per_gpu(TOY, Setup(world=4, zero_stage=3, gradient_checkpointing=True))
     assert z3c == pytest.approx(0.75 * (3 * (4 * trainable + 2 * frozen) + 4 * trainable))
     for preset in PRESETS:  # ZeRO-3 always moves more than ZeRO-2: it gathers every parameter, frozen ones too
-        assert comm_bytes_per_gpu(PRESETS[preset], Setup(world=16, zero_stage=3))[0] > \
-            comm_bytes_per_gpu(PRESETS[preset], Setup(world=16, zero_stage=2))[0]
+        assert (
+            comm_bytes_per_gpu(PRESETS[preset], Setup(world=16, zero_stage=3))[0]
+            > comm_bytes_per_gpu(PRESETS[preset], Setup(world=16, zero_stage=2))[0]
+        )
 
 
 def test_step_cost_parts_add_up_and_use_the_memory_model():
@@ -69,8 +87,9 @@ def test_step_cost_parts_add_up_and_use_the_memory_model():
 
 def test_cpu_prediction_from_single_worker_measurements():
     # two free cores: two copies of the kernel run as fast as one, so compute is not slowed
-    cal = CpuCalibration(step_1w_s=1.0, allreduce_s=0.1, allgather_s=0.05, latency_s=0.01, cores=2,
-                         kernel_1_s=2.0, kernel_2_s=2.0)
+    cal = CpuCalibration(
+        step_1w_s=1.0, allreduce_s=0.1, allgather_s=0.05, latency_s=0.01, cores=2, kernel_1_s=2.0, kernel_2_s=2.0
+    )
     assert cpu_step_prediction(cal, 1) == pytest.approx(1.0)
     assert cpu_step_prediction(cal, 2) == pytest.approx(1.0 + 0.15 + 0.01)
     assert cpu_throughput_ratio(cal) == pytest.approx(2 / 1.16)
@@ -89,7 +108,7 @@ def _doc_table(header_start: str) -> list[dict[str, str]]:
     start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
     keys = [k.strip() for k in lines[start].strip("|").split("|")]
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         rows.append(dict(zip(keys, [v.strip() for v in line.strip("|").split("|")])))
@@ -106,8 +125,10 @@ def test_docs_scaling_tables_are_the_code_output():
         code = computed[(row["model"], row["zero_stage"], row["nodes"])]
         for key, value in row.items():
             assert value == str(code[key]), (row["model"], row["nodes"], key)
-    mem = {(r["model"], str(r["zero_stage"]), r["precision"], str(r["checkpointing"]), r["offload"]): r
-           for r in cost_model.memory_table()}
+    mem = {
+        (r["model"], str(r["zero_stage"]), r["precision"], str(r["checkpointing"]), r["offload"]): r
+        for r in cost_model.memory_table()
+    }
     assert len(memory) == len(mem) == 32
     for row in memory:
         code = mem[(row["model"], row["zero_stage"], row["precision"], row["checkpointing"], row["offload"])]

@@ -17,8 +17,9 @@ def test_the_region_is_the_dilated_mask_where_there_is_one_and_the_saliency_else
     expected0[5:, 5:] = 1.0  # the pixel dilated by the 5×5 max-pool, clipped at the border
     assert torch.equal(region[0, 0], expected0)
     # sample 1 has no mask: its Â, upsampled bilinearly and thresholded at 0.5 (the cells around the peak)
-    upsampled = torch.nn.functional.interpolate(saliency[1:].unsqueeze(1), size=(8, 8), mode="bilinear",
-                                                align_corners=False)[0, 0]
+    upsampled = torch.nn.functional.interpolate(
+        saliency[1:].unsqueeze(1), size=(8, 8), mode="bilinear", align_corners=False
+    )[0, 0]
     assert torch.equal(region[1, 0], (upsampled >= 0.5).float()) and region[1, 0, 0, 0] == 1
     assert region[1, 0, 7, 7] == 0
 

@@ -7,8 +7,15 @@ from megl_ray.cluster.credentials import credentials_file, load_credentials, pub
 
 
 def test_forwarded_settings_carry_no_credentials():
-    env = {"AWS_SECRET_ACCESS_KEY": "s", "AWS_ACCESS_KEY_ID": "a", "AWS_SESSION_TOKEN": "t", "MEGL_S3_SECRET_KEY": "m",
-           "MEGL_S3_ENDPOINT": "http://127.0.0.1:1", "AWS_REGION": "r", "HOME": "/root"}
+    env = {
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "AWS_ACCESS_KEY_ID": "a",
+        "AWS_SESSION_TOKEN": "t",
+        "MEGL_S3_SECRET_KEY": "m",
+        "MEGL_S3_ENDPOINT": "http://127.0.0.1:1",
+        "AWS_REGION": "r",
+        "HOME": "/root",
+    }
     assert public_env(env) == {"MEGL_S3_ENDPOINT": "http://127.0.0.1:1", "AWS_REGION": "r"}
 
 

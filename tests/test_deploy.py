@@ -15,8 +15,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -147,7 +148,9 @@ def test_dockerfile_documents_its_image_tag():
     version = _pyproject()["project"]["version"]
     assert tag == version, f"Dockerfile: documented tag {tag!r} differs from the project version {version!r}"
     label = _labels().get("org.opencontainers.image.version")
-    assert label == version, f"Dockerfile: LABEL org.opencontainers.image.version={label!r}, project version {version!r}"
+    assert label == version, (
+        f"Dockerfile: LABEL org.opencontainers.image.version={label!r}, project version {version!r}"
+    )
 
 
 def test_dockerfile_final_user_is_not_root():
@@ -158,7 +161,9 @@ def test_dockerfile_final_user_is_not_root():
 
 
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|API_?KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE)
-SECRET_VALUE = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|-----BEGIN [A-Z ]*PRIVATE KEY-----|\bgh[pousr]_[A-Za-z0-9]{30,}")
+SECRET_VALUE = re.compile(
+    r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|-----BEGIN [A-Z ]*PRIVATE KEY-----|\bgh[pousr]_[A-Za-z0-9]{30,}"
+)
 
 
 def _env_and_args() -> Iterator[tuple[str, str, str]]:
@@ -228,9 +233,10 @@ def test_launcher_config_passes_ray_validation(path):
     validator = jsonschema.validators.validator_for(schema)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
-        pytest.fail(f"{_rel(path)} does not match Ray's cluster schema:\n" + "\n".join(
-            f"  {'.'.join(map(str, e.absolute_path)) or '<top level>'}: {e.message}" for e in errors
-        ))
+        pytest.fail(
+            f"{_rel(path)} does not match Ray's cluster schema:\n"
+            + "\n".join(f"  {'.'.join(map(str, e.absolute_path)) or '<top level>'}: {e.message}" for e in errors)
+        )
     # ... then what `ray up` does before launching: merge the provider's defaults, check docker and node types.
     rejected = None
     try:
@@ -259,7 +265,11 @@ def test_launcher_config_has_cpu_head_and_autoscaling_gpu_workers(path):
 def test_launcher_config_passes_no_credentials_to_containers(path):
     config = yaml.safe_load(path.read_text(encoding="utf-8"))
     docker = config.get("docker", {})
-    options = [*docker.get("run_options", []), *docker.get("head_run_options", []), *docker.get("worker_run_options", [])]
+    options = [
+        *docker.get("run_options", []),
+        *docker.get("head_run_options", []),
+        *docker.get("worker_run_options", []),
+    ]
     for t in config["available_node_types"].values():
         options += t.get("docker", {}).get("worker_run_options", [])
     for option in options:
@@ -273,7 +283,9 @@ def test_launcher_config_passes_no_credentials_to_containers(path):
                     f"{_rel(path)}: docker run option {option!r} puts a credential in the file; "
                     "use instance profiles / service accounts or an env file written on the node"
                 )
-    assert not SECRET_VALUE.search(path.read_text(encoding="utf-8")), f"{_rel(path)}: holds something that looks like a secret"
+    assert not SECRET_VALUE.search(path.read_text(encoding="utf-8")), (
+        f"{_rel(path)}: holds something that looks like a secret"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,13 +353,17 @@ def test_kuberay_manifest_structure(path):
             if any(gpus):
                 gpu_groups += 1
                 tolerated = {t.get("key") for t in pod.get("tolerations", [])}
-                assert "nvidia.com/gpu" in tolerated, f"{where}: {name} asks for GPUs but does not tolerate nvidia.com/gpu"
+                assert "nvidia.com/gpu" in tolerated, (
+                    f"{where}: {name} asks for GPUs but does not tolerate nvidia.com/gpu"
+                )
         assert gpu_groups, f"{where}: no worker group with an nvidia.com/gpu limit"
 
 
 @pytest.mark.parametrize("path", KUBERAY_MANIFESTS, ids=lambda p: p.name)
 def test_kuberay_pod_templates_match_kubernetes_schema(path):
-    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate (dev extra)")
+    kubernetes_validate = pytest.importorskip(
+        "kubernetes_validate", reason="pip install kubernetes-validate (dev extra)"
+    )
 
     errors = []
     for doc in _load_yaml_docs(path):
@@ -374,7 +390,9 @@ def test_kuberay_credentials_come_from_secrets(path):
                             f"{_rel(path)}: {where} container {container['name']}: {env['name']} must come from "
                             "a Secret (valueFrom.secretKeyRef), not a literal value"
                         )
-    assert not SECRET_VALUE.search(path.read_text(encoding="utf-8")), f"{_rel(path)}: holds something that looks like a secret"
+    assert not SECRET_VALUE.search(path.read_text(encoding="utf-8")), (
+        f"{_rel(path)}: holds something that looks like a secret"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -389,7 +407,7 @@ def _cluster_images() -> list[tuple[str, str]]:
         for key in ("image", "head_image", "worker_image"):
             if docker.get(key):
                 images.append((_rel(path), docker[key]))
-        for name, t in config["available_node_types"].items():
+        for t in config["available_node_types"].values():
             if t.get("docker", {}).get("worker_image"):
                 images.append((_rel(path), t["docker"]["worker_image"]))
     for path, doc in _kuberay_docs():

@@ -25,14 +25,25 @@ def setup():
     info = load_dataset_info(uri)
     rows = read_split(uri, "train", info).slice(0, 64).to_pylist()
     # every MEGL term on: text, visual (the slice has masked samples) and distribution consistency
-    cfg = load_config(packaged_config("tiny"), ["data.batch_size=8", "train.num_workers=2", "optim.lr=0.003",
-                                                "loss.text_weight=1", "loss.visual_weight=1", "loss.dc_weight=0.5"])
+    cfg = load_config(
+        packaged_config("tiny"),
+        [
+            "data.batch_size=8",
+            "train.num_workers=2",
+            "optim.lr=0.003",
+            "loss.text_weight=1",
+            "loss.visual_weight=1",
+            "loss.dc_weight=0.5",
+        ],
+    )
     assert any(r["has_mask"] for r in rows[: 16 * STEPS])
     tokenizer = load_tokenizer(cfg.model, [t for r in rows for t in r["rationales"]] + info.classes)
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
-             log_to_driver=False)
-    single_cfg = load_config(packaged_config("tiny"), ["data.batch_size=16", "optim.lr=0.003", "loss.visual_weight=1",
-                                                       "loss.dc_weight=0.5"])
+    ray.init(
+        num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"), log_to_driver=False
+    )
+    single_cfg = load_config(
+        packaged_config("tiny"), ["data.batch_size=16", "optim.lr=0.003", "loss.visual_weight=1", "loss.dc_weight=0.5"]
+    )
     single = run_steps(single_cfg, tokenizer, info.num_classes, rows, info.mask_size, STEPS)["losses"]
     yield cfg, tokenizer, info, rows, single
     ray.shutdown()
@@ -44,8 +55,9 @@ def test_two_deepspeed_workers_match_one_process(setup, stage, tmp_path):
     from megl_ray.config import config_from_dict
 
     staged = config_from_dict(cfg.to_dict(), [f"train.zero_stage={stage}"])
-    result = run_distributed(staged, tokenizer, info.num_classes, rows, info.mask_size, STEPS, str(tmp_path),
-                             f"eq{stage}")
+    result = run_distributed(
+        staged, tokenizer, info.num_classes, rows, info.mask_size, STEPS, str(tmp_path), f"eq{stage}"
+    )
     assert len(result["losses"]) == STEPS
     assert single[0] > single[-1]  # it trains
     for step, (got, want) in enumerate(zip(result["losses"], single)):

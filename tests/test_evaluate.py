@@ -43,9 +43,25 @@ def _run(argv, capsys):
 
 def test_cli_prints_every_key_and_writes_the_json(export, data_uri, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "megl_ray.evaluate", "--checkpoint", export, "--data", data_uri,
-                           "--split", "val", "--max-new-tokens", "8"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megl_ray.evaluate",
+            "--checkpoint",
+            export,
+            "--data",
+            data_uri,
+            "--split",
+            "val",
+            "--max-new-tokens",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert KEYS <= set(result), KEYS - set(result)
@@ -58,6 +74,7 @@ def test_cli_prints_every_key_and_writes_the_json(export, data_uri, tmp_path):
     # without --clip-path CLIPScore is null and says why; SPICE is null with its reason unless CoreNLP is installed
     assert result["clip_score"] is None and "--clip-path" in result["not_computed"]["clip_score"]
     from megl_ray.evaluation.spice import spice_status
+
     assert (result["spice"] is None) == (spice_status() is not None)
     assert result["spice"] is not None or result["not_computed"]["spice"] == spice_status()
     assert result["meteor"] is not None or shutil.which("java") is None
@@ -72,8 +89,9 @@ def ray_cluster():
     import ray
 
     # A short temp dir: Ray's unix sockets live under it and their paths are limited to ~107 bytes.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    )
     yield
     ray.shutdown()
 
@@ -88,8 +106,20 @@ def clip_dir(tmp_path_factory):
 def test_in_process_and_ray_data_give_identical_numbers(export, data_uri, tmp_path, ray_cluster, clip_dir):
     import ray
 
-    common = ["--checkpoint", export, "--data", data_uri, "--split", "val", "--batch-size", "8",
-              "--max-new-tokens", "8", "--clip-path", clip_dir]
+    common = [
+        "--checkpoint",
+        export,
+        "--data",
+        data_uri,
+        "--split",
+        "val",
+        "--batch-size",
+        "8",
+        "--max-new-tokens",
+        "8",
+        "--clip-path",
+        clip_dir,
+    ]
     local = main([*common, "--workers", "1", "--out", str(tmp_path / "local.json")])
     distributed = main([*common, "--workers", "2", "--out", str(tmp_path / "ray.json")])
     assert local["workers"] == 1 and distributed["workers"] == 2
@@ -103,13 +133,27 @@ def test_in_process_and_ray_data_give_identical_numbers(export, data_uri, tmp_pa
     # Ray Data hands blocks to whichever actor is ready: on a loaded machine one of the two may do all of them
     assert 1 <= len({p["pid"] for p in actors}) <= 2 and os.getpid() not in {p["pid"] for p in actors}
     assert {(p["device"], p["dtype"], p["node"]) for p in actors} == {
-        ("cpu", "float32", ray.get_runtime_context().get_node_id())}
+        ("cpu", "float32", ray.get_runtime_context().get_node_id())
+    }
 
 
 def test_ray_path_reports_a_foreign_export_in_one_line(export, data_uri, tmp_path, ray_cluster, capsys):
     foreign = _foreign_export(export, tmp_path)
-    code, out, err = _run(["--checkpoint", foreign, "--data", data_uri, "--split", "val", "--workers", "2",
-                           "--out", str(tmp_path / "x.json")], capsys)
+    code, out, err = _run(
+        [
+            "--checkpoint",
+            foreign,
+            "--data",
+            data_uri,
+            "--split",
+            "val",
+            "--workers",
+            "2",
+            "--out",
+            str(tmp_path / "x.json"),
+        ],
+        capsys,
+    )
     assert code == 2 and "weights do not fit" in out["error"] and "Traceback" not in err
 
 
@@ -155,8 +199,13 @@ def test_bad_inputs_give_one_clear_line(export, data_uri, tmp_path, capsys):
 
 def test_a_bad_input_through_a_subprocess_has_no_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "megl_ray.evaluate", "--checkpoint", str(tmp_path / "missing"),
-                           "--data", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "megl_ray.evaluate", "--checkpoint", str(tmp_path / "missing"), "--data", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("python -m megl_ray.evaluate: error: ")
@@ -165,8 +214,24 @@ def test_a_bad_input_through_a_subprocess_has_no_traceback(tmp_path):
 def test_efficiency_prints_the_table_and_the_json(export, tmp_path, capsys):
     from megl_ray.model.export_io import load_export
 
-    code, out, err = _run(["--efficiency", "--checkpoint", export, "--batch-size", "3", "--warmup", "1",
-                           "--repeats", "2", "--max-new-tokens", "5", "--out", str(tmp_path / "eff.json")], capsys)
+    code, out, err = _run(
+        [
+            "--efficiency",
+            "--checkpoint",
+            export,
+            "--batch-size",
+            "3",
+            "--warmup",
+            "1",
+            "--repeats",
+            "2",
+            "--max-new-tokens",
+            "5",
+            "--out",
+            str(tmp_path / "eff.json"),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert json.loads((tmp_path / "eff.json").read_text()) == out
     assert out["device"] == "cpu" and out["gpu"] is None and out["max_new_tokens"] == 5 and out["batch_sizes"] == [1, 3]
@@ -175,7 +240,7 @@ def test_efficiency_prints_the_table_and_the_json(export, tmp_path, capsys):
     assert out["params"]["classifier"] == sum(p.numel() for p in model.classifier.parameters())
     rows = {(r["pipeline"], r["batch"]): r for r in out["rows"]}
     assert set(rows) == {(p, b) for p in ("classifier+saliency", "classifier+saliency+rationale") for b in (1, 3)}
-    for (pipeline, batch), r in rows.items():
+    for (_pipeline, batch), r in rows.items():
         assert r["latency_ms_per_image"] > 0
         assert r["images_per_s"] == pytest.approx(1e3 / r["latency_ms_per_image"], rel=1e-2)
         assert r["batch_latency_ms"] == pytest.approx(r["latency_ms_per_image"] * batch, rel=1e-3)
@@ -183,7 +248,9 @@ def test_efficiency_prints_the_table_and_the_json(export, tmp_path, capsys):
     # CNN and 5 tokens of a 2-layer LM the two are close enough for a loaded 2-core machine to flip them.
     assert out["rationale_slowdown"]["1"] == pytest.approx(
         rows[("classifier+saliency+rationale", 1)]["latency_ms_per_image"]
-        / rows[("classifier+saliency", 1)]["latency_ms_per_image"], abs=0.01)
+        / rows[("classifier+saliency", 1)]["latency_ms_per_image"],
+        abs=0.01,
+    )
     assert "ms/image" in err and "images/s" in err and "classifier+saliency+rationale" in err
 
 

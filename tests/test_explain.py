@@ -1,5 +1,6 @@
 """``python -m megl_ray.explain``: one clear line for a file that is not an image; heat on the object for a model
-trained with masks (a synthetic dataset whose masks are known exactly); a gallery whose every image loads in Chromium."""
+trained with masks (a synthetic dataset whose masks are known exactly); a gallery whose every image loads in
+Chromium."""
 
 import json
 import os
@@ -31,8 +32,9 @@ def squares(tmp_path_factory):
     data = str(root / "data")
     convert.main([str(src), data])
     export = str(root / "export")
-    result = train_local.main(["--export", export, f"data.uri={data}", "train.epochs=12", "loss.visual_weight=10",
-                               "loss.text_weight=0.2"])
+    result = train_local.main(
+        ["--export", export, f"data.uri={data}", "train.epochs=12", "loss.visual_weight=10", "loss.text_weight=0.2"]
+    )
     assert result["val_accuracy"] >= 0.75, result  # the heat test below is only meaningful for a working model
     return src, data, export
 
@@ -42,19 +44,37 @@ def test_a_file_that_is_not_an_image_gives_one_clear_line(tmp_path):
     bad.write_text("this is text, not a PNG")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     # the image is checked before the checkpoint is loaded, so a missing checkpoint does not mask the problem
-    proc = subprocess.run([sys.executable, "-m", "megl_ray.explain", "--checkpoint", str(tmp_path / "none"),
-                           str(bad), "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megl_ray.explain",
+            "--checkpoint",
+            str(tmp_path / "none"),
+            str(bad),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        f"python -m megl_ray.explain: error: {bad}: not a usable image: file is not an image format that can be read"]
+        f"python -m megl_ray.explain: error: {bad}: not a usable image: file is not an image format that can be read"
+    ]
 
 
 def test_missing_image_and_missing_arguments_are_one_line(tmp_path, capsys):
-    for argv, message in [([str(tmp_path / "nope.png")], "no such file"), ([], "give at least one IMAGE"),
-                          (["--gallery"], "--gallery needs --data")]:
-        code = run_cli("python -m megl_ray.explain", main, ["--checkpoint", str(tmp_path), *argv,
-                                                            "--out", str(tmp_path / "o")])
+    for argv, message in [
+        ([str(tmp_path / "nope.png")], "no such file"),
+        ([], "give at least one IMAGE"),
+        (["--gallery"], "--gallery needs --data"),
+    ]:
+        code = run_cli(
+            "python -m megl_ray.explain", main, ["--checkpoint", str(tmp_path), *argv, "--out", str(tmp_path / "o")]
+        )
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
@@ -101,17 +121,34 @@ def _chromium() -> str | None:
 
 
 # Counts the page's images that decoded (complete and with a width) into the DOM, for --dump-dom to read back.
-_CHECK = ('<script>window.addEventListener("load", () => {const all = [...document.images];'
-          'const ok = all.filter(i => i.complete && i.naturalWidth > 0).length;'
-          'const p = document.createElement("pre"); p.id = "img-check";'
-          'p.textContent = "loaded=" + ok + " total=" + all.length; document.body.appendChild(p);});</script>')
+_CHECK = (
+    '<script>window.addEventListener("load", () => {const all = [...document.images];'
+    "const ok = all.filter(i => i.complete && i.naturalWidth > 0).length;"
+    'const p = document.createElement("pre"); p.id = "img-check";'
+    'p.textContent = "loaded=" + ok + " total=" + all.length; document.body.appendChild(p);});</script>'
+)
 
 
 def _loaded_images(chromium: str, page: Path, profile: Path) -> tuple[int, int]:
-    proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                           f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom",
-                           page.as_uri()], capture_output=True, text=True, timeout=90)
+    proc = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     found = re.search(r"loaded=(\d+) total=(\d+)", proc.stdout)
     assert found, (proc.stdout[-1000:], proc.stderr[-1000:])
     return int(found.group(1)), int(found.group(2))
@@ -120,8 +157,23 @@ def _loaded_images(chromium: str, page: Path, profile: Path) -> tuple[int, int]:
 def test_gallery_renders_in_headless_chromium_with_every_image(squares, tmp_path):
     src, data, export = squares
     out = tmp_path / "gallery"
-    result = main(["--checkpoint", export, "--gallery", "--data", data, "--split", "test", "--per-class", "2",
-                   "--out", str(out), "--max-new-tokens", "12"])
+    result = main(
+        [
+            "--checkpoint",
+            export,
+            "--gallery",
+            "--data",
+            data,
+            "--split",
+            "test",
+            "--per-class",
+            "2",
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "12",
+        ]
+    )
     assert result["gallery"]["examples"] == 2 * len(CLASSES)
     page = (out / "index.html").read_text()
     sources = re.findall(r'<img src="([^"]+)"', page)
@@ -145,8 +197,10 @@ def test_gallery_renders_in_headless_chromium_with_every_image(squares, tmp_path
 
     chromium = _chromium()
     if chromium is None:
-        pytest.skip("Debian chromium is not installed and could not be installed with apt-get (.ci/run should "
-                    "install it: apt-get install -y chromium)")
+        pytest.skip(
+            "Debian chromium is not installed and could not be installed with apt-get (.ci/run should "
+            "install it: apt-get install -y chromium)"
+        )
     check = out / "check.html"
     check.write_text(page.replace("</body>", _CHECK + "</body>"))
     assert _loaded_images(chromium, check, tmp_path / "profile") == (len(sources), len(sources))

@@ -5,8 +5,8 @@ import torch
 
 from megl_ray.config import load_config, packaged_config
 from megl_ray.errors import UserError
-from megl_ray.model.export_io import load_export, save_export
 from megl_ray.model import build_megl_model
+from megl_ray.model.export_io import load_export, save_export
 from tests.toy import CLASS_NAMES, corpus, make_batch
 
 
@@ -23,8 +23,9 @@ def test_export_round_trip_gives_the_same_predictions_and_rationales(tmp_path):
     p1, s1 = model.predict(batch["pixels"])
     p2, s2 = loaded.model.predict(batch["pixels"])
     assert torch.equal(p1, p2) and torch.equal(s1, s2)
-    assert model.generate(batch["pixels"], CLASS_NAMES, max_new_tokens=6) == \
-        loaded.model.generate(batch["pixels"], CLASS_NAMES, max_new_tokens=6)
+    assert model.generate(batch["pixels"], CLASS_NAMES, max_new_tokens=6) == loaded.model.generate(
+        batch["pixels"], CLASS_NAMES, max_new_tokens=6
+    )
 
 
 def test_loading_a_foreign_or_missing_export_gives_one_clear_line(tmp_path):

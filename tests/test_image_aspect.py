@@ -63,8 +63,15 @@ def test_pad_moves_the_mask_into_the_padded_frame():
 
 def test_preprocess_rows_pads_images_and_masks_alike():
     tok = train_tokenizer(corpus(), 300)
-    rows = {"id": ["a"], "image": [_png(40, 20)], "class_id": [0], "class_name": ["top left"], "has_mask": [True],
-            "mask": [bytes([255] * 64)], "rationales": [["a bright square"]]}
+    rows = {
+        "id": ["a"],
+        "image": [_png(40, 20)],
+        "class_id": [0],
+        "class_name": ["top left"],
+        "has_mask": [True],
+        "mask": [bytes([255] * 64)],
+        "rationales": [["a bright square"]],
+    }
     pre = preprocess_rows(rows, tok, image_size=40, mask_size=8, max_rationales=1, max_text_tokens=8, aspect="pad")
     pixels = pre["pixels"][0].astype(np.float32) / 255.0
     assert _rgb(pixels, 0, 0) == PAD_RGB and _rgb(pixels, 20, 20) == RED
@@ -87,8 +94,16 @@ def test_decode_side_is_the_larger_of_the_classifier_and_the_vision_tower(tmp_pa
     clip = tmp_path / "clip"
     clip.mkdir()
     (clip / "config.json").write_text(json.dumps({"image_size": 336}))  # a CLIPVisionConfig: not nested
-    cfg = load_config(None, ["model.preset=clip-qwen2", f"model.vision_path={clip}", f"model.lm_path={clip}",
-                             "model.image_size=448", "model.classifier=resnet18"])
+    cfg = load_config(
+        None,
+        [
+            "model.preset=clip-qwen2",
+            f"model.vision_path={clip}",
+            f"model.lm_path={clip}",
+            "model.image_size=448",
+            "model.classifier=resnet18",
+        ],
+    )
     assert pixel_size(cfg.model) == 448
     cfg = load_config(None, ["model.preset=llava", f"model.vlm_path={tmp_path}"])
     with pytest.raises(UserError, match="model.vlm_path"):
@@ -101,6 +116,7 @@ def _seen_sizes(model, batch):
     def keep(name):
         def hook(module, args, kwargs):
             seen.setdefault(name, (args[0] if args else kwargs["pixel_values"]).clone())
+
         return hook
 
     model.classifier.register_forward_pre_hook(keep("classifier"), with_kwargs=True)
@@ -114,8 +130,9 @@ def _seen_sizes(model, batch):
 @pytest.mark.parametrize("classifier_side, tower_side", [(32, 64), (64, 32)])
 def test_the_classifier_and_the_vlm_each_get_their_own_side(classifier_side, tower_side):
     torch.manual_seed(0)
-    cfg = load_config(packaged_config("tiny"), [f"model.image_size={classifier_side}",
-                                                f"model.tiny_vision_image_size={tower_side}"])
+    cfg = load_config(
+        packaged_config("tiny"), [f"model.image_size={classifier_side}", f"model.tiny_vision_image_size={tower_side}"]
+    )
     model = build_megl_model(cfg, num_classes=4, corpus=corpus())
     assert model.pixel_size == pixel_size(cfg.model) == 64
     batch = make_batch(model, cfg, n=2)  # toy pixels are 64x64: decoded at the pixel size

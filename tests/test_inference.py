@@ -1,4 +1,5 @@
-"""``megl_ray.evaluation.inference``: LoRA adapters merged for inference give the unmerged model's outputs; bf16 VLM weights
+"""``megl_ray.evaluation.inference``: LoRA adapters merged for inference give the unmerged model's outputs; bf16 VLM
+weights
 with an fp32 classifier where asked; a model that never emits EOS generates exactly ``model.max_text_tokens``
 tokens when no ``max_new_tokens`` is given."""
 
@@ -10,9 +11,9 @@ from peft.tuners.lora import LoraLayer
 from megl_ray.config import config_from_dict
 from megl_ray.data.reader import bundled_dataset_uri, read_split
 from megl_ray.data.schema import load_dataset_info
-from megl_ray.model.export_io import load_export, save_export
 from megl_ray.evaluation.inference import load_for_inference, resolve_dtype, run_batch
 from megl_ray.model import build_megl_model
+from megl_ray.model.export_io import load_export, save_export
 
 
 @pytest.fixture(scope="module")

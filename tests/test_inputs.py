@@ -7,8 +7,8 @@ import pytest
 from megl_ray.config import load_config, packaged_config
 from megl_ray.data.reader import bundled_dataset_uri
 from megl_ray.data.schema import load_dataset_info
-from megl_ray.errors import UserError
 from megl_ray.driver.inputs import plan_splits
+from megl_ray.errors import UserError
 
 
 def _cfg(*overrides):

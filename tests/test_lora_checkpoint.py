@@ -24,15 +24,19 @@ def _engine(cfg, num_classes, tokenizer, prior):
     import deepspeed
 
     from megl_ray.model import build_megl_model
-    from megl_ray.training.optim import build_optimizer, build_scheduler
     from megl_ray.training.ds_config import deepspeed_config
+    from megl_ray.training.optim import build_optimizer, build_scheduler
 
     torch.manual_seed(cfg.train.seed)
     model = build_megl_model(cfg, num_classes, tokenizer=tokenizer, prior=prior)
     optimizer = build_optimizer(model, cfg.optim)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      lr_scheduler=build_scheduler(optimizer, cfg.optim, 10),
-                                      config=deepspeed_config(cfg, False), dist_init_required=False)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=build_scheduler(optimizer, cfg.optim, 10),
+        config=deepspeed_config(cfg, False),
+        dist_init_required=False,
+    )
     return engine
 
 
@@ -74,8 +78,14 @@ def _accuracy(model, cfg, uri, info):
 
     correct = total = 0
     for rows in iter_row_batches(read_split(uri, "test", info), 64, epoch=0, seed=0, shuffle=False):
-        pre = preprocess_rows({k: [r[k] for r in rows] for k in rows[0]}, model.tokenizer, cfg.model.image_size,
-                              info.mask_size, cfg.data.max_rationales, cfg.model.max_text_tokens)
+        pre = preprocess_rows(
+            {k: [r[k] for r in rows] for k in rows[0]},
+            model.tokenizer,
+            cfg.model.image_size,
+            info.mask_size,
+            cfg.data.max_rationales,
+            cfg.model.max_text_tokens,
+        )
         batch = model_batch(pre, model.tokenizer, cfg.model.prompt_template, model.num_image_tokens, 0, 0)
         probs, _ = model.predict(batch["pixels"])
         correct += int((probs.argmax(1) == batch["labels"]).sum())
@@ -97,15 +107,26 @@ def test_lora_checkpoint_excludes_frozen_tensors_resumes_exactly_and_exports_wha
     rows = read_split(uri, "train", info).slice(0, 24).to_pylist()
     corpus = [t for r in rows for t in r["rationales"]] + info.classes
     vision, lm = make_clip_qwen2_base(tmp_path / "base", corpus, hidden=128, layers=4)
-    cfg = load_config(packaged_config("tiny"), [
-        "model.preset=clip-qwen2", f"model.vision_path={vision}", f"model.lm_path={lm}", "model.lora_r=4",
-        "model.freeze_vision=true", "model.max_text_tokens=16", "data.batch_size=8", "train.num_workers=1",
-        "loss.dc_weight=0.5", "train.zero_stage=2"])
+    cfg = load_config(
+        packaged_config("tiny"),
+        [
+            "model.preset=clip-qwen2",
+            f"model.vision_path={vision}",
+            f"model.lm_path={lm}",
+            "model.lora_r=4",
+            "model.freeze_vision=true",
+            "model.max_text_tokens=16",
+            "data.batch_size=8",
+            "train.num_workers=1",
+            "loss.dc_weight=0.5",
+            "train.zero_stage=2",
+        ],
+    )
     tokenizer = load_tokenizer(cfg.model)
     prior = torch.as_tensor(info.prior_array())
     engine = _engine(cfg, info.num_classes, tokenizer, prior)
     model = engine.module
-    batches = [make_batch(rows[i * 8:(i + 1) * 8], model, cfg, info.mask_size, 0) for i in range(3)]
+    batches = [make_batch(rows[i * 8 : (i + 1) * 8], model, cfg, info.mask_size, 0) for i in range(3)]
     losses = [_step(engine, b) for b in batches[:2]]
     save_checkpoint(engine, TrainState(step=2), tmp_path / "ckpt", 0)
     losses.append(_step(engine, batches[2]))
@@ -133,15 +154,38 @@ def test_lora_checkpoint_excludes_frozen_tensors_resumes_exactly_and_exports_wha
     assert json.loads((Path(export) / "meta.json").read_text())["omitted"] > 0
     want = _accuracy(model.eval(), cfg, uri, info)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    run = subprocess.run([sys.executable, "-m", "megl_ray.evaluate", "--checkpoint", export, "--data", uri,
-                          "--max-new-tokens", "2", "--device", "cpu", "--out", str(tmp_path / "eval.json")],
-                         capture_output=True, text=True, env=env, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megl_ray.evaluate",
+            "--checkpoint",
+            export,
+            "--data",
+            uri,
+            "--max-new-tokens",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "eval.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout.strip().splitlines()[-1])["accuracy"] == pytest.approx(want, abs=1e-6)  # fp32 metric
 
     merged = str(tmp_path / "merged")
-    run = subprocess.run([sys.executable, "-m", "megl_ray.export", "--merge", export, merged],
-                         capture_output=True, text=True, env=env, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-m", "megl_ray.export", "--merge", export, merged],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout.strip().splitlines()[-1])["merged_lora_layers"] == 4 * 4
     lora_model = load_export(export).model

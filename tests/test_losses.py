@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from megl_ray.model import losses
 from megl_ray.config import LossConfig
+from megl_ray.model import losses
 
 
 def test_classification_loss_per_sample_matches_hand_computation():
@@ -72,7 +72,7 @@ def test_objective_masks_per_sample_and_combines_weights():
     ce = torch.tensor([1.0, 2.0])
     text = torch.tensor([4.0, 6.0])
     visual = torch.tensor([0.3, 100.0])  # sample 1 has no mask: its L1 must not count
-    dc = torch.tensor([50.0, 0.7])       # sample 0 has a mask: its KL must not count
+    dc = torch.tensor([50.0, 0.7])  # sample 0 has a mask: its KL must not count
     has_mask = torch.tensor([True, False])
     total = losses.megl_objective(ce, text, visual, dc, has_mask, w)
     expected = ((1 + 0.5 * 4 + 2 * 0.3) + (2 + 0.5 * 6 + 2 * 0.1 * 0.7)) / 2
@@ -134,15 +134,17 @@ def test_objective_adds_the_counterfactual_ce_of_every_sample():
     ce, cf = torch.tensor([1.0, 2.0]), torch.tensor([4.0, 0.5])
     total = losses.megl_objective(ce, None, None, None, torch.tensor([True, False]), w, counterfactual=cf)
     assert total.item() == pytest.approx(((1 + 0.5 * 4.0) + (2 + 0.5 * 0.5)) / 2)
-    weighted = losses.megl_objective(ce, None, None, None, torch.tensor([True, False]), w,
-                                     sample_weight=torch.tensor([1.0, 0.0]), counterfactual=cf)
+    weighted = losses.megl_objective(
+        ce, None, None, None, torch.tensor([True, False]), w, sample_weight=torch.tensor([1.0, 0.0]), counterfactual=cf
+    )
     assert weighted.item() == pytest.approx(1 + 0.5 * 4.0)  # a padding row's counterfactual does not count
 
 
 def test_visual_ramp_is_zero_then_linear_then_one():
     # ramp over 30-60 % of 100 steps
-    assert [losses.visual_ramp(s, 100, 0.3, 0.6) for s in (0, 29, 30, 45, 59, 60, 99)] == \
-        pytest.approx([0.0, 0.0, 0.0, 0.5, 29 / 30, 1.0, 1.0])
+    assert [losses.visual_ramp(s, 100, 0.3, 0.6) for s in (0, 29, 30, 45, 59, 60, 99)] == pytest.approx(
+        [0.0, 0.0, 0.0, 0.5, 29 / 30, 1.0, 1.0]
+    )
     assert losses.visual_ramp(0, 100, 0.0, 0.0) == 1.0  # no ramp: the paper's constant λ_vis from step 0
     assert losses.visual_ramp(49, 100, 0.5, 0.5) == 0.0 and losses.visual_ramp(50, 100, 0.5, 0.5) == 1.0
 

@@ -32,9 +32,13 @@ def pixels(data: bytes) -> np.ndarray:
 
 def decoy_slots(rgb: np.ndarray) -> list[int]:
     top, side = make_sample.DECOY_TOP, make_sample.DECOY_SIDE
-    return [k for k in range(10)
-            if (rgb[top:top + side, make_sample.decoy_x(k):make_sample.decoy_x(k) + side] == make_sample.DECOY_SHADE)
-            .all()]
+    return [
+        k
+        for k in range(10)
+        if (
+            rgb[top : top + side, make_sample.decoy_x(k) : make_sample.decoy_x(k) + side] == make_sample.DECOY_SHADE
+        ).all()
+    ]
 
 
 def test_generation_is_deterministic(tmp_path: Path):

@@ -74,6 +74,7 @@ def test_forward_reports_every_term_and_total_matches_equation():
     out = model(**batch, full_logits=True)
     assert set(out.terms) == {"loss", "ce", "text", "visual", "dc"}
     from megl_ray.model import losses
+
     ce = losses.classification_loss(out.logits, batch["labels"])
     text = losses.text_loss(out.text_logits, batch["text_labels"])
     vis = losses.visual_loss(out.saliency, batch["masks"])
@@ -101,8 +102,9 @@ def test_tiny_megl_overfits_sixteen_samples():
     accuracy = (out.logits.argmax(1) == batch["labels"]).float().mean().item()
     assert accuracy == 1.0
     assert out.terms["text"].item() <= 0.5 * first_text
-    rationales = model.generate(batch["pixels"][:4], ["top left", "top right", "bottom left", "bottom right"],
-                                max_new_tokens=12)
+    rationales = model.generate(
+        batch["pixels"][:4], ["top left", "top right", "bottom left", "bottom right"], max_new_tokens=12
+    )
     assert len(rationales) == 4 and all(isinstance(r, str) for r in rationales)
 
 
@@ -145,8 +147,9 @@ def test_rrr_option_adds_the_input_gradient_penalty_of_masked_samples():
     logits = model.classifier(pixels).logits
     score = (torch.log_softmax(logits, 1).sum(1) * batch["has_mask"]).sum()
     (grad,) = torch.autograd.grad(score, pixels)
-    outside = 1 - torch.nn.functional.interpolate(batch["masks"].unsqueeze(1), size=pixels.shape[-2:],
-                                                  mode="bilinear", align_corners=False)
+    outside = 1 - torch.nn.functional.interpolate(
+        batch["masks"].unsqueeze(1), size=pixels.shape[-2:], mode="bilinear", align_corners=False
+    )
     rrr = (outside * grad).pow(2).flatten(1).sum(1)
     assert out.terms["rrr"].item() == pytest.approx(rrr[batch["has_mask"]].mean().item(), rel=1e-4)
     without = model.loss_cfg.rrr_weight

@@ -4,8 +4,17 @@ device, no weights) and the accounting rules of ZeRO stages, precision, checkpoi
 import pytest
 import torch
 
-from megl_ray.planning.memory_model import (CLIP_L_336, GIB, PRESETS, QWEN2_0_5B, VICUNA_7B, Setup,
-                                            TransformerShape, memory_per_gpu, table)
+from megl_ray.planning.memory_model import (
+    CLIP_L_336,
+    GIB,
+    PRESETS,
+    QWEN2_0_5B,
+    VICUNA_7B,
+    Setup,
+    TransformerShape,
+    memory_per_gpu,
+    table,
+)
 
 
 def _count(model) -> int:
@@ -13,17 +22,46 @@ def _count(model) -> int:
 
 
 def test_parameter_counts_match_the_real_architectures():
-    from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     with torch.device("meta"):
-        qwen = Qwen2ForCausalLM(Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                                            num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-                                            tie_word_embeddings=True))
-        llama = LlamaForCausalLM(LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                             num_attention_heads=32, vocab_size=32064))
-        clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                                                num_attention_heads=16, image_size=336, patch_size=14))
+        qwen = Qwen2ForCausalLM(
+            Qwen2Config(
+                hidden_size=896,
+                intermediate_size=4864,
+                num_hidden_layers=24,
+                num_attention_heads=14,
+                num_key_value_heads=2,
+                vocab_size=151936,
+                tie_word_embeddings=True,
+            )
+        )
+        llama = LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=4096,
+                intermediate_size=11008,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                vocab_size=32064,
+            )
+        )
+        clip = CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=23,
+                num_attention_heads=16,
+                image_size=336,
+                patch_size=14,
+            )
+        )
     assert QWEN2_0_5B.params() == pytest.approx(_count(qwen), rel=1e-3)
     assert VICUNA_7B.params() == pytest.approx(_count(llama), rel=1e-3)
     assert CLIP_L_336.params() == pytest.approx(_count(clip), rel=1e-2)
@@ -59,9 +97,17 @@ def test_lora_parameter_count_matches_peft():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     shape = TransformerShape(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=100)
-    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
-                                         tie_word_embeddings=False))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=100,
+            tie_word_embeddings=False,
+        )
+    )
     before = _count(model)
     inject_adapter_in_model(LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), model)
     assert _count(model) - before == shape.lora_params(4, ("q_proj", "k_proj", "v_proj", "o_proj"))

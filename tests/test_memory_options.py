@@ -26,9 +26,11 @@ def _count_calls(modules):
     instance's forward is wrapped)."""
     calls = {i: 0 for i in range(len(modules))}
     for i, m in enumerate(modules):
+
         def counted(*args, _forward=m.forward, _i=i, **kwargs):
             calls[_i] += 1
             return _forward(*args, **kwargs)
+
         m.forward = counted
     return calls
 
@@ -50,8 +52,11 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(classifier):
     cfg, plain = _model(*extra)
     _, ckpt = _model(*extra, "model.gradient_checkpointing=true")
     batch = make_batch(plain, cfg, n=4, mask_every=2)  # masked and unmasked samples: every term on
-    layers = [ckpt.vlm.model.language_model.layers[0].mlp, ckpt.vlm.model.vision_tower.encoder.layers[0].mlp,
-              ckpt.classifier.backbone.body[0] if classifier == "tiny" else ckpt.classifier.backbone.stages[0]]
+    layers = [
+        ckpt.vlm.model.language_model.layers[0].mlp,
+        ckpt.vlm.model.vision_tower.encoder.layers[0].mlp,
+        ckpt.classifier.backbone.body[0] if classifier == "tiny" else ckpt.classifier.backbone.stages[0],
+    ]
     calls = _count_calls(layers)
     a, b = plain(**batch), ckpt(**batch)
     assert set(a.terms) == {"loss", "ce", "text", "visual", "dc"}

@@ -1,4 +1,5 @@
-"""Every metric of megl_ray.evaluation.metrics against a hand computation or the reference library, on tiny fixed examples."""
+"""Every metric of megl_ray.evaluation.metrics against a hand computation or the reference library, on tiny fixed
+examples."""
 
 import logging
 import math
@@ -11,12 +12,16 @@ from megl_ray.evaluation import metrics as M
 # --------------------------------------------------------------------------------------------- classification
 
 LABELS = torch.tensor([0, 0, 1, 1, 2, 2])
-PROBS = torch.tensor([[0.6, 0.3, 0.1],   # 0 → 0
-                      [0.3, 0.5, 0.2],   # 0 → 1
-                      [0.2, 0.7, 0.1],   # 1 → 1
-                      [0.1, 0.8, 0.1],   # 1 → 1
-                      [0.1, 0.2, 0.7],   # 2 → 2
-                      [0.5, 0.1, 0.4]])  # 2 → 0
+PROBS = torch.tensor(
+    [
+        [0.6, 0.3, 0.1],  # 0 → 0
+        [0.3, 0.5, 0.2],  # 0 → 1
+        [0.2, 0.7, 0.1],  # 1 → 1
+        [0.1, 0.8, 0.1],  # 1 → 1
+        [0.1, 0.2, 0.7],  # 2 → 2
+        [0.5, 0.1, 0.4],
+    ]
+)  # 2 → 0
 
 
 def test_classification_metrics_by_hand_and_auc_against_sklearn():
@@ -33,8 +38,9 @@ def test_classification_metrics_by_hand_and_auc_against_sklearn():
     assert r["macro_precision"] == pytest.approx(sum(precision) / 3)
     assert r["macro_recall"] == pytest.approx(sum(recall) / 3)
     assert r["macro_f1"] == pytest.approx(sum(f1) / 3)
-    assert r["auc"] == pytest.approx(roc_auc_score(LABELS.numpy(), PROBS.numpy(), multi_class="ovr",
-                                                   average="macro"), abs=1e-6)
+    assert r["auc"] == pytest.approx(
+        roc_auc_score(LABELS.numpy(), PROBS.numpy(), multi_class="ovr", average="macro"), abs=1e-6
+    )
     assert [row["class"] for row in r["per_class"]] == ["a", "b", "c"]
     assert [row["support"] for row in r["per_class"]] == [2, 2, 2]
     assert [row["predicted"] for row in r["per_class"]] == [2, 3, 1]
@@ -78,7 +84,8 @@ def test_iou_and_pointing_game_by_hand():
     mask2[0, :2, :2] = 1
     mask2[0, 0, 2] = 1
     assert M.upsample_saliency(small, (4, 4))[0, :2] == pytest.approx(
-        torch.tensor([[1, 0.75, 0.25, 0], [0.75, 0.5625, 0.1875, 0]]))
+        torch.tensor([[1, 0.75, 0.25, 0], [0.75, 0.5625, 0.1875, 0]])
+    )
     # a batch of two whose second sample has no mask: it must not count
     m.update(torch.cat([small, small]), torch.cat([mask2, torch.ones(1, 4, 4)]), torch.tensor([True, False]))
     # peak at (3,3), outside the top-left mask: miss, IoU 0
@@ -102,8 +109,7 @@ def test_saliency_metrics_without_masks_are_null():
 # ------------------------------------------------------------------------------------------------------- text
 
 HYPS = ["the cat sat on the mat", "a dog runs in the park"]
-REFS = [["the cat is on the mat", "there is a cat on the mat", "a cat sits on a mat"],
-        ["a dog is running in the park"]]
+REFS = [["the cat is on the mat", "there is a cat on the mat", "a cat sits on a mat"], ["a dog is running in the park"]]
 
 
 def test_bleu4_is_sacrebleu_corpus_bleu_with_all_references():
@@ -121,8 +127,9 @@ def test_rouge_l_by_hand_max_over_references():
     # the best reference counts, not the mean: adding a worse one changes nothing
     assert M.rouge_l(["the cat sat on the mat"], [["a dog", "the cat is on the mat"]]) == pytest.approx(5 / 6)
     # averaged over hypotheses: exact match (1) and 5/6
-    assert M.rouge_l(["a dog", "the cat sat on the mat"], [["a dog"], ["the cat is on the mat"]]) == \
-        pytest.approx((1 + 5 / 6) / 2)
+    assert M.rouge_l(["a dog", "the cat sat on the mat"], [["a dog"], ["the cat is on the mat"]]) == pytest.approx(
+        (1 + 5 / 6) / 2
+    )
 
 
 def test_cider_is_pycocoevalcap_on_coco_tokens():

@@ -21,19 +21,34 @@ def test_midsize_zero3_bf16_lora_checkpointing_trains_partitions_and_resumes_exa
     uri = bundled_dataset_uri()
     info = load_dataset_info(uri)
     rows = read_split(uri, "train", info).slice(0, 200).to_pylist()
-    cfg = load_config(packaged_config("tiny"), [
-        "model.tiny_hidden_size=768", "model.tiny_layers=12", "model.lora_r=8", "model.freeze_vision=true",
-        "model.gradient_checkpointing=true", "model.max_text_tokens=12", "train.precision=bf16",
-        "train.zero_stage=3", "train.num_workers=2", "data.batch_size=2", "loss.dc_weight=0.5", "optim.lr=0.001"])
+    cfg = load_config(
+        packaged_config("tiny"),
+        [
+            "model.tiny_hidden_size=768",
+            "model.tiny_layers=12",
+            "model.lora_r=8",
+            "model.freeze_vision=true",
+            "model.gradient_checkpointing=true",
+            "model.max_text_tokens=12",
+            "train.precision=bf16",
+            "train.zero_stage=3",
+            "train.num_workers=2",
+            "data.batch_size=2",
+            "loss.dc_weight=0.5",
+            "optim.lr=0.001",
+        ],
+    )
     masked, plain = [r for r in rows if r["has_mask"]], [r for r in rows if not r["has_mask"]]
     # 3 global batches of 4 (2 per worker), each with one masked sample: L_visual and L_dc in every step
     batch_rows = [r for i in range(3) for r in (masked[i], plain[3 * i], plain[3 * i + 1], plain[3 * i + 2])]
     tokenizer = load_tokenizer(cfg.model, [t for r in rows for t in r["rationales"]] + info.classes)
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
-             log_to_driver=False)
+    ray.init(
+        num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"), log_to_driver=False
+    )
     try:
-        ranks = run_resume_probe(cfg, tokenizer, info.num_classes, batch_rows, info.mask_size, steps=3, save_at=2,
-                                 storage_path=str(tmp_path))
+        ranks = run_resume_probe(
+            cfg, tokenizer, info.num_classes, batch_rows, info.mask_size, steps=3, save_at=2, storage_path=str(tmp_path)
+        )
     finally:
         ray.shutdown()
     total = ranks[0]["total_param_bytes"]
@@ -43,6 +58,6 @@ def test_midsize_zero3_bf16_lora_checkpointing_trains_partitions_and_resumes_exa
     assert all(share <= 0.55 for share in report.values()), report
     first = ranks[0]
     assert first["terms"] == ["ce", "dc", "loss", "text", "visual"]
-    assert len(first["losses"]) == 3 and all(l == l and l < 1e3 for l in first["losses"])
+    assert len(first["losses"]) == 3 and all(v == v and v < 1e3 for v in first["losses"])
     assert first["resumed_from"] == 2
     assert first["resumed_losses"][0] == pytest.approx(first["losses"][2], rel=1e-6)

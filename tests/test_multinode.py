@@ -18,8 +18,12 @@ pytestmark = pytest.mark.slow
 FAST = Path(__file__).resolve().parent / "configs" / "tiny-fast.yaml"
 # No validation (the dataset has no val split and none is carved): on 2 cores each validation pass is a Ray Data
 # execution of ~20 s, once per epoch and attempt, and what these tests check is the steps, samples and shards.
-FAST_ARGS = ["train.placement_strategy=STRICT_SPREAD", "train.num_workers=2", "train.cache_data=true",
-             "data.val_fraction=0"]
+FAST_ARGS = [
+    "train.placement_strategy=STRICT_SPREAD",
+    "train.num_workers=2",
+    "train.cache_data=true",
+    "data.val_fraction=0",
+]
 GLOBAL_BATCH = 2 * 16  # 2 workers × tiny-fast's data.batch_size
 # Run names new to every session: each session has a fresh S3 server, but the post-training evaluation fetches the
 # export through the node cache (~/.cache/megl_ray/s3/<bucket>/<key>, which assumes a key is never rewritten), so
@@ -90,8 +94,9 @@ def _train_worker_nodes(cluster):
     from ray.util.state import list_actors
 
     out = {}
-    for actor in list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker")], limit=1000,
-                             detail=True):
+    for actor in list_actors(
+        address=cluster.address, filters=[("class_name", "=", "RayTrainWorker")], limit=1000, detail=True
+    ):
         out.setdefault(actor.node_id, []).append(actor.state)
     return out
 
@@ -101,21 +106,34 @@ def _sample_rows(sample_dir):
 
 
 def test_a_node_local_storage_path_is_refused_with_workers_on_two_nodes(two_node_cluster, s3_data, tmp_path, capsys):
-    code, out, err = _train(two_node_cluster, [*FAST_ARGS, f"data.uri={s3_data}",
-                                               f"run.storage_path={tmp_path / 'runs'}", f"run.name=local-{SESSION}"], capsys)
+    code, out, err = _train(
+        two_node_cluster,
+        [*FAST_ARGS, f"data.uri={s3_data}", f"run.storage_path={tmp_path / 'runs'}", f"run.name=local-{SESSION}"],
+        capsys,
+    )
     assert code == 2, err[-3000:]
     assert "is a node-local path, but workers can be placed on 2 nodes" in err and "Traceback" not in err
     assert json.loads(out.strip().splitlines()[-1])["error"]
 
 
-def test_two_workers_on_two_nodes_checkpoint_both_shards_to_s3(two_node_cluster, s3_data, embedded_s3, tmp_path,
-                                                               capsys):
+def test_two_workers_on_two_nodes_checkpoint_both_shards_to_s3(
+    two_node_cluster, s3_data, embedded_s3, tmp_path, capsys
+):
     from megl_ray import storage
 
     samples = tmp_path / "samples"
-    code, out, err = _train(two_node_cluster, [*FAST_ARGS, f"data.uri={s3_data}", "run.storage_path=s3://megl-multinode/runs",
-                                               f"run.name=two-nodes-{SESSION}", "train.checkpoint_every=2",
-                                               f"train.sample_log_dir={samples}"], capsys)
+    code, out, err = _train(
+        two_node_cluster,
+        [
+            *FAST_ARGS,
+            f"data.uri={s3_data}",
+            "run.storage_path=s3://megl-multinode/runs",
+            f"run.name=two-nodes-{SESSION}",
+            "train.checkpoint_every=2",
+            f"train.sample_log_dir={samples}",
+        ],
+        capsys,
+    )
     assert code == 0, err[-4000:]
     result = json.loads(out.strip().splitlines()[-1])
     assert result["steps"] == result["planned_steps"] == _steps_per_epoch(s3_data)
@@ -132,7 +150,8 @@ def test_two_workers_on_two_nodes_checkpoint_both_shards_to_s3(two_node_cluster,
 
 
 def test_a_node_lost_mid_run_is_replaced_and_the_run_completes_with_exact_steps_and_samples(
-        two_node_cluster, s3_data, tmp_path, capsys, monkeypatch):
+    two_node_cluster, s3_data, tmp_path, capsys, monkeypatch
+):
     cluster = two_node_cluster
     lost = [i for i in _node_with(cluster, "node_b")]
     assert len(lost) == 1
@@ -158,9 +177,19 @@ def test_a_node_lost_mid_run_is_replaced_and_the_run_completes_with_exact_steps_
 
     thread = threading.Thread(target=lose_and_replace_node_b, daemon=True)
     thread.start()
-    code, out, err = _train(cluster, [*FAST_ARGS, f"data.uri={s3_data}", "run.storage_path=s3://megl-multinode/runs",
-                                      f"run.name=node-loss-{SESSION}", "train.epochs=2", "train.checkpoint_every=2",
-                                      f"train.sample_log_dir={samples}"], capsys)
+    code, out, err = _train(
+        cluster,
+        [
+            *FAST_ARGS,
+            f"data.uri={s3_data}",
+            "run.storage_path=s3://megl-multinode/runs",
+            f"run.name=node-loss-{SESSION}",
+            "train.epochs=2",
+            "train.checkpoint_every=2",
+            f"train.sample_log_dir={samples}",
+        ],
+        capsys,
+    )
     thread.join(timeout=60)
     assert code == 0, err[-4000:]
     assert "killed" in events and "replaced" in events, "the node was never lost"
@@ -186,6 +215,9 @@ def test_a_node_lost_mid_run_is_replaced_and_the_run_completes_with_exact_steps_
     assert max(r["step"] for r in resumed) == 2 * per_epoch
     from ray.util.state import list_tasks
 
-    data_tasks = [t for t in list_tasks(address=cluster.address, filters=[("node_id", "=", lost[0])], limit=10000)
-                  if "ReadParquet" in t.name or "MapBatches" in t.name]
+    data_tasks = [
+        t
+        for t in list_tasks(address=cluster.address, filters=[("node_id", "=", lost[0])], limit=10000)
+        if "ReadParquet" in t.name or "MapBatches" in t.name
+    ]
     assert data_tasks, "no Ray Data task ran on the lost node"

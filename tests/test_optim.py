@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from megl_ray.config import OptimConfig, load_config
-from megl_ray.training.optim import build_optimizer, build_scheduler, lr_factor, param_groups, plain_step
 from megl_ray.training.ds_config import deepspeed_config, global_batch_size
+from megl_ray.training.optim import build_optimizer, build_scheduler, lr_factor, param_groups, plain_step
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_a_tenth():

@@ -9,10 +9,14 @@ from megl_ray.reporting.pictures import closing_lines, draw_curves
 
 
 def test_curves_png_has_both_panels_from_a_history(tmp_path):
-    history = [{"kind": "step", "step": s, "values": {"loss": 9.0 / s, "ce": 2.0 / s, "text": 5.0, "dc": 0.5}}
-               for s in (3, 6, 9)]
-    history += [{"kind": "epoch", "step": 9 * e, "epoch": e, "values": {"val_accuracy": 0.1 * e,
-                                                                      "val_miou": float("nan")}} for e in (1, 2)]
+    history = [
+        {"kind": "step", "step": s, "values": {"loss": 9.0 / s, "ce": 2.0 / s, "text": 5.0, "dc": 0.5}}
+        for s in (3, 6, 9)
+    ]
+    history += [
+        {"kind": "epoch", "step": 9 * e, "epoch": e, "values": {"val_accuracy": 0.1 * e, "val_miou": float("nan")}}
+        for e in (1, 2)
+    ]
     path = draw_curves(history, tmp_path / "curves.png", "run t")
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (1100, 400)

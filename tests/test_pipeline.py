@@ -16,7 +16,7 @@ from megl_ray.data import convert  # noqa: E402
 from megl_ray.data.pipeline import build_dataset, iter_epoch, iter_model_batches  # noqa: E402
 from megl_ray.data.reader import read_split  # noqa: E402
 from megl_ray.data.sample import sample_dataset_path  # noqa: E402
-from megl_ray.data.schema import area_resize, load_dataset_info, mask_from_bytes  # noqa: E402
+from megl_ray.data.schema import area_resize, load_dataset_info  # noqa: E402
 from megl_ray.data.transforms import decode_image  # noqa: E402
 from megl_ray.model.vlm import train_tokenizer  # noqa: E402
 
@@ -38,8 +38,9 @@ def s3_env(embedded_s3):
 def ray_local(s3_env):
     # A short temp dir: Ray's unix sockets live under it and their paths are limited to ~107 bytes.
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
-             runtime_env={"env_vars": s3_env.env()})
+    ray.init(
+        num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False, runtime_env={"env_vars": s3_env.env()}
+    )
     yield
     ray.shutdown()
 
@@ -69,8 +70,16 @@ def _consume(shard, rank):
 
 def test_round_trip_two_worker_shards_are_disjoint_complete_and_exact(ray_local, s3_dataset, tokenizer):
     info = load_dataset_info(s3_dataset)
-    ds = build_dataset(s3_dataset, "train", tokenizer=tokenizer, image_size=64, max_rationales=4,
-                       max_text_tokens=32, num_shards=2, info=info)
+    ds = build_dataset(
+        s3_dataset,
+        "train",
+        tokenizer=tokenizer,
+        image_size=64,
+        max_rationales=4,
+        max_text_tokens=32,
+        num_shards=2,
+        info=info,
+    )
     shards = ds.streaming_split(2, equal=True)
     parts = ray.get([_consume.remote(shard, rank) for rank, shard in enumerate(shards)])
     assert len(parts[0]["id"]) == len(parts[1]["id"])  # equal shards: no worker waits at the epoch's end
@@ -93,22 +102,33 @@ def test_round_trip_two_worker_shards_are_disjoint_complete_and_exact(ray_local,
 
 
 def test_model_batches_draw_a_rationale_per_epoch_and_shuffle_differs_by_epoch(ray_local, s3_dataset, tokenizer):
-    ds = build_dataset(s3_dataset, "val", tokenizer=tokenizer, image_size=64, max_rationales=4,
-                       max_text_tokens=32, cache=True)
+    ds = build_dataset(
+        s3_dataset, "val", tokenizer=tokenizer, image_size=64, max_rationales=4, max_text_tokens=32, cache=True
+    )
     orders = [[i for b in iter_epoch(ds, epoch=e, batch_size=8, seed=3) for i in b["id"]] for e in (0, 1, 0)]
     assert sorted(orders[0]) == sorted(orders[1])
     assert orders[0] == orders[2]  # seeded: the same epoch gives the same order
     assert orders[0] != orders[1]  # and a different epoch a different one
-    batch = next(iter_model_batches(ds, tokenizer=tokenizer, template="USER: <image> {label}? ASSISTANT:",
-                                    num_image_tokens=4, epoch=0, batch_size=4, seed=0))
+    batch = next(
+        iter_model_batches(
+            ds,
+            tokenizer=tokenizer,
+            template="USER: <image> {label}? ASSISTANT:",
+            num_image_tokens=4,
+            epoch=0,
+            batch_size=4,
+            seed=0,
+        )
+    )
     assert batch["pixels"].shape == (4, 3, 64, 64) and batch["pixels"].max() <= 1.0
     assert (batch["input_ids"] == tokenizer.convert_tokens_to_ids("<image>")).sum(1).tolist() == [4] * 4
 
 
 def test_read_survives_a_server_restart_and_objects_stay_intact(ray_local, s3_dataset, tokenizer, s3_env):
     before = {uri: storage.read_bytes(uri) for uri in storage.list_files(s3_dataset)}
-    ds = build_dataset(s3_dataset, "train", tokenizer=tokenizer, image_size=64, max_rationales=4,
-                       max_text_tokens=32, cache=False)  # streaming: every read goes to the server
+    ds = build_dataset(
+        s3_dataset, "train", tokenizer=tokenizer, image_size=64, max_rationales=4, max_text_tokens=32, cache=False
+    )  # streaming: every read goes to the server
     s3_env.stop()  # the server is down when the read starts: every first attempt fails
     result = {}
 
@@ -133,14 +153,18 @@ def test_read_survives_a_server_restart_and_objects_stay_intact(ray_local, s3_da
 def test_pipeline_module_is_the_only_data_module_importing_ray():
     import subprocess
     import sys
-    code = ("import sys; import megl_ray.data.schema, megl_ray.data.convert, megl_ray.data.transforms, "
-            "megl_ray.data.reader, megl_ray.data.make_sample, megl_ray.model, megl_ray.model.losses; "
-            "assert 'ray' not in sys.modules, [m for m in sys.modules if m.startswith('ray')]")
+
+    code = (
+        "import sys; import megl_ray.data.schema, megl_ray.data.convert, megl_ray.data.transforms, "
+        "megl_ray.data.reader, megl_ray.data.make_sample, megl_ray.model, megl_ray.model.losses; "
+        "assert 'ray' not in sys.modules, [m for m in sys.modules if m.startswith('ray')]"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
-def test_a_class_sorted_dataset_gives_mixed_batches_in_an_order_that_changes_every_epoch(ray_local, tmp_path,
-                                                                                      tokenizer):
+def test_a_class_sorted_dataset_gives_mixed_batches_in_an_order_that_changes_every_epoch(
+    ray_local, tmp_path, tokenizer
+):
     """The converter writes rows in a seeded random order, and each epoch deals a new seeded share to each worker
     and reads files in a new seeded order: even without the local shuffle buffer no batch is a single class."""
     import shutil
@@ -158,13 +182,24 @@ def test_a_class_sorted_dataset_gives_mixed_batches_in_an_order_that_changes_eve
     classes = {r["id"]: r["class_id"] for r in read_split(uri, "train", columns=["id", "class_id"]).to_pylist()}
     orders = []
     for epoch in (0, 1):
-        ds = build_dataset(uri, "train", tokenizer=tokenizer, image_size=32, max_rationales=1, max_text_tokens=16,
-                           include_ids=epoch_share(ids, 0, epoch, 0, 2), pad_to=-(-len(ids) // 2),
-                           seed=epoch_seed(0, epoch))
-        batches = [[str(i) for i, w in zip(b["id"], b["weight"]) if w > 0]
-                   for b in iter_epoch(ds, epoch=epoch, batch_size=16, seed=0, shuffle_buffer=0)]
+        ds = build_dataset(
+            uri,
+            "train",
+            tokenizer=tokenizer,
+            image_size=32,
+            max_rationales=1,
+            max_text_tokens=16,
+            include_ids=epoch_share(ids, 0, epoch, 0, 2),
+            pad_to=-(-len(ids) // 2),
+            seed=epoch_seed(0, epoch),
+        )
+        batches = [
+            [str(i) for i, w in zip(b["id"], b["weight"]) if w > 0]
+            for b in iter_epoch(ds, epoch=epoch, batch_size=16, seed=0, shuffle_buffer=0)
+        ]
         full = [b for b in batches if len(b) == 16]
         assert full and all(len({classes[i] for i in b}) >= 3 for b in full), [
-            sorted({classes[i] for i in b}) for b in full]
+            sorted({classes[i] for i in b}) for b in full
+        ]
         orders.append([i for b in batches for i in b])
     assert orders[0] != orders[1]

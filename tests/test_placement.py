@@ -2,14 +2,16 @@
 
 import pytest
 
+from megl_ray.cluster.placement import check_run_storage, nodes_that_fit
 from megl_ray.config import load_config, packaged_config
 from megl_ray.errors import ConfigError, UserError
-from megl_ray.cluster.placement import check_run_storage, nodes_that_fit
 
-NODES = [{"NodeID": "head", "Alive": True, "Resources": {"CPU": 2.0, "node_a": 1.0}},
-         {"NodeID": "b", "Alive": True, "Resources": {"CPU": 1.0, "node_b": 1.0}},
-         {"NodeID": "dead", "Alive": False, "Resources": {"CPU": 8.0}},
-         {"NodeID": "gpu", "Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}}]
+NODES = [
+    {"NodeID": "head", "Alive": True, "Resources": {"CPU": 2.0, "node_a": 1.0}},
+    {"NodeID": "b", "Alive": True, "Resources": {"CPU": 1.0, "node_b": 1.0}},
+    {"NodeID": "dead", "Alive": False, "Resources": {"CPU": 8.0}},
+    {"NodeID": "gpu", "Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}},
+]
 
 
 def _cfg(*overrides):

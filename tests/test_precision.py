@@ -8,9 +8,8 @@ import tempfile
 import pytest
 import torch
 
-from megl_ray.model import losses
 from megl_ray.config import config_from_dict, load_config, packaged_config
-from megl_ray.model import build_megl_model
+from megl_ray.model import build_megl_model, losses
 from megl_ray.model.precision import is_norm
 from tests.toy import corpus, make_batch
 
@@ -31,8 +30,9 @@ def test_fp32_islands_compute_in_fp32_under_autocast(monkeypatch):
     seen = []
     for name in ("group_norm", "layer_norm"):  # record the dtype the norm kernels really compute in
         real = getattr(torch.nn.functional, name)
-        monkeypatch.setattr(torch.nn.functional, name,
-                            lambda x, *a, _real=real, **k: seen.append(x.dtype) or _real(x, *a, **k))
+        monkeypatch.setattr(
+            torch.nn.functional, name, lambda x, *a, _real=real, **k: seen.append(x.dtype) or _real(x, *a, **k)
+        )
     batch = make_batch(model, cfg, n=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(**batch)
@@ -48,8 +48,9 @@ def test_fp32_islands_compute_in_fp32_under_autocast(monkeypatch):
 @pytest.fixture(scope="module")
 def ray_session():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
-             log_to_driver=False)
+    ray.init(
+        num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"), log_to_driver=False
+    )
     yield
     ray.shutdown()
 
@@ -66,20 +67,48 @@ def test_bf16_under_zero2_and_zero3_matches_fp32_for_groupnorm_and_batchnorm(ray
     rows = read_split(uri, "train", info).slice(0, 32).to_pylist()
     assert any(r["has_mask"] for r in rows) and not all(r["has_mask"] for r in rows)  # visual and dc terms both on
     # λ_vis 1, the weight TOLERANCE was measured at: the default's 10 multiplies the bf16 rounding of L_visual too
-    base = ["data.batch_size=4", "train.num_workers=2", "optim.lr=0.003", "loss.visual_weight=1", "loss.dc_weight=0.5",
-            "model.max_text_tokens=16"]
+    base = [
+        "data.batch_size=4",
+        "train.num_workers=2",
+        "optim.lr=0.003",
+        "loss.visual_weight=1",
+        "loss.dc_weight=0.5",
+        "model.max_text_tokens=16",
+    ]
     cfg = load_config(packaged_config("tiny"), base)
     tokenizer = load_tokenizer(cfg.model, [t for r in rows for t in r["rationales"]] + info.classes)
     variants = {
-        (clf, stage, prec): config_from_dict(cfg.to_dict(), [f"model.classifier={clf}", f"train.zero_stage={stage}",
-                                                             f"train.precision={prec}"])
-        for clf, stage, prec in [("tiny", 2, "fp32"), ("tiny", 2, "bf16"), ("tiny", 3, "bf16"),
-                                 ("resnet18", 2, "fp32"), ("resnet18", 2, "bf16"), ("resnet18", 3, "bf16")]}
-    result = run_distributed(cfg, tokenizer, info.num_classes, rows, info.mask_size, STEPS, str(tmp_path), "prec",
-                             variants=list(variants.values()))
+        (clf, stage, prec): config_from_dict(
+            cfg.to_dict(), [f"model.classifier={clf}", f"train.zero_stage={stage}", f"train.precision={prec}"]
+        )
+        for clf, stage, prec in [
+            ("tiny", 2, "fp32"),
+            ("tiny", 2, "bf16"),
+            ("tiny", 3, "bf16"),
+            ("resnet18", 2, "fp32"),
+            ("resnet18", 2, "bf16"),
+            ("resnet18", 3, "bf16"),
+        ]
+    }
+    result = run_distributed(
+        cfg,
+        tokenizer,
+        info.num_classes,
+        rows,
+        info.mask_size,
+        STEPS,
+        str(tmp_path),
+        "prec",
+        variants=list(variants.values()),
+    )
     got = dict(zip(variants, (r["losses"] for r in result["runs"])))
-    print({f"{c}/zero{z}": max(abs(a / b - 1) for a, b in zip(got[(c, z, p)], got[(c, 2, "fp32")]))
-           for c, z, p in got if p == "bf16"})  # the measured bf16 deviation, for the record
+    print(
+        {
+            f"{c}/zero{z}": max(abs(a / b - 1) for a, b in zip(got[(c, z, p)], got[(c, 2, "fp32")]))
+            for c, z, p in got
+            if p == "bf16"
+        }
+    )  # the measured bf16 deviation, for the record
     for (clf, stage, prec), values in got.items():
         assert len(values) == STEPS and all(math.isfinite(v) for v in values), (clf, stage, prec, values)
         if prec == "bf16":

@@ -21,8 +21,9 @@ def _terms(step):
 def test_rank0_sends_a_step_event_every_log_every_steps_and_at_the_end():
     board = ProgressBoard()
     progress = Progress(total_steps=7, log_every=3, board=_Remote(board))
-    returned = [progress.step(s, epoch=0, epochs=1, terms=_terms(s), samples=32, tokens=100, lr=0.1)
-                for s in range(1, 8)]
+    returned = [
+        progress.step(s, epoch=0, epochs=1, terms=_terms(s), samples=32, tokens=100, lr=0.1) for s in range(1, 8)
+    ]
     progress.epoch(0, 1, 7, {"val_accuracy": 0.5, "val_miou": 0.25})
     events = board.drain()
     assert [e["step"] for e in events if e["kind"] == "step"] == [3, 6, 7]
@@ -30,8 +31,14 @@ def test_rank0_sends_a_step_event_every_log_every_steps_and_at_the_end():
     step = events[0]
     assert step["values"]["loss"] == 10.0 / 3 and step["values"]["samples_per_s"] > 0 and step["total"] == 7
     assert {"tokens_per_s", "lr", "peak_mem_mib"} <= set(step["values"]) and step["eta_s"] >= 0
-    assert events[-1] == {"kind": "epoch", "step": 7, "total": 7, "epoch": 1, "epochs": 1,
-                          "values": {"val_accuracy": 0.5, "val_miou": 0.25}}
+    assert events[-1] == {
+        "kind": "epoch",
+        "step": 7,
+        "total": 7,
+        "epoch": 1,
+        "epochs": 1,
+        "values": {"val_accuracy": 0.5, "val_miou": 0.25},
+    }
     assert board.drain() == []  # drained once
 
 
@@ -44,10 +51,27 @@ def test_other_ranks_send_nothing():
 def test_display_prints_each_event_once_as_one_line_when_not_a_terminal():
     stream = io.StringIO()
     display = ConsoleDisplay(total=180, stream=stream)
-    display.step({"kind": "step", "step": 10, "total": 180, "epoch": 2, "epochs": 20,
-                  "values": {**_terms(10), "samples_per_s": 41.9}, "eta_s": 125})
-    display.epoch({"kind": "epoch", "step": 18, "total": 180, "epoch": 2, "epochs": 20,
-                   "values": {"val_accuracy": 0.3, "val_miou": 0.2}})
+    display.step(
+        {
+            "kind": "step",
+            "step": 10,
+            "total": 180,
+            "epoch": 2,
+            "epochs": 20,
+            "values": {**_terms(10), "samples_per_s": 41.9},
+            "eta_s": 125,
+        }
+    )
+    display.epoch(
+        {
+            "kind": "epoch",
+            "step": 18,
+            "total": 180,
+            "epoch": 2,
+            "epochs": 20,
+            "values": {"val_accuracy": 0.3, "val_miou": 0.2},
+        }
+    )
     display.close()
     assert stream.getvalue().splitlines() == [
         "[megl] step 10/180 epoch 2/20 loss=1 ce=2 text=5 visual=0.1 dc=1.5 | 41.9 samples/s | eta 2m05s",
@@ -64,10 +88,20 @@ def test_on_a_terminal_one_tqdm_bar_shows_step_total_terms_throughput_and_eta():
     stream = _Terminal()
     display = ConsoleDisplay(total=180, stream=stream)
     for step in (10, 20):
-        display.step({"kind": "step", "step": step, "total": 180, "epoch": 2, "epochs": 20,
-                      "values": {**_terms(step), "samples_per_s": 41.9}, "eta_s": 90})
-    display.epoch({"kind": "epoch", "step": 18, "total": 180, "epoch": 2, "epochs": 20,
-                   "values": {"val_accuracy": 0.3}})
+        display.step(
+            {
+                "kind": "step",
+                "step": step,
+                "total": 180,
+                "epoch": 2,
+                "epochs": 20,
+                "values": {**_terms(step), "samples_per_s": 41.9},
+                "eta_s": 90,
+            }
+        )
+    display.epoch(
+        {"kind": "epoch", "step": 18, "total": 180, "epoch": 2, "epochs": 20, "values": {"val_accuracy": 0.3}}
+    )
     display.close()
     text = stream.getvalue()
     assert display.bar.n == 20 and "20/180" in text and "loss=0.5" in text and "41.9 samples/s" in text

@@ -33,8 +33,17 @@ def test_checkpoint_state_drops_both_names_of_a_frozen_tied_embedding():
     engine_cls = pytest.importorskip("deepspeed.runtime.engine").DeepSpeedEngine
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+        )
+    )
     model.requires_grad_(False)
     model.model.norm.weight.requires_grad_(True)
 

@@ -29,8 +29,12 @@ def test_a_local_ray_leaves_the_process_out_of_token_mode(monkeypatch):
 
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     with ray_env.local_ray_undone():
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
-                 _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+        ray.init(
+            num_cpus=1,
+            include_dashboard=False,
+            log_to_driver=False,
+            _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+        )
         try:
             # the precondition of the hang: Ray switched this process to tokens for its local instance
             assert os.environ.get("RAY_AUTH_MODE") == "token"
@@ -73,8 +77,12 @@ def test_task_workers_survive_an_idle_gap_only_with_worker_pool_env(monkeypatch,
         for key, value in ray_env.worker_pool_env({}).items():
             monkeypatch.setenv(key, value)
     with ray_env.local_ray_undone():
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
-                 _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+        ray.init(
+            num_cpus=1,
+            include_dashboard=False,
+            log_to_driver=False,
+            _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+        )
         try:
             ran, alive = _idle_workers_alive(ray)
         finally:

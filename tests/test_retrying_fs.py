@@ -58,8 +58,9 @@ def test_transient_errors_are_retried_until_the_read_succeeds(tmp_path):
 
 def test_outage_longer_than_the_deadline_gives_one_clear_error(tmp_path):
     (tmp_path / "a.bin").write_bytes(b"x")
-    fs = pafs.PyFileSystem(RetryingHandler(pafs.PyFileSystem(Flaky(tmp_path, failures=10**6)), deadline_s=0.3,
-                                           first_delay_s=0.05))
+    fs = pafs.PyFileSystem(
+        RetryingHandler(pafs.PyFileSystem(Flaky(tmp_path, failures=10**6)), deadline_s=0.3, first_delay_s=0.05)
+    )
     with pytest.raises(OSError, match=r"storage unreachable for \d+s while trying to read a.bin"):
         fs.open_input_file("a.bin")
 

@@ -3,9 +3,9 @@
 import pytest
 
 from megl_ray.config import load_config, packaged_config
-from megl_ray.errors import UserError
 from megl_ray.driver import run_identity
 from megl_ray.driver.run_identity import check_run, differing_keys, fingerprint, fresh_name, name_given
+from megl_ray.errors import UserError
 
 
 def _cfg(*overrides):
@@ -16,7 +16,9 @@ def test_the_fingerprint_ignores_resumable_keys_and_names_the_others():
     base = fingerprint(_cfg())
     assert fingerprint(_cfg("train.max_failures=5", "run.log_every=1", "run.name=x")) == base
     assert differing_keys(base, fingerprint(_cfg("loss.text_weight=0.5", "train.epochs=3"))) == [
-        "loss.text_weight", "train.epochs"]
+        "loss.text_weight",
+        "train.epochs",
+    ]
 
 
 def test_a_run_is_new_resumed_complete_or_refused(tmp_path, capsys):

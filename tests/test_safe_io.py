@@ -14,8 +14,12 @@ def test_read_bytes_refuses_fifos_directories_and_oversized_files_before_reading
     (tmp_path / "dir").mkdir()
     with open(tmp_path / "sparse", "wb") as f:
         f.truncate(2**40)  # a terabyte that takes no disk
-    for name, kind in [("fifo", "not_regular_file"), ("dir", "not_regular_file"), ("sparse", "too_large"),
-                       ("nope", "missing")]:
+    for name, kind in [
+        ("fifo", "not_regular_file"),
+        ("dir", "not_regular_file"),
+        ("sparse", "too_large"),
+        ("nope", "missing"),
+    ]:
         with pytest.raises(safe_io.FileProblem) as err:
             safe_io.read_bytes(tmp_path / name, 2**20)
         assert err.value.kind == kind, name

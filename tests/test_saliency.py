@@ -2,8 +2,15 @@ import pytest
 import torch
 
 from megl_ray.model.classifier import build_classifier
-from megl_ray.model.saliency import (autograd_gradcam, closed_form_cam, gradcam, normalize_per_sample,
-                                     per_image_gradcam, resize_map, upsample)
+from megl_ray.model.saliency import (
+    autograd_gradcam,
+    closed_form_cam,
+    gradcam,
+    normalize_per_sample,
+    per_image_gradcam,
+    resize_map,
+    upsample,
+)
 
 
 def _relative_error(a, b):

@@ -180,9 +180,15 @@ def test_prior_term_sums_to_one():
 
 def make_info(**changes) -> DatasetInfo:
     fields = dict(
-        classes=["zero", "one"], counts={"train": {"zero": 1, "one": 1}}, mask_coverage={"train": 0.5},
-        splits={"train": 2, "val": 0, "test": 0}, mask_size=4, prior_size=2, prior=[[0.25, 0.25], [0.25, 0.25]],
-        shards={"train": ["train/part-00000.parquet"], "val": [], "test": []}, source="/data",
+        classes=["zero", "one"],
+        counts={"train": {"zero": 1, "one": 1}},
+        mask_coverage={"train": 0.5},
+        splits={"train": 2, "val": 0, "test": 0},
+        mask_size=4,
+        prior_size=2,
+        prior=[[0.25, 0.25], [0.25, 0.25]],
+        shards={"train": ["train/part-00000.parquet"], "val": [], "test": []},
+        source="/data",
     )
     fields.update(changes)
     return DatasetInfo(**fields)
@@ -216,7 +222,18 @@ def test_load_dataset_info_from_a_folder(tmp_path):
 
 def test_parquet_schema_names_and_metadata():
     arrow_schema = schema.parquet_schema(64)
-    assert arrow_schema.names == ["id", "image", "image_format", "width", "height", "class_id", "class_name",
-                                  "has_mask", "mask", "rationales", "split"]
+    assert arrow_schema.names == [
+        "id",
+        "image",
+        "image_format",
+        "width",
+        "height",
+        "class_id",
+        "class_name",
+        "has_mask",
+        "mask",
+        "rationales",
+        "split",
+    ]
     assert arrow_schema.metadata[b"megl_ray.mask_size"] == b"64"
     assert arrow_schema.field("mask").nullable and not arrow_schema.field("image").nullable

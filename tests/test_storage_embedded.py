@@ -158,8 +158,12 @@ def test_weed_dies_with_its_python_parent(tmp_path):
         "time.sleep(60)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    parent = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "orphan")], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path / "orphan")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         pid_text, running = read_line(parent.stdout, 45).split()
         weed_pid = int(pid_text)

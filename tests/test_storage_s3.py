@@ -14,8 +14,9 @@ from tests.storage_support import LEAK_ACCESS, LEAK_SECRET, LEAK_TOKEN, free_por
 
 
 def test_options_repr_hides_credentials():
-    options = S3Options(endpoint_url="http://127.0.0.1:1", access_key=LEAK_ACCESS, secret_key=LEAK_SECRET,
-                        session_token=LEAK_TOKEN)
+    options = S3Options(
+        endpoint_url="http://127.0.0.1:1", access_key=LEAK_ACCESS, secret_key=LEAK_SECRET, session_token=LEAK_TOKEN
+    )
     for text in (repr(options), str(options), options.describe()):
         assert LEAK_ACCESS not in text and LEAK_SECRET not in text and LEAK_TOKEN not in text
     assert "127.0.0.1:1" in repr(options)
@@ -94,8 +95,13 @@ def test_pyarrow_filesystem_paths(tmp_path):
 
 def test_unreachable_endpoint_is_a_clear_error_not_a_hang():
     port = free_port()
-    options = S3Options(endpoint_url=f"http://127.0.0.1:{port}", access_key=LEAK_ACCESS, secret_key=LEAK_SECRET,
-                        max_attempts=2, retry_seconds=1.0)
+    options = S3Options(
+        endpoint_url=f"http://127.0.0.1:{port}",
+        access_key=LEAK_ACCESS,
+        secret_key=LEAK_SECRET,
+        max_attempts=2,
+        retry_seconds=1.0,
+    )
     started = time.monotonic()
     with pytest.raises(UnreachableError) as info:
         storage.read_bytes("s3://bucket/key", options)
@@ -127,8 +133,9 @@ def test_pyarrow_parquet_on_embedded(embedded_s3):
 @pytest.mark.timeout(60)
 def test_credentials_never_leak(embedded_s3, caplog):
     caplog.set_level(logging.DEBUG)
-    wrong = S3Options(endpoint_url=embedded_s3.endpoint_url, access_key=LEAK_ACCESS, secret_key=LEAK_SECRET,
-                      session_token=LEAK_TOKEN)
+    wrong = S3Options(
+        endpoint_url=embedded_s3.endpoint_url, access_key=LEAK_ACCESS, secret_key=LEAK_SECRET, session_token=LEAK_TOKEN
+    )
     errors = []
     for call in (
         lambda: storage.read_bytes("s3://t-leak/x.txt", wrong),
@@ -141,8 +148,9 @@ def test_credentials_never_leak(embedded_s3, caplog):
         errors.append(info.value)
 
     # A right key id with a wrong secret is refused too (auth is on).
-    half_right = S3Options(endpoint_url=embedded_s3.endpoint_url, access_key=embedded_s3.access_key,
-                           secret_key=LEAK_SECRET)
+    half_right = S3Options(
+        endpoint_url=embedded_s3.endpoint_url, access_key=embedded_s3.access_key, secret_key=LEAK_SECRET
+    )
     with pytest.raises(AccessDeniedError) as info:
         storage.read_bytes("s3://t-leak/x.txt", half_right)
     errors.append(info.value)
@@ -165,7 +173,10 @@ def test_embedded_env_points_from_env_at_server(embedded_s3, clean_aws_env):
     options = S3Options.from_env()
     assert options.endpoint_url == embedded_s3.endpoint_url
     assert (options.access_key, options.secret_key, options.session_token) == (
-        embedded_s3.access_key, embedded_s3.options.secret_key, None)
+        embedded_s3.access_key,
+        embedded_s3.options.secret_key,
+        None,
+    )
     storage.ensure_bucket("s3://t-env")
     storage.write_bytes("s3://t-env/k", b"via env")
     assert storage.read_bytes("s3://t-env/k") == b"via env"

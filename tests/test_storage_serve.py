@@ -23,7 +23,10 @@ def test_serve_cli(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), storage.EMBEDDED_SECRET_ENV: LEAK_SECRET}
     proc = subprocess.Popen(
         [sys.executable, "-m", "megl_ray.storage", "serve", "--data-dir", str(data_dir)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         info = json.loads(read_line(proc.stdout, 45))

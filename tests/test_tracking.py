@@ -83,12 +83,31 @@ def tracked(tmp_path_factory):
     with mlflow_server(root / "mlflow") as uri:
         env = _env(MEGL_HOME=str(root / "home"), WANDB_MODE="offline", WANDB_DIR=str(root / "wandb"))
         proc = subprocess.run(
-            [sys.executable, "-m", "megl_ray.train", "--config", str(FAST), "run.name=tracked",
-             "run.tracking=[tensorboard,mlflow,wandb]", f"run.tracking_uri={uri}", f"run.experiment={EXPERIMENT}"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+            [
+                sys.executable,
+                "-m",
+                "megl_ray.train",
+                "--config",
+                str(FAST),
+                "run.name=tracked",
+                "run.tracking=[tensorboard,mlflow,wandb]",
+                f"run.tracking_uri={uri}",
+                f"run.experiment={EXPERIMENT}",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         assert proc.returncode == 0, proc.stderr[-5000:]
-        yield {"root": root, "uri": uri, "stderr": proc.stderr, "env": env,
-               "result": json.loads(proc.stdout.strip().splitlines()[-1])}
+        yield {
+            "root": root,
+            "uri": uri,
+            "stderr": proc.stderr,
+            "env": env,
+            "result": json.loads(proc.stdout.strip().splitlines()[-1]),
+        }
 
 
 @pytest.mark.slow
@@ -101,8 +120,14 @@ def test_the_console_shows_each_progress_line_once_within_the_line_budget(tracke
     assert [re.match(r"\[megl\] step (\d+)/9 ", s).group(1) for s in steps] == ["3", "6", "9"]
     assert len(epochs) == 1 and f"val_accuracy={result['val_accuracy']:.4f}" in epochs[0]
     assert all(re.search(r"loss=\S+ ce=\S+ text=\S+ .*samples/s \| eta \d", s) for s in steps)
-    for chatter in ("RayTrainWorker pid=", "Checkpoint successfully created", "Execution plan of Dataset",
-                    "built successfully", "Started a local Ray instance", "Found credentials"):
+    for chatter in (
+        "RayTrainWorker pid=",
+        "Checkpoint successfully created",
+        "Execution plan of Dataset",
+        "built successfully",
+        "Started a local Ray instance",
+        "Found credentials",
+    ):
         assert chatter not in tracked["stderr"], chatter
     # The line budget of the embedded default (the packaged tiny config on the bundled sample's 699 train images):
     # what is not a progress line does not grow with the steps, so this run bounds it. It is counted with a first
@@ -111,8 +136,9 @@ def test_the_console_shows_each_progress_line_once_within_the_line_budget(tracke
     from megl_ray.training.accounting import planned_steps
 
     default = load_config(packaged_config("tiny"))
-    planned = planned_steps(699, default.train.num_workers, default.data.batch_size, default.train.epochs,
-                            default.train.grad_accum)
+    planned = planned_steps(
+        699, default.train.num_workers, default.data.batch_size, default.train.epochs, default.train.grad_accum
+    )
     assert planned == 264
     fixed = len(lines) - len(steps) - len(epochs)
     assert fixed + -(-planned // default.run.log_every) + default.train.epochs <= 60, "\n".join(lines)
@@ -136,8 +162,9 @@ def test_mlflow_has_the_config_every_logged_step_and_the_test_metrics(tracked):
     assert run.data.params["run.tracking_uri"] == tracked["uri"]
     for term in ("loss", "ce", "text", "dc", "samples_per_s", "tokens_per_s", "lr"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, f"train/{term}")] == [3, 6, 9], term
-    assert client.get_metric_history(run.info.run_id, "train/loss")[-1].value == pytest.approx(result["final_loss"],
-                                                                                                abs=1e-4)
+    assert client.get_metric_history(run.info.run_id, "train/loss")[-1].value == pytest.approx(
+        result["final_loss"], abs=1e-4
+    )
     assert run.data.metrics["val/accuracy"] == pytest.approx(result["val_accuracy"], abs=1e-4)
     assert run.data.metrics["test/accuracy"] == pytest.approx(result["test_accuracy"], abs=1e-4)
     assert run.data.metrics["test/miou"] == pytest.approx(result["test_miou"], abs=1e-4)
@@ -157,9 +184,9 @@ def _wandb_records(path: Path):
         if left < 7:  # a block's tail too short for a header is padding
             position += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
         position += 7
-        pending += data[position:position + length]
+        pending += data[position : position + length]
         position += length
         if kind in (1, 4):  # FULL or LAST
             record = wandb_internal_pb2.Record()
@@ -228,8 +255,9 @@ def test_verbose_brings_back_rays_own_logs(tracked):
     """Ray's INFO lines are absent from the quiet run above and back with --verbose (a run that stops at the
     resource check, right after Ray has started)."""
     args = [sys.executable, "-m", "megl_ray.train", "--config", str(FAST), "train.num_workers=64"]
-    proc = subprocess.run([*args, "--verbose"], cwd=REPO, env=tracked["env"], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [*args, "--verbose"], cwd=REPO, env=tracked["env"], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 2 and "train.num_workers=64 needs" in proc.stderr, proc.stderr[-3000:]
     assert "Started a local Ray instance" in proc.stderr
     assert "Started a local Ray instance" not in tracked["stderr"]

@@ -44,18 +44,49 @@ def test_ray_job_submit_runs_the_trainer_and_leaves_checkpoints_in_the_embedded_
     ray_bin = str(Path(sys.executable).parent / "ray")
     # In a session of its own: its process group holds this Ray's processes (and the job's), and only they are
     # killed at the end (`ray stop` would stop every Ray instance on the machine).
-    start = subprocess.Popen([ray_bin, "start", "--head", "--num-cpus=2", f"--temp-dir={temp}",
-                              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                              f"--port={_free_port()}", "--include-dashboard=true", "--disable-usage-stats"],
-                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+    start = subprocess.Popen(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--num-cpus=2",
+            f"--temp-dir={temp}",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--port={_free_port()}",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     assert start.wait(timeout=300) == 0, start.stdout.read().decode()[-3000:]
     try:
         for _ in range(20):  # `ray start` returns before the job agent is up; Ray's own answer says to retry
             job = subprocess.run(
-                [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--", "python", "-m",
-                 "megl_ray.train", "--config", str(FAST), "run.name=job"],
-                env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+                [
+                    ray_bin,
+                    "job",
+                    "submit",
+                    f"--address=http://127.0.0.1:{dash}",
+                    "--",
+                    "python",
+                    "-m",
+                    "megl_ray.train",
+                    "--config",
+                    str(FAST),
+                    "run.name=job",
+                ],
+                env=env,
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
             if "No available agent to submit job" not in job.stderr:
                 break
             time.sleep(5)
@@ -93,9 +124,20 @@ def test_a_killed_worker_resumes_with_exact_accumulation_steps_and_samples(tmp_p
     samples = tmp_path / "samples"
     monkeypatch.setenv("MEGL_TEST_KILL_AT_STEP", "7,9@validation")
     monkeypatch.setenv("MEGL_TEST_KILL_MARKER", str(marker))
-    code, out, err = _run_train(["--config", str(FAST), f"data.uri={data}", f"run.storage_path={tmp_path / 'runs'}",
-                                 "run.name=fault", "train.epochs=2", "train.grad_accum=2", "train.checkpoint_every=3",
-                                 f"train.sample_log_dir={samples}"], capsys)
+    code, out, err = _run_train(
+        [
+            "--config",
+            str(FAST),
+            f"data.uri={data}",
+            f"run.storage_path={tmp_path / 'runs'}",
+            "run.name=fault",
+            "train.epochs=2",
+            "train.grad_accum=2",
+            "train.checkpoint_every=3",
+            f"train.sample_log_dir={samples}",
+        ],
+        capsys,
+    )
     assert code == 0, err[-4000:]
     assert marker.exists() and Path(f"{marker}.1").exists(), "a fault was never injected"
     assert "replays other samples" not in err  # the resumed epoch replayed the original order exactly
@@ -125,13 +167,28 @@ def test_a_killed_worker_resumes_with_exact_accumulation_steps_and_samples(tmp_p
     # the trainer's export is what evaluation reads: every documented metric comes out
     from megl_ray import evaluate
 
-    code = run_cli("megl_ray.evaluate", evaluate.main,
-                   ["--checkpoint", result["export"], "--data", data, "--workers", "1", "--max-new-tokens", "8"])
+    code = run_cli(
+        "megl_ray.evaluate",
+        evaluate.main,
+        ["--checkpoint", result["export"], "--data", data, "--workers", "1", "--max-new-tokens", "8"],
+    )
     out, err = capsys.readouterr()
     assert code == 0, err[-3000:]
     metrics = json.loads(out.strip().splitlines()[-1])
-    for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1", "auc", "miou", "pointing_game", "bleu4",
-                "meteor", "rouge_l", "cider", "text_similarity"):
+    for key in (
+        "accuracy",
+        "macro_precision",
+        "macro_recall",
+        "macro_f1",
+        "auc",
+        "miou",
+        "pointing_game",
+        "bleu4",
+        "meteor",
+        "rouge_l",
+        "cider",
+        "text_similarity",
+    ):
         assert key in metrics, key
     assert metrics["accuracy"] == pytest.approx(result["test_accuracy"], abs=1e-4)
 
@@ -140,8 +197,15 @@ def test_user_errors_are_one_clear_line(tmp_path, capsys, monkeypatch):
     data = bundled_dataset_uri()
     cases = [
         (["model.nonsense=1"], "unknown config key 'model.nonsense'"),
-        (["model.preset=llava", f"model.vlm_path={tmp_path / 'missing'}", f"data.uri={data}",
-          f"run.storage_path={tmp_path}"], "model directory not found"),
+        (
+            [
+                "model.preset=llava",
+                f"model.vlm_path={tmp_path / 'missing'}",
+                f"data.uri={data}",
+                f"run.storage_path={tmp_path}",
+            ],
+            "model directory not found",
+        ),
         ([f"data.uri={data}", f"run.storage_path={tmp_path}", "train.num_workers=8"], "train.num_workers=8 needs"),
     ]
     for args, fragment in cases:
@@ -154,8 +218,9 @@ def test_user_errors_are_one_clear_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     start = time.monotonic()
-    code, out, err = _run_train(["--config", str(FAST), "data.uri=s3://nowhere/ds", f"run.storage_path={tmp_path}"],
-                                capsys)
+    code, out, err = _run_train(
+        ["--config", str(FAST), "data.uri=s3://nowhere/ds", f"run.storage_path={tmp_path}"], capsys
+    )
     assert code == 2 and "storage unreachable" in err and "Traceback" not in err, err[-2000:]
     assert time.monotonic() - start < 120
 
@@ -187,8 +252,15 @@ def test_re_runs_carved_validation_and_no_secret_at_rest(tmp_path, capsys, monke
     from megl_ray.data.sample import sample_dataset_path
     from megl_ray.storage.embedded_home import embedded_store_for
 
-    for var in ("MEGL_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_ADDRESS"):
+    for var in (
+        "MEGL_S3_ENDPOINT",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "RAY_ADDRESS",
+    ):
         monkeypatch.delenv(var, raising=False)
     home = tmp_path / "home"
     monkeypatch.setenv("MEGL_HOME", str(home))
@@ -214,22 +286,39 @@ def test_re_runs_carved_validation_and_no_secret_at_rest(tmp_path, capsys, monke
     assert code == 0 and f"run {name} is complete" in err and "[megl] epoch" not in err, err[-3000:]
     assert json.loads(out.strip().splitlines()[-1]) == result
 
-    code, out, err = _run_train(["--config", str(FAST), f"data.uri={data}", f"run.name={name}",
-                                 "loss.text_weight=0.5"], capsys)
+    code, out, err = _run_train(
+        ["--config", str(FAST), f"data.uri={data}", f"run.name={name}", "loss.text_weight=0.5"], capsys
+    )
     assert code == 2 and "Traceback" not in err
     line = [x for x in err.splitlines() if "error" in x][-1]
     assert "loss.text_weight differs" in line and "run.name=" in line, err[-2000:]
 
     space = tmp_path / "space.yaml"
     space.write_text("optim.lr: {grid: [0.003]}\n")
-    sweep = ["--space", str(space), "--config", str(FAST), "--name", "s", "--scheduler", "fifo",
-             f"data.uri={data}", "data.val_fraction=0"]
+    sweep = [
+        "--space",
+        str(space),
+        "--config",
+        str(FAST),
+        "--name",
+        "s",
+        "--scheduler",
+        "fifo",
+        f"data.uri={data}",
+        "data.val_fraction=0",
+    ]
     from megl_ray import tune
 
     code = run_cli("megl_ray.tune", tune.main, sweep)  # the default metric needs validation
     assert code == 2 and "data.val_fraction=0" in capsys.readouterr().err
-    proc = subprocess.run([sys.executable, "-m", "megl_ray.tune", *sweep, "--metric", "loss"], cwd=REPO,
-                          env=_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "megl_ray.tune", *sweep, "--metric", "loss"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     trial_run = json.loads(proc.stdout.strip().splitlines()[-1])["best_run"]
 

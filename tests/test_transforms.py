@@ -4,9 +4,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megl_ray.data.transforms import (IGNORE_INDEX, IMAGE_TOKEN, collate, decode_image, decode_mask,
-                                      encode_example, model_batch, pad_sequences, preprocess_rows,
-                                      rationale_index)
+from megl_ray.data.transforms import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN,
+    collate,
+    decode_image,
+    decode_mask,
+    encode_example,
+    model_batch,
+    pad_sequences,
+    preprocess_rows,
+    rationale_index,
+)
 from megl_ray.model.vlm import train_tokenizer
 from tests.toy import corpus, make_examples
 
@@ -63,20 +72,37 @@ def _png(color, size=(12, 10)):
 
 def test_preprocess_then_model_batch_matches_the_in_memory_collate():
     tok = train_tokenizer(corpus(), 300)
-    rows = {"id": ["a", "b"], "image": [_png(255), _png(0)], "class_id": [1, 3],
-            "class_name": ["top right", "bottom right"], "has_mask": [True, False],
-            "mask": [bytes([0, 255, 255, 0]), None],
-            "rationales": [["a bright square"], ["a white patch", "the rest is dark"]]}
+    rows = {
+        "id": ["a", "b"],
+        "image": [_png(255), _png(0)],
+        "class_id": [1, 3],
+        "class_name": ["top right", "bottom right"],
+        "has_mask": [True, False],
+        "mask": [bytes([0, 255, 255, 0]), None],
+        "rationales": [["a bright square"], ["a white patch", "the rest is dark"]],
+    }
     pre = preprocess_rows(rows, tok, image_size=8, mask_size=2, max_rationales=4, max_text_tokens=10)
     assert pre["pixels"].dtype == np.uint8 and pre["pixels"].shape == (2, 3, 8, 8)
     assert pre["rationale_count"].tolist() == [1, 2]
     batch = model_batch(pre, tok, TEMPLATE, num_image_tokens=4, epoch=0, seed=0)
     k = rationale_index("b", 2, 0, 0)
     examples = [
-        {"pixels": np.ones((3, 8, 8)), "label": 1, "label_name": "top right", "mask": [[0, 1], [1, 0]],
-         "has_mask": True, "rationale": "a bright square"},
-        {"pixels": np.zeros((3, 8, 8)), "label": 3, "label_name": "bottom right", "mask": np.zeros((2, 2)),
-         "has_mask": False, "rationale": rows["rationales"][1][k]},
+        {
+            "pixels": np.ones((3, 8, 8)),
+            "label": 1,
+            "label_name": "top right",
+            "mask": [[0, 1], [1, 0]],
+            "has_mask": True,
+            "rationale": "a bright square",
+        },
+        {
+            "pixels": np.zeros((3, 8, 8)),
+            "label": 3,
+            "label_name": "bottom right",
+            "mask": np.zeros((2, 2)),
+            "has_mask": False,
+            "rationale": rows["rationales"][1][k],
+        },
     ]
     expected = collate(examples, tok, TEMPLATE, 4, 10)
     for key, value in expected.items():
@@ -125,11 +151,18 @@ def _llama_style_tokenizer():
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN],
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN], show_progress=False
+    )
     tok.train_from_iterator(corpus() + ["USER: Why is this image a top left? ASSISTANT:"], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", extra_special_tokens={"image_token": IMAGE_TOKEN})
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
 
 
 def test_rationale_tokens_are_the_ones_the_llama_style_tokenizer_gives_after_the_prompt():
@@ -144,8 +177,9 @@ def test_rationale_tokens_are_the_ones_the_llama_style_tokenizer_gives_after_the
     for rationale in RATIONALES:
         ids = encode_rationale(tok, rationale, context)
         whole = tok.encode(context + " " + rationale, add_special_tokens=False)
-        assert whole[-len(ids):] == ids and whole[: len(whole) - len(ids)] == tok.encode(context,
-                                                                                          add_special_tokens=False)
+        assert whole[-len(ids) :] == ids and whole[: len(whole) - len(ids)] == tok.encode(
+            context, add_special_tokens=False
+        )
         assert ids[0] != stray and tok.convert_ids_to_tokens(ids[0]).startswith("▁")
         assert tok.decode(ids) == rationale  # decode(encode(rationale)) round-trips exactly
         # the piece-wise encoding this replaces starts with a stray boundary token

@@ -36,8 +36,9 @@ def _env(**extra):
 
 
 def _run(module, args, **env):
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=_env(**env), capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=900
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -48,14 +49,34 @@ def sweep(tmp_path_factory):
     space.write_text(f"optim.lr: {{grid: [{GOOD}, {BAD[0]}, {BAD[1]}]}}\n")
     (root / "mlflow").mkdir()
     with mlflow_server(root / "mlflow") as mlflow_uri:  # every trial is tracked too: one experiment, a run each
-        args = ["--space", str(space), "--config", str(TINY), "--name", "lr", "--metric", "loss",
-                "--max-concurrent", "1", f"data.uri={bundled_dataset_uri()}", f"run.storage_path={root / 'runs'}",
-                f"train.sample_log_dir={root / 'samples'}", "run.tracking=mlflow", f"run.tracking_uri={mlflow_uri}"]
+        args = [
+            "--space",
+            str(space),
+            "--config",
+            str(TINY),
+            "--name",
+            "lr",
+            "--metric",
+            "loss",
+            "--max-concurrent",
+            "1",
+            f"data.uri={bundled_dataset_uri()}",
+            f"run.storage_path={root / 'runs'}",
+            f"train.sample_log_dir={root / 'samples'}",
+            "run.tracking=mlflow",
+            f"run.tracking_uri={mlflow_uri}",
+        ]
         first = _run("megl_ray.tune", args, MEGL_TEST_TUNE_INTERRUPT_AFTER="1")
         first_results = json.loads((root / "runs" / "lr" / "results.json").read_text())
         second = _run("megl_ray.tune", args)
-        yield {"root": root, "first": first, "first_results": first_results, "second": second,
-               "experiment": root / "runs" / "lr", "mlflow": mlflow_uri}
+        yield {
+            "root": root,
+            "first": first,
+            "first_results": first_results,
+            "second": second,
+            "experiment": root / "runs" / "lr",
+            "mlflow": mlflow_uri,
+        }
 
 
 def _result(run):
@@ -82,12 +103,13 @@ def test_a_sweep_reports_a_table_csv_json_and_a_best_config_that_trains(sweep):
     assert set(rows) == {GOOD, *BAD}
     assert list(next(iter(rows.values()))) == ["trial", "optim.lr", "loss", "epochs", "status", "run"]
     assert float(rows[GOOD]["loss"]) == pytest.approx(result["best_metric"])
-    assert all(r["run"] == str(sweep["root"] / "runs" / f"lr-{r['trial']}") and "_" in r["trial"]
-               for r in rows.values())  # <sweep>-<trial id>: no timestamps
+    assert all(
+        r["run"] == str(sweep["root"] / "runs" / f"lr-{r['trial']}") and "_" in r["trial"] for r in rows.values()
+    )  # <sweep>-<trial id>: no timestamps
     saved = json.loads((experiment / "results.json").read_text())
     assert saved["best_trial"] == rows[GOOD]["trial"] and len(saved["rows"]) == 3
     err = sweep["second"][2]
-    table = err[err.index("sweep lr: 3 trial(s)"):]
+    table = err[err.index("sweep lr: 3 trial(s)") :]
     assert "trial" in table and "optim.lr" in table and "early-stopped" in table and "completed" in table
 
     best = load_config(experiment / "best_config.yaml")
@@ -131,8 +153,9 @@ def test_an_interrupted_sweep_resumes_without_rerunning_its_finished_trial(sweep
     assert _result(sweep["second"])["resumed"] is True
 
     good = _rows(sweep)[GOOD]["trial"]
-    steps = [json.loads(line) for line in (sweep["root"] / "samples" / good / "samples-rank0.jsonl").read_text()
-             .splitlines()]
+    steps = [
+        json.loads(line) for line in (sweep["root"] / "samples" / good / "samples-rank0.jsonl").read_text().splitlines()
+    ]
     assert [s["step"] for s in steps] == list(range(1, 35)), "the finished trial was trained again"
     assert {s["start_step"] for s in steps} == {0}
     progress = (sweep["experiment"] / good / "progress.csv").read_text().strip().splitlines()
@@ -191,8 +214,15 @@ def test_asha_rungs_survive_a_restart(tmp_path):
     from megl_ray.tuning.hooks import ResumableASHA
 
     def asha():
-        return ResumableASHA(str(tmp_path / "asha_state.yaml"), time_attr="epoch", max_t=4, grace_period=1,
-                             reduction_factor=2, metric="val_accuracy", mode="max")
+        return ResumableASHA(
+            str(tmp_path / "asha_state.yaml"),
+            time_attr="epoch",
+            max_t=4,
+            grace_period=1,
+            reduction_factor=2,
+            metric="val_accuracy",
+            mode="max",
+        )
 
     first, good = asha(), SimpleNamespace(trial_id="t_00000")
     first.on_trial_add(None, good)
@@ -201,8 +231,15 @@ def test_asha_rungs_survive_a_restart(tmp_path):
     restarted, bad = asha(), SimpleNamespace(trial_id="t_00001")  # a resumed sweep: a fresh scheduler
     restarted.on_trial_add(None, bad)
     assert restarted.on_trial_result(None, bad, {"epoch": 1, "val_accuracy": 0.1}) == "STOP"
-    fresh = ResumableASHA(str(tmp_path / "other.yaml"), time_attr="epoch", max_t=4, grace_period=1,
-                          reduction_factor=2, metric="val_accuracy", mode="max")
+    fresh = ResumableASHA(
+        str(tmp_path / "other.yaml"),
+        time_attr="epoch",
+        max_t=4,
+        grace_period=1,
+        reduction_factor=2,
+        metric="val_accuracy",
+        mode="max",
+    )
     fresh.on_trial_add(None, bad)
     assert fresh.on_trial_result(None, bad, {"epoch": 1, "val_accuracy": 0.1}) == "CONTINUE"  # nobody to beat
 
@@ -223,8 +260,15 @@ def test_asha_lets_a_trial_in_its_last_epoch_finish_by_itself(tmp_path):
 
     from megl_ray.tuning.hooks import ResumableASHA
 
-    asha = ResumableASHA(str(tmp_path / "asha_state.yaml"), time_attr="epoch", max_t=2, grace_period=1,
-                         reduction_factor=2, metric="val_accuracy", mode="max")
+    asha = ResumableASHA(
+        str(tmp_path / "asha_state.yaml"),
+        time_attr="epoch",
+        max_t=2,
+        grace_period=1,
+        reduction_factor=2,
+        metric="val_accuracy",
+        mode="max",
+    )
     good, worse = SimpleNamespace(trial_id="t_00000"), SimpleNamespace(trial_id="t_00001")
     for trial in (good, worse):
         asha.on_trial_add(None, trial)

@@ -52,8 +52,7 @@ def _save_tiny_llava(path):
 
 def test_llava_preset_loads_a_llava_hf_layout_directory(tmp_path):
     saved = _save_tiny_llava(tmp_path / "llava")
-    cfg = load_config(None, ["model.preset=llava", f"model.vlm_path={tmp_path / 'llava'}",
-                             "model.classifier=tiny"])
+    cfg = load_config(None, ["model.preset=llava", f"model.vlm_path={tmp_path / 'llava'}", "model.classifier=tiny"])
     torch.manual_seed(0)
     model = build_megl_model(cfg, num_classes=4)
     assert model.num_image_tokens == saved.num_image_tokens
@@ -69,18 +68,19 @@ def test_clip_qwen2_preset_assembles_llava_from_two_checkpoints(tmp_path):
     vision_dir, lm_dir = tmp_path / "clip", tmp_path / "qwen2"
     saved.model.model.vision_tower.save_pretrained(vision_dir)
     from transformers import Qwen2ForCausalLM
+
     lm = Qwen2ForCausalLM(saved.model.config.text_config)
     lm.save_pretrained(lm_dir)
     tok = train_tokenizer(corpus(), 300)
     tok.save_pretrained(lm_dir)
-    cfg = load_config(None, ["model.preset=clip-qwen2", f"model.vision_path={vision_dir}",
-                             f"model.lm_path={lm_dir}"])
+    cfg = load_config(None, ["model.preset=clip-qwen2", f"model.vision_path={vision_dir}", f"model.lm_path={lm_dir}"])
     model = build_megl_model(cfg, num_classes=4)
     vt = model.vlm.model.vision_tower.state_dict()
     for name, value in saved.model.model.vision_tower.state_dict().items():
         assert torch.equal(vt[name], value), name
-    assert torch.equal(model.vlm.model.language_model.layers[0].self_attn.q_proj.weight,
-                       lm.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(
+        model.vlm.model.language_model.layers[0].self_attn.q_proj.weight, lm.model.layers[0].self_attn.q_proj.weight
+    )
     assert model.vlm.config.vision_feature_layer == -2
     out = model(**make_batch(model, cfg, n=2))
     assert torch.isfinite(out.loss)

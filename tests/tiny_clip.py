@@ -7,8 +7,13 @@ from pathlib import Path
 
 import torch
 
-SENTENCES = ["a red square on a grey background", "the bird has a long beak", "a small yellow patch",
-             "wings are blue and the tail is short", "this is a photo of a dog"]
+SENTENCES = [
+    "a red square on a grey background",
+    "the bird has a long beak",
+    "a small yellow patch",
+    "wings are blue and the tail is short",
+    "this is a photo of a dog",
+]
 
 
 def save_tiny_clip(root: Path, seed: int = 0) -> Path:
@@ -19,12 +24,27 @@ def save_tiny_clip(root: Path, seed: int = 0) -> Path:
     tokenizer = train_tokenizer(SENTENCES * 4, vocab_size=300)
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": 2, "eos_token_id": 2,
-                     "pad_token_id": 0},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=16)
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 16,
+            "bos_token_id": 2,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
     model = CLIPModel(config).eval()
     root.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(root))

@@ -21,12 +21,20 @@ def make_examples(n: int = 16, seed: int = 0, mask_every: int = 4):
         pixels = rng.uniform(0, 0.2, size=(3, 64, 64)).astype(np.float32)
         mask = np.zeros((64, 64), dtype=np.float32)
         r, c = (label // 2) * 32 + 8, (label % 2) * 32 + 8
-        pixels[:, r: r + 16, c: c + 16] = rng.uniform(0.8, 1.0)
-        mask[r: r + 16, c: c + 16] = 1.0
+        pixels[:, r : r + 16, c : c + 16] = rng.uniform(0.8, 1.0)
+        mask[r : r + 16, c : c + 16] = 1.0
         has_mask = i % mask_every == 0
-        examples.append({"id": f"toy-{i}", "pixels": pixels, "label": label, "label_name": CLASS_NAMES[label],
-                         "mask": mask if has_mask else np.zeros_like(mask), "has_mask": has_mask,
-                         "rationale": RATIONALES[label]})
+        examples.append(
+            {
+                "id": f"toy-{i}",
+                "pixels": pixels,
+                "label": label,
+                "label_name": CLASS_NAMES[label],
+                "mask": mask if has_mask else np.zeros_like(mask),
+                "has_mask": has_mask,
+                "rationale": RATIONALES[label],
+            }
+        )
     return examples
 
 
@@ -35,5 +43,10 @@ def corpus():
 
 
 def make_batch(model, cfg, n: int = 16, seed: int = 0, mask_every: int = 4):
-    return collate(make_examples(n, seed, mask_every), model.tokenizer, cfg.model.prompt_template,
-                   model.num_image_tokens, cfg.model.max_text_tokens)
+    return collate(
+        make_examples(n, seed, mask_every),
+        model.tokenizer,
+        cfg.model.prompt_template,
+        model.num_image_tokens,
+        cfg.model.max_text_tokens,
+    )

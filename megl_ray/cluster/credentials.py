@@ -45,8 +45,7 @@ def workers_inherit_env() -> bool:
 
 
 def is_credential(name: str) -> bool:
-    return name in CREDENTIAL_VARS or (name.startswith(FORWARDED_PREFIXES)
-                                       and any(m in name for m in SECRET_MARKERS))
+    return name in CREDENTIAL_VARS or (name.startswith(FORWARDED_PREFIXES) and any(m in name for m in SECRET_MARKERS))
 
 
 def public_env(env: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -28,11 +28,15 @@ from pathlib import Path
 from megl_ray.cluster.ray_env import worker_pool_env
 
 # Lost nodes are noticed within seconds, not the default ~30 s: the GCS health-checks raylets every second.
-FAST_FAILURE_DETECTION = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
-                          "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3",
-                          # The nodes share one machine's memory with everything else on it: Ray's memory monitor
-                          # would kill their workers for memory other programs use.
-                          "RAY_memory_monitor_refresh_ms": "0"}
+FAST_FAILURE_DETECTION = {
+    "RAY_health_check_initial_delay_ms": "1000",
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+    # The nodes share one machine's memory with everything else on it: Ray's memory monitor
+    # would kill their workers for memory other programs use.
+    "RAY_memory_monitor_refresh_ms": "0",
+}
 
 
 def free_port() -> int:
@@ -108,23 +112,44 @@ class LocalCluster:
         temp = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))
         # Not ``--block``: its monitor kills the whole node when any helper process (e.g. the Ray client server,
         # which times out on an overloaded machine) exits, which is not what a node's loss should depend on.
-        args = [str(Path(sys.executable).parent / "ray"), "start", f"--num-cpus={num_cpus:g}",
-                "--num-gpus=0", f"--resources={json.dumps(resources)}", f"--temp-dir={temp}",
-                f"--object-store-memory={self.object_store_mb * 2**20}", "--node-ip-address=127.0.0.1",
-                "--min-worker-port=0", "--max-worker-port=0", f"--dashboard-agent-listen-port={free_port()}",
-                "--disable-usage-stats"]
+        args = [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            f"--num-cpus={num_cpus:g}",
+            "--num-gpus=0",
+            f"--resources={json.dumps(resources)}",
+            f"--temp-dir={temp}",
+            f"--object-store-memory={self.object_store_mb * 2**20}",
+            "--node-ip-address=127.0.0.1",
+            "--min-worker-port=0",
+            "--max-worker-port=0",
+            f"--dashboard-agent-listen-port={free_port()}",
+            "--disable-usage-stats",
+        ]
         if head:
             self.port, self.dashboard_port = free_port(), free_port()
             # The dashboard stays on: Ray Train's controller is watched through its state API.
-            args += ["--head", f"--port={self.port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                     f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}"]
+            args += [
+                "--head",
+                f"--port={self.port}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={free_port()}",
+            ]
         else:
             args += [f"--address={self.address}"]
         # No token authentication: every port is on loopback, and a driver of this machine connects without a token.
-        env = {**os.environ, **FAST_FAILURE_DETECTION, **worker_pool_env(), "RAY_AUTH_MODE": "disabled", **self.env,
-               # Ray Train's controller queries the state API without an address: with other Ray instances on the
-               # machine, auto-detection fails, so name this cluster's dashboard.
-               "RAY_API_SERVER_ADDRESS": self.dashboard_url}
+        env = {
+            **os.environ,
+            **FAST_FAILURE_DETECTION,
+            **worker_pool_env(),
+            "RAY_AUTH_MODE": "disabled",
+            **self.env,
+            # Ray Train's controller queries the state API without an address: with other Ray instances on the
+            # machine, auto-detection fails, so name this cluster's dashboard.
+            "RAY_API_SERVER_ADDRESS": self.dashboard_url,
+        }
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         log = self.root / f"{name}.log"
         with open(log, "ab") as out:
@@ -138,8 +163,9 @@ class LocalCluster:
         try:
             code = node.process.wait(timeout=self.start_timeout_s)  # ``ray start`` returns once the node is up
         except subprocess.TimeoutExpired:
-            raise RuntimeError(f"{node.name} did not start within {self.start_timeout_s:.0f} s: "
-                               f"{node.log.read_text()[-2000:]}") from None
+            raise RuntimeError(
+                f"{node.name} did not start within {self.start_timeout_s:.0f} s: {node.log.read_text()[-2000:]}"
+            ) from None
         if code != 0:
             raise RuntimeError(f"ray start of {node.name} failed ({code}): {node.log.read_text()[-2000:]}")
 

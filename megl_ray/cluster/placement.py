@@ -22,8 +22,11 @@ def worker_resources(cfg: MEGLConfig, use_gpu: bool) -> dict[str, float]:
 
 def nodes_that_fit(nodes: list[dict[str, Any]], need: dict[str, float]) -> list[str]:
     """Ids of the alive nodes (``ray.nodes()`` entries) whose total resources can hold one worker."""
-    return [n["NodeID"] for n in nodes
-            if n.get("Alive") and all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in need.items())]
+    return [
+        n["NodeID"]
+        for n in nodes
+        if n.get("Alive") and all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in need.items())
+    ]
 
 
 def check_run_storage(cfg: MEGLConfig, use_gpu: bool, nodes: list[dict[str, Any]], driver_node: str) -> None:
@@ -34,7 +37,9 @@ def check_run_storage(cfg: MEGLConfig, use_gpu: bool, nodes: list[dict[str, Any]
     if set(hosts) <= {driver_node}:
         return
     plural = "s" if len(hosts) != 1 else ""
-    raise UserError(f"run.storage_path={cfg.run.storage_path} is a node-local path, but workers can be placed on "
-                    f"{len(hosts)} node{plural} of this cluster (not only the driver's): checkpoints written there "
-                    f"could not be resumed from another node; use shared storage (run.storage_path=s3://...) or, for "
-                    f"a filesystem mounted on every node, run.shared_filesystem=true")
+    raise UserError(
+        f"run.storage_path={cfg.run.storage_path} is a node-local path, but workers can be placed on "
+        f"{len(hosts)} node{plural} of this cluster (not only the driver's): checkpoints written there "
+        f"could not be resumed from another node; use shared storage (run.storage_path=s3://...) or, for "
+        f"a filesystem mounted on every node, run.shared_filesystem=true"
+    )

@@ -1,13 +1,13 @@
 """Undo, after ``ray.shutdown()``, what starting a local Ray instance left in this process.
 
 ``ray.init()`` without an address switches the calling process to token authentication: it sets
-``RAY_AUTH_MODE=token`` in ``os.environ`` and refreshes Ray's cached C++ config and token (seen with Ray 2.60). Neither is
-undone by ``ray.shutdown()``. A later ``ray.init(address=...)`` in the same process -- a second ``train.main`` in one
-interpreter, or a test after another test's local Ray -- then runs its driver in token mode against a cluster
-started without it (``LocalCluster`` runs ``RAY_AUTH_MODE=disabled``). The driver's own gRPC server then refuses
-every call from the cluster's workers ("Missing authorization header in request!" in its core-worker log), so the
-results of the tasks it owns never arrive: the first Ray Data execution (the cached split's ``materialize``) waits
-forever, or fails with ``OwnerDiedError`` when a task needs an argument the driver owns.
+``RAY_AUTH_MODE=token`` in ``os.environ`` and refreshes Ray's cached C++ config and token (seen with Ray 2.60).
+Neither is undone by ``ray.shutdown()``. A later ``ray.init(address=...)`` in the same process -- a second
+``train.main`` in one interpreter, or a test after another test's local Ray -- then runs its driver in token mode
+against a cluster started without it (``LocalCluster`` runs ``RAY_AUTH_MODE=disabled``). The driver's own gRPC
+server then refuses every call from the cluster's workers ("Missing authorization header in request!" in its
+core-worker log), so the results of the tasks it owns never arrive: the first Ray Data execution (the cached split's
+``materialize``) waits forever, or fails with ``OwnerDiedError`` when a task needs an argument the driver owns.
 
     with local_ray_undone(("RAY_API_SERVER_ADDRESS",)):
         ray.init(); ...; ray.shutdown()

@@ -16,5 +16,16 @@ from megl_ray.config.megl_config import (
     packaged_config,
 )
 
-__all__ = ["DataConfig", "LossConfig", "MEGLConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig",
-           "config_from_dict", "load_config", "megl_home", "packaged_config"]
+__all__ = [
+    "DataConfig",
+    "LossConfig",
+    "MEGLConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "load_config",
+    "megl_home",
+    "packaged_config",
+]

@@ -117,8 +117,11 @@ class ModelConfig:
         _check(self.max_text_tokens >= 4, "model.max_text_tokens", f"must be >= 4, got {self.max_text_tokens}")
         _check(self.lora_r >= 0, "model.lora_r", f"must be >= 0, got {self.lora_r}")
         _check(0.0 <= self.lora_dropout < 1.0, "model.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
-        _check(self.tiny_hidden_size >= 8 and self.tiny_hidden_size % 8 == 0, "model.tiny_hidden_size",
-               f"must be a positive multiple of 8 (4 attention heads of an even size), got {self.tiny_hidden_size}")
+        _check(
+            self.tiny_hidden_size >= 8 and self.tiny_hidden_size % 8 == 0,
+            "model.tiny_hidden_size",
+            f"must be a positive multiple of 8 (4 attention heads of an even size), got {self.tiny_hidden_size}",
+        )
         _check(self.tiny_vocab_size >= 64, "model.tiny_vocab_size", f"must be >= 64, got {self.tiny_vocab_size}")
         _check(self.tiny_layers >= 1, "model.tiny_layers", f"must be >= 1, got {self.tiny_layers}")
         _check(self.tiny_vision_image_size % 8 == 0, "model.tiny_vision_image_size", "must be a multiple of 8")
@@ -128,8 +131,11 @@ class ModelConfig:
         if self.preset == "clip-qwen2":
             _check(bool(self.vision_path), "model.vision_path", "is required with model.preset=clip-qwen2")
             _check(bool(self.lm_path), "model.lm_path", "is required with model.preset=clip-qwen2")
-        _check(not (self.sync_bn and self.freeze_norm), "model.sync_bn",
-               "cannot be combined with model.freeze_norm=true (frozen BatchNorm keeps no batch statistics)")
+        _check(
+            not (self.sync_bn and self.freeze_norm),
+            "model.sync_bn",
+            "cannot be combined with model.freeze_norm=true (frozen BatchNorm keeps no batch statistics)",
+        )
         if self.classifier == "vit_b_16":
             _check(self.image_size % 16 == 0, "model.image_size", "must be a multiple of 16 for vit_b_16")
 
@@ -179,8 +185,11 @@ class LossConfig:
         for name in ("text_weight", "visual_weight", "dc_weight", "rrr_weight", "counterfactual_weight"):
             value = getattr(self, name)
             _check(value >= 0, f"loss.{name}", f"must be >= 0, got {value}")
-        _check(0 <= self.visual_ramp_start <= self.visual_ramp_end <= 1, "loss.visual_ramp_start/end",
-               f"need 0 <= start <= end <= 1, got {self.visual_ramp_start} and {self.visual_ramp_end}")
+        _check(
+            0 <= self.visual_ramp_start <= self.visual_ramp_end <= 1,
+            "loss.visual_ramp_start/end",
+            f"need 0 <= start <= end <= 1, got {self.visual_ramp_start} and {self.visual_ramp_end}",
+        )
         _check(self.gaussian_sigma > 0, "loss.gaussian_sigma", f"must be > 0, got {self.gaussian_sigma}")
         _check(0 < self.kl_eps < 1, "loss.kl_eps", f"must be in (0, 1), got {self.kl_eps}")
 
@@ -231,8 +240,11 @@ class OptimConfig:
         _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
-        _check(self.classifier_lr is None or self.classifier_lr > 0, "optim.classifier_lr",
-               f"must be > 0, got {self.classifier_lr}")
+        _check(
+            self.classifier_lr is None or self.classifier_lr > 0,
+            "optim.classifier_lr",
+            f"must be > 0, got {self.classifier_lr}",
+        )
 
 
 @dataclass
@@ -281,10 +293,14 @@ class TrainConfig:
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         _check(self.max_failures >= 0, "train.max_failures", f"must be >= 0, got {self.max_failures}")
-        _check(self.max_nonfinite_steps >= 0, "train.max_nonfinite_steps",
-               f"must be >= 0, got {self.max_nonfinite_steps}")
-        _check(self.offload == "none" or self.zero_stage >= 1, "train.offload",
-               "needs train.zero_stage >= 1 (ZeRO offloads its own partitions)")
+        _check(
+            self.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", f"must be >= 0, got {self.max_nonfinite_steps}"
+        )
+        _check(
+            self.offload == "none" or self.zero_stage >= 1,
+            "train.offload",
+            "needs train.zero_stage >= 1 (ZeRO offloads its own partitions)",
+        )
 
 
 @dataclass
@@ -302,7 +318,8 @@ class RunConfig:
     resolved config, every loss term, throughput, per-epoch validation and final test metrics and the export URI;
     a tracking failure is a warning, never the end of training (``megl_ray.reporting.tracking``)."""
     tracking_uri: str | None = None
-    """MLflow tracking server, e.g. ``http://127.0.0.1:5000`` (None: ``$MLFLOW_TRACKING_URI``, else MLflow's default)."""
+    """MLflow tracking server, e.g. ``http://127.0.0.1:5000`` (None: ``$MLFLOW_TRACKING_URI``, else MLflow's
+    default)."""
     experiment: str | None = None
     """MLflow experiment and W&B group of the run (None: experiment ``megl``, no group); a sweep sets its name."""
     wandb_project: str = "megl_ray"
@@ -316,8 +333,11 @@ class RunConfig:
         _check(self.log_every >= 1, "run.log_every", f"must be >= 1, got {self.log_every}")
         chosen = [self.tracking] if isinstance(self.tracking, str) else list(self.tracking)
         valid = ("none", "tensorboard", "mlflow", "wandb")
-        _check(all(t in valid for t in chosen), "run.tracking",
-               f"must be one of {', '.join(valid)} or a list of them, got {self.tracking!r}")
+        _check(
+            all(t in valid for t in chosen),
+            "run.tracking",
+            f"must be one of {', '.join(valid)} or a list of them, got {self.tracking!r}",
+        )
 
 
 @dataclass
@@ -334,9 +354,12 @@ class MEGLConfig:
     def __post_init__(self) -> None:
         # Checked here, at load time, not after the workers start: ZeRO-3 gathers a module's weights only inside
         # its own forward, so a second backward through the graph of the first fails in DeepSpeed.
-        _check(not (self.loss.rrr_weight > 0 and self.train.zero_stage == 3), "loss.rrr_weight",
-               "the input-gradient penalty needs a double backward, which DeepSpeed ZeRO-3 does not support; "
-               "use train.zero_stage=2 (or loss.rrr_weight=0)")
+        _check(
+            not (self.loss.rrr_weight > 0 and self.train.zero_stage == 3),
+            "loss.rrr_weight",
+            "the input-gradient penalty needs a double backward, which DeepSpeed ZeRO-3 does not support; "
+            "use train.zero_stage=2 (or loss.rrr_weight=0)",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -26,10 +26,18 @@ INFO_LIMIT = safe_io.TEXT_LIMIT
 
 # field -> (JSON type, name shown): checked before the fields are used, so a hand-edited file fails with one line.
 _FIELD_TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
-    "classes": (list, "an array of names"), "counts": (dict, "an object"), "mask_coverage": (dict, "an object"),
-    "splits": (dict, "an object"), "mask_size": (int, "an integer"), "prior_size": (int, "an integer"),
-    "prior": (list, "an array of arrays"), "shards": (dict, "an object"), "source": (str, "a string"),
-    "format_version": (int, "an integer"), "num_classes": (int, "an integer"), "convert_options": (dict, "an object"),
+    "classes": (list, "an array of names"),
+    "counts": (dict, "an object"),
+    "mask_coverage": (dict, "an object"),
+    "splits": (dict, "an object"),
+    "mask_size": (int, "an integer"),
+    "prior_size": (int, "an integer"),
+    "prior": (list, "an array of arrays"),
+    "shards": (dict, "an object"),
+    "source": (str, "a string"),
+    "format_version": (int, "an integer"),
+    "num_classes": (int, "an integer"),
+    "convert_options": (dict, "an object"),
 }
 
 
@@ -123,8 +131,11 @@ class DatasetInfo:
         if not isinstance(raw, dict):
             raise UserError("dataset.json is not a JSON object")
         names = {f.name for f in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING}
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
         missing = sorted(required - raw.keys())
         if missing:
             raise UserError(f"dataset.json lacks key(s): {', '.join(missing)}")

@@ -18,6 +18,7 @@ byte for byte against the bundled copy in ``megl_ray/data/sample/digits``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import io
 import json
@@ -39,8 +40,14 @@ CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 SIZE = 64
 MASK_FRACTION = 0.1
 COLOURS = {  # dark enough to stand out on the light background
-    "red": (190, 30, 35), "blue": (35, 60, 190), "green": (25, 125, 45), "purple": (115, 40, 150),
-    "black": (30, 30, 30), "brown": (115, 65, 25), "teal": (20, 115, 120), "orange": (210, 105, 20),
+    "red": (190, 30, 35),
+    "blue": (35, 60, 190),
+    "green": (25, 125, 45),
+    "purple": (115, 40, 150),
+    "black": (30, 30, 30),
+    "brown": (115, 65, 25),
+    "teal": (20, 115, 120),
+    "orange": (210, 105, 20),
 }
 MASK_MARGIN = 4
 """Pixels the ground-truth region extends beyond the strokes. A human's explanation of a digit outlines the digit,
@@ -63,18 +70,30 @@ SHAPES = {
     "one": ("a single upright stroke with almost no curve", "one straight line and nothing crossing it"),
     "two": ("a curved hook at the top that runs down into a flat base", "an arc sweeping into a horizontal foot"),
     "three": ("two bumps stacked on the right, open on the left", "a pair of curves that both bulge to the right"),
-    "four": ("an upright stroke crossed by a short bar, with an angled arm on the left",
-             "a vertical line with a crossbar and a slanted arm"),
-    "five": ("a flat bar on top, a short drop on the left and a round belly below",
-             "a top bar joined to a curve that bulges to the right at the bottom"),
-    "six": ("a stroke that curls down from the top into a loop at the bottom",
-            "a long curve ending in a closed lower loop"),
-    "seven": ("a horizontal bar at the top joined to a long diagonal stroke",
-              "a top bar with a slanted line running down to the left"),
-    "eight": ("two loops stacked on top of each other",
-              "a figure with an upper and a lower ring meeting in the middle"),
-    "nine": ("a loop at the top with a stem running down the right side",
-             "a closed upper ring and a straight tail below it"),
+    "four": (
+        "an upright stroke crossed by a short bar, with an angled arm on the left",
+        "a vertical line with a crossbar and a slanted arm",
+    ),
+    "five": (
+        "a flat bar on top, a short drop on the left and a round belly below",
+        "a top bar joined to a curve that bulges to the right at the bottom",
+    ),
+    "six": (
+        "a stroke that curls down from the top into a loop at the bottom",
+        "a long curve ending in a closed lower loop",
+    ),
+    "seven": (
+        "a horizontal bar at the top joined to a long diagonal stroke",
+        "a top bar with a slanted line running down to the left",
+    ),
+    "eight": (
+        "two loops stacked on top of each other",
+        "a figure with an upper and a lower ring meeting in the middle",
+    ),
+    "nine": (
+        "a loop at the top with a stem running down the right side",
+        "a closed upper ring and a straight tail below it",
+    ),
 }
 TEMPLATES = (
     "The {colour} digit in the {position} shows {shape0}, so it is a {name}.",
@@ -130,7 +149,7 @@ def describe(alpha: np.ndarray, colour: str) -> dict[str, str]:
     perimeter = max(int((ink & ~interior).sum()), 1)
     width = 2.0 * ink.sum() / perimeter
     thickness = "thin" if width < 4.3 else "thick" if width > 6.0 else "medium"  # ~terciles
-    holes = _holes(ink[max(top - 1, 0):bottom + 2, max(left - 1, 0):right + 2])
+    holes = _holes(ink[max(top - 1, 0) : bottom + 2, max(left - 1, 0) : right + 2])
     if not holes:
         loops = "no closed loop"
     elif len(holes) == 1:
@@ -164,7 +183,7 @@ def _digit_alpha(pixels: np.ndarray, rng: np.random.Generator, top_min: int) -> 
     top = int(rng.integers(top_min, SIZE - side + 1))
     left = int(rng.integers(0, SIZE - side + 1))
     alpha = np.zeros((SIZE, SIZE), dtype=np.uint8)
-    alpha[top:top + side, left:left + side] = np.asarray(digit)
+    alpha[top : top + side, left : left + side] = np.asarray(digit)
     return alpha
 
 
@@ -192,7 +211,7 @@ def render(pixels: np.ndarray, rng: np.random.Generator, decoy_slot: int | None)
     rgb = ((background * (255 - a) + ink * a + 127) // 255).astype(np.uint8)  # integer blend: exact everywhere
     if decoy_slot is not None:
         x = decoy_x(decoy_slot)
-        rgb[DECOY_TOP:DECOY_TOP + DECOY_SIDE, x:x + DECOY_SIDE] = DECOY_SHADE
+        rgb[DECOY_TOP : DECOY_TOP + DECOY_SIDE, x : x + DECOY_SIDE] = DECOY_SHADE
     return rgb, alpha, colour
 
 
@@ -212,12 +231,28 @@ accuracy 0.27.
 """
 
 
-def _readme(args: argparse.Namespace, n_images: int, n_masks: int) -> str:
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+    """What to generate (the options of ``python -m megl_ray.data.make_sample``)."""
+
+    out: str
+    """Folder to write (created; must be empty unless ``overwrite``)."""
+    n_per_class: int = 60
+    """Images per digit class (at most 500)."""
+    seed: int = 0
+    shortcut: bool = False
+    """Add a label-encoding decoy square in train/val only (the shortcut benchmark)."""
+    overwrite: bool = False
+    """Replace this command's files in a non-empty ``out``."""
+
+
+def _readme(args: SampleOptions, n_images: int, n_masks: int) -> str:
     flags = f" --n-per-class {args.n_per_class} --seed {args.seed}" + (" --shortcut" if args.shortcut else "")
     shortcut = (
         "\nWith `--shortcut`, a dark 5x5 square in the top band sits in the slot of the label (slot k at x = 2 + 6k)\n"
         "in train and val, and in a random slot in test; every record carries its `split`.\n"
-        if args.shortcut else ""
+        if args.shortcut
+        else ""
     )
     bundled = args.n_per_class == BUNDLED_PER_CLASS and args.seed == 0 and not args.shortcut
     return f"""# MEGL digits sample
@@ -258,7 +293,7 @@ def _pick_split(rng: np.random.Generator) -> str:
     return "test" if u < 0.2 else "val" if u < 0.3 else "train"
 
 
-def build(args: argparse.Namespace) -> dict[str, Any]:
+def build(args: SampleOptions) -> dict[str, Any]:
     """Write the sample folder for parsed arguments; return a summary dict."""
     if args.n_per_class < 1:
         raise UserError("--n-per-class must be at least 1")
@@ -310,8 +345,13 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         if has_mask:
             mask_path = f"masks/{record_id}.npy"
             np.save(os.path.join(out, mask_path), evidence_region(alpha))
-        record = {"image_path": f"images/{record_id}.png", "class_id": class_id, "visual_exp": mask_path,
-                  "exp": rationales, "ans": name}
+        record = {
+            "image_path": f"images/{record_id}.png",
+            "class_id": class_id,
+            "visual_exp": mask_path,
+            "exp": rationales,
+            "ans": name,
+        }
         if split is not None:
             record["split"] = split
         annotations[record_id] = record
@@ -322,8 +362,13 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         f.write(json.dumps({n: i for i, n in enumerate(CLASS_NAMES)}, indent=1) + "\n")
     with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
         f.write(_readme(args, len(items), n_masks * len(CLASS_NAMES)))
-    return {"out": out, "images": len(items), "with_mask": n_masks * len(CLASS_NAMES),
-            "classes": len(CLASS_NAMES), "shortcut": bool(args.shortcut)}
+    return {
+        "out": out,
+        "images": len(items),
+        "with_mask": n_masks * len(CLASS_NAMES),
+        "classes": len(CLASS_NAMES),
+        "shortcut": bool(args.shortcut),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Entry point: parse ``argv`` (default ``sys.argv[1:]``), build the folder, return the summary dict."""
-    return build(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    return build(SampleOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SampleOptions)}))
 
 
 if __name__ == "__main__":

@@ -34,8 +34,14 @@ from megl_ray.storage.retrying_fs import retrying
 
 # Each worker's read also retries these (on top of pyarrow's own S3 retries): a restarting S3-compatible server
 # answers with connection errors for a few seconds.
-RETRIED_IO_ERRORS = ("AWS Error NETWORK_CONNECTION", "AWS Error SERVICE_UNAVAILABLE", "Connection refused",
-                     "connection reset", "Timeout was reached", "Couldn't connect to server")
+RETRIED_IO_ERRORS = (
+    "AWS Error NETWORK_CONNECTION",
+    "AWS Error SERVICE_UNAVAILABLE",
+    "Connection refused",
+    "connection reset",
+    "Timeout was reached",
+    "Couldn't connect to server",
+)
 
 
 def _with_weight(table: pa.Table, weight: float) -> pa.Table:
@@ -56,11 +62,25 @@ def configure_data_context() -> None:
     ctx.use_datasource_v2 = False
 
 
-def build_dataset(uri: str, split: str, *, tokenizer: Any, image_size: int, max_rationales: int,
-                  max_text_tokens: int, num_shards: int = 1, seed: int = 0, info: DatasetInfo | None = None,
-                  exclude_ids: Sequence[str] = (), include_ids: Sequence[str] | None = None,
-                  pad_to: int | None = None, preprocess_batch_size: int = 128,
-                  cpus_per_task: float = 0.25, cache: bool = False, image_aspect: str = "squash") -> ray.data.Dataset:
+def build_dataset(
+    uri: str,
+    split: str,
+    *,
+    tokenizer: Any,
+    image_size: int,
+    max_rationales: int,
+    max_text_tokens: int,
+    num_shards: int = 1,
+    seed: int = 0,
+    info: DatasetInfo | None = None,
+    exclude_ids: Sequence[str] = (),
+    include_ids: Sequence[str] | None = None,
+    pad_to: int | None = None,
+    preprocess_batch_size: int = 128,
+    cpus_per_task: float = 0.25,
+    cache: bool = False,
+    image_aspect: str = "squash",
+) -> ray.data.Dataset:
     """The preprocessed split as a Ray Dataset whose row count is a multiple of ``num_shards``, images decoded at
     ``image_size`` (the model's ``pixel_size``) with ``image_aspect`` (``model.image_aspect``).
 
@@ -84,8 +104,9 @@ def build_dataset(uri: str, split: str, *, tokenizer: Any, image_size: int, max_
     # Files in a seeded order, not randomize_block_order (an all-to-all barrier: it would read the whole split
     # before the first batch leaves). The order is fixed by the seed alone, not by how many times this process
     # has executed the dataset, so a resumed run sees what the original would have.
-    ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=cpus_per_task,
-                               shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=False))
+    ds = ray.data.read_parquet(
+        paths, filesystem=fs, num_cpus=cpus_per_task, shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=False)
+    )
     rows = info.splits.get(split, 0)
     # Expressions, not Python lambdas: evaluated by Arrow on whole blocks (and no "use expr" warning on the console)
     if exclude_ids:
@@ -107,8 +128,14 @@ def build_dataset(uri: str, split: str, *, tokenizer: Any, image_size: int, max_
     # actor pool is started again for every epoch's execution, which costs seconds per epoch on a small dataset.
     ds = real.map_batches(
         preprocess_rows,
-        fn_kwargs=dict(tokenizer=tokenizer, image_size=image_size, mask_size=info.mask_size,
-                       max_rationales=max_rationales, max_text_tokens=max_text_tokens, aspect=image_aspect),
+        fn_kwargs=dict(
+            tokenizer=tokenizer,
+            image_size=image_size,
+            mask_size=info.mask_size,
+            max_rationales=max_rationales,
+            max_text_tokens=max_text_tokens,
+            aspect=image_aspect,
+        ),
         batch_size=preprocess_batch_size,
         batch_format="numpy",
         num_cpus=cpus_per_task,
@@ -135,8 +162,9 @@ def cached_share(cached: ray.data.Dataset, include_ids: Sequence[str], pad_to: i
     ds = cached.randomize_block_order(seed=seed)
     share = ds.map_batches(_select, fn_kwargs={"ids": ids}, batch_format="numpy", num_cpus=0.25)
     if pad_to > len(ids):
-        padding = ds.map_batches(_select, fn_kwargs={"ids": ids, "weight": 0.0}, batch_format="numpy",
-                                 num_cpus=0.25).limit(pad_to - len(ids))
+        padding = ds.map_batches(
+            _select, fn_kwargs={"ids": ids, "weight": 0.0}, batch_format="numpy", num_cpus=0.25
+        ).limit(pad_to - len(ids))
         share = share.union(padding)
     return share
 
@@ -152,25 +180,45 @@ def fits_in_cache(rows: int, bytes_per_row: int, fraction: float = 0.25) -> bool
     return rows * bytes_per_row <= fraction * store
 
 
-def iter_epoch(shard: Any, *, epoch: int, batch_size: int, seed: int, rank: int = 0, shuffle_buffer: int = 256,
-               drop_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
+def iter_epoch(
+    shard: Any,
+    *,
+    epoch: int,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    shuffle_buffer: int = 256,
+    drop_last: bool = False,
+) -> Iterator[dict[str, np.ndarray]]:
     """One epoch of numpy batches from a worker's shard (``ray.train.get_dataset_shard``) or any Ray Dataset.
 
     The local shuffle is seeded by (seed, epoch, rank): reproducible, and different every epoch."""
-    kwargs: dict[str, Any] = dict(batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
-                                  prefetch_batches=4)
+    kwargs: dict[str, Any] = dict(batch_size=batch_size, batch_format="numpy", drop_last=drop_last, prefetch_batches=4)
     if shuffle_buffer > 0:
-        kwargs.update(local_shuffle_buffer_size=shuffle_buffer,
-                      local_shuffle_seed=(seed * 1_000_003 + epoch) * 1009 + rank)
+        kwargs.update(
+            local_shuffle_buffer_size=shuffle_buffer, local_shuffle_seed=(seed * 1_000_003 + epoch) * 1009 + rank
+        )
     yield from shard.iter_batches(**kwargs)
 
 
-def iter_model_batches(shard: Any, *, tokenizer: Any, template: str, num_image_tokens: int, epoch: int,
-                       batch_size: int, seed: int, rank: int = 0, shuffle_buffer: int = 256, with_ids: bool = False):
+def iter_model_batches(
+    shard: Any,
+    *,
+    tokenizer: Any,
+    template: str,
+    num_image_tokens: int,
+    epoch: int,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    shuffle_buffer: int = 256,
+    with_ids: bool = False,
+):
     """``iter_epoch`` turned into the model's batch dicts (torch tensors), one rationale drawn per image; with
     ``with_ids``, (ids of the real rows, batch) pairs."""
-    for pre in iter_epoch(shard, epoch=epoch, batch_size=batch_size, seed=seed, rank=rank,
-                          shuffle_buffer=shuffle_buffer):
+    for pre in iter_epoch(
+        shard, epoch=epoch, batch_size=batch_size, seed=seed, rank=rank, shuffle_buffer=shuffle_buffer
+    ):
         batch = model_batch(pre, tokenizer, template, num_image_tokens, epoch, seed)
         if with_ids:
             yield [str(i) for i, w in zip(pre["id"], pre["weight"]) if w > 0], batch

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from megl_ray.data import convert
+from megl_ray.data.conversion import ConvertOptions, convert
 from megl_ray.data.sample import sample_dataset_path
 from megl_ray.data.schema import DATASET_INFO_FILE, PARQUET_SCHEMA, DatasetInfo, load_dataset_info
 from megl_ray.errors import UserError
@@ -30,8 +30,7 @@ def split_paths(uri: str, info: DatasetInfo, split: str, embed_credentials: bool
     return fs, [f"{base.rstrip('/')}/{rel}" for rel in info.shards[split]]
 
 
-def read_split(uri: str, split: str, info: DatasetInfo | None = None,
-               columns: list[str] | None = None) -> pa.Table:
+def read_split(uri: str, split: str, info: DatasetInfo | None = None, columns: list[str] | None = None) -> pa.Table:
     """The whole split as one Arrow table (rows in shard order); ``columns`` limits what is read (e.g. no images)."""
     info = info or load_dataset_info(uri)
     fs, paths = split_paths(uri, info, split)
@@ -65,13 +64,14 @@ def epoch_order(num_rows: int, epoch: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_rows)
 
 
-def iter_row_batches(table: pa.Table, batch_size: int, epoch: int, seed: int, shuffle: bool = True,
-                     drop_last: bool = False) -> Iterator[list[dict[str, Any]]]:
+def iter_row_batches(
+    table: pa.Table, batch_size: int, epoch: int, seed: int, shuffle: bool = True, drop_last: bool = False
+) -> Iterator[list[dict[str, Any]]]:
     """Row dicts in batches of ``batch_size``, in the epoch's seeded order."""
     order = epoch_order(table.num_rows, epoch, seed) if shuffle else np.arange(table.num_rows)
     end = len(order) - (len(order) % batch_size if drop_last else 0)
     for start in range(0, end, batch_size):
-        yield table.take(order[start: start + batch_size]).to_pylist()
+        yield table.take(order[start : start + batch_size]).to_pylist()
 
 
 def bundled_dataset_uri(cache_dir: str | Path | None = None) -> str:
@@ -86,7 +86,7 @@ def bundled_dataset_uri(cache_dir: str | Path | None = None) -> str:
     if not (root / DATASET_INFO_FILE).is_file():
         # Convert beside the target and rename: concurrent callers (two workers, two tests) never see half a dataset.
         staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-        convert.main([str(src), str(staging), "--overwrite"])
+        convert(ConvertOptions(str(src), str(staging), overwrite=True))
         if root.exists() and not (root / DATASET_INFO_FILE).is_file():
             shutil.rmtree(root, ignore_errors=True)  # left by an interrupted run
         try:

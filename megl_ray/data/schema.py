@@ -157,6 +157,7 @@ def text_problem(value: str) -> str | None:
         return f"holds {value[err.start]!r} at index {err.start}, which is not encodable as UTF-8"
     return None
 
+
 _REQUIRED = {"image_path": str, "class_id": int, "ans": str, "exp": list}
 
 
@@ -244,8 +245,13 @@ def clean_rationales(items: list[Any]) -> tuple[list[str], list[Invalid]]:
         elif text_problem(item):
             dropped.append(Invalid(WHAT_RATIONALE, "rationale_invalid_text", f"exp[{index}] {text_problem(item)}"))
         elif IMAGE_TOKEN in item:
-            dropped.append(Invalid(WHAT_RATIONALE, "rationale_has_image_token",
-                                   f"exp[{index}] contains {IMAGE_TOKEN!r}, the prompt's image placeholder"))
+            dropped.append(
+                Invalid(
+                    WHAT_RATIONALE,
+                    "rationale_has_image_token",
+                    f"exp[{index}] contains {IMAGE_TOKEN!r}, the prompt's image placeholder",
+                )
+            )
         else:
             kept.append(item.strip())
     return kept, dropped

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def carve_validation(ids: Sequence[str], class_ids: Sequence[int], fraction: float,
-                     seed: int) -> tuple[list[str], list[str]]:
+def carve_validation(
+    ids: Sequence[str], class_ids: Sequence[int], fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
     """(train ids, validation ids): ``round(fraction × n_c)`` ids of each class ``c`` with at least 2 images go to
     validation (at least one when the fraction is positive); the order of ``ids`` is kept in both lists."""
     if not 0 <= fraction < 1:

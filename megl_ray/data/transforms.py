@@ -143,12 +143,13 @@ def encode_rationale(tokenizer: Any, rationale: str, context: str = DEFAULT_CONT
     ctx = tokenizer.encode(context, add_special_tokens=False)
     joint = tokenizer.encode(context + " " + text, add_special_tokens=False)
     if joint[: len(ctx)] == ctx:
-        return joint[len(ctx):]
+        return joint[len(ctx) :]
     return tokenizer.encode(" " + text, add_special_tokens=False)
 
 
-def encode_example(tokenizer: Any, template: str, label_name: str, rationale: str, num_image_tokens: int,
-                   max_text_tokens: int) -> dict[str, list[int]]:
+def encode_example(
+    tokenizer: Any, template: str, label_name: str, rationale: str, num_image_tokens: int, max_text_tokens: int
+) -> dict[str, list[int]]:
     """Prompt + rationale + EOS as input ids with LM labels that cover the rationale and EOS only."""
     prompt = encode_prompt(tokenizer, template, label_name, num_image_tokens)
     answer = encode_rationale(tokenizer, rationale, prompt_context(template))[: max_text_tokens - 1]
@@ -167,12 +168,13 @@ def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int, side: str 
         if side == "right":
             out[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         else:
-            out[i, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            out[i, length - len(seq) :] = torch.tensor(seq, dtype=torch.long)
     return out
 
 
-def tokenize_rationales(tokenizer: Any, rationales: Sequence[str], max_rationales: int,
-                        max_text_tokens: int, context: str = DEFAULT_CONTEXT) -> tuple[np.ndarray, int]:
+def tokenize_rationales(
+    tokenizer: Any, rationales: Sequence[str], max_rationales: int, max_text_tokens: int, context: str = DEFAULT_CONTEXT
+) -> tuple[np.ndarray, int]:
     """All of an image's rationales as ids, (max_rationales, max_text_tokens) int32 padded with −1, plus how many
     there are. Tokenising every rationale up front lets the trainer draw a different one each epoch for free."""
     out = np.full((max_rationales, max_text_tokens), -1, dtype=np.int32)
@@ -184,8 +186,15 @@ def tokenize_rationales(tokenizer: Any, rationales: Sequence[str], max_rationale
     return out, len(kept)
 
 
-def preprocess_rows(rows: dict[str, Any], tokenizer: Any, image_size: int, mask_size: int, max_rationales: int,
-                    max_text_tokens: int, aspect: str = "squash") -> dict[str, np.ndarray]:
+def preprocess_rows(
+    rows: dict[str, Any],
+    tokenizer: Any,
+    image_size: int,
+    mask_size: int,
+    max_rationales: int,
+    max_text_tokens: int,
+    aspect: str = "squash",
+) -> dict[str, np.ndarray]:
     """The heavy, epoch-independent part, on a columnar batch of stored rows (``schema.PARQUET_SCHEMA`` columns):
     decode and resize images (kept uint8 to move 4× fewer bytes), decode masks, tokenise rationales. This is what
     the Ray Data pipeline runs in ``map_batches``; the single-process reader calls it directly. ``image_size`` is
@@ -203,8 +212,9 @@ def preprocess_rows(rows: dict[str, Any], tokenizer: Any, image_size: int, mask_
             masks[i] = mask_from_bytes(rows["mask"][i], mask_size)
             if aspect == "pad":
                 masks[i] = pad_mask(masks[i], width, height)
-        rationale_ids[i], counts[i] = tokenize_rationales(tokenizer, list(rows["rationales"][i]), max_rationales,
-                                                          max_text_tokens)
+        rationale_ids[i], counts[i] = tokenize_rationales(
+            tokenizer, list(rows["rationales"][i]), max_rationales, max_text_tokens
+        )
     return {
         "id": np.asarray(rows["id"], dtype=object),
         "class_name": np.asarray(rows["class_name"], dtype=object),
@@ -226,8 +236,9 @@ def rationale_index(sample_id: str, count: int, epoch: int, seed: int) -> int:
     return random.Random(f"{seed}:{epoch}:{sample_id}").randrange(count)
 
 
-def model_batch(pre: dict[str, Any], tokenizer: Any, template: str, num_image_tokens: int, epoch: int,
-                seed: int) -> dict[str, torch.Tensor]:
+def model_batch(
+    pre: dict[str, Any], tokenizer: Any, template: str, num_image_tokens: int, epoch: int, seed: int
+) -> dict[str, torch.Tensor]:
     """A preprocessed batch (``preprocess_rows``) → the model's batch dict, drawing one rationale per image."""
     prompts: dict[str, list[int]] = {}
     input_ids, text_labels = [], []
@@ -251,13 +262,16 @@ def model_batch(pre: dict[str, Any], tokenizer: Any, template: str, num_image_to
     }
 
 
-def collate(examples: Sequence[dict[str, Any]], tokenizer: Any, template: str, num_image_tokens: int,
-            max_text_tokens: int) -> dict[str, torch.Tensor]:
+def collate(
+    examples: Sequence[dict[str, Any]], tokenizer: Any, template: str, num_image_tokens: int, max_text_tokens: int
+) -> dict[str, torch.Tensor]:
     """In-memory examples with ``pixels`` (3,S,S) float, ``label``, ``label_name``, ``mask`` (M,M) float,
     ``has_mask`` and one ``rationale`` text → the model's batch dict (for tests and notebooks; stored datasets go
     through ``preprocess_rows`` and ``model_batch``)."""
-    encoded = [encode_example(tokenizer, template, ex["label_name"], ex["rationale"], num_image_tokens,
-                              max_text_tokens) for ex in examples]
+    encoded = [
+        encode_example(tokenizer, template, ex["label_name"], ex["rationale"], num_image_tokens, max_text_tokens)
+        for ex in examples
+    ]
     input_ids = pad_sequences([e["input_ids"] for e in encoded], tokenizer.pad_token_id)
     text_labels = pad_sequences([e["text_labels"] for e in encoded], IGNORE_INDEX)
     attention_mask = pad_sequences([[1] * len(e["input_ids"]) for e in encoded], 0)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 from megl_ray import storage
 from megl_ray.config import MEGLConfig, megl_home
-from megl_ray.data import convert
+from megl_ray.data.conversion import ConvertOptions, convert
 from megl_ray.data.sample import sample_dataset_path
 from megl_ray.data.schema import DATASET_INFO_FILE
 from megl_ray.storage.embedded_home import BUCKET, embedded_store_for, serving
@@ -34,7 +34,7 @@ def ensure_bundled_dataset(uri: str) -> None:
     if storage.exists(f"{uri}/{DATASET_INFO_FILE}"):
         return
     log.info("uploading the bundled sample dataset to %s", uri)
-    convert.main([str(sample_dataset_path()), uri, "--overwrite"])
+    convert(ConvertOptions(str(sample_dataset_path()), uri, overwrite=True))
 
 
 @contextlib.contextmanager
@@ -52,5 +52,8 @@ def embedded_default(cfg: MEGLConfig) -> Iterator[MEGLConfig]:
         if cfg.run.storage_path is None:
             storage.ensure_bucket(storage_path)
         log.info("embedded S3 at %s: data %s, runs %s", server.endpoint_url, data_uri, storage_path)
-        yield dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, uri=data_uri),
-                                  run=dataclasses.replace(cfg.run, storage_path=storage_path))
+        yield dataclasses.replace(
+            cfg,
+            data=dataclasses.replace(cfg.data, uri=data_uri),
+            run=dataclasses.replace(cfg.run, storage_path=storage_path),
+        )

@@ -45,9 +45,9 @@ from megl_ray.reporting.tracking import Tracker
 from megl_ray.storage.embedded_home import points_into_embedded
 from megl_ray.training.accounting import planned_steps
 from megl_ray.training.ds_config import global_batch_size
+from megl_ray.training.entry import train_loop_per_worker
 from megl_ray.training.guards import DIVERGED_KEY, raise_if_diverged
 from megl_ray.training.plan import WorkerPlan
-from megl_ray.training.entry import train_loop_per_worker
 
 log = logging.getLogger("megl_ray.train")
 
@@ -66,8 +66,14 @@ class TrainOptions:
     """Also show Ray's, Ray Data's and DeepSpeed's own logs (and our debug logs)."""
 
 
-def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = (),
-        evaluate_test: bool = True, verbose: bool = False, console: bool = True) -> dict[str, Any]:
+def fit(
+    cfg: MEGLConfig,
+    address: str | None = None,
+    callbacks: Sequence[Any] = (),
+    evaluate_test: bool = True,
+    verbose: bool = False,
+    console: bool = True,
+) -> dict[str, Any]:
     """Train ``cfg`` (data and storage resolved) on Ray; returns the result dict.
 
     ``callbacks`` go to the run's ``RunConfig`` (a Tune trial passes ``TuneReportCallback()`` so that every
@@ -85,39 +91,70 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
     splits = plan_splits(cfg, info, evaluate_test)
     train_ids = splits.train_ids
     tokenizer = load_tokenizer(cfg.model, splits.corpus + list(info.classes))
-    row_bytes = preprocessed_bytes_per_row(pixel_size(cfg.model), info.mask_size, cfg.data.max_rationales,
-                                           cfg.model.max_text_tokens)
+    row_bytes = preprocessed_bytes_per_row(
+        pixel_size(cfg.model), info.mask_size, cfg.data.max_rationales, cfg.model.max_text_tokens
+    )
     cache = cfg.train.cache_data if cfg.train.cache_data is not None else fits_in_cache(len(train_ids), row_bytes)
     datasets, train_cache = build_datasets(cfg, info, tokenizer, splits, cache)
-    planned = planned_steps(len(train_ids), cfg.train.num_workers, cfg.data.batch_size, cfg.train.epochs,
-                            cfg.train.grad_accum)
-    log.info("%d train images, %d workers, global batch %d, %d optimizer steps planned, validation: %s%s",
-             len(train_ids), cfg.train.num_workers, global_batch_size(cfg), planned, splits.val_source,
-             " (data cached)" if cache else "")
+    planned = planned_steps(
+        len(train_ids), cfg.train.num_workers, cfg.data.batch_size, cfg.train.epochs, cfg.train.grad_accum
+    )
+    log.info(
+        "%d train images, %d workers, global batch %d, %d optimizer steps planned, validation: %s%s",
+        len(train_ids),
+        cfg.train.num_workers,
+        global_batch_size(cfg),
+        planned,
+        splits.val_source,
+        " (data cached)" if cache else "",
+    )
 
     storage_path, filesystem = run_storage(cfg.run.storage_path)
     tracker = Tracker(cfg, uri, local_dir)
     tracker.config(cfg.to_dict())
     monitor = RunMonitor(planned, tracker, display=console)
     plan = WorkerPlan(
-        config=cfg.to_dict(), env=worker_env(use_gpu), tokenizer=tokenizer, num_classes=info.num_classes,
-        classes=tuple(info.classes), prior=tuple(tuple(row) for row in info.prior_array().tolist()),
-        train_ids=tuple(train_ids), use_gpu=use_gpu, run_uri=uri, has_val="val" in datasets,
-        train_cache=train_cache, verbose=verbose, board=monitor.board)
-    scaling = ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-                            resources_per_worker=None if use_gpu else {"CPU": cfg.train.cpus_per_worker},
-                            placement_strategy=cfg.train.placement_strategy)
-    run_config = RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=filesystem,
-                           failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                           checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks),
-                           logging_config=train_logging_config(verbose))
+        config=cfg.to_dict(),
+        env=worker_env(use_gpu),
+        tokenizer=tokenizer,
+        num_classes=info.num_classes,
+        classes=tuple(info.classes),
+        prior=tuple(tuple(row) for row in info.prior_array().tolist()),
+        train_ids=tuple(train_ids),
+        use_gpu=use_gpu,
+        run_uri=uri,
+        has_val="val" in datasets,
+        train_cache=train_cache,
+        verbose=verbose,
+        board=monitor.board,
+    )
+    scaling = ScalingConfig(
+        num_workers=cfg.train.num_workers,
+        use_gpu=use_gpu,
+        resources_per_worker=None if use_gpu else {"CPU": cfg.train.cpus_per_worker},
+        placement_strategy=cfg.train.placement_strategy,
+    )
+    run_config = RunConfig(
+        name=cfg.run.name,
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
+        failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+        callbacks=list(callbacks),
+        logging_config=train_logging_config(verbose),
+    )
     try:
         # the credentials file: for workers that did not inherit them; removed when training ends
         with monitor, credentials_file() as credentials:
             plan = dataclasses.replace(plan, credentials_file=credentials)
-            trainer = TorchTrainer(train_loop_per_worker, train_loop_config=plan.as_loop_config(),
-                                   scaling_config=scaling, datasets=datasets,
-                                   dataset_config=DataConfig(datasets_to_split=list(datasets)), run_config=run_config)
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config=plan.as_loop_config(),
+                scaling_config=scaling,
+                datasets=datasets,
+                dataset_config=DataConfig(datasets_to_split=list(datasets)),
+                run_config=run_config,
+            )
             result = trainer.fit()
     except BaseException:
         tracker.close(success=False)
@@ -131,13 +168,21 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
     scheme = "s3://" if cfg.run.storage_path.startswith("s3://") else ""
     summary = {
         "checkpoint": scheme + result.checkpoint.path if result.checkpoint else None,
-        "run_dir": uri, "export": uri + "/export", "data_uri": cfg.data.uri,
-        "steps": int(metrics.get("step", 0)), "planned_steps": planned, "epochs": int(metrics.get("epoch", 0)),
-        "val_accuracy": _round(metrics.get("val_accuracy")), "val_miou": _round(metrics.get("val_miou")),
-        "test_accuracy": None, "test_miou": None,
+        "run_dir": uri,
+        "export": uri + "/export",
+        "data_uri": cfg.data.uri,
+        "steps": int(metrics.get("step", 0)),
+        "planned_steps": planned,
+        "epochs": int(metrics.get("epoch", 0)),
+        "val_accuracy": _round(metrics.get("val_accuracy")),
+        "val_miou": _round(metrics.get("val_miou")),
+        "test_accuracy": None,
+        "test_miou": None,
         **splits.summary(cfg),
-        "final_loss": _round(metrics.get("loss")), "num_workers": cfg.train.num_workers,
-        "zero_stage": cfg.train.zero_stage, "global_batch_size": global_batch_size(cfg),
+        "final_loss": _round(metrics.get("loss")),
+        "num_workers": cfg.train.num_workers,
+        "zero_stage": cfg.train.zero_stage,
+        "global_batch_size": global_batch_size(cfg),
     }
 
     def write_result() -> None:
@@ -146,14 +191,16 @@ def fit(cfg: MEGLConfig, address: str | None = None, callbacks: Sequence[Any] = 
     summary["seconds"] = round(time.monotonic() - started, 1)
     write_result()  # before any post-training evaluation: a failure there loses nothing
     if evaluate_test:
-        test = evaluate_where_the_gpus_are(uri + "/export", cfg.data.uri, use_gpu, cfg.train.cpus_per_worker,
-                                           worker_env(use_gpu))
+        test = evaluate_where_the_gpus_are(
+            uri + "/export", cfg.data.uri, use_gpu, cfg.train.cpus_per_worker, worker_env(use_gpu)
+        )
         summary.update(test_accuracy=_round(test["test_accuracy"]), test_miou=_round(test["test_miou"]))
         tracker.summary({"test/accuracy": test["test_accuracy"], "test/miou": test["test_miou"]})
     tracker.export(summary["export"])
     if evaluate_test:  # the end-of-run report; a sweep's trials skip it
-        summary["pictures"] = write_pictures(monitor.history, uri, summary["export"], cfg.data.uri, local_dir,
-                                             title=f"run {cfg.run.name}")
+        summary["pictures"] = write_pictures(
+            monitor.history, uri, summary["export"], cfg.data.uri, local_dir, title=f"run {cfg.run.name}"
+        )
     if "tensorboard" in tracker.backends:
         summary["tensorboard"] = str(local_dir / "tensorboard")
     tracker.close(success=True)
@@ -171,12 +218,16 @@ def _round(value: Any) -> float | None:
 def next_steps(result: dict[str, Any]) -> list[str]:
     """The commands that evaluate and explain this run's export (they reach the embedded store by themselves)."""
     export, data = result["export"], result["data_uri"]
-    home = f"MEGL_HOME={os.environ['MEGL_HOME']} " if "MEGL_HOME" in os.environ and points_into_embedded(
-        export, data) else ""
+    home = (
+        f"MEGL_HOME={os.environ['MEGL_HOME']} "
+        if "MEGL_HOME" in os.environ and points_into_embedded(export, data)
+        else ""
+    )
     out = megl_home() / "explanations" / Path(result["run_dir"]).name
-    return [f"evaluate it: {home}python -m megl_ray.evaluate --checkpoint {export} --data {data}",
-            f"explain it:  {home}python -m megl_ray.explain --checkpoint {export} --gallery --data {data} "
-            f"--out {out}"]
+    return [
+        f"evaluate it: {home}python -m megl_ray.evaluate --checkpoint {export} --data {data}",
+        f"explain it:  {home}python -m megl_ray.explain --checkpoint {export} --gallery --data {data} --out {out}",
+    ]
 
 
 def run(options: TrainOptions) -> dict[str, Any]:

@@ -24,8 +24,10 @@ class Splits:
     """``split`` (the dataset's val split), ``carved`` (``data.val_fraction`` of train) or ``none``."""
 
     def summary(self, cfg: MEGLConfig) -> dict[str, Any]:
-        return {"val_source": self.val_source,
-                "val_fraction": cfg.data.val_fraction if self.val_source == "carved" else None}
+        return {
+            "val_source": self.val_source,
+            "val_fraction": cfg.data.val_fraction if self.val_source == "carved" else None,
+        }
 
 
 def plan_splits(cfg: MEGLConfig, info: Any, evaluate_test: bool) -> Splits:
@@ -34,19 +36,24 @@ def plan_splits(cfg: MEGLConfig, info: Any, evaluate_test: bool) -> Splits:
     counts = dict(info.splits)
     described = ", ".join(f"{k}={v}" for k, v in counts.items())
     if counts.get("train", 0) == 0:
-        raise UserError(f"dataset {cfg.data.uri} has no training images ({described}): convert it again with "
-                        "records in the train split")
+        raise UserError(
+            f"dataset {cfg.data.uri} has no training images ({described}): convert it again with "
+            "records in the train split"
+        )
     if evaluate_test and counts.get("test", 0) == 0:
-        raise UserError(f"dataset {cfg.data.uri} has no test images ({described}): convert it again with "
-                        "--test-fraction > 0 (or records in the test split)")
+        raise UserError(
+            f"dataset {cfg.data.uri} has no test images ({described}): convert it again with "
+            "--test-fraction > 0 (or records in the test split)"
+        )
     table = read_split(cfg.data.uri, "train", info, columns=["id", "class_id", "rationales"])
     ids = [str(i) for i in table.column("id").to_pylist()]
     rationales = dict(zip(ids, table.column("rationales").to_pylist()))
     if counts.get("val", 0) > 0:
         train_ids, val_ids, source = ids, None, "split"
     elif cfg.data.val_fraction > 0:
-        train_ids, val_ids = carve_validation(ids, table.column("class_id").to_pylist(), cfg.data.val_fraction,
-                                              cfg.train.seed)
+        train_ids, val_ids = carve_validation(
+            ids, table.column("class_id").to_pylist(), cfg.data.val_fraction, cfg.train.seed
+        )
         source = "carved" if val_ids else "none"
         val_ids = val_ids or None
     else:
@@ -60,15 +67,22 @@ def plan_splits(cfg: MEGLConfig, info: Any, evaluate_test: bool) -> Splits:
 def build_datasets(cfg: MEGLConfig, info: Any, tokenizer: Any, splits: Splits, cache: bool) -> tuple[dict, Any]:
     """(datasets for the TorchTrainer, cached training split or None). Training data is not among the trainer's
     datasets: each worker reads its own seeded share every epoch (``megl_ray.training.accounting``)."""
-    common = dict(tokenizer=tokenizer, image_size=pixel_size(cfg.model), image_aspect=cfg.model.image_aspect,
-                  max_rationales=cfg.data.max_rationales, max_text_tokens=cfg.model.max_text_tokens,
-                  seed=cfg.train.seed, info=info)
+    common = dict(
+        tokenizer=tokenizer,
+        image_size=pixel_size(cfg.model),
+        image_aspect=cfg.model.image_aspect,
+        max_rationales=cfg.data.max_rationales,
+        max_text_tokens=cfg.model.max_text_tokens,
+        seed=cfg.train.seed,
+        info=info,
+    )
     datasets = {}
     if splits.val_source == "split":
         datasets["val"] = build_dataset(cfg.data.uri, "val", num_shards=cfg.train.num_workers, **common)
     elif splits.val_source == "carved":
-        datasets["val"] = build_dataset(cfg.data.uri, "train", num_shards=cfg.train.num_workers,
-                                        include_ids=splits.val_ids, **common)
+        datasets["val"] = build_dataset(
+            cfg.data.uri, "train", num_shards=cfg.train.num_workers, include_ids=splits.val_ids, **common
+        )
     train_cache = None
     if cache:
         train_cache = build_dataset(cfg.data.uri, "train", cache=True, include_ids=splits.train_ids, **common)

@@ -39,8 +39,9 @@ class ClassifierOnly(torch.nn.Module):
         closed = self.classifier.cam_weight is not None
         with torch.no_grad() if closed else torch.enable_grad():  # the autograd Grad-CAM needs a graph
             out = self.classifier(fit_pixels(pixels, self.image_size), cam_target="prediction")
-            sal = out.cam if closed else gradcam(out.features, out.logits, out.logits.argmax(1), None,
-                                                 create_graph=False)
+            sal = (
+                out.cam if closed else gradcam(out.features, out.logits, out.logits.argmax(1), None, create_graph=False)
+            )
         return out.logits.detach().softmax(dim=1), sal.detach()
 
 
@@ -50,11 +51,17 @@ def load_classifier_only(export_uri: str, device: str = "cpu") -> tuple[Classifi
     cfg = config_from_dict(yaml.safe_load((root / CONFIG_FILE).read_text()))
     meta = json.loads((root / META_FILE).read_text())
     m = cfg.model
-    classifier = build_classifier(m.classifier, int(meta["num_classes"]), image_size=m.image_size,
-                                  head=m.classifier_head, vit_pool=m.vit_pool, weights=None)
+    classifier = build_classifier(
+        m.classifier,
+        int(meta["num_classes"]),
+        image_size=m.image_size,
+        head=m.classifier_head,
+        vit_pool=m.vit_pool,
+        weights=None,
+    )
     prefix = "classifier."
     with safe_open(str(root / WEIGHTS_FILE), framework="pt") as f:
-        state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     classifier.load_state_dict(state, strict=True)
     tokenizer = AutoTokenizer.from_pretrained(str(root / TOKENIZER_DIR))
     pixels = int(meta.get("pixel_size", m.image_size))  # exports written before pixel_size decoded at image_size
@@ -67,28 +74,41 @@ def evaluate_test_split(export_uri: str, data_uri: str, device: str = "cpu") -> 
     info = load_dataset_info(data_uri)
     classification, saliency = ClassificationMetrics(info.num_classes), SaliencyMetrics()
     for rows in iter_row_batches(read_split(data_uri, "test", info), 64, epoch=0, seed=0, shuffle=False):
-        pre = preprocess_rows({k: [r[k] for r in rows] for k in rows[0]}, tokenizer, model.pixel_size,
-                              info.mask_size, 1, cfg.model.max_text_tokens, cfg.model.image_aspect)
+        pre = preprocess_rows(
+            {k: [r[k] for r in rows] for k in rows[0]},
+            tokenizer,
+            model.pixel_size,
+            info.mask_size,
+            1,
+            cfg.model.max_text_tokens,
+            cfg.model.image_aspect,
+        )
         pixels = torch.as_tensor(pre["pixels"]).float().div_(255.0).to(device)
         probs, sal = model.predict(pixels)
         classification.update(probs.float().cpu(), torch.as_tensor(np.asarray(pre["label"], dtype=np.int64)))
-        saliency.update(sal.float().cpu(), torch.as_tensor(pre["mask"]).float().div_(255.0),
-                        torch.as_tensor(np.asarray(pre["has_mask"], dtype=bool)))
+        saliency.update(
+            sal.float().cpu(),
+            torch.as_tensor(pre["mask"]).float().div_(255.0),
+            torch.as_tensor(np.asarray(pre["has_mask"], dtype=bool)),
+        )
     return {"test_accuracy": classification.compute()["accuracy"], "test_miou": saliency.compute()["miou"]}
 
 
-def _evaluate_with_credentials(export_uri: str, data_uri: str, device: str,
-                               credentials: str | None) -> dict[str, float | None]:
+def _evaluate_with_credentials(
+    export_uri: str, data_uri: str, device: str, credentials: str | None
+) -> dict[str, float | None]:
     """In the Ray task: credentials the task's environment lacks come from the 0600 file, as in the workers (a
     joined cluster's processes did not inherit the driver's environment)."""
     load_credentials(credentials)
     return evaluate_test_split(export_uri, data_uri, device)
 
 
-def evaluate_where_the_gpus_are(export_uri: str, data_uri: str, use_gpu: bool, cpus: float,
-                                env: dict[str, str]) -> dict[str, float | None]:
+def evaluate_where_the_gpus_are(
+    export_uri: str, data_uri: str, use_gpu: bool, cpus: float, env: dict[str, str]
+) -> dict[str, float | None]:
     """``evaluate_test_split`` as a Ray task holding one training worker's resources."""
-    task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=cpus,
-                      runtime_env={"env_vars": env})(_evaluate_with_credentials)
+    task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=cpus, runtime_env={"env_vars": env})(
+        _evaluate_with_credentials
+    )
     with credentials_file() as credentials:  # removed when the task has finished
         return ray.get(task.remote(export_uri, data_uri, "cuda" if use_gpu else "cpu", credentials))

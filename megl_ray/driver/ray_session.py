@@ -47,8 +47,15 @@ def start_ray(address: str | None, verbose: bool = False) -> None:
         port = s.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     os.environ[INHERIT_VAR] = "1"  # its processes inherit this environment, credentials included
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             _temp_dir=temp, _node_ip_address="127.0.0.1", **ray_init_options(verbose))
+    ray.init(
+        num_cpus=os.cpu_count() or 2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        _temp_dir=temp,
+        _node_ip_address="127.0.0.1",
+        **ray_init_options(verbose),
+    )
     configure_driver(verbose)
     log.info("started a local Ray (%d CPUs), temp dir %s, dashboard port %d", os.cpu_count(), temp, port)
 
@@ -59,15 +66,19 @@ def check_resources(cfg: MEGLConfig, use_gpu: bool) -> None:
     if use_gpu:
         gpus = resources.get("GPU", 0)
         if cfg.train.num_workers > gpus:
-            raise UserError(f"train.num_workers={cfg.train.num_workers} needs {cfg.train.num_workers} GPUs, "
-                            f"the cluster has {gpus:g}: set train.num_workers={int(gpus)} or fewer, "
-                            "or train.use_gpu=false to train on CPUs")
+            raise UserError(
+                f"train.num_workers={cfg.train.num_workers} needs {cfg.train.num_workers} GPUs, "
+                f"the cluster has {gpus:g}: set train.num_workers={int(gpus)} or fewer, "
+                "or train.use_gpu=false to train on CPUs"
+            )
     else:
         need = cfg.train.num_workers * cfg.train.cpus_per_worker
         cpus = resources.get("CPU", 0)
         if need > cpus - 1.0:  # Ray Data's file-listing task takes a whole CPU: without it the run waits forever
-            raise UserError(f"train.num_workers={cfg.train.num_workers} needs {need:g} CPUs plus 1 for data, "
-                            f"the cluster has {cpus:g} (lower train.num_workers or train.cpus_per_worker)")
+            raise UserError(
+                f"train.num_workers={cfg.train.num_workers} needs {need:g} CPUs plus 1 for data, "
+                f"the cluster has {cpus:g} (lower train.num_workers or train.cpus_per_worker)"
+            )
 
 
 def run_storage(storage_path: str):

@@ -27,10 +27,19 @@ from megl_ray.reporting.tracking import flatten
 log = logging.getLogger("megl_ray.train")
 IDENTITY_FILE = "run.json"
 RESULT_FILE = "result.json"
-RESUMABLE_KEYS = frozenset({
-    "train.max_failures", "train.checkpoint_every", "train.sample_log_dir", "train.cache_data",
-    "train.cpus_per_worker", "train.max_nonfinite_steps", "run.log_every", "run.name", "run.storage_path",
-})
+RESUMABLE_KEYS = frozenset(
+    {
+        "train.max_failures",
+        "train.checkpoint_every",
+        "train.sample_log_dir",
+        "train.cache_data",
+        "train.cpus_per_worker",
+        "train.max_nonfinite_steps",
+        "run.log_every",
+        "run.name",
+        "run.storage_path",
+    }
+)
 """Keys that do not change what is trained: how often to log/checkpoint, how to recover, where the run lives."""
 
 
@@ -53,16 +62,20 @@ def check_run(cfg: MEGLConfig, run_uri: str) -> dict[str, Any] | None:
         saved = json.loads(storage.read_bytes(identity_uri))["fingerprint"]
         changed = differing_keys(saved, current)
         if changed:
-            raise UserError(f"run {cfg.run.name} exists with another configuration ({', '.join(changed)} differ"
-                            f"{'s' if len(changed) == 1 else ''}): re-run with its settings to resume it, or start a "
-                            f"new run with run.name=<new name>")
+            raise UserError(
+                f"run {cfg.run.name} exists with another configuration ({', '.join(changed)} differ"
+                f"{'s' if len(changed) == 1 else ''}): re-run with its settings to resume it, or start a "
+                f"new run with run.name=<new name>"
+            )
         if storage.exists(f"{run_uri}/{RESULT_FILE}"):
             print(f"run {cfg.run.name} is complete: {run_uri}", file=sys.stderr, flush=True)
             return json.loads(storage.read_bytes(f"{run_uri}/{RESULT_FILE}"))
         log.info("resuming run %s (same configuration)", cfg.run.name)
         return None
-    storage.write_bytes(identity_uri, (json.dumps({"name": cfg.run.name, "fingerprint": current}, indent=2,
-                                                  sort_keys=True) + "\n").encode())
+    storage.write_bytes(
+        identity_uri,
+        (json.dumps({"name": cfg.run.name, "fingerprint": current}, indent=2, sort_keys=True) + "\n").encode(),
+    )
     return None
 
 

@@ -50,8 +50,10 @@ class CLIPScorer:
             self.tokenizer = AutoTokenizer.from_pretrained(root)
             self.image_processor = AutoImageProcessor.from_pretrained(root)
         except (OSError, ValueError, TypeError) as err:
-            raise UserError(f"--clip-path: cannot load a CLIP model, tokenizer and image processor from {path}: "
-                            f"{str(err).splitlines()[0]}") from None
+            raise UserError(
+                f"--clip-path: cannot load a CLIP model, tokenizer and image processor from {path}: "
+                f"{str(err).splitlines()[0]}"
+            ) from None
         self.device = torch.device(device)
         self.max_length = int(self.model.config.text_config.max_position_embeddings)
 
@@ -65,10 +67,14 @@ class CLIPScorer:
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """L2-normalised text embeddings (N, D); texts longer than CLIP's context are truncated, as in Hessel's."""
-        tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        emb = _embedding(self.model.get_text_features(input_ids=tok["input_ids"].to(self.device),
-                                                      attention_mask=tok["attention_mask"].to(self.device))).double()
+        tok = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        emb = _embedding(
+            self.model.get_text_features(
+                input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device)
+            )
+        ).double()
         return emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
     def score(self, images: Sequence[Any], texts: Sequence[str]) -> np.ndarray:
@@ -81,8 +87,9 @@ class CLIPScorer:
         # batch, since a batch of empty strings tokenises to (N, 0) ids, which CLIP's text tower cannot embed.
         kept = [i for i, text in enumerate(texts) if text.strip()]
         if kept:
-            cos = (self.embed_images([images[i] for i in kept])
-                   * self.embed_texts([texts[i] for i in kept])).sum(dim=-1)
+            cos = (self.embed_images([images[i] for i in kept]) * self.embed_texts([texts[i] for i in kept])).sum(
+                dim=-1
+            )
             scores[kept] = np.round((CLIP_SCORE_WEIGHT * cos.clamp_min(0.0)).cpu().numpy(), 9)
         return scores
 
@@ -95,8 +102,10 @@ class CLIPScorer:
         return self.score(images, texts)
 
 
-NO_CLIP_REASON = ("no --clip-path given: CLIPScore needs a CLIP checkpoint directory (e.g. a local copy of "
-                  "openai/clip-vit-base-patch32); nothing is downloaded")
+NO_CLIP_REASON = (
+    "no --clip-path given: CLIPScore needs a CLIP checkpoint directory (e.g. a local copy of "
+    "openai/clip-vit-base-patch32); nothing is downloaded"
+)
 
 
 def corpus_clip_score(per_image: np.ndarray | None) -> float | None:

@@ -4,10 +4,11 @@
         [--max-new-tokens N] [--batch-size 32] [--workers N] [--device auto] [--precision auto] [--clip-path URI]
     python -m megl_ray.evaluate --efficiency --checkpoint URI [--batch-size 32] [--warmup 2] [--repeats 5]
 
-Classification, visual-explanation and rationale metrics (``megl_ray.evaluation.metrics``, ``megl_ray.evaluation.clipscore``,
-``megl_ray.evaluation.spice``; every key is defined in ``docs/evaluation.md``). A readable table goes to stderr, the JSON to
-``--out`` (default ``<checkpoint>/eval_<split>.json``, local or ``s3://``) and, as one object, to the last stdout
-line. ``--efficiency`` measures parameters, latency and throughput instead (``megl_ray.evaluation.efficiency``).
+Classification, visual-explanation and rationale metrics (``megl_ray.evaluation.metrics``,
+``megl_ray.evaluation.clipscore``, ``megl_ray.evaluation.spice``; every key is defined in ``docs/evaluation.md``). A
+readable table goes to stderr, the JSON to ``--out`` (default ``<checkpoint>/eval_<split>.json``, local or
+``s3://``) and, as one object, to the last stdout line. ``--efficiency`` measures parameters, latency and throughput
+instead (``megl_ray.evaluation.efficiency``).
 
 Small splits run in this process. With ``--workers N`` > 1, a split of more than ``RAY_ROW_THRESHOLD`` rows, or a
 driver without the GPU the model should use (a CPU head node under ``ray job submit``), Ray Data spreads prediction
@@ -63,8 +64,15 @@ def _clip_scorer(clip_path: str | None, device: str) -> Any:
     return CLIPScorer(clip_path, device=device)
 
 
-def predict_in_process(exported: Any, table: pa.Table, mask_size: int, batch_size: int, num_beams: int,
-                       max_new_tokens: int | None, clip: Any = None) -> dict[str, np.ndarray]:
+def predict_in_process(
+    exported: Any,
+    table: pa.Table,
+    mask_size: int,
+    batch_size: int,
+    num_beams: int,
+    max_new_tokens: int | None,
+    clip: Any = None,
+) -> dict[str, np.ndarray]:
     parts = []
     for start in range(0, table.num_rows, batch_size):
         columns = table.slice(start, batch_size).to_pydict()
@@ -84,8 +92,16 @@ class Predictor:
     tracebacks and die, where the user needs one line.
     """
 
-    def __init__(self, checkpoint: str, device: str, precision: str, clip_path: str | None, mask_size: int,
-                 num_beams: int, max_new_tokens: int | None):
+    def __init__(
+        self,
+        checkpoint: str,
+        device: str,
+        precision: str,
+        clip_path: str | None,
+        mask_size: int,
+        num_beams: int,
+        max_new_tokens: int | None,
+    ):
         self.exported, self.error, self.clip, self.placement = None, None, None, None
         try:
             self.exported, self.placement = load_for_inference(checkpoint, device, precision)
@@ -102,8 +118,9 @@ class Predictor:
         parts = []
         for key in np.unique(keys):
             group = batch.filter(pa.array(keys == key))
-            out = run_batch(self.exported, group.to_pydict(), self.mask_size, self.num_beams, self.max_new_tokens,
-                            self.clip)
+            out = run_batch(
+                self.exported, group.to_pydict(), self.mask_size, self.num_beams, self.max_new_tokens, self.clip
+            )
             out["_row"] = np.asarray(group.column("_row"), dtype=np.int64)
             parts.append(out)
         merged = _concat(parts)
@@ -134,16 +151,29 @@ def plan_actors(workers: int | None, device: str, rows: int, cluster: dict[str, 
     gpus = int(cluster.get("GPU", 0))
     use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
     if use_gpu and workers is None and gpus == 0:
-        raise UserError("--device cuda: the Ray cluster has no GPU; give --workers N to wait for N GPU actors "
-                        "(an autoscaler adds GPU nodes) or use --device cpu")
+        raise UserError(
+            "--device cuda: the Ray cluster has no GPU; give --workers N to wait for N GPU actors "
+            "(an autoscaler adds GPU nodes) or use --device cpu"
+        )
     if workers is None:
         workers = gpus if use_gpu else max(2, int(cluster.get("CPU", 2)) // 2)
     return max(1, min(workers, rows)), use_gpu
 
 
-def predict_with_ray(ray: Any, checkpoint: str, table: pa.Table, mask_size: int, batch_size: int, num_beams: int,
-                     max_new_tokens: int | None, workers: int, use_gpu: bool, device: str, precision: str,
-                     clip_path: str | None) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+def predict_with_ray(
+    ray: Any,
+    checkpoint: str,
+    table: pa.Table,
+    mask_size: int,
+    batch_size: int,
+    num_beams: int,
+    max_new_tokens: int | None,
+    workers: int,
+    use_gpu: bool,
+    device: str,
+    precision: str,
+    clip_path: str | None,
+) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     """The same predictions through Ray Data: one block per in-process batch, ``workers`` model-holding actors.
     Returns (outputs in row order, where each actor ran)."""
     configure_data_context()
@@ -153,13 +183,22 @@ def predict_with_ray(ray: Any, checkpoint: str, table: pa.Table, mask_size: int,
     blocks = [indexed.slice(start, batch_size) for start in range(0, n, batch_size)]
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
     ds = ray.data.from_arrow(blocks).map_batches(
-        Predictor, batch_size=batch_size, batch_format="pyarrow",
+        Predictor,
+        batch_size=batch_size,
+        batch_format="pyarrow",
         # two batches in flight per actor: the next one is in the actor while the current one generates
         compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),
-        fn_constructor_kwargs={"checkpoint": checkpoint, "device": "cuda" if use_gpu else device,
-                               "precision": precision, "clip_path": clip_path, "mask_size": mask_size,
-                               "num_beams": num_beams, "max_new_tokens": max_new_tokens},
-        **resources)
+        fn_constructor_kwargs={
+            "checkpoint": checkpoint,
+            "device": "cuda" if use_gpu else device,
+            "precision": precision,
+            "clip_path": clip_path,
+            "mask_size": mask_size,
+            "num_beams": num_beams,
+            "max_new_tokens": max_new_tokens,
+        },
+        **resources,
+    )
     parts = []
     for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
         if "_error" in part:
@@ -184,8 +223,11 @@ def _read_export_dir(uri: str) -> tuple[dict[str, Any], Any]:
 
 
 def default_out(checkpoint: str, split: str) -> str:
-    return f"{checkpoint.rstrip('/')}/eval_{split}.json" if checkpoint.startswith("s3://") \
+    return (
+        f"{checkpoint.rstrip('/')}/eval_{split}.json"
+        if checkpoint.startswith("s3://")
         else os.path.join(checkpoint, f"eval_{split}.json")
+    )
 
 
 def _ray_candidate(args: EvaluateOptions, rows: int) -> bool:
@@ -234,27 +276,54 @@ def evaluate(args: EvaluateOptions) -> dict[str, Any]:
             meta, cfg = _read_export_dir(args.checkpoint)
             classes = list(meta.get("classes", []))
         if classes != list(info.classes):
-            raise UserError(f"the model's classes {classes[:5]}... differ from the dataset's "
-                            f"{list(info.classes)[:5]}...: {args.checkpoint} was not trained on {args.data}")
+            raise UserError(
+                f"the model's classes {classes[:5]}... differ from the dataset's "
+                f"{list(info.classes)[:5]}...: {args.checkpoint} was not trained on {args.data}"
+            )
         max_new_tokens = args.max_new_tokens or cfg.model.max_text_tokens
-        log.info("evaluating %d rows of split '%s' with %s", table.num_rows, args.split,
-                 "this process" if workers == 1 and not use_gpu else
-                 f"{workers} Ray {'GPU' if use_gpu else 'CPU'} actors")
+        log.info(
+            "evaluating %d rows of split '%s' with %s",
+            table.num_rows,
+            args.split,
+            "this process" if workers == 1 and not use_gpu else f"{workers} Ray {'GPU' if use_gpu else 'CPU'} actors",
+        )
         if workers == 1 and not use_gpu:
             clip = _clip_scorer(args.clip_path, placement.device)
-            outputs = predict_in_process(exported, table, info.mask_size, args.batch_size, args.num_beams,
-                                         max_new_tokens, clip)
+            outputs = predict_in_process(
+                exported, table, info.mask_size, args.batch_size, args.num_beams, max_new_tokens, clip
+            )
         else:
-            outputs, placements = predict_with_ray(ray, args.checkpoint, table, info.mask_size, args.batch_size,
-                                                   args.num_beams, max_new_tokens, workers, use_gpu, args.device,
-                                                   args.precision, args.clip_path)
+            outputs, placements = predict_with_ray(
+                ray,
+                args.checkpoint,
+                table,
+                info.mask_size,
+                args.batch_size,
+                args.num_beams,
+                max_new_tokens,
+                workers,
+                use_gpu,
+                args.device,
+                args.precision,
+                args.clip_path,
+            )
     references = [list(refs) for refs in table.column("rationales").to_pylist()]
     metrics = score(outputs, references, classes, args.batch_size)
 
     out = args.out or default_out(args.checkpoint, args.split)
-    result = {"checkpoint": args.checkpoint, "data": args.data, "split": args.split, "samples": table.num_rows,
-              "num_beams": args.num_beams, "max_new_tokens": max_new_tokens, "workers": workers,
-              "placement": placements, **metrics, "out": out, "seconds": round(time.monotonic() - started, 2)}
+    result = {
+        "checkpoint": args.checkpoint,
+        "data": args.data,
+        "split": args.split,
+        "samples": table.num_rows,
+        "num_beams": args.num_beams,
+        "max_new_tokens": max_new_tokens,
+        "workers": workers,
+        "placement": placements,
+        **metrics,
+        "out": out,
+        "seconds": round(time.monotonic() - started, 2),
+    }
     print(format_table(result), file=sys.stderr, flush=True)
     write_json(out, result)
     return result

@@ -1,4 +1,5 @@
-"""What an exported MEGL model predicts for images, where it looked, and why it says so (``python -m megl_ray.explain``).
+"""What an exported MEGL model predicts for images, where it looked, and why it says so
+(``python -m megl_ray.explain``).
 
     python -m megl_ray.explain --checkpoint URI IMAGE... --out DIR [--top-k 3] [--num-beams 1] [--max-new-tokens N]
     python -m megl_ray.explain --checkpoint URI --gallery --data URI [--split test] [--per-class 3] --out DIR
@@ -29,7 +30,7 @@ import torch
 from PIL import Image
 
 from megl_ray import storage
-from megl_ray.data.convert import DEFAULT_MAX_PIXELS
+from megl_ray.data.conversion import DEFAULT_MAX_PIXELS
 from megl_ray.data.reader import read_split
 from megl_ray.data.schema import Invalid, check_image_bytes, load_dataset_info
 from megl_ray.data.transforms import decode_image, expand_to_square, to_rgb
@@ -115,8 +116,16 @@ class _Names:
 # ------------------------------------------------------------------------------------------------------ explain
 
 
-def explain_images(exported: Any, loaded: Sequence[tuple[str, bytes, Image.Image]], out: Path, top_k: int,
-                   num_beams: int, max_new_tokens: int | None, batch_size: int, names: _Names) -> list[dict[str, Any]]:
+def explain_images(
+    exported: Any,
+    loaded: Sequence[tuple[str, bytes, Image.Image]],
+    out: Path,
+    top_k: int,
+    num_beams: int,
+    max_new_tokens: int | None,
+    batch_size: int,
+    names: _Names,
+) -> list[dict[str, Any]]:
     """Predict, draw and explain each (uri, bytes, picture) of ``read_image``; write its PNGs into ``out``; return
     one record per image."""
     model, size, aspect = exported.model, exported.model.pixel_size, exported.config.model.image_aspect
@@ -124,7 +133,7 @@ def explain_images(exported: Any, loaded: Sequence[tuple[str, bytes, Image.Image
     device = next(model.classifier.parameters()).device
     k = max(1, min(top_k, len(exported.classes)))
     for start in range(0, len(loaded), batch_size):
-        chunk = loaded[start:start + batch_size]
+        chunk = loaded[start : start + batch_size]
         pixels = torch.stack([model_pixels(data, size, aspect) for _, data, _ in chunk]).to(device)
         probs, saliency = model.predict(pixels)
         probs, saliency = probs.float().cpu(), saliency.float().cpu()
@@ -137,12 +146,21 @@ def explain_images(exported: Any, loaded: Sequence[tuple[str, bytes, Image.Image
             overlay(image, heat_map).save(out / f"{name}_overlay.png")
             grey(heat_map).save(out / f"{name}_saliency.png")
             p, idx = probs[i].topk(k)
-            records.append({
-                "image": uri, "name": name, "predicted": predicted[i], "probability": float(p[0]),
-                "top_k": [{"class": exported.classes[j], "probability": float(q)}
-                          for q, j in zip(p.tolist(), idx.tolist())],
-                "rationale": rationales[i], "overlay": f"{name}_overlay.png", "saliency": f"{name}_saliency.png",
-            })
+            records.append(
+                {
+                    "image": uri,
+                    "name": name,
+                    "predicted": predicted[i],
+                    "probability": float(p[0]),
+                    "top_k": [
+                        {"class": exported.classes[j], "probability": float(q)}
+                        for q, j in zip(p.tolist(), idx.tolist())
+                    ],
+                    "rationale": rationales[i],
+                    "overlay": f"{name}_overlay.png",
+                    "saliency": f"{name}_saliency.png",
+                }
+            )
     return records
 
 
@@ -161,8 +179,16 @@ def select_rows(table: Any, num_classes: int, per_class: int) -> list[int]:
     return chosen
 
 
-def explain_rows(exported: Any, table: Any, mask_size: int, out: Path, names: _Names, num_beams: int = 1,
-                 max_new_tokens: int | None = None, batch_size: int = 32) -> list[dict[str, Any]]:
+def explain_rows(
+    exported: Any,
+    table: Any,
+    mask_size: int,
+    out: Path,
+    names: _Names,
+    num_beams: int = 1,
+    max_new_tokens: int | None = None,
+    batch_size: int = 32,
+) -> list[dict[str, Any]]:
     """Run the model on stored dataset rows (``schema.PARQUET_SCHEMA`` columns) and write, per row, the image,
     the Â overlay, the binarised Â region and (when the row has one) the ground-truth mask as PNGs in ``out``.
     Returns one record per row: id, label, predicted, probability, iou (None without a mask, or when both
@@ -190,19 +216,36 @@ def explain_rows(exported: Any, table: Any, mask_size: int, out: Path, names: _N
                 value = float(saliency_iou(sal.unsqueeze(0), torch.as_tensor(gt).unsqueeze(0))[0])
                 iou = value if np.isfinite(value) else None
             probs = outs["probs"][i]
-            examples.append({
-                "id": str(columns["id"][i]), "label": str(columns["class_name"][i]),
-                "predicted": exported.classes[int(probs.argmax())], "probability": float(probs.max()),
-                "iou": iou, "rationale": str(outs["generated"][i]), "references": list(columns["rationales"][i]),
-                "image": f"{name}_image.png", "overlay": f"{name}_overlay.png", "region": f"{name}_region.png",
-                "mask": mask,
-            })
+            examples.append(
+                {
+                    "id": str(columns["id"][i]),
+                    "label": str(columns["class_name"][i]),
+                    "predicted": exported.classes[int(probs.argmax())],
+                    "probability": float(probs.max()),
+                    "iou": iou,
+                    "rationale": str(outs["generated"][i]),
+                    "references": list(columns["rationales"][i]),
+                    "image": f"{name}_image.png",
+                    "overlay": f"{name}_overlay.png",
+                    "region": f"{name}_region.png",
+                    "mask": mask,
+                }
+            )
     return examples
 
 
-def write_gallery(exported: Any, checkpoint: str, data_uri: str, split: str, per_class: int, out: Path,
-                  num_beams: int = 1, max_new_tokens: int | None = None, batch_size: int = 32,
-                  names: _Names | None = None) -> list[dict[str, Any]]:
+def write_gallery(
+    exported: Any,
+    checkpoint: str,
+    data_uri: str,
+    split: str,
+    per_class: int,
+    out: Path,
+    num_beams: int = 1,
+    max_new_tokens: int | None = None,
+    batch_size: int = 32,
+    names: _Names | None = None,
+) -> list[dict[str, Any]]:
     """A few examples per class of ``split`` as ``out/index.html`` plus its PNGs; returns the examples."""
 
     info = load_dataset_info(data_uri)
@@ -210,8 +253,9 @@ def write_gallery(exported: Any, checkpoint: str, data_uri: str, split: str, per
         raise UserError(f"{checkpoint} was not trained on {data_uri}: their classes differ")
     table = read_split(data_uri, split, info)
     picked = table.take(select_rows(table, len(info.classes), per_class))
-    examples = explain_rows(exported, picked, info.mask_size, out, names or _Names(), num_beams, max_new_tokens,
-                            batch_size)
+    examples = explain_rows(
+        exported, picked, info.mask_size, out, names or _Names(), num_beams, max_new_tokens, batch_size
+    )
     render_gallery(examples, info.classes, out, checkpoint, data_uri, split)
     return examples
 
@@ -237,14 +281,29 @@ def explain(args: ExplainOptions) -> dict[str, Any]:
         except OSError as err:
             raise UserError(f"cannot create {args.out}: {err.strerror or err}") from None
         names = _Names()  # one namespace: gallery files must not overwrite the IMAGE arguments' files
-        records = explain_images(exported, loaded, out, args.top_k, args.num_beams, args.max_new_tokens,
-                                 args.batch_size, names)
+        records = explain_images(
+            exported, loaded, out, args.top_k, args.num_beams, args.max_new_tokens, args.batch_size, names
+        )
         result: dict[str, Any] = {"checkpoint": args.checkpoint, "out": args.out, "explanations": records}
         if args.gallery:
-            examples = write_gallery(exported, args.checkpoint, args.data, args.split, args.per_class, out,
-                                     args.num_beams, args.max_new_tokens, args.batch_size, names)
-            result["gallery"] = {"index": "index.html", "split": args.split, "examples": len(examples),
-                                 "records": examples}
+            examples = write_gallery(
+                exported,
+                args.checkpoint,
+                args.data,
+                args.split,
+                args.per_class,
+                out,
+                args.num_beams,
+                args.max_new_tokens,
+                args.batch_size,
+                names,
+            )
+            result["gallery"] = {
+                "index": "index.html",
+                "split": args.split,
+                "examples": len(examples),
+                "records": examples,
+            }
         (out / "explanations.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         if remote:
             storage.upload(str(out), args.out)

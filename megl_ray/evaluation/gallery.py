@@ -47,26 +47,41 @@ def _card(ex: dict[str, Any]) -> str:
     verdict = "ok" if ex["predicted"] == ex["label"] else "wrong"
     refs = "".join(f"<li>{e(r)}</li>" for r in ex["references"])
     iou = "no mask" if ex["iou"] is None and not ex["mask"] else ("n/a" if ex["iou"] is None else f"{ex['iou']:.2f}")
-    return ('<div class="card"><div class="pics">'
-            + _figure(ex["image"], f"image {ex['id']}", "image")
-            + _figure(ex["overlay"], "saliency overlay", "saliency Â")
-            + _figure(ex["region"], "saliency region", "Â ≥ 0.5·max")
-            + _figure(ex["mask"], "ground-truth mask", "mask")
-            + f'</div><p><b>{e(ex["id"])}</b>: true <b>{e(ex["label"])}</b>, predicted '
-            f'<b class="{verdict}">{e(ex["predicted"])}</b> ({ex["probability"]:.2f}), IoU <b>{e(iou)}</b></p>'
-            f'<div class="texts"><div><p><b>Generated:</b></p><p class="gen">{e(ex["rationale"])}</p></div>'
-            f'<div><p><b>References:</b></p><ol>{refs}</ol></div></div></div>')
+    return (
+        '<div class="card"><div class="pics">'
+        + _figure(ex["image"], f"image {ex['id']}", "image")
+        + _figure(ex["overlay"], "saliency overlay", "saliency Â")
+        + _figure(ex["region"], "saliency region", "Â ≥ 0.5·max")
+        + _figure(ex["mask"], "ground-truth mask", "mask")
+        + f"</div><p><b>{e(ex['id'])}</b>: true <b>{e(ex['label'])}</b>, predicted "
+        f'<b class="{verdict}">{e(ex["predicted"])}</b> ({ex["probability"]:.2f}), IoU <b>{e(iou)}</b></p>'
+        f'<div class="texts"><div><p><b>Generated:</b></p><p class="gen">{e(ex["rationale"])}</p></div>'
+        f"<div><p><b>References:</b></p><ol>{refs}</ol></div></div></div>"
+    )
 
 
-def render_gallery(examples: Sequence[dict[str, Any]], classes: Sequence[str], out: Path, checkpoint: str,
-                   data_uri: str, split: str, title: str = "MEGL explanations") -> Path:
+def render_gallery(
+    examples: Sequence[dict[str, Any]],
+    classes: Sequence[str],
+    out: Path,
+    checkpoint: str,
+    data_uri: str,
+    split: str,
+    title: str = "MEGL explanations",
+) -> Path:
     """``out/index.html`` for records of ``explain_rows`` (PNGs already in ``out``), one section per class."""
     sections = []
     for cls in classes:
         cards = "".join(_card(ex) for ex in examples if ex["label"] == cls)
-        sections.append(f"<h2>{html.escape(cls)}</h2>\n<div class=\"grid\">{cards or '<p>no example</p>'}</div>")
-    page = _PAGE.format(title=html.escape(title), checkpoint=html.escape(checkpoint), data=html.escape(data_uri),
-                        split=html.escape(split), cmap=COLORMAP, sections="\n".join(sections))
+        sections.append(f'<h2>{html.escape(cls)}</h2>\n<div class="grid">{cards or "<p>no example</p>"}</div>')
+    page = _PAGE.format(
+        title=html.escape(title),
+        checkpoint=html.escape(checkpoint),
+        data=html.escape(data_uri),
+        split=html.escape(split),
+        cmap=COLORMAP,
+        sections="\n".join(sections),
+    )
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")
     return index

@@ -26,7 +26,6 @@ from megl_ray.model.export_io import load_export, merge_lora
 log = logging.getLogger("megl_ray.evaluation.inference")
 
 
-
 def resolve_device(name: str) -> str:
     """'auto' → cuda when this process sees a GPU, else cpu; 'cuda' without a GPU is the user's error."""
     if name == "auto":
@@ -63,7 +62,7 @@ class Placement:
 def _node_id() -> str | None:
     try:
         # Lazy: inference runs in plain processes too (train_local, a bare GPU machine without Ray installed).
-        import ray
+        import ray  # noqa: PLC0415
 
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     except Exception:  # not in a Ray worker, or an older Ray: the host name still says where
@@ -83,8 +82,14 @@ def prepare_for_inference(exported: Any, device: str = "auto", precision: str = 
         if model.fusion is not None:
             model.fusion.to(dtype)
     model.to(resolved).eval()
-    placement = Placement(device=resolved, dtype=str(dtype).replace("torch.", ""), pid=os.getpid(),
-                          host=socket.gethostname(), node=_node_id(), lora_merged=merged)
+    placement = Placement(
+        device=resolved,
+        dtype=str(dtype).replace("torch.", ""),
+        pid=os.getpid(),
+        host=socket.gethostname(),
+        node=_node_id(),
+        lora_merged=merged,
+    )
     log.info("model on %s (%s, %d LoRA layers merged), pid %d", resolved, placement.dtype, merged, placement.pid)
     return placement
 
@@ -97,25 +102,36 @@ def load_for_inference(uri: str, device: str = "auto", precision: str = "auto") 
     return exported, prepare_for_inference(exported, device, precision)
 
 
-def run_batch(exported: Any, columns: dict[str, list[Any]], mask_size: int, num_beams: int,
-              max_new_tokens: int | None = None, clip: Any = None) -> dict[str, np.ndarray]:
+def run_batch(
+    exported: Any,
+    columns: dict[str, list[Any]],
+    mask_size: int,
+    num_beams: int,
+    max_new_tokens: int | None = None,
+    clip: Any = None,
+) -> dict[str, np.ndarray]:
     """One batch of stored rows (columnar) → targets and model outputs: label, has_mask, mask (uint8), probs,
     saliency of the predicted class, the rationale generated for the predicted class (at most ``max_new_tokens``
     tokens; default the trained ``model.max_text_tokens``) and, with a ``clip`` scorer, each rationale's CLIPScore
     against its image."""
     model, cfg = exported.model, exported.config
     # The training transform, so that pixels are exactly what the model saw during validation (uint8-rounded).
-    pre = preprocess_rows(columns, model.tokenizer, model.pixel_size, mask_size, 1, cfg.model.max_text_tokens,
-                          cfg.model.image_aspect)
+    pre = preprocess_rows(
+        columns, model.tokenizer, model.pixel_size, mask_size, 1, cfg.model.max_text_tokens, cfg.model.image_aspect
+    )
     device = next(model.classifier.parameters()).device
     pixels = torch.as_tensor(pre["pixels"]).float().div_(255.0).to(device)
     probs, saliency = model.predict(pixels)
     names = [exported.classes[i] for i in probs.argmax(dim=1).tolist()]
-    generated = model.generate(pixels, names, max_new_tokens=max_new_tokens or cfg.model.max_text_tokens,
-                               num_beams=num_beams)
+    generated = model.generate(
+        pixels, names, max_new_tokens=max_new_tokens or cfg.model.max_text_tokens, num_beams=num_beams
+    )
     out = {
-        "label": pre["label"], "has_mask": pre["has_mask"], "mask": pre["mask"],
-        "probs": probs.float().cpu().numpy(), "saliency": saliency.float().cpu().numpy(),
+        "label": pre["label"],
+        "has_mask": pre["has_mask"],
+        "mask": pre["mask"],
+        "probs": probs.float().cpu().numpy(),
+        "saliency": saliency.float().cpu().numpy(),
         "generated": np.asarray(generated, dtype=object),
     }
     if clip is not None:

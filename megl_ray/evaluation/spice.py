@@ -28,7 +28,7 @@ CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar
 def spice_dir() -> Path | None:
     try:
         # Lazy and guarded: SPICE is optional (its Java jars come with pycocoevalcap); without it the key is null.
-        import pycocoevalcap.spice.spice as module
+        import pycocoevalcap.spice.spice as module  # noqa: PLC0415
     except ImportError:
         return None
     return Path(module.__file__).resolve().parent
@@ -43,8 +43,10 @@ def spice_status() -> str | None:
         return "java is not on PATH (SPICE runs spice-1.0.jar)"
     missing = [jar for jar in CORENLP_JARS if not (root / "lib" / jar).is_file()]
     if missing:
-        return (f"Stanford CoreNLP 3.6.0 is not installed for SPICE (missing {', '.join(missing)} in {root / 'lib'}; "
-                f"from stanford-corenlp-full-2015-12-09.zip); it is never downloaded at run time")
+        return (
+            f"Stanford CoreNLP 3.6.0 is not installed for SPICE (missing {', '.join(missing)} in {root / 'lib'}; "
+            f"from stanford-corenlp-full-2015-12-09.zip); it is never downloaded at run time"
+        )
     if not os.access(root, os.W_OK):
         return f"{root} is not writable (SPICE keeps its temp files and parse cache there)"
     return None

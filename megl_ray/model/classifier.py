@@ -148,8 +148,11 @@ class TinyCNN(nn.Module):
             if i in (1, 2):
                 layers.append(nn.MaxPool2d(2))
             dilation = 2 if i == 3 else 1
-            layers += [nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation), nn.GroupNorm(cout, cout),
-                       nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation),
+                nn.GroupNorm(cout, cout),
+                nn.ReLU(inplace=True),
+            ]
         self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,12 +247,21 @@ def _torchvision_weights(builder_name: str, weights: str | None):
         return enum[weights] if weights != "DEFAULT" else enum.DEFAULT
     except KeyError:
         names = ", ".join(w.name for w in enum)
-        raise ConfigError(f"model.classifier_weights: '{weights}' is not a torchvision weights name ({names}) "
-                          "nor a .pt/.safetensors file") from None
+        raise ConfigError(
+            f"model.classifier_weights: '{weights}' is not a torchvision weights name ({names}) "
+            "nor a .pt/.safetensors file"
+        ) from None
 
 
-def build_classifier(name: str, num_classes: int, *, image_size: int = 224, head: str = "linear",
-                     vit_pool: str = "mean", weights: str | None = None) -> Classifier:
+def build_classifier(
+    name: str,
+    num_classes: int,
+    *,
+    image_size: int = 224,
+    head: str = "linear",
+    vit_pool: str = "mean",
+    weights: str | None = None,
+) -> Classifier:
     """Build classifier ``name`` with a new head for ``num_classes``; load ``weights`` (see ``ModelConfig``)."""
     tv_weights = _torchvision_weights(name, weights) if name != "tiny" else None
     if name == "tiny":
@@ -261,8 +273,11 @@ def build_classifier(name: str, num_classes: int, *, image_size: int = 224, head
         kwargs = {} if tv_weights is not None else {"image_size": image_size}
         vit = torchvision.models.vit_b_16(weights=tv_weights, **kwargs)
         trunk = ViTPatchTrunk(vit)
-        model = (ClsTokenClassifier(trunk, vit.hidden_dim, num_classes) if vit_pool == "cls"
-                 else Classifier(trunk, vit.hidden_dim, num_classes, head))
+        model = (
+            ClsTokenClassifier(trunk, vit.hidden_dim, num_classes)
+            if vit_pool == "cls"
+            else Classifier(trunk, vit.hidden_dim, num_classes, head)
+        )
     else:
         raise ConfigError(f"model.classifier: unknown classifier '{name}' (tiny, resnet18, resnet50, vit_b_16)")
     if weights is not None and tv_weights is None:
@@ -278,5 +293,7 @@ def load_classifier_state(model: Classifier, uri: str) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:
-        raise ConfigError(f"model.classifier_weights: {uri} does not fit this classifier "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ConfigError(
+            f"model.classifier_weights: {uri} does not fit this classifier "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )

@@ -22,8 +22,9 @@ KEEP_THRESHOLD = 0.5
 MASK_DILATION = 5  # px: ground-truth masks are the strokes alone; keep their anti-aliased rim with them
 
 
-def explained_region(saliency: torch.Tensor, masks: torch.Tensor | None, has_mask: torch.Tensor,
-                     size: tuple[int, int]) -> torch.Tensor:
+def explained_region(
+    saliency: torch.Tensor, masks: torch.Tensor | None, has_mask: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
     """(B, 1, H, W) float {0, 1}: the dilated ground-truth region for samples with a mask, Â ≥ 0.5 otherwise."""
     region = (upsample(saliency.detach().float(), size) >= KEEP_THRESHOLD).float()
     if masks is not None and bool(has_mask.any()):

@@ -13,7 +13,8 @@ An export is a directory (local or ``s3://``):
 Loading rebuilds the model from ``config.yaml`` (real presets load their base checkpoints from the paths in it) and
 then loads ``model.safetensors``; every tensor it lacks must be a frozen base tensor. safetensors holds tensors
 only, so loading never unpickles objects. Every file is checked where it is read (``check_export``, ``load_export``):
-a damaged or foreign export is one clear ``UserError`` naming the file, never a traceback from its parser. ``merge_export`` (``python -m megl_ray.export --merge SRC DST``) writes a standalone export:
+a damaged or foreign export is one clear ``UserError`` naming the file, never a traceback from its parser.
+``merge_export`` (``python -m megl_ray.export --merge SRC DST``) writes a standalone export:
 LoRA merged into the base weights, every tensor included, no base checkpoint needed.
 """
 
@@ -66,14 +67,21 @@ def base_prefixes(cfg: MEGLConfig) -> tuple[str, ...]:
 
 def exported_names(model: Any, cfg: MEGLConfig, standalone: bool = False) -> set[str]:
     """State-dict names an export holds (see the module docstring)."""
-    frozen_base = set() if standalone else {
-        name for name, p in model.named_parameters(remove_duplicate=False)
-        if not p.requires_grad and name.startswith(base_prefixes(cfg))}
+    frozen_base = (
+        set()
+        if standalone
+        else {
+            name
+            for name, p in model.named_parameters(remove_duplicate=False)
+            if not p.requires_grad and name.startswith(base_prefixes(cfg))
+        }
+    )
     return {name for name in model.state_dict(keep_vars=True) if name not in frozen_base}
 
 
-def exported_state(model: Any, cfg: MEGLConfig, gather: Callable | None = None, keep: bool = True,
-                   standalone: bool = False) -> dict[str, torch.Tensor] | None:
+def exported_state(
+    model: Any, cfg: MEGLConfig, gather: Callable | None = None, keep: bool = True, standalone: bool = False
+) -> dict[str, torch.Tensor] | None:
     """The tensors of an export, on CPU. ``gather(params)``, for ZeRO-3, is a context manager that materialises
     partitioned parameters: it is entered module by module (every rank, collectively) and only for tensors the
     export holds, so a frozen 7B base is never gathered and no more than one module is whole at a time. Ranks
@@ -98,8 +106,15 @@ def exported_state(model: Any, cfg: MEGLConfig, gather: Callable | None = None, 
     return state if keep else None
 
 
-def save_export(model: Any, cfg: MEGLConfig, classes: list[str], dst: str, extra: dict[str, Any] | None = None,
-                state: dict[str, torch.Tensor] | None = None, standalone: bool = False) -> str:
+def save_export(
+    model: Any,
+    cfg: MEGLConfig,
+    classes: list[str],
+    dst: str,
+    extra: dict[str, Any] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+    standalone: bool = False,
+) -> str:
     """Write ``model`` (a MEGLModel) as an export to a local directory or ``s3://`` prefix; returns ``dst``.
     ``state`` (from ``exported_state``) is used when given, e.g. gathered from ZeRO-3 shards."""
     if state is None:
@@ -112,10 +127,16 @@ def save_export(model: Any, cfg: MEGLConfig, classes: list[str], dst: str, extra
         if standalone:
             (root / VLM_CONFIG_FILE).write_text(model.vlm.config.to_json_string())
         omitted = len(set(model.state_dict(keep_vars=True)) - set(state))
-        meta = {"format_version": FORMAT_VERSION, "classes": list(classes), "num_classes": len(classes),
-                "omitted": omitted, "standalone": standalone,
-                # the decode side (classifier's or vision tower's, the larger): what a classifier-only reader needs
-                "pixel_size": int(getattr(model, "pixel_size", cfg.model.image_size)), **(extra or {})}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "classes": list(classes),
+            "num_classes": len(classes),
+            "omitted": omitted,
+            "standalone": standalone,
+            # the decode side (classifier's or vision tower's, the larger): what a classifier-only reader needs
+            "pixel_size": int(getattr(model, "pixel_size", cfg.model.image_size)),
+            **(extra or {}),
+        }
         (root / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         if dst.startswith("s3://"):
             storage.upload(str(root), dst)
@@ -135,8 +156,9 @@ def _standalone_vlm(root: Path, cfg: MEGLConfig, tokenizer: Any) -> Any:
     config = LlavaConfig.from_json_file(str(root / VLM_CONFIG_FILE))
     model = LlavaForConditionalGeneration(config)
     set_memory_options(model, cfg.model)
-    return VLMBundle(model, tokenizer, config.image_token_id, _num_image_tokens(config),
-                     config.vision_config.image_size)
+    return VLMBundle(
+        model, tokenizer, config.image_token_id, _num_image_tokens(config), config.vision_config.image_size
+    )
 
 
 def _read_meta(root: Path, uri: str) -> dict[str, Any]:
@@ -208,15 +230,18 @@ def load_export(uri: str, device: str | torch.device = "cpu") -> Exported:
         vlm = _standalone_vlm(root, build_cfg, tokenizer) if standalone else None
     except (OSError, ValueError) as err:  # a missing or corrupt vlm_config.json
         raise UserError(f"{uri}: cannot read {VLM_CONFIG_FILE}: {str(err).splitlines()[0][:200]}") from None
-    model = build_megl_model(build_cfg, int(meta["num_classes"]), tokenizer=tokenizer, prior=state.get("prior"),
-                             vlm=vlm)
+    model = build_megl_model(
+        build_cfg, int(meta["num_classes"]), tokenizer=tokenizer, prior=state.get("prior"), vlm=vlm
+    )
     own = model.state_dict()
     mismatched = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
     unexpected = sorted(set(state) - set(own))
     absent = sorted(exported_names(model, cfg, standalone) - set(state))
     if mismatched or unexpected or absent:
-        raise UserError(f"{uri}: weights do not fit the model its config builds (shape mismatch {mismatched[:3]}, "
-                        f"unexpected {unexpected[:3]}, missing {absent[:3]})")
+        raise UserError(
+            f"{uri}: weights do not fit the model its config builds (shape mismatch {mismatched[:3]}, "
+            f"unexpected {unexpected[:3]}, missing {absent[:3]})"
+        )
     model.load_state_dict(state, strict=False)
     model.to(device).eval()
     return Exported(model=model, config=cfg, classes=list(meta["classes"]), meta=meta)
@@ -241,8 +266,22 @@ def merge_export(src: str, dst: str) -> dict[str, Any]:
     merged = merge_lora(model)
     merged_cfg = config_from_dict(cfg.to_dict(), ["model.lora_r=0"])
     model.cfg = merged_cfg.model
-    save_export(model, merged_cfg, exported.classes, dst, standalone=True,
-                extra={k: v for k, v in exported.meta.items()
-                       if k not in ("format_version", "classes", "num_classes", "omitted", "standalone")})
-    return {"export": dst, "source": src, "merged_lora_layers": merged,
-            "tensors": len(model.state_dict()), "standalone": True}
+    save_export(
+        model,
+        merged_cfg,
+        exported.classes,
+        dst,
+        standalone=True,
+        extra={
+            k: v
+            for k, v in exported.meta.items()
+            if k not in ("format_version", "classes", "num_classes", "omitted", "standalone")
+        },
+    )
+    return {
+        "export": dst,
+        "source": src,
+        "merged_lora_layers": merged,
+        "tensors": len(model.state_dict()),
+        "standalone": True,
+    }

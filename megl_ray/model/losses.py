@@ -2,7 +2,8 @@
 
 Per sample i:
     L_i = CE_i + λ_text·L_text,i + λ_vis·[I_V,i·L_visual,i + (1 − I_V,i)·λ_dc·L_dc,i]
-          (+ λ_rrr·I_V,i·L_rrr,i + λ_cf·CE(f(I_cf,i), y_i): the options ``loss.rrr_weight``, ``loss.counterfactual_weight``)
+          (+ λ_rrr·I_V,i·L_rrr,i + λ_cf·CE(f(I_cf,i), y_i): the options ``loss.rrr_weight`` and
+          ``loss.counterfactual_weight``)
 and the batch loss is the mean of L_i. Every term is returned per sample, so that the masking by I_V is per sample,
 never per batch. No Ray here: these are plain tensor functions, testable on small hand-made tensors.
 
@@ -75,8 +76,9 @@ def _gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 @compute_in_fp32
-def visual_loss(saliency: torch.Tensor, target: torch.Tensor, transform: str = "none",
-                gaussian_sigma: float = 1.0) -> torch.Tensor:
+def visual_loss(
+    saliency: torch.Tensor, target: torch.Tensor, transform: str = "none", gaussian_sigma: float = 1.0
+) -> torch.Tensor:
     """Per-sample L_visual, (B,), against ground-truth maps ``target`` (B, H, W) in [0, 1] resized to Â's grid.
 
     Transforms of the explanation-supervision literature (Gao et al., RES, NeurIPS 2022, and the methods it
@@ -131,8 +133,12 @@ def input_gradient_penalty(input_grad: torch.Tensor, target: torch.Tensor) -> to
     constrains the last-stage CAM (whose features can carry a shortcut through their receptive fields), this
     constrains what the prediction is sensitive to, pixel by pixel: any region outside the evidence (a decoy) that
     moves the prediction is penalised."""
-    outside = 1 - F.interpolate(target.to(input_grad.dtype).unsqueeze(1), size=tuple(input_grad.shape[-2:]),
-                                mode="bilinear", align_corners=False)
+    outside = 1 - F.interpolate(
+        target.to(input_grad.dtype).unsqueeze(1),
+        size=tuple(input_grad.shape[-2:]),
+        mode="bilinear",
+        align_corners=False,
+    )
     return (outside * input_grad).pow(2).flatten(1).sum(dim=1)
 
 
@@ -150,10 +156,18 @@ def visual_ramp(step: int, total_steps: int, start: float, end: float) -> float:
 
 
 @compute_in_fp32
-def megl_objective(ce: torch.Tensor, text: torch.Tensor | None, visual: torch.Tensor | None,
-                   dc: torch.Tensor | None, has_mask: torch.Tensor, weights: LossConfig,
-                   sample_weight: torch.Tensor | None = None, rrr: torch.Tensor | None = None,
-                   counterfactual: torch.Tensor | None = None, visual_scale: float = 1.0) -> torch.Tensor:
+def megl_objective(
+    ce: torch.Tensor,
+    text: torch.Tensor | None,
+    visual: torch.Tensor | None,
+    dc: torch.Tensor | None,
+    has_mask: torch.Tensor,
+    weights: LossConfig,
+    sample_weight: torch.Tensor | None = None,
+    rrr: torch.Tensor | None = None,
+    counterfactual: torch.Tensor | None = None,
+    visual_scale: float = 1.0,
+) -> torch.Tensor:
     """Mean over the batch of CE + λ_text·L_text + λ_vis·[I_V·L_visual + (1 − I_V)·λ_dc·L_dc] (+ λ_rrr·I_V·L_rrr
     and λ_cf·L_cf, the options ``loss.rrr_weight`` and ``loss.counterfactual_weight``; ``counterfactual`` is the
     per-sample CE on the counterfactual-background images); None terms are 0. ``visual_scale`` multiplies λ_vis

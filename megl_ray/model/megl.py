@@ -63,8 +63,14 @@ class SDTGFusion(nn.Module):
 class MEGLModel(nn.Module):
     """Classifier + saliency + SDTG VLM with the MEGL objective."""
 
-    def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig, classifier: Classifier, vlm: VLMBundle,
-                 prior: torch.Tensor | None = None):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        loss_cfg: LossConfig,
+        classifier: Classifier,
+        vlm: VLMBundle,
+        prior: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.cfg = model_cfg
         self.loss_cfg = loss_cfg
@@ -76,7 +82,7 @@ class MEGLModel(nn.Module):
         self.vision_image_size = vlm.vision_image_size
         # The side the data is decoded at (``vlm.pixel_size`` from the config alone): each consumer resizes down.
         self.pixel_size = max(model_cfg.image_size, vlm.vision_image_size)
-        grid = int(round(vlm.num_image_tokens ** 0.5))
+        grid = int(round(vlm.num_image_tokens**0.5))
         if grid * grid != vlm.num_image_tokens:
             raise ValueError(f"SDTG needs a square image-token grid, got {vlm.num_image_tokens} tokens")
         hidden = vlm.model.config.text_config.hidden_size
@@ -97,8 +103,13 @@ class MEGLModel(nn.Module):
         resized down to the tower's side when larger."""
         image = pixels * upsample(saliency, tuple(pixels.shape[-2:])) if self.fusion is not None else pixels
         if image.shape[-1] != self.vision_image_size:
-            image = F.interpolate(image, size=(self.vision_image_size, self.vision_image_size), mode="bilinear",
-                                  align_corners=False, antialias=True)
+            image = F.interpolate(
+                image,
+                size=(self.vision_image_size, self.vision_image_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
+            )
         image = (image - self.clip_mean) / self.clip_std
         dtype = self.vlm.model.vision_tower.dtype if hasattr(self.vlm.model.vision_tower, "dtype") else image.dtype
         projected = self.vlm.model.get_image_features(pixel_values=image.to(dtype)).pooler_output
@@ -114,8 +125,9 @@ class MEGLModel(nn.Module):
         is_image = input_ids == self.image_token_id
         counts = is_image.sum(dim=1)
         if not bool((counts == self.num_image_tokens).all()):
-            raise ValueError(f"every sequence needs exactly {self.num_image_tokens} image tokens, "
-                             f"got {counts.tolist()}")
+            raise ValueError(
+                f"every sequence needs exactly {self.num_image_tokens} image tokens, got {counts.tolist()}"
+            )
         return embeds.masked_scatter(is_image.unsqueeze(-1), image_tokens.to(embeds.dtype))
 
     def classify_with_saliency(self, pixels: torch.Tensor, target: torch.Tensor | str):
@@ -128,8 +140,9 @@ class MEGLModel(nn.Module):
         classes = out.logits.argmax(dim=1) if isinstance(target, str) else target
         return out, gradcam(out.features, out.logits, classes, None, create_graph=self.training)
 
-    def rationale_text_loss(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None,
-                            text_labels: torch.Tensor) -> torch.Tensor:
+    def rationale_text_loss(
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor | None, text_labels: torch.Tensor
+    ) -> torch.Tensor:
         """Per-sample L_text with the LM head applied only at the positions that predict a rationale token: the
         full (B, T, vocab) fp32 logits — ~10 GB at batch 8 for Qwen2's 150k vocabulary — never exist."""
         hidden = self.vlm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
@@ -139,11 +152,20 @@ class MEGLModel(nn.Module):
 
     # -- the objective -------------------------------------------------------------------------------------------
 
-    def forward(self, pixels: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None = None,
-                has_mask: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, text_labels: torch.Tensor | None = None,
-                sample_weight: torch.Tensor | None = None, full_logits: bool = False, visual_scale: float = 1.0,
-                **_: Any) -> MEGLOutput:
+    def forward(
+        self,
+        pixels: torch.Tensor,
+        labels: torch.Tensor,
+        masks: torch.Tensor | None = None,
+        has_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        text_labels: torch.Tensor | None = None,
+        sample_weight: torch.Tensor | None = None,
+        full_logits: bool = False,
+        visual_scale: float = 1.0,
+        **_: Any,
+    ) -> MEGLOutput:
         """The MEGL objective. ``full_logits`` computes the LM's logits at every position (tests; training computes
         them at the rationale positions only). ``visual_scale`` multiplies λ_vis (the training loop's ramp,
         ``losses.visual_ramp``); the visual terms are computed and logged at 0 too (they are cheap beside the CAM),
@@ -152,8 +174,13 @@ class MEGLModel(nn.Module):
         visual_on = w.visual_weight > 0
         if has_mask is None:
             has_mask = torch.zeros_like(labels, dtype=torch.bool)
-        rrr_on = (w.rrr_weight > 0 and masks is not None and bool(has_mask.any()) and self.training
-                  and torch.is_grad_enabled())
+        rrr_on = (
+            w.rrr_weight > 0
+            and masks is not None
+            and bool(has_mask.any())
+            and self.training
+            and torch.is_grad_enabled()
+        )
         if rrr_on:  # the input gradient of the option loss.rrr_weight needs the pixels in the graph
             pixels = pixels.detach().requires_grad_(True)
         out, sal = self.classify_with_saliency(pixels, labels if self.cfg.cam_target == "label" else "prediction")
@@ -184,8 +211,9 @@ class MEGLModel(nn.Module):
             else:
                 text = self.rationale_text_loss(embeds, attention_mask, text_labels)
 
-        loss = losses.megl_objective(ce, text, visual, dc, has_mask, w, sample_weight, rrr, counterfactual,
-                                     visual_scale)
+        loss = losses.megl_objective(
+            ce, text, visual, dc, has_mask, w, sample_weight, rrr, counterfactual, visual_scale
+        )
         terms = {"loss": loss.detach(), "ce": ce.detach().mean()}
         if text is not None:
             terms["text"] = text.detach().mean()
@@ -215,32 +243,56 @@ class MEGLModel(nn.Module):
         return logits.softmax(dim=1), sal
 
     @torch.no_grad()
-    def generate(self, pixels: torch.Tensor, label_names: Sequence[str], max_new_tokens: int | None = None,
-                 num_beams: int = 1, **generate_kwargs: Any) -> list[str]:
+    def generate(
+        self,
+        pixels: torch.Tensor,
+        label_names: Sequence[str],
+        max_new_tokens: int | None = None,
+        num_beams: int = 1,
+        **generate_kwargs: Any,
+    ) -> list[str]:
         """Rationales for a batch: greedy (``num_beams=1``) or beam search, from the fused image embeddings. At
         most ``max_new_tokens`` tokens, by default the ``max_text_tokens`` rationales were trained with; further
         keyword arguments go to transformers' ``generate`` (e.g. ``min_new_tokens``)."""
         _, features, sal = self._infer(pixels)
-        prompts = [encode_prompt(self.tokenizer, self.cfg.prompt_template, name, self.num_image_tokens)
-                   for name in label_names]
+        prompts = [
+            encode_prompt(self.tokenizer, self.cfg.prompt_template, name, self.num_image_tokens) for name in label_names
+        ]
         input_ids = pad_sequences(prompts, self.tokenizer.pad_token_id, side="left").to(pixels.device)
         attention_mask = pad_sequences([[1] * len(p) for p in prompts], 0, side="left").to(pixels.device)
         embeds = self.text_embeddings(input_ids, self.image_tokens(pixels, sal, features))
-        generated = self.vlm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
-                                      max_new_tokens=max_new_tokens or self.cfg.max_text_tokens,
-                                      num_beams=num_beams, do_sample=False,
-                                      eos_token_id=self.tokenizer.eos_token_id,
-                                      pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs)
+        generated = self.vlm.generate(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens or self.cfg.max_text_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **generate_kwargs,
+        )
         return [t.strip() for t in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
 
-def build_megl_model(cfg: MEGLConfig, num_classes: int, corpus: Iterable[str] | None = None,
-                     tokenizer: Any = None, prior: torch.Tensor | None = None, vlm: VLMBundle | None = None) -> MEGLModel:
+def build_megl_model(
+    cfg: MEGLConfig,
+    num_classes: int,
+    corpus: Iterable[str] | None = None,
+    tokenizer: Any = None,
+    prior: torch.Tensor | None = None,
+    vlm: VLMBundle | None = None,
+) -> MEGLModel:
     """The configured MEGL model. ``corpus`` (rationales, class names) trains the tiny preset's tokenizer; ``vlm``
     replaces the preset's VLM (a standalone export's, or a bench's shapes)."""
     m = cfg.model
-    classifier = build_classifier(m.classifier, num_classes, image_size=m.image_size, head=m.classifier_head,
-                                  vit_pool=m.vit_pool, weights=m.classifier_weights)
+    classifier = build_classifier(
+        m.classifier,
+        num_classes,
+        image_size=m.image_size,
+        head=m.classifier_head,
+        vit_pool=m.vit_pool,
+        weights=m.classifier_weights,
+    )
     if m.freeze_norm or (m.freeze_norm is None and m.classifier_weights and m.classifier.startswith("resnet")):
         classifier.freeze_norm()
     if m.sync_bn:

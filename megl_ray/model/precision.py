@@ -60,8 +60,9 @@ def compute_in_fp32(fn: Callable) -> Callable:
 
 def is_norm(module: nn.Module) -> bool:
     name = type(module).__name__
-    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) or \
-        name.endswith(("RMSNorm", "LayerNorm"))
+    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) or name.endswith(
+        ("RMSNorm", "LayerNorm")
+    )
 
 
 class _FP32Norm:

@@ -38,8 +38,9 @@ def closed_form_cam(features: torch.Tensor, head_weight: torch.Tensor, target: t
     return normalize_per_sample(F.relu(cam))
 
 
-def autograd_gradcam(features: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
-                     create_graph: bool = True) -> torch.Tensor:
+def autograd_gradcam(
+    features: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, create_graph: bool = True
+) -> torch.Tensor:
     """Grad-CAM by autograd: α_k = mean_ij d y_c / d A_k(i, j); relu(Σ_k α_k A_k), normalised per sample.
 
     ``logits`` must have been computed from ``features`` in the current graph. With ``create_graph`` the result is
@@ -50,8 +51,13 @@ def autograd_gradcam(features: torch.Tensor, logits: torch.Tensor, target: torch
     return normalize_per_sample(F.relu((alpha * features).sum(dim=1)))
 
 
-def gradcam(features: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
-            head_weight: torch.Tensor | None, create_graph: bool = True) -> torch.Tensor:
+def gradcam(
+    features: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    head_weight: torch.Tensor | None,
+    create_graph: bool = True,
+) -> torch.Tensor:
     """The one saliency of MEGL: closed form when a GAP + linear head's weight is given, autograd otherwise."""
     if head_weight is not None:
         return closed_form_cam(features, head_weight, target)
@@ -59,14 +65,15 @@ def gradcam(features: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
         return autograd_gradcam(features, logits, target, create_graph=create_graph and torch.is_grad_enabled())
 
 
-def per_image_gradcam(forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], pixels: torch.Tensor,
-                      target: torch.Tensor) -> torch.Tensor:
+def per_image_gradcam(
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], pixels: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
     """The MEGL authors' approach, kept as a baseline for ``bench/saliency_overhead.py``: one forward and one
     autograd Grad-CAM per image in a Python loop. ``forward`` maps pixels to (logits, features)."""
     maps = []
     for i in range(pixels.shape[0]):
-        logits, features = forward(pixels[i: i + 1])
-        maps.append(autograd_gradcam(features, logits, target[i: i + 1], create_graph=True))
+        logits, features = forward(pixels[i : i + 1])
+        maps.append(autograd_gradcam(features, logits, target[i : i + 1], create_graph=True))
     return torch.cat(maps)
 
 

@@ -59,11 +59,21 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> Any:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(list(corpus), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", extra_special_tokens={"image_token": IMAGE_TOKEN})
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
 
 
 def load_tokenizer(cfg: ModelConfig, corpus: Iterable[str] | None = None) -> Any:
@@ -115,15 +125,34 @@ def pixel_size(cfg: ModelConfig) -> int:
 
 def tiny_llava_config(cfg: ModelConfig, vocab_size: int, image_token_id: int, pad_token_id: int) -> Any:
     hidden = cfg.tiny_hidden_size
-    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=cfg.tiny_layers,
-                              num_attention_heads=4, image_size=cfg.tiny_vision_image_size, patch_size=8,
-                              projection_dim=hidden)
-    text = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                       num_hidden_layers=cfg.tiny_layers, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=pad_token_id)
+    vision = CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=cfg.tiny_layers,
+        num_attention_heads=4,
+        image_size=cfg.tiny_vision_image_size,
+        patch_size=8,
+        projection_dim=hidden,
+    )
+    text = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=cfg.tiny_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=pad_token_id,
+    )
     # vision_feature_layer -1: a 2-layer tower has no useful penultimate layer (LLaVA's -2 is for 24 layers).
-    return LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=image_token_id,
-                       vision_feature_layer=-1, vision_feature_select_strategy="default")
+    return LlavaConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_id=image_token_id,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
 
 
 def _num_image_tokens(config: Any) -> int:
@@ -149,11 +178,13 @@ def load_llava(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> VLMBundl
         model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
-        raise UserError(f"model.vlm_path: cannot load a LLaVA checkpoint from {cfg.vlm_path}: "
-                        f"{str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"model.vlm_path: cannot load a LLaVA checkpoint from {cfg.vlm_path}: {str(err).splitlines()[0]}"
+        ) from None
     config = model.config
-    return VLMBundle(model, tokenizer, config.image_token_id, _num_image_tokens(config),
-                     config.vision_config.image_size)
+    return VLMBundle(
+        model, tokenizer, config.image_token_id, _num_image_tokens(config), config.vision_config.image_size
+    )
 
 
 def assemble_clip_qwen2(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> VLMBundle:
@@ -163,19 +194,25 @@ def assemble_clip_qwen2(cfg: ModelConfig, dtype: torch.dtype = torch.float32) ->
     try:
         vision = CLIPVisionModel.from_pretrained(str(vision_dir), dtype=dtype)
     except (OSError, ValueError) as err:
-        raise UserError(f"model.vision_path: cannot load CLIP from {cfg.vision_path}: "
-                        f"{str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"model.vision_path: cannot load CLIP from {cfg.vision_path}: {str(err).splitlines()[0]}"
+        ) from None
     try:
         lm = AutoModelForCausalLM.from_pretrained(str(lm_dir), dtype=dtype)
     except (OSError, ValueError) as err:
-        raise UserError(f"model.lm_path: cannot load a causal LM from {cfg.lm_path}: "
-                        f"{str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"model.lm_path: cannot load a causal LM from {cfg.lm_path}: {str(err).splitlines()[0]}"
+        ) from None
     tokenizer = load_tokenizer(cfg)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    config = LlavaConfig(vision_config=vision.config.to_dict(), text_config=lm.config.to_dict(),
-                         image_token_id=image_token_id, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default",
-                         tie_word_embeddings=getattr(lm.config, "tie_word_embeddings", False))
+    config = LlavaConfig(
+        vision_config=vision.config.to_dict(),
+        text_config=lm.config.to_dict(),
+        image_token_id=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=getattr(lm.config, "tie_word_embeddings", False),
+    )
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -187,8 +224,7 @@ def assemble_clip_qwen2(cfg: ModelConfig, dtype: torch.dtype = torch.float32) ->
     model.lm_head.load_state_dict(lm.lm_head.state_dict())
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
-    return VLMBundle(model, tokenizer, image_token_id, _num_image_tokens(model.config),
-                     config.vision_config.image_size)
+    return VLMBundle(model, tokenizer, image_token_id, _num_image_tokens(model.config), config.vision_config.image_size)
 
 
 def apply_training_mode(bundle: VLMBundle, cfg: ModelConfig) -> None:
@@ -201,8 +237,13 @@ def apply_training_mode(bundle: VLMBundle, cfg: ModelConfig) -> None:
         lm.requires_grad_(False)
         model.lm_head.requires_grad_(False)
     if cfg.lora_r > 0:
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=list(cfg.lora_target_modules), bias="none")
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_target_modules),
+            bias="none",
+        )
         try:
             inject_adapter_in_model(lora, lm)
         except ValueError as err:
@@ -216,8 +257,10 @@ def set_memory_options(model: Any, cfg: ModelConfig) -> None:
     """``model.attn_implementation`` and ``model.gradient_checkpointing`` (non-reentrant: works with frozen towers
     whose inputs need no grad, with LoRA and with ZeRO-3's parameter hooks)."""
     if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ConfigError("model.attn_implementation: flash_attention_2 needs the flash-attn package, which is not "
-                          "installed (pip install flash-attn on a CUDA machine), or use sdpa")
+        raise ConfigError(
+            "model.attn_implementation: flash_attention_2 needs the flash-attn package, which is not "
+            "installed (pip install flash-attn on a CUDA machine), or use sdpa"
+        )
     if model.config._attn_implementation != cfg.attn_implementation:
         try:
             model.set_attn_implementation(cfg.attn_implementation)
@@ -227,8 +270,9 @@ def set_memory_options(model: Any, cfg: ModelConfig) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
-def build_vlm(cfg: ModelConfig, corpus: Iterable[str] | None = None, tokenizer: Any = None,
-              dtype: torch.dtype = torch.float32) -> VLMBundle:
+def build_vlm(
+    cfg: ModelConfig, corpus: Iterable[str] | None = None, tokenizer: Any = None, dtype: torch.dtype = torch.float32
+) -> VLMBundle:
     """The configured preset, with freezing/LoRA, attention kernel and checkpointing applied. Real presets load
     their weights in ``dtype``."""
     if cfg.preset == "tiny":

@@ -68,11 +68,19 @@ class Hardware:
 
 H100_NODE = Hardware(
     name="8× H100-SXM 80 GB per node; NVLink 4 inside a node (450 GB/s per GPU and direction, 360 GB/s bus "
-         "bandwidth assumed); 8× 400 Gb/s InfiniBand NDR between nodes (one NIC per GPU: 50 GB/s, 45 GB/s "
-         "assumed); 96 data cores and 3 GB/s of S3 per node",
-    gpus_per_node=8, peak_flops=989e12, mfu=0.35, intra_node_busbw=360e9, inter_node_busbw=45e9,
-    collective_latency_s=50e-6, data_cores_per_node=96, s3_bytes_per_s=3e9, decode_s_per_sample=0.004,
-    bytes_per_sample=150e3)
+    "bandwidth assumed); 8× 400 Gb/s InfiniBand NDR between nodes (one NIC per GPU: 50 GB/s, 45 GB/s "
+    "assumed); 96 data cores and 3 GB/s of S3 per node",
+    gpus_per_node=8,
+    peak_flops=989e12,
+    mfu=0.35,
+    intra_node_busbw=360e9,
+    inter_node_busbw=45e9,
+    collective_latency_s=50e-6,
+    data_cores_per_node=96,
+    s3_bytes_per_s=3e9,
+    decode_s_per_sample=0.004,
+    bytes_per_sample=150e3,
+)
 
 # Forward FLOPs of one 224² image through the classifier trunk (2 × torchvision's multiply-accumulates).
 CLASSIFIER_FWD_FLOPS = {"r18": 2 * 1.82e9, "r50": 2 * 4.09e9}
@@ -93,7 +101,9 @@ def step_flops(model: ModelShape, setup: Setup, grad_accum: int = 1) -> float:
     lm = _stack_fwd_flops(model.lm, seq, positions)
     lm_trains_whole = not (model.lora_r > 0 or model.freeze_lm)
     # backward: 2× forward where weights train, 1× where only activation gradients pass through (frozen/LoRA base)
-    backward = 2.0 * classifier + (2.0 if not model.freeze_vision else 1.0) * vision + (2.0 if lm_trains_whole else 1.0) * lm
+    backward = (
+        2.0 * classifier + (2.0 if not model.freeze_vision else 1.0) * vision + (2.0 if lm_trains_whole else 1.0) * lm
+    )
     recompute = (vision + lm) if setup.gradient_checkpointing else 0.0
     per_sample = classifier + vision + lm + backward + recompute
     return per_sample * setup.micro_batch * grad_accum
@@ -149,16 +159,27 @@ def step_cost(preset: str, nodes: int, setup: Setup, hw: Hardware = H100_NODE, g
     busbw = hw.intra_node_busbw if nodes == 1 else hw.inter_node_busbw
     comm = volume / busbw + calls * hw.collective_latency_s if gpus > 1 else 0.0
     samples_node = setup.micro_batch * grad_accum * hw.gpus_per_node
-    data = max(samples_node * hw.bytes_per_sample / hw.s3_bytes_per_s,
-               samples_node * hw.decode_s_per_sample / hw.data_cores_per_node)
+    data = max(
+        samples_node * hw.bytes_per_sample / hw.s3_bytes_per_s,
+        samples_node * hw.decode_s_per_sample / hw.data_cores_per_node,
+    )
     exposed = max(0.0, data - compute)
     serial = compute + comm + exposed
     overlap = max(compute, comm) + exposed
     samples = setup.micro_batch * grad_accum * gpus
-    return StepCost(nodes=nodes, gpus=gpus, compute_s=compute, comm_gb_per_gpu=volume / 1e9, comm_s=comm,
-                    data_s=data, step_s_serial=serial, step_s_overlap=overlap,
-                    samples_per_s_serial=samples / serial, samples_per_s_overlap=samples / overlap,
-                    memory_gib=memory_per_gpu(model, setup).total / GIB)
+    return StepCost(
+        nodes=nodes,
+        gpus=gpus,
+        compute_s=compute,
+        comm_gb_per_gpu=volume / 1e9,
+        comm_s=comm,
+        data_s=data,
+        step_s_serial=serial,
+        step_s_overlap=overlap,
+        samples_per_s_serial=samples / serial,
+        samples_per_s_overlap=samples / overlap,
+        memory_gib=memory_per_gpu(model, setup).total / GIB,
+    )
 
 
 # ------------------------------------------------------------------------------------ CPU workers (bench/scaling.py)
@@ -235,10 +256,17 @@ def scaling_table(hw: Hardware = H100_NODE) -> list[dict[str, object]]:
             for nodes in NODE_COUNTS:
                 cost = step_cost(preset, nodes, replace(setup, zero_stage=stage), hw, accum)
                 base = base or cost
-                rows.append({"model": preset, "zero_stage": stage, "micro_batch": setup.micro_batch,
-                             "grad_accum": accum, **{k: _r(v) for k, v in asdict(cost).items()},
-                             "efficiency_overlap": _r(cost.samples_per_s_overlap / (base.samples_per_s_overlap * nodes)),
-                             "efficiency_serial": _r(cost.samples_per_s_serial / (base.samples_per_s_serial * nodes))})
+                rows.append(
+                    {
+                        "model": preset,
+                        "zero_stage": stage,
+                        "micro_batch": setup.micro_batch,
+                        "grad_accum": accum,
+                        **{k: _r(v) for k, v in asdict(cost).items()},
+                        "efficiency_overlap": _r(cost.samples_per_s_overlap / (base.samples_per_s_overlap * nodes)),
+                        "efficiency_serial": _r(cost.samples_per_s_serial / (base.samples_per_s_serial * nodes)),
+                    }
+                )
     return rows
 
 
@@ -250,12 +278,27 @@ def memory_table(nodes: int = 1, hw: Hardware = H100_NODE) -> list[dict[str, obj
             for precision in ("bf16", "fp32"):
                 for ckpt in (False, True):
                     for offload in ("none", "cpu"):
-                        s = replace(setup, world=nodes * hw.gpus_per_node, zero_stage=stage, precision=precision,
-                                    gradient_checkpointing=ckpt, offload=offload)
+                        s = replace(
+                            setup,
+                            world=nodes * hw.gpus_per_node,
+                            zero_stage=stage,
+                            precision=precision,
+                            gradient_checkpointing=ckpt,
+                            offload=offload,
+                        )
                         est = memory_per_gpu(PRESETS[preset], s).gib()
-                        rows.append({"model": preset, "gpus": s.world, "zero_stage": stage, "precision": precision,
-                                     "checkpointing": ckpt, "offload": offload, **est,
-                                     "fits_80gb": est["total"] <= 80})
+                        rows.append(
+                            {
+                                "model": preset,
+                                "gpus": s.world,
+                                "zero_stage": stage,
+                                "precision": precision,
+                                "checkpointing": ckpt,
+                                "offload": offload,
+                                **est,
+                                "fits_80gb": est["total"] <= 80,
+                            }
+                        )
     return rows
 
 
@@ -277,13 +320,51 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     args = p.parse_args(argv)
     scaling, memory = scaling_table(), memory_table()
     if args.markdown:
-        print(markdown(scaling, ["model", "zero_stage", "nodes", "gpus", "compute_s", "comm_gb_per_gpu", "comm_s",
-                                 "data_s", "step_s_serial", "step_s_overlap", "samples_per_s_overlap",
-                                 "efficiency_overlap", "efficiency_serial", "memory_gib"]), file=sys.stderr)
+        print(
+            markdown(
+                scaling,
+                [
+                    "model",
+                    "zero_stage",
+                    "nodes",
+                    "gpus",
+                    "compute_s",
+                    "comm_gb_per_gpu",
+                    "comm_s",
+                    "data_s",
+                    "step_s_serial",
+                    "step_s_overlap",
+                    "samples_per_s_overlap",
+                    "efficiency_overlap",
+                    "efficiency_serial",
+                    "memory_gib",
+                ],
+            ),
+            file=sys.stderr,
+        )
         print(file=sys.stderr)
-        print(markdown(memory, ["model", "gpus", "zero_stage", "precision", "checkpointing", "offload", "params",
-                                "grads", "optimizer", "activations", "logits", "host_offload", "total", "fits_80gb"]),
-              file=sys.stderr)
+        print(
+            markdown(
+                memory,
+                [
+                    "model",
+                    "gpus",
+                    "zero_stage",
+                    "precision",
+                    "checkpointing",
+                    "offload",
+                    "params",
+                    "grads",
+                    "optimizer",
+                    "activations",
+                    "logits",
+                    "host_offload",
+                    "total",
+                    "fits_80gb",
+                ],
+            ),
+            file=sys.stderr,
+        )
     return {"hardware": H100_NODE.name, "scaling": scaling, "memory": memory}
 
 

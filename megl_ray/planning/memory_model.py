@@ -58,9 +58,15 @@ class TransformerShape:
     def lora_params(self, r: int, targets: tuple[str, ...]) -> int:
         h, kv = self.hidden, self.kv_heads or self.heads
         kv_dim = kv * (h // self.heads)
-        sizes = {"q_proj": (h, h), "k_proj": (h, kv_dim), "v_proj": (h, kv_dim), "o_proj": (h, h),
-                 "gate_proj": (h, self.intermediate), "up_proj": (h, self.intermediate),
-                 "down_proj": (self.intermediate, h)}
+        sizes = {
+            "q_proj": (h, h),
+            "k_proj": (h, kv_dim),
+            "v_proj": (h, kv_dim),
+            "o_proj": (h, h),
+            "gate_proj": (h, self.intermediate),
+            "up_proj": (h, self.intermediate),
+            "down_proj": (self.intermediate, h),
+        }
         return self.layers * sum(r * (sizes[t][0] + sizes[t][1]) for t in targets if t in sizes)
 
     def activation_bytes(self, tokens: int, batch: int, checkpointing: bool, flash: bool) -> float:
@@ -180,35 +186,57 @@ def memory_per_gpu(model: ModelShape, setup: Setup) -> MemoryEstimate:
     ckpt = setup.gradient_checkpointing
     act_scale = 1.0 if half else 2.0  # the transformer formula is for 16-bit activations; fp32 doubles it
     seq = model.image_tokens + model.text_tokens
-    activations = (model.lm.activation_bytes(seq, b, ckpt, flash)
-                   + model.vision.activation_bytes(model.image_tokens + 1, b, ckpt, flash)) * act_scale
+    activations = (
+        model.lm.activation_bytes(seq, b, ckpt, flash)
+        + model.vision.activation_bytes(model.image_tokens + 1, b, ckpt, flash)
+    ) * act_scale
     classifier_act = model.classifier_act_bytes * b * (0.5 if half else 1.0)
     activations += classifier_act * (0.25 if ckpt else 1.0)  # per-stage checkpoints keep the stage inputs
     positions = model.rationale_tokens if setup.rationale_only_logits else seq
     logits = b * positions * model.lm.vocab * (4.0 + 4.0 + (2.0 if half else 0.0))  # fp32 logits + their grad
-    return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, activations=activations, logits=logits,
-                          overhead=setup.overhead_gib * GIB, host_offload=host, trainable_params=trainable,
-                          frozen_params=frozen)
+    return MemoryEstimate(
+        params=params,
+        grads=grads,
+        optimizer=optimizer,
+        activations=activations,
+        logits=logits,
+        overhead=setup.overhead_gib * GIB,
+        host_offload=host,
+        trainable_params=trainable,
+        frozen_params=frozen,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- named shapes
 
-CLIP_L_336 = TransformerShape(layers=23, hidden=1024, intermediate=4096, heads=16, gated_mlp=False,
-                              patch_params=3 * 14 * 14 * 1024 + 577 * 1024)
+CLIP_L_336 = TransformerShape(
+    layers=23, hidden=1024, intermediate=4096, heads=16, gated_mlp=False, patch_params=3 * 14 * 14 * 1024 + 577 * 1024
+)
 """CLIP ViT-L/14-336 up to LLaVA's feature layer (-2): 23 of its 24 layers run."""
-QWEN2_0_5B = TransformerShape(layers=24, hidden=896, intermediate=4864, heads=14, kv_heads=2, vocab=151936,
-                              tied_embeddings=True)
+QWEN2_0_5B = TransformerShape(
+    layers=24, hidden=896, intermediate=4864, heads=14, kv_heads=2, vocab=151936, tied_embeddings=True
+)
 VICUNA_7B = TransformerShape(layers=32, hidden=4096, intermediate=11008, heads=32, vocab=32064)
 RESNET50 = (23_508_032, 100e6)  # trunk parameters, fp32 activation bytes per 224² image
 RESNET18 = (11_176_512, 25e6)
 
 PRESETS = {
-    "r50-llava-1.5-7b-lora": ModelShape("r50-llava-1.5-7b-lora", *RESNET50, CLIP_L_336, VICUNA_7B, image_tokens=576,
-                                        text_tokens=96, rationale_tokens=64, lora_r=16),
-    "r50-llava-1.5-7b-full": ModelShape("r50-llava-1.5-7b-full", *RESNET50, CLIP_L_336, VICUNA_7B, image_tokens=576,
-                                        text_tokens=96, rationale_tokens=64),
-    "r18-qwen2-0.5b": ModelShape("r18-qwen2-0.5b", *RESNET18, CLIP_L_336, QWEN2_0_5B, image_tokens=576,
-                                 text_tokens=96, rationale_tokens=64),
+    "r50-llava-1.5-7b-lora": ModelShape(
+        "r50-llava-1.5-7b-lora",
+        *RESNET50,
+        CLIP_L_336,
+        VICUNA_7B,
+        image_tokens=576,
+        text_tokens=96,
+        rationale_tokens=64,
+        lora_r=16,
+    ),
+    "r50-llava-1.5-7b-full": ModelShape(
+        "r50-llava-1.5-7b-full", *RESNET50, CLIP_L_336, VICUNA_7B, image_tokens=576, text_tokens=96, rationale_tokens=64
+    ),
+    "r18-qwen2-0.5b": ModelShape(
+        "r18-qwen2-0.5b", *RESNET18, CLIP_L_336, QWEN2_0_5B, image_tokens=576, text_tokens=96, rationale_tokens=64
+    ),
 }
 
 
@@ -224,26 +252,39 @@ def table(rows: list[tuple[str, str, Setup]]) -> list[dict[str, object]]:
 SETTINGS_7B = [
     ("1×80 GB, LoRA r=16", "r50-llava-1.5-7b-lora", Setup(world=1, zero_stage=2, gradient_checkpointing=True)),
     ("1×80 GB, LoRA r=16, no checkpointing", "r50-llava-1.5-7b-lora", Setup(world=1, zero_stage=2)),
-    ("1×80 GB, full fine-tune", "r50-llava-1.5-7b-full",
-     Setup(world=1, zero_stage=2, gradient_checkpointing=True, offload="cpu")),
+    (
+        "1×80 GB, full fine-tune",
+        "r50-llava-1.5-7b-full",
+        Setup(world=1, zero_stage=2, gradient_checkpointing=True, offload="cpu"),
+    ),
     ("8×80 GB, LoRA r=16", "r50-llava-1.5-7b-lora", Setup(world=8, zero_stage=2)),
     ("8×80 GB, full fine-tune", "r50-llava-1.5-7b-full", Setup(world=8, zero_stage=3, gradient_checkpointing=True)),
-    ("2 nodes × 8×80 GB, full fine-tune", "r50-llava-1.5-7b-full",
-     Setup(world=16, zero_stage=3, gradient_checkpointing=True)),
-    ("8×80 GB, full fine-tune in fp32 (for comparison)", "r50-llava-1.5-7b-full",
-     Setup(world=8, zero_stage=2, precision="fp32")),
+    (
+        "2 nodes × 8×80 GB, full fine-tune",
+        "r50-llava-1.5-7b-full",
+        Setup(world=16, zero_stage=3, gradient_checkpointing=True),
+    ),
+    (
+        "8×80 GB, full fine-tune in fp32 (for comparison)",
+        "r50-llava-1.5-7b-full",
+        Setup(world=8, zero_stage=2, precision="fp32"),
+    ),
 ]
 """The README's "Training a 7B model" rows: ResNet-50 + LLaVA-1.5-7B, 4 images per GPU, ~672-token sequences."""
 
 
 def markdown_7b() -> str:
     """The README table, generated (tests/test_memory_model.py checks the README holds exactly this)."""
-    head = ("| setting | ZeRO | precision | checkpointing | offload | params | grads | optimizer | activations "
-            "| total GiB/GPU | host GiB/GPU |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| setting | ZeRO | precision | checkpointing | offload | params | grads | optimizer | activations "
+        "| total GiB/GPU | host GiB/GPU |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for row in table(SETTINGS_7B):
-        lines.append(f"| {row['setting']} | {row['zero_stage']} | {row['precision']} | "
-                     f"{'on' if row['gradient_checkpointing'] else 'off'} | {row['offload']} | {row['params']} | "
-                     f"{row['grads']} | {row['optimizer']} | {row['activations']} | **{row['total']}** | "
-                     f"{row['host_offload']} |")
+        lines.append(
+            f"| {row['setting']} | {row['zero_stage']} | {row['precision']} | "
+            f"{'on' if row['gradient_checkpointing'] else 'off'} | {row['offload']} | {row['params']} | "
+            f"{row['grads']} | {row['optimizer']} | {row['activations']} | **{row['total']}** | "
+            f"{row['host_offload']} |"
+        )
     return "\n".join(lines)

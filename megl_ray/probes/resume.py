@@ -41,14 +41,20 @@ def parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def _engine(cfg: MEGLConfig, loop: dict[str, Any]):
-    import deepspeed
+    # Lazy: DeepSpeed picks its accelerator when imported; the probe's workers set DS_ACCELERATOR first.
+    import deepspeed  # noqa: PLC0415
 
     torch.manual_seed(cfg.train.seed)
     model = build_megl_model(cfg, loop["num_classes"], tokenizer=loop["tokenizer"])
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, loop["steps"])
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                      config=deepspeed_config(cfg, False), dist_init_required=False)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, False),
+        dist_init_required=False,
+    )
     return engine
 
 
@@ -90,9 +96,17 @@ def resume_loop_per_worker(loop: dict[str, Any]) -> None:
     del engine
     resumed = _engine(cfg, loop)
     state = load_checkpoint(resumed, ckpt, rank)
-    second = [step(resumed, batch) for batch in batches[state.step:]]
-    result = {"rank": rank, "local_param_bytes": local, "total_param_bytes": total, "losses": first,
-              "resumed_losses": second, "resumed_from": state.step, "checkpoint_bytes": ckpt_bytes, "terms": sorted(terms)}
+    second = [step(resumed, batch) for batch in batches[state.step :]]
+    result = {
+        "rank": rank,
+        "local_param_bytes": local,
+        "total_param_bytes": total,
+        "losses": first,
+        "resumed_losses": second,
+        "resumed_from": state.step,
+        "checkpoint_bytes": ckpt_bytes,
+        "terms": sorted(terms),
+    }
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, result)
     if rank == 0:
@@ -100,14 +114,37 @@ def resume_loop_per_worker(loop: dict[str, Any]) -> None:
     ray.train.report({"done": 1})
 
 
-def run_resume_probe(cfg: MEGLConfig, tokenizer: Any, num_classes: int, rows: list[dict[str, Any]],
-                     mask_size: int, steps: int, save_at: int, storage_path: str, threads: int = 1) -> list[dict]:
+def run_resume_probe(
+    cfg: MEGLConfig,
+    tokenizer: Any,
+    num_classes: int,
+    rows: list[dict[str, Any]],
+    mask_size: int,
+    steps: int,
+    save_at: int,
+    storage_path: str,
+    threads: int = 1,
+) -> list[dict]:
     """``resume_loop_per_worker`` on ``cfg.train.num_workers`` CPU workers of the current Ray cluster."""
     out = Path(storage_path) / "resume-probe.json"
     checkpoint_dir = Path(storage_path) / "resume-probe-checkpoint"
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    run_cpu_workers(resume_loop_per_worker, cfg, storage_path, "resume-probe", {
-        "config": cfg.to_dict(), "tokenizer": tokenizer, "num_classes": num_classes, "rows": rows,
-        "mask_size": mask_size, "steps": steps, "save_at": save_at, "threads": threads, "out": str(out),
-        "checkpoint_dir": str(checkpoint_dir)})
+    run_cpu_workers(
+        resume_loop_per_worker,
+        cfg,
+        storage_path,
+        "resume-probe",
+        {
+            "config": cfg.to_dict(),
+            "tokenizer": tokenizer,
+            "num_classes": num_classes,
+            "rows": rows,
+            "mask_size": mask_size,
+            "steps": steps,
+            "save_at": save_at,
+            "threads": threads,
+            "out": str(out),
+            "checkpoint_dir": str(checkpoint_dir),
+        },
+    )
     return json.loads(out.read_text())

@@ -27,22 +27,39 @@ from megl_ray.cli import setup_logging
 log = logging.getLogger("megl_ray.train")
 
 # Loggers whose INFO lines are routine (credentials found, kernels built, checkpoints written).
-CHATTY_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "DeepSpeed", "deepspeed", "ray", "ray.data",
-                  "ray.train", "ray.tune", "torch.distributed", "megl_ray.data.convert", "filelock")
+CHATTY_LOGGERS = (
+    "botocore",
+    "boto3",
+    "s3transfer",
+    "urllib3",
+    "DeepSpeed",
+    "deepspeed",
+    "ray",
+    "ray.data",
+    "ray.train",
+    "ray.tune",
+    "torch.distributed",
+    "megl_ray.data.convert",
+    "filelock",
+)
 
 # Lines Ray's processes print at INFO (or as advisories) whatever their loggers are set to. Matched on the driver.
-ROUTINE_LINES = re.compile("|".join([
-    r"Checkpoint successfully created",                      # Ray Train, every rank, every report
-    r"Reporting training result \d+",                         # Ray Train, every rank, every report
-    r"Starting execution of Dataset|Execution plan of Dataset|Dataset \S+ execution (finished|failed) in",
-    r"Progress bars (for operators )?disabled",               # Ray Data: we turned them off on purpose
-    r"\[mutex\.cc : \d+\] RAW:",                              # absl mutex debug output of a Ray process
-    r"PYTHON worker processes have been started on node",     # raylet advisory: fractional CPUs are by design
-    r"has constructor arguments in the object store and max_restarts > 0",
-    r"Requesting resources: |Attempting to start training worker group|Started training worker group|"
-    r"^- \(ip=\S+, pid=\d+\) world_rank=|Setting up process group for",  # Ray Train controller start-up
-    r"DeepSpeed \S+ built successfully|Using \S+ as PyTorch extensions root|Loading extension module",
-]))
+ROUTINE_LINES = re.compile(
+    "|".join(
+        [
+            r"Checkpoint successfully created",  # Ray Train, every rank, every report
+            r"Reporting training result \d+",  # Ray Train, every rank, every report
+            r"Starting execution of Dataset|Execution plan of Dataset|Dataset \S+ execution (finished|failed) in",
+            r"Progress bars (for operators )?disabled",  # Ray Data: we turned them off on purpose
+            r"\[mutex\.cc : \d+\] RAW:",  # absl mutex debug output of a Ray process
+            r"PYTHON worker processes have been started on node",  # raylet advisory: fractional CPUs are by design
+            r"has constructor arguments in the object store and max_restarts > 0",
+            r"Requesting resources: |Attempting to start training worker group|Started training worker group|"
+            r"^- \(ip=\S+, pid=\d+\) world_rank=|Setting up process group for",  # Ray Train controller start-up
+            r"DeepSpeed \S+ built successfully|Using \S+ as PyTorch extensions root|Loading extension module",
+        ]
+    )
+)
 # Routine messages that come with a traceback, dropped with it: Ray Train's autoscaling client on a busy machine,
 # which Ray itself calls safe to ignore when transient.
 ROUTINE_WITH_TRACEBACK = re.compile(r"Failed to send resource request for \S+\. If this only happens transiently")
@@ -117,7 +134,7 @@ def filter_forwarded_logs(verbose: bool) -> bool:
         return False
     try:
         # Lazy and guarded: a private Ray module, which another Ray release may move (then nothing is filtered).
-        from ray._private import worker
+        from ray._private import worker  # noqa: PLC0415
     except ImportError:
         return False
     inner = getattr(worker, "print_to_stdstream", None)
@@ -138,8 +155,12 @@ def filter_forwarded_logs(verbose: bool) -> bool:
 
 def configure_worker(verbose: bool, rank: int, use_gpu: bool) -> None:
     """Logging of a training worker: our warnings and errors (INFO too with --verbose), not the libraries' INFO."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr, force=True,
-                        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        force=True,
+        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+    )
     if verbose:
         return
     logging.getLogger().setLevel(logging.WARNING)  # DeepSpeed's op builders log through the root logger
@@ -151,7 +172,7 @@ def configure_worker(verbose: bool, rank: int, use_gpu: bool) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         # Lazy: DeepSpeed picks its accelerator when imported, so only workers (their environment set) import it.
-        from deepspeed.utils import logger as ds_logger
+        from deepspeed.utils import logger as ds_logger  # noqa: PLC0415
 
         ds_logger.setLevel(logging.WARNING)
     except ImportError:

@@ -61,8 +61,9 @@ def draw_curves(history: Sequence[dict[str, Any]], path: Path, title: str) -> Pa
     return path
 
 
-def write_pictures(history: Sequence[dict[str, Any]], run_uri: str, export_uri: str, data_uri: str,
-                   local_dir: Path, title: str) -> dict[str, Any]:
+def write_pictures(
+    history: Sequence[dict[str, Any]], run_uri: str, export_uri: str, data_uri: str, local_dir: Path, title: str
+) -> dict[str, Any]:
     """``curves.png`` and ``gallery/index.html`` into ``local_dir`` and the run directory; returns their paths.
 
     Either may fail (a plotting backend, a model that cannot generate): that is a warning, not a failed run."""
@@ -88,8 +89,17 @@ def write_pictures(history: Sequence[dict[str, Any]], run_uri: str, export_uri: 
 
 def _gallery(export_uri: str, data_uri: str, out: Path) -> int:
     exported = load_export(export_uri)
-    examples = write_gallery(exported, export_uri, data_uri, "val", GALLERY_PER_CLASS, out, num_beams=1,
-                             max_new_tokens=GALLERY_MAX_NEW_TOKENS, batch_size=32)
+    examples = write_gallery(
+        exported,
+        export_uri,
+        data_uri,
+        "val",
+        GALLERY_PER_CLASS,
+        out,
+        num_beams=1,
+        max_new_tokens=GALLERY_MAX_NEW_TOKENS,
+        batch_size=32,
+    )
     return len(examples)
 
 
@@ -100,8 +110,10 @@ def closing_lines(made: dict[str, Any], run_uri: str, tensorboard_dir: str | Non
         lines.append(f"[megl] curves: {made['curves']}  (also {run_uri}/curves.png)")
     if "gallery" in made:
         gallery = Path(made["gallery"])
-        lines.append(f"[megl] gallery of validation explanations: {gallery}  (also {run_uri}/gallery/); open it "
-                     f"with: python -m webbrowser {gallery.as_uri()}")
+        lines.append(
+            f"[megl] gallery of validation explanations: {gallery}  (also {run_uri}/gallery/); open it "
+            f"with: python -m webbrowser {gallery.as_uri()}"
+        )
     if tensorboard_dir:
         lines.append(f"[megl] TensorBoard: tensorboard --logdir {tensorboard_dir}")
     return lines

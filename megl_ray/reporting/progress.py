@@ -38,8 +38,9 @@ class Progress:
         self.window = (time.monotonic(), 0, 0)
         self.first_step: int | None = None
 
-    def step(self, step: int, epoch: int, epochs: int, terms: dict[str, float], samples: int, tokens: int,
-             lr: float) -> dict[str, float]:
+    def step(
+        self, step: int, epoch: int, epochs: int, terms: dict[str, float], samples: int, tokens: int, lr: float
+    ) -> dict[str, float]:
         t0, s0, k0 = self.window
         self.window = (t0, s0 + samples, k0 + tokens)
         if self.first_step is None:
@@ -54,14 +55,31 @@ class Progress:
         values = {**terms, **rates, "lr": lr, "peak_mem_mib": peak}
         done = max(step - self.first_step, 1)
         eta = (now - self.start) / done * (self.total - step)
-        self._send({"kind": "step", "step": step, "total": self.total, "epoch": epoch + 1, "epochs": epochs,
-                    "values": values, "eta_s": eta})
+        self._send(
+            {
+                "kind": "step",
+                "step": step,
+                "total": self.total,
+                "epoch": epoch + 1,
+                "epochs": epochs,
+                "values": values,
+                "eta_s": eta,
+            }
+        )
         return values
 
     def epoch(self, epoch: int, epochs: int, step: int, values: dict[str, float]) -> None:
         """The validation metrics at the end of ``epoch`` (0-based)."""
-        self._send({"kind": "epoch", "step": step, "total": self.total, "epoch": epoch + 1, "epochs": epochs,
-                    "values": dict(values)})
+        self._send(
+            {
+                "kind": "epoch",
+                "step": step,
+                "total": self.total,
+                "epoch": epoch + 1,
+                "epochs": epochs,
+                "values": dict(values),
+            }
+        )
 
     def _send(self, event: dict[str, Any]) -> None:
         if self.board is not None:
@@ -113,18 +131,29 @@ class ConsoleDisplay:
         self.total = total
         self.bar = None
         if getattr(self.stream, "isatty", lambda: False)():
-            self.bar = tqdm(total=total, unit="step", file=self.stream, dynamic_ncols=True, desc="[megl] train",
-                            bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {postfix} [{elapsed}]")
+            self.bar = tqdm(
+                total=total,
+                unit="step",
+                file=self.stream,
+                dynamic_ncols=True,
+                desc="[megl] train",
+                bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {postfix} [{elapsed}]",
+            )
 
     def step(self, event: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.update(event["step"] - self.bar.n)
             # rank 0's ETA: tqdm's own would count the start-up before the first step as training time
-            self.bar.set_postfix_str(f"epoch {event['epoch']}/{event['epochs']} {step_text(event)} | "
-                                     f"eta {_duration(event['eta_s'])}")
+            self.bar.set_postfix_str(
+                f"epoch {event['epoch']}/{event['epochs']} {step_text(event)} | eta {_duration(event['eta_s'])}"
+            )
             return
-        print(f"[megl] step {event['step']}/{event['total']} epoch {event['epoch']}/{event['epochs']} "
-              f"{step_text(event)} | eta {_duration(event['eta_s'])}", file=self.stream, flush=True)
+        print(
+            f"[megl] step {event['step']}/{event['total']} epoch {event['epoch']}/{event['epochs']} "
+            f"{step_text(event)} | eta {_duration(event['eta_s'])}",
+            file=self.stream,
+            flush=True,
+        )
 
     def epoch(self, event: dict[str, Any]) -> None:
         if self.bar is not None:

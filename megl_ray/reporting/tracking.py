@@ -99,27 +99,30 @@ class MlflowBackend:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         # MLflow prints the run's URL to stdout when it ends; stdout's last line is the result. We log it instead.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-        from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
+        # Lazy: MLflow is an optional extra (megl_ray[tracking]) and takes seconds to import.
+        import mlflow  # noqa: PLC0415
 
-        self.client = MlflowClient(tracking_uri=cfg.run.tracking_uri)
+        self.mlflow = mlflow
+        self.client = mlflow.MlflowClient(tracking_uri=cfg.run.tracking_uri)
         name = cfg.run.experiment or DEFAULT_EXPERIMENT
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
             try:
                 experiment_id = self.client.create_experiment(name)
-            except MlflowException:  # created meanwhile by another trial of the same sweep
+            except mlflow.exceptions.MlflowException:  # created meanwhile by another trial of the same sweep
                 experiment_id = self.client.get_experiment_by_name(name).experiment_id
         else:
             experiment_id = experiment.experiment_id
-        found = self.client.search_runs([experiment_id], filter_string=f"tags.`{RUN_URI_TAG}` = '{run_uri}'",
-                                        max_results=1)
+        found = self.client.search_runs(
+            [experiment_id], filter_string=f"tags.`{RUN_URI_TAG}` = '{run_uri}'", max_results=1
+        )
         if found:
             self.run_id = found[0].info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
         else:
-            self.run_id = self.client.create_run(experiment_id, run_name=cfg.run.name,
-                                                 tags={RUN_URI_TAG: run_uri}).info.run_id
+            self.run_id = self.client.create_run(
+                experiment_id, run_name=cfg.run.name, tags={RUN_URI_TAG: run_uri}
+            ).info.run_id
         self.resumed = bool(found)
         where = self.client.tracking_uri
         if where.startswith(("http://", "https://")):
@@ -127,19 +130,17 @@ class MlflowBackend:
         log.info("MLflow run %s (experiment %s): %s", self.run_id, name, where)
 
     def config(self, flat: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
         if self.resumed:  # params are immutable; a resumed run was started with this config (its fingerprint)
             return
-        params = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+        params = [self.mlflow.entities.Param(k, str(v)[:6000]) for k, v in flat.items()]
         for start in range(0, len(params), 100):  # MLflow's batch limit
-            self.client.log_batch(self.run_id, params=params[start:start + 100])
+            self.client.log_batch(self.run_id, params=params[start : start + 100])
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+        self.client.log_batch(
+            self.run_id, metrics=[self.mlflow.entities.Metric(k, v, now, step) for k, v in values.items()]
+        )
 
     def epoch_done(self) -> None:
         pass
@@ -150,8 +151,11 @@ class MlflowBackend:
     def export(self, uri: str) -> None:
         # A reference, not a copy: the weights stay in the run directory (they may be gigabytes).
         self.client.set_tag(self.run_id, EXPORT_URI_TAG, uri)
-        self.client.log_dict(self.run_id, {"export_uri": uri, "load_with": "megl_ray.model.export_io.load_export"},
-                             "export_reference.json")
+        self.client.log_dict(
+            self.run_id,
+            {"export_uri": uri, "load_with": "megl_ray.model.export_io.load_export"},
+            "export_reference.json",
+        )
 
     def close(self, success: bool) -> None:
         self.client.set_terminated(self.run_id, "FINISHED" if success else "FAILED")
@@ -162,14 +166,21 @@ class WandbBackend:
     ``run.experiment``. Online or offline is W&B's ``$WANDB_MODE``."""
 
     def __init__(self, cfg: Any, run_uri: str, local_dir: Path) -> None:
-        import wandb
+        # Lazy: W&B is an optional extra (megl_ray[tracking]) and takes seconds to import.
+        import wandb  # noqa: PLC0415
 
         directory = Path(os.environ.get("WANDB_DIR") or megl_home() / "wandb")
         directory.mkdir(parents=True, exist_ok=True)
         run_id = cfg.run.name[:40] + "-" + hashlib.sha256(run_uri.encode()).hexdigest()[:8]
-        self.run = wandb.init(project=cfg.run.wandb_project, name=cfg.run.name, group=cfg.run.experiment,
-                              id=run_id, resume="allow", dir=str(directory),
-                              settings=wandb.Settings(console="off", silent=True))
+        self.run = wandb.init(
+            project=cfg.run.wandb_project,
+            name=cfg.run.name,
+            group=cfg.run.experiment,
+            id=run_id,
+            resume="allow",
+            dir=str(directory),
+            settings=wandb.Settings(console="off", silent=True),
+        )
         self.wandb = wandb
 
     def config(self, flat: dict[str, Any]) -> None:

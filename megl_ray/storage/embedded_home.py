@@ -24,8 +24,9 @@ ENDPOINT_VARS = ("MEGL_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 def points_into_embedded(*uris: str | None) -> bool:
     """Whether a URI is in the embedded default's bucket while no S3 endpoint is configured: then it means the
     embedded store of ``$MEGL_HOME``, which outlives the run that started it."""
-    return (any(u and u.startswith(f"s3://{BUCKET}/") for u in uris)
-            and not any(os.environ.get(v) for v in ENDPOINT_VARS))
+    return any(u and u.startswith(f"s3://{BUCKET}/") for u in uris) and not any(
+        os.environ.get(v) for v in ENDPOINT_VARS
+    )
 
 
 @contextlib.contextmanager

@@ -32,4 +32,3 @@ class UnreachableError(StorageError, ConnectionError):
 
 class EmbeddedServerError(StorageError):
     """The embedded SeaweedFS server could not be started or stopped."""
-

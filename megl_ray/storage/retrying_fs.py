@@ -21,9 +21,20 @@ import pyarrow.fs as pafs
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-TRANSIENT_MARKERS = ("NETWORK_CONNECTION", "Connection refused", "connection reset", "Couldn't connect",
-                     "Timeout was reached", "SERVICE_UNAVAILABLE", "HTTP status 503", "SLOW_DOWN",
-                     "INTERNAL_FAILURE", "Broken pipe", "Connection was reset", "curlCode: 7")
+TRANSIENT_MARKERS = (
+    "NETWORK_CONNECTION",
+    "Connection refused",
+    "connection reset",
+    "Couldn't connect",
+    "Timeout was reached",
+    "SERVICE_UNAVAILABLE",
+    "HTTP status 503",
+    "SLOW_DOWN",
+    "INTERNAL_FAILURE",
+    "Broken pipe",
+    "Connection was reset",
+    "curlCode: 7",
+)
 
 
 class StorageUnavailableError(OSError):
@@ -32,8 +43,7 @@ class StorageUnavailableError(OSError):
 
 def is_transient(err: BaseException) -> bool:
     text = str(err)
-    return isinstance(err, (ConnectionError, TimeoutError)) or any(m.lower() in text.lower()
-                                                                   for m in TRANSIENT_MARKERS)
+    return isinstance(err, (ConnectionError, TimeoutError)) or any(m.lower() in text.lower() for m in TRANSIENT_MARKERS)
 
 
 class RetryingHandler(pafs.FileSystemHandler):
@@ -60,7 +70,8 @@ class RetryingHandler(pafs.FileSystemHandler):
                 if elapsed + delay > self.deadline_s:
                     first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
                     raise StorageUnavailableError(
-                        f"storage unreachable for {elapsed:.0f}s while trying to {what}: {first_line}") from None
+                        f"storage unreachable for {elapsed:.0f}s while trying to {what}: {first_line}"
+                    ) from None
                 log.warning("storage unreachable (%s), retrying %s in %.1fs", type(err).__name__, what, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)

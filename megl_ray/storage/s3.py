@@ -182,8 +182,9 @@ def boto3_client(options: S3Options | None = None) -> Any:
     return client
 
 
-def pyarrow_filesystem(uri: str, options: S3Options | None = None, *,
-                       embed_credentials: bool = True) -> tuple[Any, str]:
+def pyarrow_filesystem(
+    uri: str, options: S3Options | None = None, *, embed_credentials: bool = True
+) -> tuple[Any, str]:
     """``(filesystem, path)`` for pyarrow (and Ray's ``storage_filesystem``).
 
     A local path gives ``(LocalFileSystem, absolute path)``; ``s3://b/k`` gives ``(S3FileSystem, "b/k")`` —
@@ -214,8 +215,9 @@ def pyarrow_filesystem(uri: str, options: S3Options | None = None, *,
         if credentials is not None and method not in ("iam-role", "container-role"):
             frozen = credentials.get_frozen_credentials()
             access_key, secret_key, token = frozen.access_key, frozen.secret_key, frozen.token
-    from_env = (os.environ.get("AWS_ACCESS_KEY_ID") == access_key
-                and os.environ.get("AWS_SECRET_ACCESS_KEY") == secret_key)
+    from_env = (
+        os.environ.get("AWS_ACCESS_KEY_ID") == access_key and os.environ.get("AWS_SECRET_ACCESS_KEY") == secret_key
+    )
     if access_key and (embed_credentials or not from_env):
         kwargs.update(access_key=access_key, secret_key=secret_key, session_token=token or None)
     path = f"{bucket}/{key}".rstrip("/")
@@ -317,8 +319,13 @@ def _call(what: str, uri: str, options: S3Options, fn: Callable[[], _T]) -> _T:
             if not _is_transient(err) or time.monotonic() + delay > deadline:
                 log.debug("%s %s failed: %s", what, uri, type(err).__name__)
                 raise _storage_error(err, uri, options) from None
-            log.warning("%s %s: S3 endpoint %s not answering (%s); retrying in %.1fs",
-                        what, uri, options.describe(), type(err).__name__, delay)
+            log.warning(
+                "%s %s: S3 endpoint %s not answering (%s); retrying in %.1fs",
+                what,
+                uri,
+                options.describe(),
+                type(err).__name__,
+                delay,
+            )
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
-

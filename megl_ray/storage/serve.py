@@ -50,8 +50,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     if args.port is not None and not 1 <= args.port <= 65535 - _GRPC_PORT_OFFSET:
-        raise UserError(f"--port {args.port}: not a valid port here (1..{65535 - _GRPC_PORT_OFFSET}: the gRPC port "
-                        f"is port+{_GRPC_PORT_OFFSET})")
+        raise UserError(
+            f"--port {args.port}: not a valid port here (1..{65535 - _GRPC_PORT_OFFSET}: the gRPC port "
+            f"is port+{_GRPC_PORT_OFFSET})"
+        )
     if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
         raise UserError(f"--data-dir {args.data_dir}: exists and is not a folder")
 
@@ -89,4 +91,3 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return {**info, "stopped": True, "signal": received[0] if received else None}
-

@@ -24,6 +24,7 @@ DEFAULT_CACHE_DIR = Path("~/.cache/megl_ray/s3")
 LOCAL_READ_LIMIT = 64 * 1024**3
 """Largest local file ``read_bytes`` reads whole (checked before reading)."""
 
+
 def _need_key(uri: str) -> tuple[str, str]:
     bucket, key = split_s3(uri)
     if not key or key.endswith("/"):
@@ -266,4 +267,3 @@ def local_copy(uri: str, cache_dir: str | os.PathLike[str] | None = None, option
         shutil.rmtree(staging, ignore_errors=True)
     log.info("cached %s at %s", uri, target)
     return target
-

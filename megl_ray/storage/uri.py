@@ -50,4 +50,3 @@ def _safe_target(root: Path, relative: str, uri: str) -> Path:
     if target != root and root not in target.parents:
         raise StorageError(f"{uri}: key {relative!r} would land outside {root}; refusing to download it")
     return target
-

@@ -135,4 +135,3 @@ def _has_data_node(status: Any) -> bool:
     if isinstance(status, list):
         return any(_has_data_node(value) for value in status)
     return False
-

@@ -44,6 +44,7 @@ def _weights_only_checkpoint_engine(engine: Any) -> None:
     """Make DeepSpeed load its checkpoint files with ``torch.load(weights_only=True)``: a checkpoint read back
     from shared storage must not be able to run code. Its files hold tensors, numbers, strings and a few
     DeepSpeed enums, which are allow-listed."""
+
     class WeightsOnly(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
             allowed = [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler, set, argparse.Namespace]
@@ -72,8 +73,9 @@ def save_checkpoint(engine: Any, state: TrainState, directory: Path, rank: int) 
 
 def load_checkpoint(engine: Any, directory: Path, rank: int) -> TrainState:
     _weights_only_checkpoint_engine(engine)
-    path, _ = engine.load_checkpoint(str(directory), tag=DS_TAG, load_lr_scheduler_states=True,
-                                     load_optimizer_states=True, **LOAD_OPTIONS)
+    path, _ = engine.load_checkpoint(
+        str(directory), tag=DS_TAG, load_lr_scheduler_states=True, load_optimizer_states=True, **LOAD_OPTIONS
+    )
     if path is None:
         raise RuntimeError(f"no DeepSpeed checkpoint under {directory}")
     raw = json.loads((directory / STATE_FILE).read_text())

@@ -53,6 +53,7 @@ def all_reduce_sums(values: dict[str, float], device: torch.device) -> dict[str,
 def device_sync_fn(device: torch.device):
     """A torchmetrics ``dist_sync_fn`` that gathers a state through ``device`` and hands the gathered copies back on
     the state's own device (where the metric computes)."""
+
     def sync(tensor: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
         gathered = gather_all_tensors(tensor.to(device), group=group)
         return [g.to(tensor.device) for g in gathered]

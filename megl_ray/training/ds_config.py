@@ -3,8 +3,8 @@
 The global batch is derived: micro batch × gradient accumulation × number of workers. Precision (``train.precision``,
 bf16 on GPUs and fp32 on CPUs by default) is DeepSpeed's ``torch_autocast`` section over fp32 master weights — the
 mechanism and why are in ``megl_ray.model.precision``; DeepSpeed's ``bf16``/``fp16`` sections stay off. The
-optimizer and schedule are our own torch objects (``megl_ray.training.optim``), handed to ``deepspeed.initialize``, so one
-process without DeepSpeed and N workers with it run the same update rule.
+optimizer and schedule are our own torch objects (``megl_ray.training.optim``), handed to ``deepspeed.initialize``,
+so one process without DeepSpeed and N workers with it run the same update rule.
 """
 
 from __future__ import annotations

@@ -17,6 +17,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     os.environ.update(plan.env)  # S3 endpoint, DS_ACCELERATOR, kernel cache: before DeepSpeed is imported
     load_credentials(plan.credentials_file)  # only what this worker's environment lacks
     # Lazy: the loop imports DeepSpeed, which must see the environment set just above.
-    from megl_ray.training.worker import run_worker
+    from megl_ray.training.worker import run_worker  # noqa: PLC0415
 
     run_worker(plan)

@@ -42,10 +42,12 @@ class DivergenceGuard:
         if self.distributed:
             stop = _any_rank(stop, getattr(loss, "device", None))
         if stop and self.message is None:
-            self.message = (f"training diverged: the loss was not finite (last {value}) for "
-                            f"{max(self.bad_steps, 1)} step(s) in a row up to step {step}; lower optim.lr, raise "
-                            f"optim.warmup_steps or check the loss weights (train.max_nonfinite_steps="
-                            f"{self.patience})")
+            self.message = (
+                f"training diverged: the loss was not finite (last {value}) for "
+                f"{max(self.bad_steps, 1)} step(s) in a row up to step {step}; lower optim.lr, raise "
+                f"optim.warmup_steps or check the loss weights (train.max_nonfinite_steps="
+                f"{self.patience})"
+            )
         return stop
 
     def check(self, loss: Any, step: int) -> None:

@@ -27,13 +27,22 @@ from megl_ray.training.optim import build_optimizer, build_scheduler, plain_step
 log = logging.getLogger("megl_ray.train_local")
 
 
-def make_batch(rows: list[dict[str, Any]], model: MEGLModel, cfg: MEGLConfig, mask_size: int,
-               epoch: int) -> dict[str, torch.Tensor]:
+def make_batch(
+    rows: list[dict[str, Any]], model: MEGLModel, cfg: MEGLConfig, mask_size: int, epoch: int
+) -> dict[str, torch.Tensor]:
     columns = {key: [r[key] for r in rows] for key in rows[0]}
-    pre = preprocess_rows(columns, model.tokenizer, model.pixel_size, mask_size, cfg.data.max_rationales,
-                          cfg.model.max_text_tokens, cfg.model.image_aspect)
-    return model_batch(pre, model.tokenizer, cfg.model.prompt_template, model.num_image_tokens, epoch,
-                       cfg.data.rationale_seed)
+    pre = preprocess_rows(
+        columns,
+        model.tokenizer,
+        model.pixel_size,
+        mask_size,
+        cfg.data.max_rationales,
+        cfg.model.max_text_tokens,
+        cfg.model.image_aspect,
+    )
+    return model_batch(
+        pre, model.tokenizer, cfg.model.prompt_template, model.num_image_tokens, epoch, cfg.data.rationale_seed
+    )
 
 
 @torch.no_grad()
@@ -51,7 +60,8 @@ def accuracy(model: MEGLModel, table, cfg: MEGLConfig, mask_size: int) -> float:
 
 
 def train(cfg: MEGLConfig, max_steps: int = 0, export: str | None = None) -> dict[str, Any]:
-    """Train ``cfg`` (``max_steps`` optimizer steps at most, 0: every epoch); write the export to ``export`` if given."""
+    """Train ``cfg`` (``max_steps`` optimizer steps at most, 0: every epoch); write the export to ``export``
+    if given."""
     started = time.monotonic()
     torch.manual_seed(cfg.train.seed)
     uri = cfg.data.uri or bundled_dataset_uri()
@@ -79,8 +89,7 @@ def train(cfg: MEGLConfig, max_steps: int = 0, export: str | None = None) -> dic
             guard.check(out.loss, step)
             terms = {k: round(v.item(), 5) for k, v in out.terms.items()}
             history.append(terms)
-            log.info("epoch %d step %d/%d %s", epoch, step, total,
-                     " ".join(f"{k}={v:.4f}" for k, v in terms.items()))
+            log.info("epoch %d step %d/%d %s", epoch, step, total, " ".join(f"{k}={v:.4f}" for k, v in terms.items()))
             if step >= total:
                 break
         val = accuracy(model, read_split(uri, "val", info), cfg, info.mask_size)
@@ -90,6 +99,14 @@ def train(cfg: MEGLConfig, max_steps: int = 0, export: str | None = None) -> dic
     test = accuracy(model, read_split(uri, "test", info), cfg, info.mask_size)
     if export:
         save_export(model, cfg, info.classes, export, extra={"data_uri": uri, "steps": step})
-    return {"export": export, "data_uri": uri, "steps": step, "epochs": epoch + 1, "final": history[-1], "first": history[0],
-            "val_accuracy": round(val, 4), "test_accuracy": round(test, 4),
-            "seconds": round(time.monotonic() - started, 2)}
+    return {
+        "export": export,
+        "data_uri": uri,
+        "steps": step,
+        "epochs": epoch + 1,
+        "final": history[-1],
+        "first": history[0],
+        "val_accuracy": round(val, 4),
+        "test_accuracy": round(test, 4),
+        "seconds": round(time.monotonic() - started, 2),
+    }

@@ -10,8 +10,9 @@ from torch import nn
 from megl_ray.config import OptimConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
-                 classifier_lr: float | None = None) -> list[dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float | None = None, classifier_lr: float | None = None
+) -> list[dict]:
     """Trainable parameters in groups: matrices decay, biases and norm gains do not (the usual AdamW split); with
     ``classifier_lr`` the classifier's parameters (names ``classifier.*``) get their own pair of groups at that rate
     (the schedule scales every group's rate alike)."""

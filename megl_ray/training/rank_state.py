@@ -29,8 +29,13 @@ def exclude_tied_frozen(engine: Any) -> None:
     original = type(engine).module_state_dict
 
     def module_state_dict(destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):
-        sd = original(engine, destination=destination, prefix=prefix, keep_vars=keep_vars,
-                      exclude_frozen_parameters=exclude_frozen_parameters)
+        sd = original(
+            engine,
+            destination=destination,
+            prefix=prefix,
+            keep_vars=keep_vars,
+            exclude_frozen_parameters=exclude_frozen_parameters,
+        )
         if exclude_frozen_parameters:
             for name, param in engine.module.named_parameters(remove_duplicate=False):
                 if not param.requires_grad:
@@ -52,8 +57,12 @@ def reseed_rank(seed: int, rank: int) -> None:
 
 
 def save_rng(path: Path) -> None:
-    state = {"torch": torch.get_rng_state(), "numpy_state": torch.tensor(np.random.get_state()[1].astype(np.int64)),
-             "numpy_pos": torch.tensor(int(np.random.get_state()[2])), "python": torch.tensor(random.getstate()[1])}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_state": torch.tensor(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": torch.tensor(int(np.random.get_state()[2])),
+        "python": torch.tensor(random.getstate()[1]),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()  # this worker's device
     torch.save(state, path)

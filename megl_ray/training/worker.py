@@ -44,7 +44,6 @@ log = logging.getLogger("megl_ray.train")
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-
 def _validate(engine: Any, shard: Any, cfg: MEGLConfig, num_image_tokens: int, num_classes: int) -> dict[str, float]:
     """Validation accuracy and mIoU over this worker's share of the split, with the evaluation's own metric code
     (torchmetrics states, synchronised across the workers at ``compute`` through the engine's device)."""
@@ -71,10 +70,18 @@ def _epoch_shard(cfg: MEGLConfig, plan: WorkerPlan, epoch: int, rank: int, world
     seed = epoch_seed(cfg.train.seed, epoch)
     if plan.train_cache is not None:
         return cached_share(plan.train_cache, mine, pad_to, seed)
-    return build_dataset(cfg.data.uri, "train", tokenizer=plan.tokenizer, image_size=pixel_size(cfg.model),
-                         image_aspect=cfg.model.image_aspect,
-                         max_rationales=cfg.data.max_rationales, max_text_tokens=cfg.model.max_text_tokens,
-                         seed=seed, include_ids=mine, pad_to=pad_to)
+    return build_dataset(
+        cfg.data.uri,
+        "train",
+        tokenizer=plan.tokenizer,
+        image_size=pixel_size(cfg.model),
+        image_aspect=cfg.model.image_aspect,
+        max_rationales=cfg.data.max_rationales,
+        max_text_tokens=cfg.model.max_text_tokens,
+        seed=seed,
+        include_ids=mine,
+        pad_to=pad_to,
+    )
 
 
 def run_worker(plan: WorkerPlan) -> None:
@@ -85,19 +92,26 @@ def run_worker(plan: WorkerPlan) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     configure_worker(plan.verbose, rank, plan.use_gpu)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = build_megl_model(cfg, plan.num_classes, tokenizer=plan.tokenizer,
-                             prior=torch.tensor(plan.prior, dtype=torch.float32))
+    model = build_megl_model(
+        cfg, plan.num_classes, tokenizer=plan.tokenizer, prior=torch.tensor(plan.prior, dtype=torch.float32)
+    )
     if cfg.train.zero_stage == 3 and model.classifier.cam_weight is None:
-        raise ConfigError("train.zero_stage=3 cannot train a classifier head without a closed-form CAM "
-                          "(model.classifier_head=mlp or model.vit_pool=cls): its Grad-CAM needs a double backward, "
-                          "which DeepSpeed ZeRO-3 does not support; use train.zero_stage=2")
+        raise ConfigError(
+            "train.zero_stage=3 cannot train a classifier head without a closed-form CAM "
+            "(model.classifier_head=mlp or model.vit_pool=cls): its Grad-CAM needs a double backward, "
+            "which DeepSpeed ZeRO-3 does not support; use train.zero_stage=2"
+        )
     per_epoch = steps_per_epoch(plan.train_rows, world, cfg.data.batch_size)
-    total_steps = planned_steps(plan.train_rows, world, cfg.data.batch_size, cfg.train.epochs,
-                                cfg.train.grad_accum)
+    total_steps = planned_steps(plan.train_rows, world, cfg.data.batch_size, cfg.train.epochs, cfg.train.grad_accum)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                          config=deepspeed_config(cfg, plan.use_gpu), dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, plan.use_gpu),
+        dist_init_required=False,
+    )
     reseed_rank(cfg.train.seed, rank)  # identical weights, different dropout masks per rank
     state = TrainState(config=plan.config)
     checkpoint = ray.train.get_checkpoint()
@@ -106,8 +120,13 @@ def run_worker(plan: WorkerPlan) -> None:
             state = load_checkpoint(engine, Path(directory), rank)
         # Checkpoints are taken at accumulation boundaries only: the window restarts at the saved position.
         engine.micro_steps = state.micro_steps
-        log.info("resumed from %s at epoch %d, step %d (%d samples of the epoch done)",
-                 checkpoint.path, state.epoch, state.step, len(state.epoch_ids))
+        log.info(
+            "resumed from %s at epoch %d, step %d (%d samples of the epoch done)",
+            checkpoint.path,
+            state.epoch,
+            state.step,
+            len(state.epoch_ids),
+        )
     start_step = state.step  # where this worker group started: 0, or the step of the checkpoint it resumed
     progress = Progress(total_steps, cfg.run.log_every, plan.board if rank == 0 else None)
     sample_log = None
@@ -127,8 +146,10 @@ def run_worker(plan: WorkerPlan) -> None:
         reported = {**metrics, "epoch": state.epoch, "step": state.step}
         if with_checkpoint:
             if engine.micro_steps % cfg.train.grad_accum:
-                raise RuntimeError(f"checkpoint requested inside an accumulation window (micro-step "
-                                   f"{engine.micro_steps}, grad_accum {cfg.train.grad_accum})")
+                raise RuntimeError(
+                    f"checkpoint requested inside an accumulation window (micro-step "
+                    f"{engine.micro_steps}, grad_accum {cfg.train.grad_accum})"
+                )
             with tempfile.TemporaryDirectory(prefix="megl-ckpt-") as tmp:
                 save_checkpoint(engine, state, Path(tmp), rank)
                 ray.train.report(reported, checkpoint=Checkpoint.from_directory(tmp))
@@ -144,10 +165,17 @@ def run_worker(plan: WorkerPlan) -> None:
         acc = Accounting()
         if skip < per_epoch:
             batches = iter_model_batches(
-                _epoch_shard(cfg, plan, epoch, rank, world), tokenizer=model.tokenizer,
-                template=cfg.model.prompt_template, num_image_tokens=model.num_image_tokens, epoch=epoch,
-                batch_size=cfg.data.batch_size, seed=cfg.train.seed, rank=rank,
-                shuffle_buffer=cfg.data.shuffle_buffer, with_ids=True)
+                _epoch_shard(cfg, plan, epoch, rank, world),
+                tokenizer=model.tokenizer,
+                template=cfg.model.prompt_template,
+                num_image_tokens=model.num_image_tokens,
+                epoch=epoch,
+                batch_size=cfg.data.batch_size,
+                seed=cfg.train.seed,
+                rank=rank,
+                shuffle_buffer=cfg.data.shuffle_buffer,
+                with_ids=True,
+            )
         else:  # the checkpoint fell on the epoch's last step: nothing left to train, validation still to do
             batches = iter(())
         for ids, batch in batches:
@@ -158,16 +186,27 @@ def run_worker(plan: WorkerPlan) -> None:
                 acc.applied_step()
                 continue
             batch = {k: v.to(engine.device) for k, v in batch.items()}
-            batch["visual_scale"] = visual_ramp(state.step, total_steps, cfg.loss.visual_ramp_start,
-                                                cfg.loss.visual_ramp_end)
+            batch["visual_scale"] = visual_ramp(
+                state.step, total_steps, cfg.loss.visual_ramp_start, cfg.loss.visual_ramp_end
+            )
             boundary = engine.is_gradient_accumulation_boundary()  # before step(), which advances the counter
             out = engine(**batch)
             engine.backward(out.loss)
             engine.step()
             acc.consumed(ids)
             if sample_log is not None:
-                sample_log.write(json.dumps({"epoch": epoch, "step": engine.global_steps + (0 if boundary else 1),
-                                             "ids": ids, "start_step": start_step, "rank": rank}) + "\n")
+                sample_log.write(
+                    json.dumps(
+                        {
+                            "epoch": epoch,
+                            "step": engine.global_steps + (0 if boundary else 1),
+                            "ids": ids,
+                            "start_step": start_step,
+                            "rank": rank,
+                        }
+                    )
+                    + "\n"
+                )
                 sample_log.flush()
             if not boundary:
                 continue
@@ -178,8 +217,15 @@ def run_worker(plan: WorkerPlan) -> None:
             faults.maybe_kill(state.step, "step", rank, world, log)
             terms = {k: float(v) for k, v in out.terms.items()}
             if rank == 0:
-                progress.step(state.step, epoch, cfg.train.epochs, terms, samples=len(ids) * world,
-                              tokens=int(batch["attention_mask"].sum()) * world, lr=scheduler_lr(engine))
+                progress.step(
+                    state.step,
+                    epoch,
+                    cfg.train.epochs,
+                    terms,
+                    samples=len(ids) * world,
+                    tokens=int(batch["attention_mask"].sum()) * world,
+                    lr=scheduler_lr(engine),
+                )
             if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
                 report(dict(terms), acc)
         if guard.message:
@@ -188,8 +234,7 @@ def run_worker(plan: WorkerPlan) -> None:
         val: dict[str, float] = {}
         if validate:
             faults.maybe_kill(state.step, "validation", rank, world, log)
-            val = _validate(engine, ray.train.get_dataset_shard("val"), cfg, model.num_image_tokens,
-                            plan.num_classes)
+            val = _validate(engine, ray.train.get_dataset_shard("val"), cfg, model.num_image_tokens, plan.num_classes)
         if rank == 0:
             progress.epoch(epoch, cfg.train.epochs, state.step, val)
         state.epoch = epoch + 1
@@ -206,9 +251,18 @@ def scheduler_lr(engine: Any) -> float:
 
 def _export(engine: Any, cfg: MEGLConfig, plan: WorkerPlan, rank: int) -> None:
     """The export (what training changed): under ZeRO-3 gathered module by module (collectively), rank 0 writes."""
-    gather = ((lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None))
-              if cfg.train.zero_stage == 3 else None)
+    gather = (
+        (lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None))
+        if cfg.train.zero_stage == 3
+        else None
+    )
     state = exported_state(engine.module, cfg, gather=gather, keep=rank == 0)
     if rank == 0:
-        save_export(engine.module, cfg, list(plan.classes), plan.run_uri + "/export",
-                    extra={"data_uri": cfg.data.uri, "steps": engine.global_steps}, state=state)
+        save_export(
+            engine.module,
+            cfg,
+            list(plan.classes),
+            plan.run_uri + "/export",
+            extra={"data_uri": cfg.data.uri, "steps": engine.global_steps},
+            state=state,
+        )

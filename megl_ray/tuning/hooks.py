@@ -67,8 +67,10 @@ class ResumableASHA(AsyncHyperBandScheduler):
         log.info("ASHA resumes with %d recorded result(s)", sum(len(v) for v in saved["recorded"]))
 
     def _save_state(self) -> None:
-        state = {"milestones": self._milestones(),
-                 "recorded": [{k: float(v) for k, v in recorded.items()} for _, recorded in self._brackets[0]._rungs]}
+        state = {
+            "milestones": self._milestones(),
+            "recorded": [{k: float(v) for k, v in recorded.items()} for _, recorded in self._brackets[0]._rungs],
+        }
         storage.write_bytes(self._state_uri, yaml.safe_dump(state).encode())
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:

@@ -45,21 +45,29 @@ def trial_rows(grid: Any, settings: SweepSettings, resolved: MEGLConfig) -> list
     """One row per trial: id, the swept values, the last reported metric, epochs run, status, run directory."""
     trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None)  # with their status
     if trials is None:  # not expected: the public results lack the status of unfinished trials
-        trials = [SimpleNamespace(trial_id=r.metrics.get("trial_id") or Path(r.path).name, config=r.config or {},
-                                  status="ERROR" if r.error else "TERMINATED", last_result=r.metrics or {})
-                  for r in grid]
+        trials = [
+            SimpleNamespace(
+                trial_id=r.metrics.get("trial_id") or Path(r.path).name,
+                config=r.config or {},
+                status="ERROR" if r.error else "TERMINATED",
+                last_result=r.metrics or {},
+            )
+            for r in grid
+        ]
     rows = []
     for trial in sorted(trials, key=lambda t: t.trial_id):
         result = trial.last_result or {}
         epochs = result.get("epoch")
-        rows.append({
-            "trial": trial.trial_id,
-            **settings.space.values(trial.config),
-            settings.metric: _number(result.get(settings.metric)),
-            "epochs": int(epochs) if epochs is not None else 0,
-            "status": _status(trial.status, epochs, resolved.train.epochs),
-            "run": run_uri(resolved.run.storage_path, f"{settings.name}-{trial.trial_id}"),
-        })
+        rows.append(
+            {
+                "trial": trial.trial_id,
+                **settings.space.values(trial.config),
+                settings.metric: _number(result.get(settings.metric)),
+                "epochs": int(epochs) if epochs is not None else 0,
+                "status": _status(trial.status, epochs, resolved.train.epochs),
+                "run": run_uri(resolved.run.storage_path, f"{settings.name}-{trial.trial_id}"),
+            }
+        )
     return rows
 
 
@@ -76,15 +84,21 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def report(rows: list[dict[str, Any]], settings: SweepSettings, experiment_uri: str, resumed: bool,
-            started: float) -> dict[str, Any]:
+def report(
+    rows: list[dict[str, Any]], settings: SweepSettings, experiment_uri: str, resumed: bool, started: float
+) -> dict[str, Any]:
     columns = ["trial", *settings.space.keys, settings.metric, "epochs", "status"]
     sign = 1 if settings.mode == "max" else -1
     scored = [r for r in rows if r[settings.metric] is not None and r["status"] != "error"]
     best = max(scored, key=lambda r: sign * r[settings.metric]) if scored else None
-    print(f"\nsweep {settings.name}: {len(rows)} trial(s), {settings.metric} ({settings.mode})"
-          + (f", best {best['trial']}" if best else "") + "\n" + format_table(rows, columns), file=sys.stderr,
-          flush=True)
+    print(
+        f"\nsweep {settings.name}: {len(rows)} trial(s), {settings.metric} ({settings.mode})"
+        + (f", best {best['trial']}" if best else "")
+        + "\n"
+        + format_table(rows, columns),
+        file=sys.stderr,
+        flush=True,
+    )
 
     counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "early-stopped", "error")}
     # Trials not finished, and those an interrupted sweep had not created yet.
@@ -101,31 +115,48 @@ def report(rows: list[dict[str, Any]], settings: SweepSettings, experiment_uri: 
         cfg = apply_values(settings.base.to_dict(), {k: best[k] for k in settings.space.keys})
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"{settings.name}-best"))
         best_config_uri = experiment_uri + "/best_config.yaml"
-        text = (f"# The best trial ({best['trial']}, {settings.metric}={best[settings.metric]:.4g}, {settings.mode}) "
-                f"of sweep {settings.name}; its run: {best['run']}\n"
-                f"# Train it again, as run {cfg.run.name}: python -m megl_ray.train --config best_config.yaml\n"
-                + cfg.to_yaml())
+        text = (
+            f"# The best trial ({best['trial']}, {settings.metric}={best[settings.metric]:.4g}, {settings.mode}) "
+            f"of sweep {settings.name}; its run: {best['run']}\n"
+            f"# Train it again, as run {cfg.run.name}: python -m megl_ray.train --config best_config.yaml\n"
+            + cfg.to_yaml()
+        )
         storage.write_bytes(best_config_uri, text.encode())
         best_config = best_config_uri
         if storage.is_s3(best_config_uri):  # --config takes a local file: keep a copy on this machine too
             best_config = str(megl_home() / "sweeps" / settings.name / "best_config.yaml")
             storage.write_bytes(best_config, text.encode())
     summary = {
-        "name": settings.name, "experiment": experiment_uri, "metric": settings.metric, "mode": settings.mode,
-        "trials": len(rows), "completed": counts["completed"], "early_stopped": counts["early-stopped"],
-        "errored": counts["error"], "unfinished": unfinished, "resumed": resumed,
-        "best_trial": best["trial"] if best else None, "best_metric": best[settings.metric] if best else None,
+        "name": settings.name,
+        "experiment": experiment_uri,
+        "metric": settings.metric,
+        "mode": settings.mode,
+        "trials": len(rows),
+        "completed": counts["completed"],
+        "early_stopped": counts["early-stopped"],
+        "errored": counts["error"],
+        "unfinished": unfinished,
+        "resumed": resumed,
+        "best_trial": best["trial"] if best else None,
+        "best_metric": best[settings.metric] if best else None,
         "best_values": {k: best[k] for k in settings.space.keys} if best else None,
-        "best_run": best["run"] if best else None, "best_config": best_config,
+        "best_run": best["run"] if best else None,
+        "best_config": best_config,
         "best_config_uri": best_config_uri,
-        "results_csv": results_csv, "results_json": results_json, "seconds": round(time.monotonic() - started, 1),
+        "results_csv": results_csv,
+        "results_json": results_json,
+        "seconds": round(time.monotonic() - started, 1),
     }
     storage.write_bytes(results_json, (json.dumps({**summary, "rows": rows}, indent=2) + "\n").encode())
     if unfinished:
-        log.warning("sweep %s was interrupted with %d trial(s) unfinished: re-run the same command to resume it",
-                    settings.name, unfinished)
+        log.warning(
+            "sweep %s was interrupted with %d trial(s) unfinished: re-run the same command to resume it",
+            settings.name,
+            unfinished,
+        )
         raise KeyboardInterrupt
     if best is None:
-        raise UserError(f"sweep {settings.name}: no trial reported {settings.metric} "
-                        f"({counts['error']} failed; see {results_csv})")
+        raise UserError(
+            f"sweep {settings.name}: no trial reported {settings.metric} ({counts['error']} failed; see {results_csv})"
+        )
     return summary

@@ -60,9 +60,16 @@ class SweepSettings:
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a re-run to resume this sweep (Tune restores the original settings)."""
-        return {"space": self.space.to_dict(), "config": self.base.to_dict(), "num_samples": self.num_samples,
-                "scheduler": self.scheduler, "metric": self.metric, "mode": self.mode,
-                "grace_period": self.grace_period, "reduction_factor": self.reduction_factor}
+        return {
+            "space": self.space.to_dict(),
+            "config": self.base.to_dict(),
+            "num_samples": self.num_samples,
+            "scheduler": self.scheduler,
+            "metric": self.metric,
+            "mode": self.mode,
+            "grace_period": self.grace_period,
+            "reduction_factor": self.reduction_factor,
+        }
 
 
 def settings_from(args: SweepOptions) -> SweepSettings:
@@ -85,5 +92,15 @@ def settings_from(args: SweepOptions) -> SweepSettings:
     problem = check_name(name) or ("must not start with '.'" if name.startswith(".") else None)
     if problem:
         raise UserError(f"--name {problem}, got {name!r}")
-    return SweepSettings(name, space, base, num_samples, args.scheduler, args.metric, mode, args.grace_period,
-                         args.reduction_factor, args.max_concurrent)
+    return SweepSettings(
+        name,
+        space,
+        base,
+        num_samples,
+        args.scheduler,
+        args.metric,
+        mode,
+        args.grace_period,
+        args.reduction_factor,
+        args.max_concurrent,
+    )

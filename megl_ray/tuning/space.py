@@ -193,9 +193,11 @@ def _parse_param(key: Any, spec: Any, fail: Any) -> Param:
         fail(key, f"cannot be swept: {NOT_SWEEPABLE[key]}")
     tp = _base_type(_field_type(key))
     if not isinstance(spec, dict) or len(spec) != 1:
-        fail(key, f"expected one distribution as {{name: args}} with name one of {', '.join(DISTRIBUTIONS)}, "
-                  f"got {spec!r}")
-    (kind, args), = spec.items()
+        fail(
+            key,
+            f"expected one distribution as {{name: args}} with name one of {', '.join(DISTRIBUTIONS)}, got {spec!r}",
+        )
+    ((kind, args),) = spec.items()
     if kind not in DISTRIBUTIONS:
         fail(key, f"unknown distribution '{kind}' (valid: {', '.join(DISTRIBUTIONS)})")
     if not isinstance(args, list) or not args:
@@ -251,7 +253,7 @@ def parse_space(data: Any, source: str = "<space>", base: MEGLConfig | None = No
                 apply_values(base_dict, {p.key: value})
             except ConfigError as err:
                 message = str(err)
-                message = message[len(p.key) + 2:] if message.startswith(p.key + ": ") else message
+                message = message[len(p.key) + 2 :] if message.startswith(p.key + ": ") else message
                 fail(p.key, f"{p.kind} value {value!r} is invalid: {message}")
     return SearchSpace(source, params)
 

@@ -54,8 +54,17 @@ log = logging.getLogger("megl_ray.tune")
 # ------------------------------------------------------------------------------------------------ one trial
 
 
-def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep: str, keys: list[str], env: dict[str, str],
-              cwd: str, verbose: bool = False, credentials: str | None = None) -> None:
+def run_trial(
+    config: dict[str, Any],
+    *,
+    base: dict[str, Any],
+    sweep: str,
+    keys: list[str],
+    env: dict[str, str],
+    cwd: str,
+    verbose: bool = False,
+    credentials: str | None = None,
+) -> None:
     """A Tune trial: the base config with the trial's values, trained as the Ray Train run ``<sweep>-<trial id>``.
 
     Its workers' per-epoch reports reach Tune through ``TuneReportCallback``; when ASHA stops the trial, Ray ends
@@ -69,9 +78,11 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep: str, keys:
     cfg = apply_values(base, values)
     sample_log = cfg.train.sample_log_dir and str(Path(cfg.train.sample_log_dir) / trial_id)
     # One MLflow experiment / W&B group per sweep, one tracked run per trial.
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"{sweep}-{trial_id}",
-                                                           experiment=cfg.run.experiment or sweep),
-                              train=dataclasses.replace(cfg.train, sample_log_dir=sample_log))
+    cfg = dataclasses.replace(
+        cfg,
+        run=dataclasses.replace(cfg.run, name=f"{sweep}-{trial_id}", experiment=cfg.run.experiment or sweep),
+        train=dataclasses.replace(cfg.train, sample_log_dir=sample_log),
+    )
     logging.getLogger("megl_ray.tune").info("trial %s: %s", trial_id, values)
     fit(cfg, callbacks=[TuneReportCallback()], evaluate_test=False, verbose=verbose, console=False)
 
@@ -99,8 +110,10 @@ def check_cpus(resources: dict[str, float], cfg: MEGLConfig) -> None:
     need = cfg.train.num_workers * cfg.train.cpus_per_worker
     cpus = resources.get("CPU", 0.0)
     if need > cpus - DATA_HEADROOM_CPU + 1e-9:
-        raise UserError(f"train.num_workers={cfg.train.num_workers} needs {need:g} CPUs plus {DATA_HEADROOM_CPU:g} "
-                        f"for data, the cluster has {cpus:g} (lower train.num_workers or train.cpus_per_worker)")
+        raise UserError(
+            f"train.num_workers={cfg.train.num_workers} needs {need:g} CPUs plus {DATA_HEADROOM_CPU:g} "
+            f"for data, the cluster has {cpus:g} (lower train.num_workers or train.cpus_per_worker)"
+        )
 
 
 def _check_resumable(uri: str, settings: SweepSettings) -> None:
@@ -111,25 +124,31 @@ def _check_resumable(uri: str, settings: SweepSettings) -> None:
     current = settings.fingerprint()
     changed = [k for k in current if json.dumps(saved.get(k), sort_keys=True) != json.dumps(current[k], sort_keys=True)]
     if changed:
-        raise UserError(f"sweep '{settings.name}' exists with other settings ({', '.join(changed)} differ): re-run "
-                        f"it with its original arguments to resume it, or choose another --name")
+        raise UserError(
+            f"sweep '{settings.name}' exists with other settings ({', '.join(changed)} differ): re-run "
+            f"it with its original arguments to resume it, or choose another --name"
+        )
 
 
-def sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None = None,
-          verbose: bool = False) -> dict[str, Any]:
+def sweep(
+    settings: SweepSettings, resolved: MEGLConfig, address: str | None = None, verbose: bool = False
+) -> dict[str, Any]:
     """Run (or resume) the sweep; ``resolved`` is the base config with data and storage filled in."""
     with credentials_file() as credentials:  # for trials that did not inherit them; removed at the end
         return _sweep(settings, resolved, address, verbose, credentials)
 
 
-def _sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None, verbose: bool,
-           credentials: str | None) -> dict[str, Any]:
+def _sweep(
+    settings: SweepSettings, resolved: MEGLConfig, address: str | None, verbose: bool, credentials: str | None
+) -> dict[str, Any]:
     started = time.monotonic()
     info = load_dataset_info(resolved.data.uri)  # fails fast, before Ray starts, on bad data or unreachable storage
     if settings.metric.startswith("val_") and not info.splits.get("val") and resolved.data.val_fraction == 0:
         others = ", ".join(m for m in METRICS if not m.startswith("val_"))
-        raise UserError(f"--metric {settings.metric}: data.val_fraction=0 and the dataset has no val split, so "
-                        f"training validates nothing; choose --metric among {others}, or data.val_fraction > 0")
+        raise UserError(
+            f"--metric {settings.metric}: data.val_fraction=0 and the dataset has no val split, so "
+            f"training validates nothing; choose --metric among {others}, or data.val_fraction > 0"
+        )
     storage_path, filesystem = run_storage(resolved.run.storage_path)
     experiment_uri = run_uri(resolved.run.storage_path, settings.name)
     experiment_path = storage_path.rstrip("/") + "/" + settings.name
@@ -145,41 +164,79 @@ def _sweep(settings: SweepSettings, resolved: MEGLConfig, address: str | None, v
     fits = max_concurrent_trials(ray.cluster_resources(), resolved, use_gpu)
     concurrent = min(settings.max_concurrent or fits, fits)
     if settings.max_concurrent and settings.max_concurrent > fits:
-        log.warning("--max-concurrent %d lowered to %d: the trials beyond would wait for workers, or leave Ray Data "
-                    "no CPU and wait forever", settings.max_concurrent, fits)
-    storage.write_bytes(experiment_uri + "/" + SWEEP_FILE,
-                        (json.dumps(settings.fingerprint(), indent=2, sort_keys=True) + "\n").encode())
+        log.warning(
+            "--max-concurrent %d lowered to %d: the trials beyond would wait for workers, or leave Ray Data "
+            "no CPU and wait forever",
+            settings.max_concurrent,
+            fits,
+        )
+    storage.write_bytes(
+        experiment_uri + "/" + SWEEP_FILE,
+        (json.dumps(settings.fingerprint(), indent=2, sort_keys=True) + "\n").encode(),
+    )
 
     env = public_env()
     if "TORCH_EXTENSIONS_DIR" in os.environ:
         env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=resolved.to_dict(), sweep=settings.name, keys=settings.space.keys,
-                             env=env, cwd=os.getcwd(), verbose=verbose, credentials=credentials),
-        TRIAL_DRIVER_RESOURCES)
+        tune.with_parameters(
+            run_trial,
+            base=resolved.to_dict(),
+            sweep=settings.name,
+            keys=settings.space.keys,
+            env=env,
+            cwd=os.getcwd(),
+            verbose=verbose,
+            credentials=credentials,
+        ),
+        TRIAL_DRIVER_RESOURCES,
+    )
     resumed = tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
     if resumed:
         log.info("resuming sweep %s from %s", settings.name, experiment_uri)
         tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=True, storage_filesystem=filesystem)
     else:
         if settings.scheduler == "asha":
-            scheduler = ResumableASHA(experiment_uri + "/" + ASHA_STATE_FILE, time_attr="epoch",
-                                      max_t=resolved.train.epochs,
-                                      grace_period=min(settings.grace_period, resolved.train.epochs),
-                                      reduction_factor=settings.reduction_factor)
+            scheduler = ResumableASHA(
+                experiment_uri + "/" + ASHA_STATE_FILE,
+                time_attr="epoch",
+                max_t=resolved.train.epochs,
+                grace_period=min(settings.grace_period, resolved.train.epochs),
+                reduction_factor=settings.reduction_factor,
+            )
         else:
             scheduler = FIFOScheduler()
         total = settings.num_samples * settings.space.grid_size()
-        log.info("sweep %s: %d trial(s) of %s, at most %d at once, %s scheduler on %s; experiment %s",
-                 settings.name, total, settings.space.source, concurrent, settings.scheduler, settings.metric,
-                 experiment_uri)
+        log.info(
+            "sweep %s: %d trial(s) of %s, at most %d at once, %s scheduler on %s; experiment %s",
+            settings.name,
+            total,
+            settings.space.source,
+            concurrent,
+            settings.scheduler,
+            settings.metric,
+            experiment_uri,
+        )
         tuner = tune.Tuner(
-            trainable, param_space=settings.space.param_space(),
-            tune_config=tune.TuneConfig(metric=settings.metric, mode=settings.mode, scheduler=scheduler,
-                                        num_samples=settings.num_samples, max_concurrent_trials=concurrent,
-                                        trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-            run_config=tune.RunConfig(name=settings.name, storage_path=storage_path, storage_filesystem=filesystem,
-                                      callbacks=[InterruptAfter()], verbose=1))
+            trainable,
+            param_space=settings.space.param_space(),
+            tune_config=tune.TuneConfig(
+                metric=settings.metric,
+                mode=settings.mode,
+                scheduler=scheduler,
+                num_samples=settings.num_samples,
+                max_concurrent_trials=concurrent,
+                trial_name_creator=trial_name,
+                trial_dirname_creator=trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name=settings.name,
+                storage_path=storage_path,
+                storage_filesystem=filesystem,
+                callbacks=[InterruptAfter()],
+                verbose=1,
+            ),
+        )
     # Mid-epoch checkpoint reports (train.checkpoint_every) carry no validation metric; ASHA skips them.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     keep_tune_from_logging_credentials()

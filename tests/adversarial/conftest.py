@@ -23,9 +23,14 @@ def write_tiny_source(root: Path, n: int = 12) -> Path:
         mask[4:9, 4:9] = 1.0
         np.save(root / "masks" / f"{i}.npy", mask)
         split = "test" if i < 2 else "val" if i < 4 else "train"
-        records[f"r{i}"] = {"image_path": f"images/{i}.png", "class_id": cid, "ans": name,
-                            "visual_exp": f"masks/{i}.npy" if i % 3 == 0 else "", "split": split,
-                            "exp": [f"a {name} with fur", f"the {name} sits"]}
+        records[f"r{i}"] = {
+            "image_path": f"images/{i}.png",
+            "class_id": cid,
+            "ans": name,
+            "visual_exp": f"masks/{i}.npy" if i % 3 == 0 else "",
+            "split": split,
+            "exp": [f"a {name} with fur", f"the {name} sits"],
+        }
     (root / "exp_annotation.json").write_text(json.dumps(records))
     (root / "label_class_id_mapping.json").write_text(json.dumps({"cat": 0, "dog": 1}))
     return root
@@ -45,4 +50,5 @@ def tiny_dataset(tmp_path_factory) -> Path:
 def copy_dataset(tiny_dataset, tmp_path):
     def make(name: str = "ds") -> Path:
         return Path(shutil.copytree(tiny_dataset, tmp_path / name))
+
     return make

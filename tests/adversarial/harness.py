@@ -14,9 +14,10 @@ import json
 import logging
 import os
 import stat
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from megl_ray.cli import run_cli
 
@@ -44,8 +45,11 @@ def snapshot(root: Path, skip: Sequence[Path] = ()) -> dict[str, tuple[str, int,
             if stat.S_ISREG(info.st_mode) and info.st_size <= 2**26:  # sparse giants: size and mtime suffice
                 with open(path, "rb") as f:
                     digest = hashlib.sha256(f.read()).hexdigest()
-            found[os.path.relpath(path, root)] = (stat.filemode(info.st_mode)[0], info.st_size,
-                                                  digest or str(info.st_mtime_ns))
+            found[os.path.relpath(path, root)] = (
+                stat.filemode(info.st_mode)[0],
+                info.st_size,
+                digest or str(info.st_mtime_ns),
+            )
     return found
 
 
@@ -76,6 +80,7 @@ def assert_user_error(outcome: Outcome, *fragments: str) -> None:
 
 def assert_standard_json(text: str) -> None:
     """The last stdout line parses as strict JSON (no NaN/Infinity tokens)."""
+
     def refuse(token: str) -> None:
         raise AssertionError(f"non-standard JSON number {token} in {text[-300:]!r}")
 
@@ -84,8 +89,10 @@ def assert_standard_json(text: str) -> None:
 
 def edit_json(name: str, change: Callable[[Any], Any]) -> Callable[[Path], None]:
     """A damage function: load ``root/name`` as JSON, let ``change`` edit it in place, write it back."""
+
     def damage(root: Path) -> None:
         value = json.loads((root / name).read_text())
         change(value)
         (root / name).write_text(json.dumps(value))
+
     return damage

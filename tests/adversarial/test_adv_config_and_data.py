@@ -20,6 +20,7 @@ TUNE_SPACE = "loss.text_weight:\n  grid: [0.5, 1.0]\n"
 
 def _file(text: str | bytes | None = None, kind: str = "file"):
     """A path maker: a file with ``text``, a FIFO, or a directory."""
+
     def make(path: Path) -> Path:
         if kind == "fifo":
             os.mkfifo(path)
@@ -30,6 +31,7 @@ def _file(text: str | bytes | None = None, kind: str = "file"):
         else:
             path.write_text(text)
         return path
+
     return make
 
 
@@ -39,8 +41,13 @@ BAD_CONFIG_FILES = {
     "fifo": (_file(kind="fifo"), "FIFO"),
     "directory": (_file(kind="dir"), "directory"),
     "nested_deep": (_file("a: " + "[" * 20000 + "]" * 20000), "invalid YAML"),
-    "alias_bomb": (_file("a: &a [1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
-        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 8)}]\n" for i in range(10))), "aliases"),
+    "alias_bomb": (
+        _file(
+            "a: &a [1, 1, 1, 1, 1, 1, 1, 1]\n"
+            + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 8)}]\n" for i in range(10))
+        ),
+        "aliases",
+    ),
     "unparsable": (_file("optim: {lr: 0.1\n"), "invalid YAML"),
     "top_level_list": (_file("- 1\n- 2\n"), "mapping"),
 }
@@ -62,8 +69,11 @@ BAD_OVERRIDES = {
     "unknown_key": (["optim.learning_rate=0.1"], "unknown config key"),
 }
 
-ENTRY_POINTS = {"train": (train.main, []), "train_local": (train_local.main, []),
-                "tune": (tune.main, ["--space", "SPACE"])}
+ENTRY_POINTS = {
+    "train": (train.main, []),
+    "train_local": (train_local.main, []),
+    "tune": (tune.main, ["--space", "SPACE"]),
+}
 
 
 def _argv(entry: str, tmp_path: Path, rest: list[str]) -> list[str]:
@@ -91,8 +101,12 @@ def test_bad_overrides(entry, case, tmp_path, capsys):
     overrides, fragment = BAD_OVERRIDES[case]
     _argv(entry, tmp_path, [])
     before = snapshot(tmp_path)
-    outcome = run(f"megl_ray.{entry}", ENTRY_POINTS[entry][0],
-                  _argv(entry, tmp_path, [f"run.storage_path={tmp_path / 'runs'}", *overrides]), capsys)
+    outcome = run(
+        f"megl_ray.{entry}",
+        ENTRY_POINTS[entry][0],
+        _argv(entry, tmp_path, [f"run.storage_path={tmp_path / 'runs'}", *overrides]),
+        capsys,
+    )
     assert_user_error(outcome, fragment)
     assert snapshot(tmp_path) == before, "a refused run wrote something"
 
@@ -115,8 +129,9 @@ def test_bad_tune_arguments(case, tmp_path, capsys):
     space = tmp_path / "space.yaml"
     _file(space_text, "fifo" if space_text is None else "file")(space)
     before = snapshot(tmp_path)
-    outcome = run("megl_ray.tune", tune.main,
-                  ["--space", str(space), *flags, f"run.storage_path={tmp_path / 'runs'}"], capsys)
+    outcome = run(
+        "megl_ray.tune", tune.main, ["--space", str(space), *flags, f"run.storage_path={tmp_path / 'runs'}"], capsys
+    )
     assert_user_error(outcome, fragment)
     assert snapshot(tmp_path) == before
 
@@ -126,10 +141,14 @@ def test_make_sample_into_a_file_and_bad_arguments(tmp_path, capsys):
     target.write_text("mine")
     assert_user_error(run("megl_ray.data.make_sample", make_sample.main, [target], capsys), "not a folder")
     assert target.read_text() == "mine"
-    assert_user_error(run("megl_ray.data.make_sample", make_sample.main, [tmp_path / "x", "--n-per-class", "lots"],
-                          capsys), "--n-per-class")
-    assert_user_error(run("megl_ray.data.make_sample", make_sample.main, [tmp_path / "y", "--n-per-class", "0"],
-                          capsys), "--n-per-class")
+    assert_user_error(
+        run("megl_ray.data.make_sample", make_sample.main, [tmp_path / "x", "--n-per-class", "lots"], capsys),
+        "--n-per-class",
+    )
+    assert_user_error(
+        run("megl_ray.data.make_sample", make_sample.main, [tmp_path / "y", "--n-per-class", "0"], capsys),
+        "--n-per-class",
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
@@ -164,8 +183,10 @@ DAMAGED = {
     "shard_truncated": (lambda ds: _train_shard(ds).write_bytes(_train_shard(ds).read_bytes()[:100]), "cannot read"),
     "shard_not_parquet": (lambda ds: _train_shard(ds).write_bytes(b"PAR1 but not really"), "cannot read"),
     "shard_foreign_columns": (lambda ds: pq.write_table(pa.table({"x": [1, 2]}), _train_shard(ds)), "column"),
-    "empty_train_split": (_edit_info(lambda i: (i["shards"].update(train=[]), i["splits"].update(train=0))),
-                          "empty train split"),
+    "empty_train_split": (
+        _edit_info(lambda i: (i["shards"].update(train=[]), i["splits"].update(train=0))),
+        "empty train split",
+    ),
 }
 
 
@@ -175,7 +196,8 @@ def test_damaged_dataset_stops_train_local_with_one_line(case, copy_dataset, tmp
     ds = copy_dataset()
     damage(ds)
     before = snapshot(tmp_path)
-    outcome = run("megl_ray.train_local", train_local.main,
-                  [f"data.uri={ds}", "--export", str(tmp_path / "export")], capsys)
+    outcome = run(
+        "megl_ray.train_local", train_local.main, [f"data.uri={ds}", "--export", str(tmp_path / "export")], capsys
+    )
     assert_user_error(outcome, fragment)
     assert snapshot(tmp_path) == before

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -22,8 +22,13 @@ HUGE = "9" * 5000
 
 
 def good_record(name: str = "a", **changes) -> dict:
-    record = {"image_path": f"images/{name}.png", "class_id": 0, "ans": "cat", "visual_exp": f"masks/{name}.npy",
-              "exp": ["a furry cat", "pointy ears"]}
+    record = {
+        "image_path": f"images/{name}.png",
+        "class_id": 0,
+        "ans": "cat",
+        "visual_exp": f"masks/{name}.npy",
+        "exp": ["a furry cat", "pointy ears"],
+    }
     record.update(changes)
     return record
 
@@ -95,12 +100,14 @@ def _source_with(**files: bytes | str | Callable[[Path], None]):
             else:
                 path.write_text(content, encoding="utf-8", errors="surrogatepass")
         return src, tmp / "dst", []
+
     return build
 
 
 def _records(records: dict[str, object], flags=()):
     def build(tmp: Path):
         return make_source(tmp / "src", records), tmp / "dst", list(flags)
+
     return build
 
 
@@ -115,12 +122,12 @@ FILE_LEVEL = {
     "annotation_is_a_directory": (_source_with(exp_annotation__json=Path.mkdir), "directory"),
     "annotation_is_an_array": (_source_with(exp_annotation__json="[1, 2]"), "must be a JSON object"),
     "mapping_id_of_5000_digits": (_source_with(label_class_id_mapping__json='{"cat": ' + HUGE + "}"), "integers"),
-    "mapping_name_is_image_token": (_source_with(label_class_id_mapping__json='{"<image>": 0, "dog": 1}'),
-                                    "<image>"),
-    "mapping_name_lone_surrogate": (_source_with(label_class_id_mapping__json='{"\\ud800": 0, "dog": 1}'),
-                                    "UTF-8"),
-    "strict_bad_record": (_records({"a": good_record("a"), "b": good_record("b", class_id=7)}, ["--strict"]),
-                          "unknown_class_id"),
+    "mapping_name_is_image_token": (_source_with(label_class_id_mapping__json='{"<image>": 0, "dog": 1}'), "<image>"),
+    "mapping_name_lone_surrogate": (_source_with(label_class_id_mapping__json='{"\\ud800": 0, "dog": 1}'), "UTF-8"),
+    "strict_bad_record": (
+        _records({"a": good_record("a"), "b": good_record("b", class_id=7)}, ["--strict"]),
+        "unknown_class_id",
+    ),
     "max_bytes_zero": (_records({"a": good_record("a")}, ["--max-bytes", "0"]), "--max-bytes"),
     "val_fraction_nan": (_records({"a": good_record("a")}, ["--val-fraction", "nan"]), "--val-fraction"),
     "unknown_option": (_records({"a": good_record("a")}, ["--frobnicate"]), "unrecognized arguments"),
@@ -163,6 +170,7 @@ def _sparse(name: str, size: int = 10 * 2**30) -> Callable[[Path], None]:
     def make(src: Path) -> None:
         with open(src / name, "wb") as f:
             f.truncate(size)  # 10 GiB that take no disk: read whole, they would exhaust memory
+
     return make
 
 
@@ -172,32 +180,56 @@ def _symlink(name: str, target: str) -> Callable[[Path], None]:
 
 # case -> (record b's raw JSON or changes, extra file to create, expected (what, reason) of b)
 RECORD_LEVEL: dict[str, tuple[object, Callable[[Path], None] | None, tuple[str, str]]] = {
-    "rationale_lone_surrogate": ('{"image_path": "images/b.png", "class_id": 0, "ans": "cat", "exp": ["\\udc80 x"]}',
-                                 None, ("record", "no_usable_rationale")),
+    "rationale_lone_surrogate": (
+        '{"image_path": "images/b.png", "class_id": 0, "ans": "cat", "exp": ["\\udc80 x"]}',
+        None,
+        ("record", "no_usable_rationale"),
+    ),
     "id_lone_surrogate": (None, None, ("record", "invalid_text")),
-    "class_name_lone_surrogate": ('{"image_path": "images/b.png", "class_id": 0, "ans": "\\ud800", "exp": ["x"]}',
-                                  None, ("record", "invalid_text")),
+    "class_name_lone_surrogate": (
+        '{"image_path": "images/b.png", "class_id": 0, "ans": "\\ud800", "exp": ["x"]}',
+        None,
+        ("record", "invalid_text"),
+    ),
     "nul_in_image_path": ({"image_path": "images/b.png\x00.jpg"}, None, ("record", "path_invalid")),
     "nul_in_mask_path": ({"visual_exp": "masks/\x00b.npy"}, None, ("mask", "mask_path_invalid")),
-    "class_id_5000_digits": ('{"image_path": "images/b.png", "class_id": ' + HUGE + ', "ans": "cat", "exp": ["x"]}',
-                             None, ("record", "wrong_type")),
+    "class_id_5000_digits": (
+        '{"image_path": "images/b.png", "class_id": ' + HUGE + ', "ans": "cat", "exp": ["x"]}',
+        None,
+        ("record", "wrong_type"),
+    ),
     "class_id_31_digits": ({"class_id": 10**30}, None, ("record", "unknown_class_id")),
     "rationale_with_image_token": ({"exp": ["look at <image> here"]}, None, ("record", "no_usable_rationale")),
-    "image_is_a_fifo": ({"image_path": "images/pipe.png"}, _fifo("images/pipe.png"),
-                        ("record", "image_not_regular_file")),
+    "image_is_a_fifo": (
+        {"image_path": "images/pipe.png"},
+        _fifo("images/pipe.png"),
+        ("record", "image_not_regular_file"),
+    ),
     "mask_is_a_fifo": ({"visual_exp": "masks/pipe.npy"}, _fifo("masks/pipe.npy"), ("mask", "mask_not_regular_file")),
-    "image_huge_sparse_file": ({"image_path": "images/huge.png"}, _sparse("images/huge.png"),
-                               ("record", "image_too_large")),
+    "image_huge_sparse_file": (
+        {"image_path": "images/huge.png"},
+        _sparse("images/huge.png"),
+        ("record", "image_too_large"),
+    ),
     "mask_huge_sparse_file": ({"visual_exp": "masks/huge.npy"}, _sparse("masks/huge.npy"), ("mask", "mask_too_large")),
-    "image_links_to_dev_zero": ({"image_path": "images/zero.png"}, _symlink("images/zero.png", "/dev/zero"),
-                                ("record", "path_escape")),
+    "image_links_to_dev_zero": (
+        {"image_path": "images/zero.png"},
+        _symlink("images/zero.png", "/dev/zero"),
+        ("record", "path_escape"),
+    ),
     "image_is_a_directory": ({"image_path": "masks"}, None, ("record", "image_not_regular_file")),
-    "image_symlink_loop": ({"image_path": "images/loop.png"}, _symlink("images/loop.png", "loop.png"),
-                           ("record", "image_unreadable")),
+    "image_symlink_loop": (
+        {"image_path": "images/loop.png"},
+        _symlink("images/loop.png", "loop.png"),
+        ("record", "image_unreadable"),
+    ),
     "image_path_too_long": ({"image_path": "images/" + "x" * 5000 + ".png"}, None, ("record", "image_unreadable")),
     "image_path_escapes": ({"image_path": "../../etc/passwd"}, None, ("record", "path_escape")),
-    "deeply_nested_rationale": ('{"image_path": "images/b.png", "class_id": 0, "ans": "cat", "exp": '
-                                + "[" * 500 + "]" * 500 + "}", None, ("record", "no_usable_rationale")),
+    "deeply_nested_rationale": (
+        '{"image_path": "images/b.png", "class_id": 0, "ans": "cat", "exp": ' + "[" * 500 + "]" * 500 + "}",
+        None,
+        ("record", "no_usable_rationale"),
+    ),
 }
 
 
@@ -246,4 +278,3 @@ def test_atomic_overwrite_on_s3(embedded_s3, monkeypatch, tmp_path, capsys):
     from megl_ray.data.schema import load_dataset_info
 
     assert sum(load_dataset_info(uri).splits.values()) == 2
-

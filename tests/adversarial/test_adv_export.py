@@ -24,14 +24,15 @@ def export_dir(tiny_dataset, tmp_path_factory) -> Path:
     """An untrained export of the tiny preset for the tiny dataset's classes (building it takes seconds)."""
     from megl_ray.config import load_config, packaged_config
     from megl_ray.data.schema import load_dataset_info
-    from megl_ray.model.export_io import save_export
     from megl_ray.model import build_megl_model
+    from megl_ray.model.export_io import save_export
 
     info = load_dataset_info(str(tiny_dataset))
     torch.manual_seed(0)
     cfg = load_config(packaged_config("tiny"), ["model.max_text_tokens=8"])
-    model = build_megl_model(cfg, info.num_classes, corpus=["a cat with fur", "the dog sits"] * 4,
-                             prior=torch.as_tensor(info.prior_array()))
+    model = build_megl_model(
+        cfg, info.num_classes, corpus=["a cat with fur", "the dog sits"] * 4, prior=torch.as_tensor(info.prior_array())
+    )
     out = tmp_path_factory.mktemp("adv-export") / "export"
     save_export(model, cfg, list(info.classes), str(out))
     return out
@@ -45,12 +46,14 @@ def _write(name: str, content: bytes | str):
         else:
             path.unlink()
         path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+
     return damage
 
 
 def _truncate(name: str, keep: int):
     def damage(root: Path) -> None:
         (root / name).write_bytes((root / name).read_bytes()[:keep])
+
     return damage
 
 
@@ -58,6 +61,7 @@ def _fifo(name: str):
     def damage(root: Path) -> None:
         (root / name).unlink()
         os.mkfifo(root / name)
+
     return damage
 
 
@@ -87,8 +91,10 @@ def _wrong_shape(root: Path) -> None:
 DAMAGE = {
     "weights_truncated": (_truncate("model.safetensors", 4096), "model.safetensors"),
     "weights_garbage": (_write("model.safetensors", b"\x00" * 64), "model.safetensors"),
-    "weights_header_claims_2_60_bytes": (_write("model.safetensors", struct.pack("<Q", 2**60) + b"{}"),
-                                         "model.safetensors"),
+    "weights_header_claims_2_60_bytes": (
+        _write("model.safetensors", struct.pack("<Q", 2**60) + b"{}"),
+        "model.safetensors",
+    ),
     "weights_is_fifo": (_fifo("model.safetensors"), "FIFO"),
     "weights_wrong_shape": (_wrong_shape, "weights do not fit"),
     "meta_not_json": (_write("meta.json", "{ not json"), "meta.json"),

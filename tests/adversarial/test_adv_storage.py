@@ -18,8 +18,14 @@ SECRET = "hunter2secret"
 @pytest.fixture
 def no_aws_credentials(monkeypatch, tmp_path):
     """No credentials anywhere (and no instance-metadata lookup), so S3 calls fail at once, offline."""
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+    for name in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
@@ -61,12 +67,15 @@ def test_bad_retry_seconds_is_one_line(value, no_aws_credentials, monkeypatch, t
     assert snapshot(tmp_path).keys() >= before.keys()
 
 
-@pytest.mark.parametrize("flags, fragment", [
-    (["--port", "70000"], "not a valid port"),
-    (["--port", "60000"], "not a valid port"),  # its gRPC port would be 70000
-    (["--port", "-1"], "not a valid port"),
-    (["--port", "http"], "--port"),
-])
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--port", "70000"], "not a valid port"),
+        (["--port", "60000"], "not a valid port"),  # its gRPC port would be 70000
+        (["--port", "-1"], "not a valid port"),
+        (["--port", "http"], "--port"),
+    ],
+)
 def test_serve_refuses_bad_ports(flags, fragment, tmp_path, capsys):
     outcome = run("python -m megl_ray.storage", storage_main, ["serve", "--data-dir", tmp_path / "d", *flags], capsys)
     assert_user_error(outcome, fragment)

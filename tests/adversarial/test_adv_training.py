@@ -13,8 +13,14 @@ from tests.adversarial.harness import assert_standard_json, assert_user_error, r
 
 def test_train_local_stops_when_the_loss_is_not_finite(tiny_dataset, tmp_path, capsys):
     # A finite but absurd learning rate: accepted by the config, the weights blow up within a few steps.
-    argv = [f"data.uri={tiny_dataset}", "optim.lr=1e10", "data.batch_size=4", "train.epochs=4",
-            "--export", str(tmp_path / "export")]
+    argv = [
+        f"data.uri={tiny_dataset}",
+        "optim.lr=1e10",
+        "data.batch_size=4",
+        "train.epochs=4",
+        "--export",
+        str(tmp_path / "export"),
+    ]
     outcome = run("megl_ray.train_local", train_local.main, argv, capsys)
     assert_user_error(outcome, "training diverged", "train.max_nonfinite_steps=3")
     assert_standard_json(outcome.out)
@@ -41,4 +47,3 @@ def test_results_are_standard_json(capsys):
     out = capsys.readouterr().out
     assert_standard_json(out)
     assert '"loss": null' in out and "[null, 1.5]" in out
-
