@@ -1,12 +1,28 @@
-"""Shared fixtures. Tests run on 2 CPU cores: keep torch to the cores we have and deterministic."""
+"""What both tiers share. Tests run on 2 CPU cores: torch is kept to the cores we have and deterministic.
 
+``tests/unit`` holds no Ray, no server and no subprocess; ``tests/integration`` (its own conftest) starts them. The
+session fixtures here are built once per pytest run and shared by both tiers: the small bundled sample the no-data
+default trains on, the tiny adversarial dataset, and the squares dataset with a tiny MEGL trained on it in process.
+"""
+
+import hashlib
 import os
+import shutil
+from pathlib import Path
 
+import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+from megl_ray.config import load_config, packaged_config
+from megl_ray.data import make_sample
+from megl_ray.data.conversion import ConvertOptions
+from megl_ray.data.conversion import convert as convert_dataset
+from megl_ray.training.local import train
+from tests.support.adversarial import write_tiny_source
+from tests.support.squares import write_squares
 
-import pytest  # noqa: E402 - appended section
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _small_sample() -> str:
@@ -15,12 +31,6 @@ def _small_sample() -> str:
     ``megl_ray.data.sample``). The end-to-end tests exercise the machinery; the 1,000 bundled images are for the
     default run's accuracy, and would make every end-to-end test 2.5× longer. Subprocesses and Ray workers
     inherit it."""
-    import hashlib
-    import shutil
-    from pathlib import Path
-
-    from megl_ray.data import make_sample
-
     digest = hashlib.sha256(Path(make_sample.__file__).read_bytes()).hexdigest()[:12]
     root = Path.home() / ".cache" / "megl_ray" / "test-sample" / f"digits-40-{digest}"
     if not (root / "exp_annotation.json").is_file():
@@ -34,70 +44,39 @@ def _small_sample() -> str:
 os.environ.setdefault("MEGL_SAMPLE_DIR", _small_sample())
 
 
-def _keep_idle_ray_workers() -> None:
-    """The tests' own ``ray.init(num_cpus=2)`` instances get the raylet settings of the project's (they inherit this
-    environment): task workers survive between epochs instead of a new process per Ray Data task."""
-    from megl_ray.cluster.ray_env import worker_pool_env
-
-    for key, value in worker_pool_env().items():
-        os.environ.setdefault(key, value)
-
-
-_keep_idle_ray_workers()
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A tiny converted dataset (2 classes, 12 images, every split non-empty); tests that damage it work on
+    ``copy_dataset`` copies."""
+    root = tmp_path_factory.mktemp("adv-data")
+    convert_dataset(ConvertOptions(str(write_tiny_source(root / "src")), str(root / "ds")))
+    return root / "ds"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _local_ray_undone():
-    """A module's in-process ``ray.init()`` (a local instance) switches the whole process to Ray's token
-    authentication, and ``ray.shutdown()`` does not switch it back: a later module's driver joining the two-node
-    cluster (started without tokens) would refuse its workers' calls and wait forever for its first Ray Data
-    execution (``megl_ray.cluster.ray_env``). Undone at the end of every module, after its own Ray fixtures."""
-    from megl_ray.cluster.ray_env import local_ray_undone
+@pytest.fixture
+def copy_dataset(tiny_dataset, tmp_path):
+    def make(name: str = "ds") -> Path:
+        return Path(shutil.copytree(tiny_dataset, tmp_path / name))
 
-    with local_ray_undone(("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")):
-        yield
+    return make
 
 
 @pytest.fixture(scope="session")
-def embedded_s3(tmp_path_factory):
-    """One embedded SeaweedFS S3 server for the whole session; tests pass ``embedded_s3.options`` explicitly
-    (nothing is put in os.environ). Mark tests using it ``@pytest.mark.slow``; use a bucket of your own."""
-    from megl_ray.storage import EmbeddedS3
-
-    server = EmbeddedS3(tmp_path_factory.mktemp("embedded_s3"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def two_node_cluster(embedded_s3, tmp_path_factory):
-    """A real two-node Ray cluster on 127.0.0.1 (``megl_ray.cluster.local_cluster``): a head with 2 CPUs and the
-    custom resource ``node_a``, a worker node with 1 CPU and ``node_b``, small object stores, their own ports and
-    temp dirs; every node reaches the embedded S3 server. Tests may kill and add nodes (``cluster.kill``/``add_node``);
-    every process group started is killed at the end (other Ray instances on the machine are left alone)."""
-    from pathlib import Path
-
-    from megl_ray.cluster.local_cluster import LocalCluster
-
-    repo = Path(__file__).resolve().parents[1]
-    env = {
-        **embedded_s3.env(),
-        "DS_ACCELERATOR": "cpu",
-        "PYTHONPATH": f"{repo}:{os.environ.get('PYTHONPATH', '')}",
-        "TORCH_EXTENSIONS_DIR": os.environ.get(
-            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "megl_ray" / "torch_extensions")
-        ),
-    }
-    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"), env=env)
-    try:
-        cluster.add_node(num_cpus=2, resources={"node_a": 1})
-        cluster.add_node(num_cpus=1, resources={"node_b": 1})
-        yield cluster
-    finally:
-        cluster.shutdown()
+def squares(tmp_path_factory):
+    """(source folder, converted dataset, export of a tiny MEGL trained on it in process with a strong visual loss):
+    the one trained export the tests that only read an export (evaluate, explain, efficiency, gallery) share."""
+    root = tmp_path_factory.mktemp("squares")
+    src = write_squares(root / "src")
+    data = str(root / "data")
+    convert_dataset(ConvertOptions(str(src), data))
+    export = str(root / "export")
+    cfg = load_config(
+        packaged_config("tiny"),
+        [f"data.uri={data}", "train.epochs=12", "loss.visual_weight=10", "loss.text_weight=0.2"],
+    )
+    result = train(cfg, export=export)
+    assert result["val_accuracy"] >= 0.75, result  # the heat test is only meaningful for a working model
+    return src, data, export
 
 
 def pytest_configure(config):

@@ -1,0 +1,227 @@
+"""megl_ray.reporting.tracking, and what a user of ``python -m megl_ray.train`` sees: one real training run of the
+tiny preset (2 workers, 9 steps) tracked at once by TensorBoard, a real ``mlflow server`` on 127.0.0.1 and W&B in
+offline mode serves the slow tests — read back through ``MlflowClient`` and W&B's offline run file — together with
+its console (line budget) and its pictures (curves.png, a gallery that renders in headless Chromium)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megl_ray.config import load_config
+from tests.support.tracking_support import mlflow_server
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = REPO / "tests" / "configs" / "tiny-fast.yaml"
+EXPERIMENT = "megl-test"
+
+
+# ------------------------------------------------------------------------------------------------- no training
+
+
+# ------------------------------------------------------------------------------------------- one tracked run
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env["PYTHONPATH"] = f"{REPO}:{env.get('PYTHONPATH', '')}"
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "megl_ray" / "torch_extensions"))
+    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "WANDB_API_KEY"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tracked")
+    (root / "mlflow").mkdir()
+    with mlflow_server(root / "mlflow") as uri:
+        env = _env(MEGL_HOME=str(root / "home"), WANDB_MODE="offline", WANDB_DIR=str(root / "wandb"))
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "megl_ray.train",
+                "--config",
+                str(FAST),
+                "run.name=tracked",
+                "run.tracking=[tensorboard,mlflow,wandb]",
+                f"run.tracking_uri={uri}",
+                f"run.experiment={EXPERIMENT}",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        yield {
+            "root": root,
+            "uri": uri,
+            "stderr": proc.stderr,
+            "env": env,
+            "result": json.loads(proc.stdout.strip().splitlines()[-1]),
+        }
+
+
+@pytest.mark.slow
+def test_the_console_shows_each_progress_line_once_within_the_line_budget(tracked):
+    lines = tracked["stderr"].splitlines()
+    result = tracked["result"]
+    steps = [line for line in lines if line.startswith("[megl] step ")]
+    epochs = [line for line in lines if line.startswith("[megl] epoch ")]
+    # tiny-fast: 9 steps, a line every 3 (and the last), 1 epoch; each line once, each step once
+    assert [re.match(r"\[megl\] step (\d+)/9 ", s).group(1) for s in steps] == ["3", "6", "9"]
+    assert len(epochs) == 1 and f"val_accuracy={result['val_accuracy']:.4f}" in epochs[0]
+    assert all(re.search(r"loss=\S+ ce=\S+ text=\S+ .*samples/s \| eta \d", s) for s in steps)
+    for chatter in (
+        "RayTrainWorker pid=",
+        "Checkpoint successfully created",
+        "Execution plan of Dataset",
+        "built successfully",
+        "Started a local Ray instance",
+        "Found credentials",
+    ):
+        assert chatter not in tracked["stderr"], chatter
+    # The line budget of the embedded default (the packaged tiny config on the bundled sample's 699 train images):
+    # what is not a progress line does not grow with the steps, so this run bounds it. It is counted with a first
+    # run's extra lines (embedded S3 created, the bundled dataset uploaded).
+    from megl_ray.config import packaged_config
+    from megl_ray.training.accounting import planned_steps
+
+    default = load_config(packaged_config("tiny"))
+    planned = planned_steps(
+        699, default.train.num_workers, default.data.batch_size, default.train.epochs, default.train.grad_accum
+    )
+    assert planned == 264
+    fixed = len(lines) - len(steps) - len(epochs)
+    assert fixed + -(-planned // default.run.log_every) + default.train.epochs <= 60, "\n".join(lines)
+    # the closing lines: the pictures and TensorBoard, then the commands that evaluate and explain the export
+    assert lines[-5].startswith("[megl] curves: ") and lines[-4].startswith("[megl] gallery of validation")
+    assert lines[-3].startswith("[megl] TensorBoard: tensorboard --logdir ")
+    assert lines[-2].startswith("[megl] evaluate it: ") and lines[-1].startswith("[megl] explain it: ")
+
+
+@pytest.mark.slow
+def test_mlflow_has_the_config_every_logged_step_and_the_test_metrics(tracked):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracked["uri"])
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run, result = runs[0], tracked["result"]
+    assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
+    assert run.data.params["model.classifier"] == "tiny" and run.data.params["train.epochs"] == "1"
+    assert run.data.params["run.tracking_uri"] == tracked["uri"]
+    for term in ("loss", "ce", "text", "dc", "samples_per_s", "tokens_per_s", "lr"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, f"train/{term}")] == [3, 6, 9], term
+    assert client.get_metric_history(run.info.run_id, "train/loss")[-1].value == pytest.approx(
+        result["final_loss"], abs=1e-4
+    )
+    assert run.data.metrics["val/accuracy"] == pytest.approx(result["val_accuracy"], abs=1e-4)
+    assert run.data.metrics["test/accuracy"] == pytest.approx(result["test_accuracy"], abs=1e-4)
+    assert run.data.metrics["test/miou"] == pytest.approx(result["test_miou"], abs=1e-4)
+    assert run.data.tags["megl.export_uri"] == result["export"] == "s3://megl/runs/tracked/export"
+    local = client.download_artifacts(run.info.run_id, "export_reference.json", str(tracked["root"] / "art"))
+    assert json.loads(Path(local).read_text())["export_uri"] == result["export"]
+
+
+def _wandb_records(path: Path):
+    """The protobuf records of a W&B run file: a 7-byte W&B header, then LevelDB log blocks of 32 KiB."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, position, pending = path.read_bytes(), 7, b""
+    assert data[:4] == b":W&B"
+    while position + 7 <= len(data):
+        left = 32768 - position % 32768
+        if left < 7:  # a block's tail too short for a header is padding
+            position += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        position += 7
+        pending += data[position : position + length]
+        position += length
+        if kind in (1, 4):  # FULL or LAST
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_file_has_the_config_history_and_summary(tracked):
+    files = list((tracked["root"] / "wandb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    history, config, summary, artifacts = {}, {}, {}, []
+    for record in _wandb_records(files[0]):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            item = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item}
+            history[item["_step"]] = item
+        elif kind == "config":
+            config.update({u.key: json.loads(u.value_json) for u in record.config.update})
+        elif kind == "summary":
+            summary.update({"/".join(u.nested_key) or u.key: json.loads(u.value_json) for u in record.summary.update})
+        elif kind == "artifact":
+            artifacts.append(record.artifact)
+    result = tracked["result"]
+    assert config["model.classifier"] == "tiny" and config["run.name"] == "tracked"
+    assert sorted(s for s, item in history.items() if "train/loss" in item) == [3, 6, 9]
+    assert history[9]["val/accuracy"] == pytest.approx(result["val_accuracy"], abs=1e-4)
+    assert summary["test/accuracy"] == pytest.approx(result["test_accuracy"], abs=1e-4)
+    assert summary["export_uri"] == result["export"]
+    assert [a.type for a in artifacts] == ["model"]
+    assert result["export"] in str(artifacts[0].manifest)  # a reference to the export, not a copy
+
+
+@pytest.mark.slow
+def test_curves_and_gallery_are_in_the_run_dir_and_render(tracked, tmp_path):
+    from PIL import Image
+
+    from megl_ray import storage
+    from megl_ray.storage import EmbeddedS3
+    from tests.support.chromium import CHECK_SCRIPT, find_chromium, loaded_images
+
+    pictures = tracked["result"]["pictures"]
+    with Image.open(pictures["curves"]) as image:
+        assert image.format == "PNG" and image.size[0] > 500
+    gallery = Path(pictures["gallery"])
+    page = gallery.read_text()
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert pictures["gallery_examples"] >= 5 and len(sources) >= 2 * pictures["gallery_examples"]
+    with EmbeddedS3(tracked["root"] / "home" / "embedded_s3") as server:  # the run's own S3, started again
+        run_dir = tracked["result"]["run_dir"]
+        names = storage.list_files(run_dir, server.options)
+        assert f"{run_dir}/curves.png" in names and f"{run_dir}/gallery/index.html" in names
+        assert storage.read_bytes(f"{run_dir}/curves.png", server.options) == Path(pictures["curves"]).read_bytes()
+        assert any(n.startswith(f"{run_dir}/tensorboard/events.out.tfevents") for n in names)
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("Debian chromium is not installed and could not be installed (apt-get install -y chromium)")
+    check = gallery.parent / "check.html"
+    check.write_text(page.replace("</body>", CHECK_SCRIPT + "</body>"))
+    assert loaded_images(chromium, check, tmp_path / "profile") == (len(sources), len(sources))
+
+
+@pytest.mark.slow
+def test_verbose_brings_back_rays_own_logs(tracked):
+    """Ray's INFO lines are absent from the quiet run above and back with --verbose (a run that stops at the
+    resource check, right after Ray has started)."""
+    args = [sys.executable, "-m", "megl_ray.train", "--config", str(FAST), "train.num_workers=64"]
+    proc = subprocess.run(
+        [*args, "--verbose"], cwd=REPO, env=tracked["env"], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 2 and "train.num_workers=64 needs" in proc.stderr, proc.stderr[-3000:]
+    assert "Started a local Ray instance" in proc.stderr
+    assert "Started a local Ray instance" not in tracked["stderr"]

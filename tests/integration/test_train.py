@@ -1,0 +1,336 @@
+"""End-to-end tests of ``python -m megl_ray.train``: Ray Train + DeepSpeed on a real local Ray, 2 CPU workers."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from megl_ray.cli import run_cli
+from megl_ray.data.reader import bundled_dataset_uri, read_split
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+FAST = REPO / "tests" / "configs" / "tiny-fast.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env["PYTHONPATH"] = f"{REPO}:{env.get('PYTHONPATH', '')}"
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "megl_ray" / "torch_extensions"))
+    env.update(extra)
+    return env
+
+
+def test_ray_job_submit_runs_the_trainer_and_leaves_checkpoints_in_the_embedded_s3(tmp_path):
+    home = tmp_path / "home"
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    dash = _free_port()
+    env = _env(MEGL_HOME=str(home), RAY_AUTH_MODE="token")  # the client then sends ~/.ray/auth_token
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    # In a session of its own: its process group holds this Ray's processes (and the job's), and only they are
+    # killed at the end (`ray stop` would stop every Ray instance on the machine).
+    start = subprocess.Popen(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--num-cpus=2",
+            f"--temp-dir={temp}",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--port={_free_port()}",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    assert start.wait(timeout=300) == 0, start.stdout.read().decode()[-3000:]
+    try:
+        for _ in range(20):  # `ray start` returns before the job agent is up; Ray's own answer says to retry
+            job = subprocess.run(
+                [
+                    ray_bin,
+                    "job",
+                    "submit",
+                    f"--address=http://127.0.0.1:{dash}",
+                    "--",
+                    "python",
+                    "-m",
+                    "megl_ray.train",
+                    "--config",
+                    str(FAST),
+                    "run.name=job",
+                ],
+                env=env,
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+            if "No available agent to submit job" not in job.stderr:
+                break
+            time.sleep(5)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout + job.stderr
+        result = json.loads([line for line in job.stdout.splitlines() if line.startswith('{"checkpoint"')][-1])
+        assert result["steps"] == result["planned_steps"] > 0
+        assert result["checkpoint"].startswith("s3://megl/runs/job/checkpoint_")
+    finally:
+        os.killpg(start.pid, signal.SIGKILL)
+    from megl_ray import storage
+
+    with storage.EmbeddedS3(home / "embedded_s3") as server:  # the job's server is gone: read its data dir
+        files = storage.list_files("s3://megl/runs/job", server.options)
+    checkpoint_files = [f for f in files if "/checkpoint_" in f]
+    assert any(f.endswith("train_state.json") for f in checkpoint_files)
+    assert any("/megl/" in f for f in checkpoint_files)  # the DeepSpeed tag directory with the shards
+    assert any(f.endswith("/export/model.safetensors") for f in files)
+    assert any(f.endswith("/result.json") for f in files)
+
+
+def _run_train(args, capsys):
+    from megl_ray import train
+
+    code = run_cli("megl_ray.train", train.main, args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_killed_worker_resumes_with_exact_accumulation_steps_and_samples(tmp_path, capsys, monkeypatch):
+    """grad_accum=2: a kill mid-epoch 2 (step 7; last checkpoint step 6) and one during the validation that follows
+    the checkpoint on the run's last step (9): exact steps and samples, and no crash loop on the empty epoch."""
+    data = bundled_dataset_uri()
+    marker = tmp_path / "killed"
+    samples = tmp_path / "samples"
+    monkeypatch.setenv("MEGL_TEST_KILL_AT_STEP", "7,9@validation")
+    monkeypatch.setenv("MEGL_TEST_KILL_MARKER", str(marker))
+    code, out, err = _run_train(
+        [
+            "--config",
+            str(FAST),
+            f"data.uri={data}",
+            f"run.storage_path={tmp_path / 'runs'}",
+            "run.name=fault",
+            "train.epochs=2",
+            "train.grad_accum=2",
+            "train.checkpoint_every=3",
+            f"train.sample_log_dir={samples}",
+        ],
+        capsys,
+    )
+    assert code == 0, err[-4000:]
+    assert marker.exists() and Path(f"{marker}.1").exists(), "a fault was never injected"
+    assert "replays other samples" not in err  # the resumed epoch replayed the original order exactly
+    result = json.loads(out.strip().splitlines()[-1])
+    # 272 images, 2 workers × 16 → 9 micro-batches per epoch, 18 in all → 9 optimizer steps
+    assert result["steps"] == result["planned_steps"] == 9
+
+    rows = [json.loads(line) for f in sorted(samples.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    starts = sorted({r["start_step"] for r in rows})
+    assert starts == [0, 6], starts  # the second resume (step 9) had nothing left to train
+    first, resumed = [r for r in rows if r["start_step"] == 0], [r for r in rows if r["start_step"] == 6]
+    # what is in the final weights: the first attempt up to the checkpoint, then the resumed attempt
+    kept = [r for r in first if r["step"] <= 6] + resumed
+    per_step = Counter((r["rank"], r["step"]) for r in kept)
+    assert per_step == {(rank, step): 2 for rank in (0, 1) for step in range(1, 10)}, per_step
+    before = [i for r in first if r["epoch"] == 1 and r["step"] <= 6 for i in r["ids"]]
+    after = [i for r in resumed for i in r["ids"]]
+    assert {r["epoch"] for r in resumed} == {1} and before and after
+    assert len(after) == len(set(after)), "a sample was trained twice after the resume"
+    assert not set(before) & set(after), "a sample trained before the checkpoint was trained again"
+    train_ids = set(read_split(data, "train").column("id").to_pylist())
+    assert set(before) | set(after) == train_ids, "samples were missed in the resumed epoch"
+    states = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "fault").glob("checkpoint_*/train_state.json")]
+    assert states and all(s["micro_steps"] == 2 * s["step"] for s in states), "checkpoint inside a window"
+    assert result["val_accuracy"] is not None
+
+    # the trainer's export is what evaluation reads: every documented metric comes out
+    from megl_ray import evaluate
+
+    code = run_cli(
+        "megl_ray.evaluate",
+        evaluate.main,
+        ["--checkpoint", result["export"], "--data", data, "--workers", "1", "--max-new-tokens", "8"],
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    metrics = json.loads(out.strip().splitlines()[-1])
+    for key in (
+        "accuracy",
+        "macro_precision",
+        "macro_recall",
+        "macro_f1",
+        "auc",
+        "miou",
+        "pointing_game",
+        "bleu4",
+        "meteor",
+        "rouge_l",
+        "cider",
+        "text_similarity",
+    ):
+        assert key in metrics, key
+    assert metrics["accuracy"] == pytest.approx(result["test_accuracy"], abs=1e-4)
+
+
+def test_user_errors_are_one_clear_line(tmp_path, capsys, monkeypatch):
+    data = bundled_dataset_uri()
+    cases = [
+        (["model.nonsense=1"], "unknown config key 'model.nonsense'"),
+        (
+            [
+                "model.preset=llava",
+                f"model.vlm_path={tmp_path / 'missing'}",
+                f"data.uri={data}",
+                f"run.storage_path={tmp_path}",
+            ],
+            "model directory not found",
+        ),
+        ([f"data.uri={data}", f"run.storage_path={tmp_path}", "train.num_workers=8"], "train.num_workers=8 needs"),
+    ]
+    for args, fragment in cases:
+        code, out, err = _run_train(["--config", str(FAST), *args], capsys)
+        assert code == 2 and fragment in err, err[-2000:]
+        assert "Traceback" not in err
+        assert json.loads(out.strip().splitlines()[-1])["error"]
+    monkeypatch.setenv("MEGL_S3_ENDPOINT", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("MEGL_S3_RETRY_SECONDS", "1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    start = time.monotonic()
+    code, out, err = _run_train(
+        ["--config", str(FAST), "data.uri=s3://nowhere/ds", f"run.storage_path={tmp_path}"], capsys
+    )
+    assert code == 2 and "storage unreachable" in err and "Traceback" not in err, err[-2000:]
+    assert time.monotonic() - start < 120
+
+
+SECRET = "megl-i10-Distinctive-secret-4f1c9e"
+
+
+def _ray_temp_dirs():
+    return set(Path("/tmp").glob("ray*"))
+
+
+def _files_holding(root: Path, needle: bytes) -> list[str]:
+    hits = []
+    for path in root.rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
+                hits.append(str(path))
+        except OSError:  # sockets, files removed meanwhile
+            pass
+    return hits
+
+
+def test_re_runs_carved_validation_and_no_secret_at_rest(tmp_path, capsys, monkeypatch):
+    """On the embedded default with a distinctive MEGL_S3_SECRET_KEY and a dataset of train and test only: a run
+    without run.name (carved validation), its re-run (complete: no training), a changed loss weight (stops), and a
+    1-trial sweep without validation; then the secret is in no stored object and no file of Ray's temp dirs."""
+    from megl_ray import storage
+    from megl_ray.data import convert
+    from megl_ray.data.sample import sample_dataset_path
+    from megl_ray.storage.embedded_home import embedded_store_for
+
+    for var in (
+        "MEGL_S3_ENDPOINT",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "RAY_ADDRESS",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "home"
+    monkeypatch.setenv("MEGL_HOME", str(home))
+    monkeypatch.setenv("MEGL_S3_SECRET_KEY", SECRET)
+    data = tmp_path / "train-test"
+    assert run_cli("convert", convert.main, [str(sample_dataset_path()), str(data), "--val-fraction", "0"]) == 0
+    capsys.readouterr()
+    ray_before = _ray_temp_dirs()
+
+    code, out, err = _run_train(["--config", str(FAST), f"data.uri={data}"], capsys)
+    assert code == 0, err[-4000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    name = result["run_dir"].rsplit("/", 1)[1]
+    assert result["run_dir"].startswith("s3://megl/runs/megl-") and result["val_source"] == "carved"
+    assert result["val_fraction"] == 0.1 and result["val_accuracy"] is not None
+    last = err.strip().splitlines()[-2:]
+    assert "python -m megl_ray.evaluate --checkpoint s3://megl/runs/" in last[0], last
+    assert "python -m megl_ray.explain --checkpoint s3://megl/runs/" in last[1], last
+    with embedded_store_for(result["export"]):  # the run's server has ended: its store is served again
+        assert storage.exists(result["export"] + "/model.safetensors")
+
+    code, out, err = _run_train(["--config", str(FAST), f"data.uri={data}", f"run.name={name}"], capsys)
+    assert code == 0 and f"run {name} is complete" in err and "[megl] epoch" not in err, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1]) == result
+
+    code, out, err = _run_train(
+        ["--config", str(FAST), f"data.uri={data}", f"run.name={name}", "loss.text_weight=0.5"], capsys
+    )
+    assert code == 2 and "Traceback" not in err
+    line = [x for x in err.splitlines() if "error" in x][-1]
+    assert "loss.text_weight differs" in line and "run.name=" in line, err[-2000:]
+
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {grid: [0.003]}\n")
+    sweep = [
+        "--space",
+        str(space),
+        "--config",
+        str(FAST),
+        "--name",
+        "s",
+        "--scheduler",
+        "fifo",
+        f"data.uri={data}",
+        "data.val_fraction=0",
+    ]
+    from megl_ray import tune
+
+    code = run_cli("megl_ray.tune", tune.main, sweep)  # the default metric needs validation
+    assert code == 2 and "data.val_fraction=0" in capsys.readouterr().err
+    proc = subprocess.run(
+        [sys.executable, "-m", "megl_ray.tune", *sweep, "--metric", "loss"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    trial_run = json.loads(proc.stdout.strip().splitlines()[-1])["best_run"]
+
+    with storage.EmbeddedS3(home / "embedded_s3", secret_key=SECRET) as server:
+        trial = json.loads(storage.read_bytes(trial_run + "/result.json", server.options))
+        assert trial["val_source"] == "none" and trial["val_accuracy"] is None and trial["steps"] > 0
+        objects = storage.list_files("s3://megl/", server.options)
+        assert any("/checkpoint_" in o for o in objects) and any("tuner.pkl" in o for o in objects)
+        leaks = [o for o in objects if SECRET.encode() in storage.read_bytes(o, server.options)]
+    assert not leaks, leaks
+    ray_dirs = _ray_temp_dirs() - ray_before
+    assert ray_dirs
+    leaks = [f for d in ray_dirs for f in _files_holding(d, SECRET.encode())]
+    assert not leaks, leaks
+    assert not list((home / "credentials").glob("*")), "a credentials file outlived its run"

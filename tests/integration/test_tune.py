@@ -1,0 +1,163 @@
+"""End-to-end tests of ``python -m megl_ray.tune``: Ray Tune over Ray Train runs of the tiny preset, on 2 cores.
+
+One sweep serves the slow tests (each trial costs a Train run): three trials of a learning-rate grid, one good and
+two hopeless (lr 1e-9), run one at a time so that the good one reports first (2 cores would fit two). The first run is
+interrupted by a test hook once the good trial has finished; re-running the same command resumes the sweep, whose
+ASHA — restored with the good trial's results — stops both hopeless trials after their first epoch.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megl_ray.config import MEGLConfig, load_config
+from megl_ray.data.reader import bundled_dataset_uri
+from tests.support.tracking_support import mlflow_server
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "tests" / "configs" / "tune-tiny.yaml"
+GOOD, BAD = 3e-3, (1e-9, 2e-9)
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env["PYTHONPATH"] = f"{REPO}:{env.get('PYTHONPATH', '')}"
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "megl_ray" / "torch_extensions"))
+    env.pop("RAY_ADDRESS", None)
+    env.update(extra)
+    return env
+
+
+def _run(module, args, **env):
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=900
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    space = root / "lr.yaml"
+    space.write_text(f"optim.lr: {{grid: [{GOOD}, {BAD[0]}, {BAD[1]}]}}\n")
+    (root / "mlflow").mkdir()
+    with mlflow_server(root / "mlflow") as mlflow_uri:  # every trial is tracked too: one experiment, a run each
+        args = [
+            "--space",
+            str(space),
+            "--config",
+            str(TINY),
+            "--name",
+            "lr",
+            "--metric",
+            "loss",
+            "--max-concurrent",
+            "1",
+            f"data.uri={bundled_dataset_uri()}",
+            f"run.storage_path={root / 'runs'}",
+            f"train.sample_log_dir={root / 'samples'}",
+            "run.tracking=mlflow",
+            f"run.tracking_uri={mlflow_uri}",
+        ]
+        first = _run("megl_ray.tune", args, MEGL_TEST_TUNE_INTERRUPT_AFTER="1")
+        first_results = json.loads((root / "runs" / "lr" / "results.json").read_text())
+        second = _run("megl_ray.tune", args)
+        yield {
+            "root": root,
+            "first": first,
+            "first_results": first_results,
+            "second": second,
+            "experiment": root / "runs" / "lr",
+            "mlflow": mlflow_uri,
+        }
+
+
+def _result(run):
+    code, out, err = run
+    assert code == 0, err[-5000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _rows(sweep):
+    with open(sweep["experiment"] / "results.csv") as f:
+        return {float(r["optim.lr"]): r for r in csv.DictReader(f)}
+
+
+@pytest.mark.slow
+def test_a_sweep_reports_a_table_csv_json_and_a_best_config_that_trains(sweep):
+    result = _result(sweep["second"])
+    experiment = sweep["experiment"]
+    assert result["trials"] == 3 and result["unfinished"] == 0 and result["errored"] == 0
+    assert result["results_csv"] == str(experiment / "results.csv")
+    assert result["best_config"] == str(experiment / "best_config.yaml")
+    assert result["best_values"] == {"optim.lr": GOOD} and result["best_metric"] > 0
+
+    rows = _rows(sweep)
+    assert set(rows) == {GOOD, *BAD}
+    assert list(next(iter(rows.values()))) == ["trial", "optim.lr", "loss", "epochs", "status", "run"]
+    assert float(rows[GOOD]["loss"]) == pytest.approx(result["best_metric"])
+    assert all(
+        r["run"] == str(sweep["root"] / "runs" / f"lr-{r['trial']}") and "_" in r["trial"] for r in rows.values()
+    )  # <sweep>-<trial id>: no timestamps
+    saved = json.loads((experiment / "results.json").read_text())
+    assert saved["best_trial"] == rows[GOOD]["trial"] and len(saved["rows"]) == 3
+    err = sweep["second"][2]
+    table = err[err.index("sweep lr: 3 trial(s)") :]
+    assert "trial" in table and "optim.lr" in table and "early-stopped" in table and "completed" in table
+
+    best = load_config(experiment / "best_config.yaml")
+    assert isinstance(best, MEGLConfig) and best.optim.lr == GOOD and best.run.name == "lr-best"
+    assert best.train.num_workers == 1 and best.data.uri == bundled_dataset_uri()
+    trained = _result(_run("megl_ray.train", ["--config", str(experiment / "best_config.yaml")]))
+    assert trained["steps"] == trained["planned_steps"] == 34 and trained["run_dir"].endswith("/lr-best")
+
+
+@pytest.mark.slow
+def test_a_sweep_is_one_mlflow_experiment_with_a_run_per_trial(sweep):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=sweep["mlflow"])
+    experiment = client.get_experiment_by_name("lr")
+    runs = client.search_runs([experiment.experiment_id])
+    rows = _rows(sweep)
+    assert sorted(r.info.run_name for r in runs) == sorted(f"lr-{r['trial']}" for r in rows.values())
+    assert sorted(float(r.data.params["optim.lr"]) for r in runs) == sorted([GOOD, *BAD])
+    good = next(r for r in runs if float(r.data.params["optim.lr"]) == GOOD)
+    assert good.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(good.info.run_id, "val/accuracy")] == [17, 34]  # per epoch
+
+
+@pytest.mark.slow
+def test_asha_stops_the_hopeless_trials_after_their_first_epoch(sweep):
+    rows = _rows(sweep)
+    assert rows[GOOD]["status"] == "completed" and rows[GOOD]["epochs"] == "2"
+    for lr in BAD:
+        assert rows[lr]["status"] == "early-stopped" and rows[lr]["epochs"] == "1", rows[lr]
+        assert float(rows[lr]["loss"]) > float(rows[GOOD]["loss"])
+    assert _result(sweep["second"])["early_stopped"] == 2
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_without_rerunning_its_finished_trial(sweep):
+    code, out, err = sweep["first"]
+    assert code == 130 and "interrupted" in err and "re-run the same command to resume" in err, err[-3000:]
+    first = sweep["first_results"]
+    assert first["completed"] == 1 and first["unfinished"] == 2
+    assert _result(sweep["second"])["resumed"] is True
+
+    good = _rows(sweep)[GOOD]["trial"]
+    steps = [
+        json.loads(line) for line in (sweep["root"] / "samples" / good / "samples-rank0.jsonl").read_text().splitlines()
+    ]
+    assert [s["step"] for s in steps] == list(range(1, 35)), "the finished trial was trained again"
+    assert {s["start_step"] for s in steps} == {0}
+    progress = (sweep["experiment"] / good / "progress.csv").read_text().strip().splitlines()
+    assert len(progress) == 1 + 2, progress  # its two epochs, reported once
+    trial_dirs = [p.name for p in sweep["experiment"].iterdir() if p.is_dir()]
+    assert sorted(trial_dirs) == sorted(r["trial"] for r in _rows(sweep).values())

@@ -1,0 +1,86 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megl_ray.config import MEGLConfig, config_from_dict, load_config, packaged_config
+from megl_ray.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "megl_ray" / "config" / "presets"
+
+
+def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):
+    cfg = load_config()
+    assert isinstance(cfg, MEGLConfig)
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_packaged_config_loads(path):
+    cfg = load_config(path)
+    raw = yaml.safe_load(path.read_text())
+    # what the file says is what the config holds (no key silently ignored)
+    for section, values in raw.items():
+        for key, value in values.items():
+            assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+
+
+def test_overrides_parse_values_as_yaml():
+    cfg = load_config(
+        packaged_config("tiny"),
+        [
+            "loss.text_weight=0.5",
+            "model.sdtg=false",
+            "train.epochs=3",
+            "model.lora_target_modules=[q_proj]",
+            "run.name=abc",
+        ],
+    )
+    assert cfg.loss.text_weight == 0.5 and cfg.model.sdtg is False and cfg.train.epochs == 3
+    assert cfg.model.lora_target_modules == ["q_proj"] and cfg.run.name == "abc"
+    assert isinstance(load_config(None, ["loss.dc_weight=1"]).loss.dc_weight, float)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("model.nonsense=1", "unknown config key 'model.nonsense'"),
+        ("nonsense.key=1", "unknown config key 'nonsense'"),
+        ("loss.text_weight=-1", "loss.text_weight: must be >= 0"),
+        ("loss.visual_transform=blur", "loss.visual_transform: expected one of"),
+        ("model.sdtg=maybe", "model.sdtg: expected true or false"),
+        ("train.epochs=1.5", "train.epochs: expected an integer"),
+        ("train.zero_stage=4", "train.zero_stage: must be 0, 1, 2 or 3"),
+        ("model.preset=llava", "model.vlm_path: is required"),
+        ("no_equals_sign", "not of the form key=value"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_yaml_file_gives_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  classifier: [tiny\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:\d+:\d+: invalid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_section_must_be_a_mapping():
+    with pytest.raises(ConfigError, match="model: expected a mapping"):
+        config_from_dict({"model": 3})
+
+
+def test_rrr_option_is_refused_under_zero3_at_load_time():
+    with pytest.raises(ConfigError, match="loss.rrr_weight: .*ZeRO-3"):
+        load_config(None, ["loss.rrr_weight=10", "train.zero_stage=3"])
+    assert load_config(None, ["loss.rrr_weight=10", "train.zero_stage=2"]).loss.rrr_weight == 10.0
+    with pytest.raises(ConfigError, match="loss.rrr_weight"):
+        load_config(None, ["loss.rrr_weight=-1"])

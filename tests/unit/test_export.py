@@ -1,0 +1,45 @@
+import json
+
+import pytest
+import torch
+
+from megl_ray.config import load_config, packaged_config
+from megl_ray.errors import UserError
+from megl_ray.model import build_megl_model
+from megl_ray.model.export_io import load_export, save_export
+from tests.support.toy import CLASS_NAMES, corpus, make_batch
+
+
+def test_export_round_trip_gives_the_same_predictions_and_rationales(tmp_path):
+    torch.manual_seed(0)
+    cfg = load_config(packaged_config("tiny"), ["model.lora_r=2"])
+    prior = torch.rand(8, 8)
+    model = build_megl_model(cfg, 4, corpus=corpus(), prior=prior).eval()
+    save_export(model, cfg, CLASS_NAMES, str(tmp_path / "export"))
+    loaded = load_export(str(tmp_path / "export"))
+    assert loaded.classes == CLASS_NAMES and loaded.config == cfg
+    assert torch.equal(loaded.model.prior, prior)
+    batch = make_batch(model, cfg, n=4)
+    p1, s1 = model.predict(batch["pixels"])
+    p2, s2 = loaded.model.predict(batch["pixels"])
+    assert torch.equal(p1, p2) and torch.equal(s1, s2)
+    assert model.generate(batch["pixels"], CLASS_NAMES, max_new_tokens=6) == loaded.model.generate(
+        batch["pixels"], CLASS_NAMES, max_new_tokens=6
+    )
+
+
+def test_loading_a_foreign_or_missing_export_gives_one_clear_line(tmp_path):
+    with pytest.raises(UserError, match="model directory not found"):
+        load_export(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="is not a megl_ray export"):
+        load_export(str(tmp_path / "empty"))
+    torch.manual_seed(0)
+    cfg = load_config(packaged_config("tiny"))
+    model = build_megl_model(cfg, 4, corpus=corpus())
+    save_export(model, cfg, CLASS_NAMES, str(tmp_path / "e"))
+    meta = json.loads((tmp_path / "e" / "meta.json").read_text())
+    meta["num_classes"], meta["classes"] = 7, [f"c{i}" for i in range(7)]  # a 4-class head under 7 classes
+    (tmp_path / "e" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="weights do not fit"):
+        load_export(str(tmp_path / "e"))
