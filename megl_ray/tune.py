@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from megl_ray.cli import ArgumentParser, run_cli, setup_logging
-from megl_ray.tuning.settings import METRICS, SweepOptions
+from megl_ray.tuning.options import METRICS, SweepOptions
 
 # Names a sweep started before megl_ray 0.2 pickled by this module's path (Tune's experiment state holds the trial
 # function and the trial-name creator): resolved lazily here so that such a sweep resumes. Remove after one release.

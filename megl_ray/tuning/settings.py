@@ -1,5 +1,5 @@
-"""A sweep's settings: what ``python -m megl_ray.tune`` was asked for (``SweepOptions``) and the validated form the
-sweep runs with (``SweepSettings``, whose fingerprint a resumed sweep must match)."""
+"""A sweep's settings: the validated form of ``SweepOptions`` the sweep runs with (``SweepSettings``, whose
+fingerprint a resumed sweep must match), and the constants of its resource and state bookkeeping."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ from typing import Any
 from megl_ray.config import MEGLConfig, load_config, packaged_config
 from megl_ray.config.safe_io import check_name
 from megl_ray.errors import UserError
+from megl_ray.tuning.options import METRICS, SweepOptions
 from megl_ray.tuning.space import SearchSpace, load_space
 
-# What the training workers report every epoch (megl_ray.training.worker): validation metrics and loss terms.
-METRICS = ("val_accuracy", "val_miou", "loss", "ce", "text", "visual", "dc")
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
 """What each trial's driver function reserves: no CPU (it builds the datasets, then waits on its Train run; a CPU
 share here would be missing for Ray Data), and some memory, as Tune needs a non-empty request."""
@@ -23,25 +22,6 @@ DATA_HEADROOM_CPU = 1.0
 datasets list their files; with less than one CPU free they wait forever."""
 SWEEP_FILE = "sweep.json"
 ASHA_STATE_FILE = "asha_state.yaml"  # not .json: see ResumableASHA
-
-
-@dataclasses.dataclass(frozen=True)
-class SweepOptions:
-    """The command line of ``python -m megl_ray.tune`` (see its ``--help`` for each option)."""
-
-    space: str
-    config: str | None = None
-    overrides: tuple[str, ...] = ()
-    num_samples: int | None = None
-    scheduler: str = "asha"
-    metric: str = "val_accuracy"
-    mode: str | None = None
-    grace_period: int = 1
-    reduction_factor: float = 2.0
-    max_concurrent: int | None = None
-    name: str | None = None
-    address: str | None = None
-    verbose: bool = False
 
 
 @dataclasses.dataclass

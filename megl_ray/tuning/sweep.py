@@ -35,14 +35,13 @@ from megl_ray.driver.ray_session import check_resources, run_storage, run_uri, s
 from megl_ray.errors import UserError
 from megl_ray.reporting.console import configure_driver
 from megl_ray.tuning.hooks import InterruptAfter, ResumableASHA
+from megl_ray.tuning.options import METRICS, SweepOptions
 from megl_ray.tuning.report import report, trial_rows
 from megl_ray.tuning.settings import (
     ASHA_STATE_FILE,
     DATA_HEADROOM_CPU,
-    METRICS,
     SWEEP_FILE,
     TRIAL_DRIVER_RESOURCES,
-    SweepOptions,
     SweepSettings,
     settings_from,
 )

@@ -40,3 +40,25 @@ def test_a_bad_flag_is_one_line_and_exit_2_for_every_cli(capsys):
         env=env,
     )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_every_command_answers_help_without_importing_torch_or_ray():
+    """The commands parse their arguments before anything heavy loads (one commented lazy import each): ``--help``
+    answers at once, and importing a command module imports neither torch nor Ray."""
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    commands = ("train", "tune", "evaluate", "explain", "export", "train_local")
+    code = (
+        "import sys\n"
+        f"for name in {commands!r}:\n"
+        "    __import__('megl_ray.' + name)\n"
+        "heavy = sorted(m for m in ('torch', 'ray', 'deepspeed', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in commands:
+        proc = subprocess.run(
+            [sys.executable, "-m", f"megl_ray.{name}", "--help"], capture_output=True, text=True, timeout=120, env=env
+        )
+        assert proc.returncode == 0 and "usage: python -m megl_ray." in proc.stdout, (name, proc.stderr[-2000:])

@@ -98,8 +98,8 @@ def test_lora_checkpoint_excludes_frozen_tensors_resumes_exactly_and_exports_wha
     from megl_ray.data.schema import load_dataset_info
     from megl_ray.model.export_io import exported_state, load_export, save_export
     from megl_ray.model.vlm import load_tokenizer
+    from megl_ray.training.checkpoints import TrainState, load_checkpoint, save_checkpoint
     from megl_ray.training.local import make_batch
-    from megl_ray.training.worker import TrainState, load_checkpoint, save_checkpoint
     from tests.support.base_models import make_clip_qwen2_base
 
     uri = bundled_dataset_uri()

@@ -1,6 +1,5 @@
-"""Mixed precision: bf16 (DeepSpeed torch_autocast over fp32 master weights) trains under ZeRO-2 and ZeRO-3 on CPU
-with all MEGL terms, the tiny CNN (GroupNorm) and ResNet-18 (BatchNorm), and stays within 3e-2 of fp32; the fp32
-islands (norms, saliency, losses) compute in fp32 under autocast."""
+"""The fp32 islands of mixed precision (norms, saliency, losses) compute in fp32 under autocast; the distributed
+side (bf16 under ZeRO-2/3 against fp32) is in ``tests/integration/test_distributed_numerics.py``."""
 
 import math
 
