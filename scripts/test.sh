@@ -11,6 +11,10 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
   (apt-get update -qq && apt-get install -y -qq chromium) >&2 || echo "test: could not install chromium" >&2
 fi
 cd "$repo"
+# Every process of the run (pytest, the subprocesses and Ray workers it starts) finds the venv's tools first: with
+# the venv's ninja for some and Debian's for others, DeepSpeed's JIT kernels were rebuilt (~50 s) at each switch,
+# since the two ninja versions record their build commands differently.
+export PATH="$bin:$PATH"
 "$bin/ruff" check --quiet .
 "$bin/ruff" format --check --quiet .
 # DeepSpeed compiles a CPU kernel on first use (~1 min): keep it between runs.

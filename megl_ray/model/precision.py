@@ -12,12 +12,12 @@ Why not DeepSpeed's ``bf16.enabled`` (bf16 weights, fp32 master copy in the ZeRO
 stats fails next ("mixed dtype (CPU): expect parameter to have scalar type of Float", reproduced on CPU), and every
 model input and every fp32 island (norms, saliency, losses) would need hand-written casts at module boundaries.
 Autocast handles the boundaries by op type and the memory is the same: 16 bytes per trainable parameter in both
-(fp32 weight + fp32 grad + two Adam moments, versus bf16 weight + bf16 grad + fp32 master + moments), with ZeRO's own
-fp32 partition copy on top in both. Measured on CPU (tests/test_precision.py, DeepSpeed's CPU accelerator): 2 workers,
-ZeRO-2 and ZeRO-3, tiny preset (GroupNorm) and ResNet-18 (BatchNorm in train mode), all MEGL terms: the bf16 losses of
-the first 4 steps are finite and within 3e-2 of fp32, where DeepSpeed's ``bf16`` section fails at the first forward.
-No GPU was available to measure speed; ``bench/gpu_step.py`` does. ``fp16`` is the same mechanism with DeepSpeed's
-GradScaler (loss scaling) for pre-Ampere GPUs.
+(fp32 weight + fp32 grad + two Adam moments, versus bf16 weight + bf16 grad + fp32 master + moments), with ZeRO's
+own fp32 partition copy on top in both. Measured on CPU (tests/integration/test_distributed_numerics.py, DeepSpeed's
+CPU accelerator): 2 workers, ZeRO-2 and ZeRO-3, tiny preset (GroupNorm) and ResNet-18 (BatchNorm in train mode), all
+MEGL terms: the bf16 losses of the first 4 steps are finite and within 3e-2 of fp32, where DeepSpeed's ``bf16``
+section fails at the first forward. No GPU was available to measure speed; ``bench/gpu_step.py`` does. ``fp16`` is
+the same mechanism with DeepSpeed's GradScaler (loss scaling) for pre-Ampere GPUs.
 
 fp32 whatever the precision: normalisation layers (BatchNorm, GroupNorm, LayerNorm, RMSNorm: their statistics
 and eps), the saliency normalisation (a max-normalised map, eps 1e-8) and the CE, text, visual and KL losses

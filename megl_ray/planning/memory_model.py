@@ -274,7 +274,7 @@ SETTINGS_7B = [
 
 
 def markdown_7b() -> str:
-    """The README table, generated (tests/test_memory_model.py checks the README holds exactly this)."""
+    """The README table, generated (tests/unit/test_memory_model.py checks the README holds exactly this)."""
     head = (
         "| setting | ZeRO | precision | checkpointing | offload | params | grads | optimizer | activations "
         "| total GiB/GPU | host GiB/GPU |\n|---|---|---|---|---|---|---|---|---|---|---|"

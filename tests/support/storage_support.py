@@ -1,4 +1,4 @@
-"""Helpers shared by the tests/test_storage_*.py modules (not a test module itself)."""
+"""Helpers shared by the tests/*/test_storage_*.py modules (not a test module itself)."""
 
 from __future__ import annotations
 
