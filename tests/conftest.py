@@ -8,6 +8,7 @@ default trains on, the tiny adversarial dataset, and the squares dataset with a 
 import hashlib
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,11 @@ from tests.support.squares import write_squares
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 REPO = Path(__file__).resolve().parents[1]
+# This interpreter's tools first for every process the suite starts (Ray workers inherit it): DeepSpeed's JIT kernels
+# are built by whichever ninja is first on PATH, and two ninja versions rebuild each other's builds (~50 s each).
+_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = os.pathsep.join([_BIN, os.environ.get("PATH", "")])
 
 
 def _small_sample() -> str:
