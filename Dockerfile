@@ -1,10 +1,10 @@
 # The image every node of a megl_ray Ray cluster runs (cluster/aws-gpu.yaml, cluster/gcp-gpu.yaml, cluster/kuberay/).
 #
-# image: ghcr.io/CHANGE-ME/megl-ray:0.1.0
+# image: ghcr.io/CHANGE-ME/megl-ray:0.2.0
 # CHANGE ME: the registry and owner you push to (the tag follows the project version). The cluster files name this
 # exact image; change them together (tests/test_deploy.py checks that they agree).
-#   docker build -t ghcr.io/CHANGE-ME/megl-ray:0.1.0 .
-#   docker push ghcr.io/CHANGE-ME/megl-ray:0.1.0
+#   docker build -t ghcr.io/CHANGE-ME/megl-ray:0.2.0 .
+#   docker push ghcr.io/CHANGE-ME/megl-ray:0.2.0
 #
 # Base: Ray's own GPU image. Its Ray (2.60.0) and Python (3.11) must match pyproject's pin and the machine that runs
 # `ray up` / `ray job submit`; CUDA 12.8 (toolkit with nvcc) runs on NVIDIA drivers >= 570, and the image has the
@@ -12,7 +12,7 @@
 FROM rayproject/ray:2.60.0-py311-cu128
 
 LABEL org.opencontainers.image.title="megl-ray" \
-      org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.version="0.2.0" \
       org.opencontainers.image.description="MEGL training on Ray Train + DeepSpeed" \
       org.opencontainers.image.licenses="Apache-2.0"
 

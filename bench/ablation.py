@@ -100,7 +100,8 @@ def score_export(export: str, data: str) -> dict[str, float | None]:
     from megl_ray.data.reader import read_split
     from megl_ray.data.schema import load_dataset_info
     from megl_ray.evaluation.evaluate_run import predict_in_process
-    from megl_ray.evaluation.metrics import ClassificationMetrics, SaliencyMetrics, bleu4
+    from megl_ray.evaluation.metrics import ClassificationMetrics, SaliencyMetrics
+    from megl_ray.evaluation.text_metrics import bleu4
     from megl_ray.model.export_io import load_export
 
     info = load_dataset_info(data)

@@ -12,8 +12,9 @@ import torch
 from megl_ray import storage
 from megl_ray.errors import UserError
 from megl_ray.evaluation.clipscore import NO_CLIP_REASON, corpus_clip_score
-from megl_ray.evaluation.metrics import ClassificationMetrics, SaliencyMetrics, TextMetrics, java_available
+from megl_ray.evaluation.metrics import ClassificationMetrics, SaliencyMetrics
 from megl_ray.evaluation.spice import spice
+from megl_ray.evaluation.text_metrics import TextMetrics, java_available
 
 METRIC_KEYS = (
     "accuracy",

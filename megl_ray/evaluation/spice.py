@@ -18,7 +18,8 @@ from pathlib import Path
 
 from pycocoevalcap.spice.spice import Spice
 
-from megl_ray.evaluation.metrics import _coco_inputs, _float
+from megl_ray.evaluation.metrics import finite_float
+from megl_ray.evaluation.text_metrics import coco_inputs
 
 log = logging.getLogger("megl_ray.evaluation.spice")
 
@@ -61,11 +62,11 @@ def spice(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> tup
     if reason is not None:
         return None, reason
 
-    gts, res = _coco_inputs(hypotheses, references)
+    gts, res = coco_inputs(hypotheses, references)
     scorer = Spice.__new__(Spice)  # skip __init__: it would download CoreNLP when the jars are missing
     try:
         score, _ = scorer.compute_score(gts, res)
     except (OSError, ValueError, subprocess.CalledProcessError) as err:
         log.warning("SPICE failed (%s): reported as null", err)
         return None, f"spice-1.0.jar failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-    return _float(score), None
+    return finite_float(score), None

@@ -15,6 +15,7 @@ from PIL import Image
 
 from megl_ray.cli import run_cli
 from megl_ray.data import convert, schema
+from megl_ray.errors import UserError
 
 CLASSES = {"cat": 0, "dog": 1, "bird": 2}
 
@@ -245,26 +246,26 @@ def test_strict_stops_on_a_mask_problem_too(tmp_path: Path, capsys):
 
 
 def test_missing_inputs_are_clear_user_errors(tmp_path: Path):
-    with pytest.raises(convert.UserError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         run(tmp_path / "nowhere", tmp_path / "out")
     src = tmp_path / "src"
     src.mkdir()
     (src / "exp_annotation.json").write_text("{}")
-    with pytest.raises(convert.UserError, match="label_class_id_mapping.json: file not found"):
+    with pytest.raises(UserError, match="label_class_id_mapping.json: file not found"):
         run(src, tmp_path / "out")
     (src / "label_class_id_mapping.json").write_text('{"cat": 0, "dog": 2}')
-    with pytest.raises(convert.UserError, match="exactly 0..1"):
+    with pytest.raises(UserError, match="exactly 0..1"):
         run(src, tmp_path / "out")
     (src / "label_class_id_mapping.json").write_text('{"cat": 0, "cat": 1}')
-    with pytest.raises(convert.UserError, match="more than once"):
+    with pytest.raises(UserError, match="more than once"):
         run(src, tmp_path / "out")
     (src / "label_class_id_mapping.json").write_text('{"cat": 0}')
     (src / "exp_annotation.json").write_text("[]")
-    with pytest.raises(convert.UserError, match="must be a JSON object"):
+    with pytest.raises(UserError, match="must be a JSON object"):
         run(src, tmp_path / "out")
-    with pytest.raises(convert.UserError, match="must not exceed 1"):
+    with pytest.raises(UserError, match="must not exceed 1"):
         run(src, tmp_path / "out", "--val-fraction", "0.6", "--test-fraction", "0.6")
-    with pytest.raises(convert.UserError, match="invalid int"):
+    with pytest.raises(UserError, match="invalid int"):
         run(src, tmp_path / "out", "--mask-size", "big")
 
 
@@ -274,11 +275,11 @@ def test_existing_destination_needs_overwrite(tmp_path: Path):
     write_source(src, [("a", rec("images/a.png"))])
     dst = tmp_path / "out"
     run(src, dst)
-    with pytest.raises(convert.UserError, match="already holds a dataset"):
+    with pytest.raises(UserError, match="already holds a dataset"):
         run(src, dst)
     assert run(src, dst, "--overwrite")["rows_written"] == 1
     (tmp_path / "a_file").write_text("x")
-    with pytest.raises(convert.UserError, match="cannot write to"):
+    with pytest.raises(UserError, match="cannot write to"):
         run(src, tmp_path / "a_file")
 
 

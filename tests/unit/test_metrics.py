@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megl_ray.evaluation import metrics as M
+from megl_ray.evaluation import text_metrics as T
 
 # --------------------------------------------------------------------------------------------- classification
 
@@ -116,18 +117,18 @@ def test_bleu4_is_sacrebleu_corpus_bleu_with_all_references():
     import sacrebleu
 
     streams = [[REFS[0][0], REFS[1][0]], [REFS[0][1], None], [REFS[0][2], None]]
-    assert M.bleu4(HYPS, REFS) == pytest.approx(sacrebleu.corpus_bleu(HYPS, streams).score / 100)
-    assert M.bleu4(["the cat is on the mat"], [["the cat is on the mat"]]) == pytest.approx(1.0)
-    assert M.bleu4([], []) is None
+    assert T.bleu4(HYPS, REFS) == pytest.approx(sacrebleu.corpus_bleu(HYPS, streams).score / 100)
+    assert T.bleu4(["the cat is on the mat"], [["the cat is on the mat"]]) == pytest.approx(1.0)
+    assert T.bleu4([], []) is None
 
 
 def test_rouge_l_by_hand_max_over_references():
     # LCS("the cat sat on the mat", "the cat is on the mat") = "the cat on the mat": P = R = F = 5/6
-    assert M.rouge_l(["the cat sat on the mat"], [["the cat is on the mat"]]) == pytest.approx(5 / 6)
+    assert T.rouge_l(["the cat sat on the mat"], [["the cat is on the mat"]]) == pytest.approx(5 / 6)
     # the best reference counts, not the mean: adding a worse one changes nothing
-    assert M.rouge_l(["the cat sat on the mat"], [["a dog", "the cat is on the mat"]]) == pytest.approx(5 / 6)
+    assert T.rouge_l(["the cat sat on the mat"], [["a dog", "the cat is on the mat"]]) == pytest.approx(5 / 6)
     # averaged over hypotheses: exact match (1) and 5/6
-    assert M.rouge_l(["a dog", "the cat sat on the mat"], [["a dog"], ["the cat is on the mat"]]) == pytest.approx(
+    assert T.rouge_l(["a dog", "the cat sat on the mat"], [["a dog"], ["the cat is on the mat"]]) == pytest.approx(
         (1 + 5 / 6) / 2
     )
 
@@ -135,56 +136,56 @@ def test_rouge_l_by_hand_max_over_references():
 def test_cider_is_pycocoevalcap_on_coco_tokens():
     from pycocoevalcap.cider.cider import Cider
 
-    assert M.coco_tokenize("The cat, sat on the mat.") == "the cat sat on the mat"
-    gts = {str(i): [M.coco_tokenize(r) for r in refs] for i, refs in enumerate(REFS)}
-    res = {str(i): [M.coco_tokenize(h)] for i, h in enumerate(HYPS)}
+    assert T.coco_tokenize("The cat, sat on the mat.") == "the cat sat on the mat"
+    gts = {str(i): [T.coco_tokenize(r) for r in refs] for i, refs in enumerate(REFS)}
+    res = {str(i): [T.coco_tokenize(h)] for i, h in enumerate(HYPS)}
     expected, _ = Cider().compute_score(gts, res)
-    assert M.cider(HYPS, REFS) == pytest.approx(expected)
-    assert M.cider(HYPS, REFS) > M.cider(["a dog runs in the park", "the cat sat on the mat"], REFS)
+    assert T.cider(HYPS, REFS) == pytest.approx(expected)
+    assert T.cider(HYPS, REFS) > T.cider(["a dog runs in the park", "the cat sat on the mat"], REFS)
 
 
-@pytest.mark.skipif(not M.java_available(), reason="METEOR needs Java (a JRE on PATH); none found")
+@pytest.mark.skipif(not T.java_available(), reason="METEOR needs Java (a JRE on PATH); none found")
 def test_meteor_is_pycocoevalcap_meteor():
     from pycocoevalcap.meteor.meteor import Meteor
 
     hyps = [*HYPS, "the cat is on the mat", "purple quantum banana"]  # + an exact match and an unrelated one
     refs = [*REFS, ["the cat is on the mat"], ["the cat is on the mat"]]
-    gts = {str(i): [M.coco_tokenize(r) for r in rs] for i, rs in enumerate(refs)}
-    res = {str(i): [M.coco_tokenize(h)] for i, h in enumerate(hyps)}
+    gts = {str(i): [T.coco_tokenize(r) for r in rs] for i, rs in enumerate(refs)}
+    res = {str(i): [T.coco_tokenize(h)] for i, h in enumerate(hyps)}
     scorer = Meteor()  # each JVM start loads the paraphrase table (seconds): two starts in all here
     expected, per_sample = scorer.compute_score(gts, res)
     del scorer
-    assert M.meteor(hyps, refs) == pytest.approx(expected)
+    assert T.meteor(hyps, refs) == pytest.approx(expected)
     assert per_sample[2] > 0.95 and per_sample[3] < 0.1
 
 
 def test_meteor_without_java_is_null_with_a_warning(monkeypatch, caplog):
-    monkeypatch.setattr(M.shutil, "which", lambda name: None)
+    monkeypatch.setattr(T.shutil, "which", lambda name: None)
     with caplog.at_level(logging.WARNING, logger="megl_ray.evaluation.metrics"):
-        assert M.meteor(HYPS, REFS) is None
+        assert T.meteor(HYPS, REFS) is None
     assert "java not found" in caplog.text
 
 
 def test_text_similarity_identical_is_one_and_unrelated_is_lower():
-    same = M.text_similarity(["a red square in the upper left"], [["a red square in the upper left"]])
+    same = T.text_similarity(["a red square in the upper left"], [["a red square in the upper left"]])
     assert same == pytest.approx(1.0, abs=1e-4)
     # max over references: the matching second reference decides
-    assert M.text_similarity(["a dog runs"], [["stock prices fell", "a dog runs"]]) == pytest.approx(1.0, abs=1e-4)
-    unrelated = M.text_similarity(["a red square in the upper left"], [["stock prices fell sharply on monday"]])
+    assert T.text_similarity(["a dog runs"], [["stock prices fell", "a dog runs"]]) == pytest.approx(1.0, abs=1e-4)
+    unrelated = T.text_similarity(["a red square in the upper left"], [["stock prices fell sharply on monday"]])
     assert unrelated < 0.5
-    related = M.text_similarity(["a red square at the top left"], [["a red square in the upper left"]])
+    related = T.text_similarity(["a red square at the top left"], [["a red square in the upper left"]])
     assert unrelated < related < 1.0
-    assert M.embedding_model() is M.embedding_model()  # loaded once
+    assert T.embedding_model() is T.embedding_model()  # loaded once
 
 
 def test_text_metrics_accumulate_and_report_every_key():
-    t = M.TextMetrics()
+    t = T.TextMetrics()
     t.update(HYPS[:1], REFS[:1])
     t.update(HYPS[1:], REFS[1:])
     r = t.compute()
     assert set(r) == {"bleu4", "meteor", "rouge_l", "cider", "text_similarity"}
-    assert r["bleu4"] == pytest.approx(M.bleu4(HYPS, REFS)) and r["rouge_l"] == pytest.approx(M.rouge_l(HYPS, REFS))
+    assert r["bleu4"] == pytest.approx(T.bleu4(HYPS, REFS)) and r["rouge_l"] == pytest.approx(T.rouge_l(HYPS, REFS))
     assert all(v is None or math.isfinite(v) for v in r.values())
-    assert M.TextMetrics().compute()["bleu4"] is None
+    assert T.TextMetrics().compute()["bleu4"] is None
     with pytest.raises(ValueError):
         t.update(["x"], [[]])

@@ -101,11 +101,11 @@ def test_asha_rungs_survive_a_restart(tmp_path):
 
 def test_a_trial_must_leave_a_cpu_to_ray_data():
     from megl_ray.errors import UserError
-    from megl_ray.tuning.sweep import _check_cpus
+    from megl_ray.tuning.sweep import check_cpus
 
-    _check_cpus({"CPU": 2.0}, load_config(TINY, ["train.num_workers=2"]))
+    check_cpus({"CPU": 2.0}, load_config(TINY, ["train.num_workers=2"]))
     with pytest.raises(UserError, match="train.num_workers=3 needs 1.5 CPUs plus 1 for data, the cluster has 2"):
-        _check_cpus({"CPU": 2.0}, load_config(TINY, ["train.num_workers=3"]))
+        check_cpus({"CPU": 2.0}, load_config(TINY, ["train.num_workers=3"]))
 
 
 def test_asha_lets_a_trial_in_its_last_epoch_finish_by_itself(tmp_path):
