@@ -16,8 +16,8 @@ from pyarrow.fs import FileType
 
 from megl_ray.config import safe_io
 from megl_ray.errors import UserError
-from megl_ray.storage import pyarrow_filesystem
-from megl_ray.storage.retrying_fs import is_transient
+from megl_ray.storage import S3Options, is_s3, pyarrow_filesystem
+from megl_ray.storage.retrying_fs import is_transient, retrying
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -147,6 +147,8 @@ class DatasetInfo:
 def load_dataset_info(uri: str) -> DatasetInfo:
     """Load ``dataset.json`` from a converted dataset's root (local path or ``s3://``), or from the file's own URI."""
     fs, path = pyarrow_filesystem(uri)
+    if is_s3(uri):  # an endpoint that is down (a server restarting) is retried for MEGL_S3_RETRY_SECONDS
+        fs = retrying(fs, S3Options.from_env().retry_seconds)
     if not path.endswith(".json"):
         path = path.rstrip("/") + "/" + DATASET_INFO_FILE
     try:

@@ -81,16 +81,17 @@ def fit(
     started = time.monotonic()
     uri = run_uri(cfg.run.storage_path, cfg.run.name)
     local_dir = local_run_dir(cfg.run.name)  # pictures and TensorBoard files, beside their copies in the run dir
-    info = load_dataset_info(cfg.data.uri)  # fails fast, before Ray starts, on bad data or unreachable storage
+    # Everything that can fail on the user's input fails here, before Ray starts: bad data, unreachable storage,
+    # empty splits, a model directory that is not there.
+    info = load_dataset_info(cfg.data.uri)
+    splits = plan_splits(cfg, info, evaluate_test)
+    train_ids = splits.train_ids
+    tokenizer = load_tokenizer(cfg.model, splits.corpus + list(info.classes))
     start_ray(address, verbose)
     quiet_ray_data(verbose)
     use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     check_resources(cfg, use_gpu)
     check_run_storage(cfg, use_gpu, ray.nodes(), ray.get_runtime_context().get_node_id())
-
-    splits = plan_splits(cfg, info, evaluate_test)
-    train_ids = splits.train_ids
-    tokenizer = load_tokenizer(cfg.model, splits.corpus + list(info.classes))
     row_bytes = preprocessed_bytes_per_row(
         pixel_size(cfg.model), info.mask_size, cfg.data.max_rationales, cfg.model.max_text_tokens
     )

@@ -62,13 +62,19 @@ for _name in ("botocore", "boto3", "s3transfer", "urllib3"):
 _STATIC_CREDENTIAL_METHODS = {"env", "explicit", "shared-credentials-file", "config-file", "boto-config"}
 
 
+PYARROW_MAX_ATTEMPTS = 3
+"""Attempts of pyarrow's (the AWS C++ SDK's) standard retry strategy. It backs off exponentially up to 20 s between
+attempts, so 10 attempts held a refused connection for ~90 s before any error; 3 (the SDK's own default) take ~2 s.
+Longer outages are bridged by ``megl_ray.storage.retrying_fs``, bounded by ``S3Options.retry_seconds``."""
+
+
 @dataclass
 class S3Options:
     """Where and how to reach S3. Credentials are hidden from ``repr``.
 
-    ``max_attempts`` goes to botocore's standard retry mode (which counts it as retries after the first try)
-    and to pyarrow's ``AwsStandardS3RetryStrategy``; ``retry_seconds`` bounds the extra retries this module
-    adds on top while an endpoint is down (e.g. a storage server restarting).
+    ``max_attempts`` goes to botocore's standard retry mode (which counts it as retries after the first try);
+    pyarrow's strategy makes ``PYARROW_MAX_ATTEMPTS``. ``retry_seconds`` bounds the extra retries this module and
+    ``retrying_fs`` add on top while an endpoint is down (e.g. a storage server restarting).
     """
 
     endpoint_url: str | None = None
@@ -201,7 +207,7 @@ def pyarrow_filesystem(
         "region": options.region,
         "connect_timeout": CONNECT_TIMEOUT_S,
         "request_timeout": READ_TIMEOUT_S,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=options.max_attempts),
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=PYARROW_MAX_ATTEMPTS),
     }
     if options.endpoint_url:
         parsed = urlparse(options.endpoint_url if "://" in options.endpoint_url else "https://" + options.endpoint_url)

@@ -1,5 +1,5 @@
 """Training across two real Ray nodes on this machine (``two_node_cluster``): one worker per node, run storage on
-the embedded S3, a node-local storage path refused, and a node lost mid-run and replaced."""
+the embedded S3, a node-local storage path refused, and a node lost mid-run and replaced (one training run)."""
 
 import json
 import math
@@ -116,42 +116,15 @@ def test_a_node_local_storage_path_is_refused_with_workers_on_two_nodes(two_node
     assert json.loads(out.strip().splitlines()[-1])["error"]
 
 
-def test_two_workers_on_two_nodes_checkpoint_both_shards_to_s3(
-    two_node_cluster, s3_data, embedded_s3, tmp_path, capsys
-):
-    from megl_ray import storage
-
-    samples = tmp_path / "samples"
-    code, out, err = _train(
-        two_node_cluster,
-        [
-            *FAST_ARGS,
-            f"data.uri={s3_data}",
-            "run.storage_path=s3://megl-multinode/runs",
-            f"run.name=two-nodes-{SESSION}",
-            "train.checkpoint_every=2",
-            f"train.sample_log_dir={samples}",
-        ],
-        capsys,
-    )
-    assert code == 0, err[-4000:]
-    result = json.loads(out.strip().splitlines()[-1])
-    assert result["steps"] == result["planned_steps"] == _steps_per_epoch(s3_data)
-    workers = _train_worker_nodes(two_node_cluster)
-    assert set(workers) == set(_node_with(two_node_cluster, "node_a") + _node_with(two_node_cluster, "node_b"))
-    files = storage.list_files(result["checkpoint"])
-    names = {f.rsplit("/", 1)[-1] for f in files}
-    for rank in (0, 1):  # each rank's ZeRO-2 partition of the optimizer state, and its RNG state
-        assert f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in names, sorted(names)
-        assert f"rng_rank{rank}.pt" in names
-    assert "train_state.json" in names
-    trained = [i for r in _sample_rows(samples) for i in r["ids"]]
-    assert sorted(trained) == _train_ids(s3_data)
-
-
 def test_a_node_lost_mid_run_is_replaced_and_the_run_completes_with_exact_steps_and_samples(
     two_node_cluster, s3_data, tmp_path, capsys, monkeypatch
 ):
+    """One worker per node (STRICT_SPREAD), both shards checkpointed to S3 every 2 steps; node_b is lost at step 3
+    and replaced; the run resumes from step 2 and completes with exact steps and samples. (Also proves what the
+    former ``test_two_workers_on_two_nodes_checkpoint_both_shards_to_s3`` did on a run of its own: workers on both
+    nodes, each rank's ZeRO-2 optimizer partition and RNG state in the checkpoint, every train id trained.)"""
+    from megl_ray import storage
+
     cluster = two_node_cluster
     lost = [i for i in _node_with(cluster, "node_b")]
     assert len(lost) == 1
@@ -221,3 +194,9 @@ def test_a_node_lost_mid_run_is_replaced_and_the_run_completes_with_exact_steps_
         if "ReadParquet" in t.name or "MapBatches" in t.name
     ]
     assert data_tasks, "no Ray Data task ran on the lost node"
+    assert _node_with(cluster, "node_a")[0] in workers  # rank 0 on the head, rank 1 on node_b (then its replacement)
+    names = {f.rsplit("/", 1)[-1] for f in storage.list_files(result["checkpoint"])}
+    for rank in (0, 1):  # each rank's ZeRO-2 partition of the optimizer state, and its RNG state
+        assert f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in names, sorted(names)
+        assert f"rng_rank{rank}.pt" in names
+    assert "train_state.json" in names

@@ -13,8 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from megl_ray import storage, train, tune
 from megl_ray.cli import run_cli
+from megl_ray.data import convert
 from megl_ray.data.reader import bundled_dataset_uri, read_split
+from megl_ray.data.sample import sample_dataset_path
+from megl_ray.storage.embedded_home import embedded_store_for
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -36,11 +40,35 @@ def _env(**extra):
     return env
 
 
-def test_ray_job_submit_runs_the_trainer_and_leaves_checkpoints_in_the_embedded_s3(tmp_path):
-    home = tmp_path / "home"
+SECRET = "megl-i10-Distinctive-secret-4f1c9e"
+ISOLATED = (
+    "MEGL_S3_ENDPOINT",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "RAY_ADDRESS",
+)
+
+
+@pytest.fixture(scope="module")
+def submitted(tmp_path_factory):
+    """One training run as a cluster user starts it: ``ray job submit`` of ``python -m megl_ray.train`` without a
+    run name, to a ``ray start`` cluster of its own, on the embedded default (a distinctive ``MEGL_S3_SECRET_KEY``)
+    with a dataset of train and test only (so validation is carved from train). The tests below read it, re-run it
+    and sweep beside it, then look for the secret at rest."""
+    root = tmp_path_factory.mktemp("submitted")
+    home, data = root / "home", root / "train-test"
+    assert run_cli("convert", convert.main, [str(sample_dataset_path()), str(data), "--val-fraction", "0"]) == 0
+    ray_before = _ray_temp_dirs()
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     dash = _free_port()
-    env = _env(MEGL_HOME=str(home), RAY_AUTH_MODE="token")  # the client then sends ~/.ray/auth_token
+    env = {
+        k: v
+        for k, v in _env(MEGL_HOME=str(home), RAY_AUTH_MODE="token", MEGL_S3_SECRET_KEY=SECRET).items()
+        if k not in ISOLATED
+    }  # RAY_AUTH_MODE=token: the client then sends ~/.ray/auth_token
     ray_bin = str(Path(sys.executable).parent / "ray")
     # In a session of its own: its process group holds this Ray's processes (and the job's), and only they are
     # killed at the end (`ray stop` would stop every Ray instance on the machine).
@@ -79,7 +107,7 @@ def test_ray_job_submit_runs_the_trainer_and_leaves_checkpoints_in_the_embedded_
                     "megl_ray.train",
                     "--config",
                     str(FAST),
-                    "run.name=job",
+                    f"data.uri={data}",
                 ],
                 env=env,
                 cwd=REPO,
@@ -90,26 +118,41 @@ def test_ray_job_submit_runs_the_trainer_and_leaves_checkpoints_in_the_embedded_
             if "No available agent to submit job" not in job.stderr:
                 break
             time.sleep(5)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "succeeded" in job.stdout + job.stderr
-        result = json.loads([line for line in job.stdout.splitlines() if line.startswith('{"checkpoint"')][-1])
-        assert result["steps"] == result["planned_steps"] > 0
-        assert result["checkpoint"].startswith("s3://megl/runs/job/checkpoint_")
     finally:
         os.killpg(start.pid, signal.SIGKILL)
-    from megl_ray import storage
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    result = json.loads([line for line in job.stdout.splitlines() if line.startswith('{"checkpoint"')][-1])
+    return {"home": home, "data": data, "job": job, "result": result, "ray_before": ray_before}
 
-    with storage.EmbeddedS3(home / "embedded_s3") as server:  # the job's server is gone: read its data dir
-        files = storage.list_files("s3://megl/runs/job", server.options)
+
+def test_ray_job_submit_runs_the_trainer_and_leaves_checkpoints_in_the_embedded_s3(submitted, monkeypatch):
+    job, result, home = submitted["job"], submitted["result"], submitted["home"]
+    assert "succeeded" in job.stdout + job.stderr
+    assert result["steps"] == result["planned_steps"] > 0
+    name = result["run_dir"].rsplit("/", 1)[1]
+    assert result["run_dir"] == f"s3://megl/runs/{name}" and name.startswith("megl-")  # no run.name: a fresh one
+    assert result["checkpoint"].startswith(f"s3://megl/runs/{name}/checkpoint_")
+    # a dataset without a val split: validation on data.val_fraction of train
+    assert result["val_source"] == "carved" and result["val_fraction"] == 0.1 and result["val_accuracy"] is not None
+    # the run's last lines are the commands that evaluate and explain it
+    assert f"python -m megl_ray.evaluate --checkpoint s3://megl/runs/{name}/export" in job.stdout + job.stderr
+    assert f"python -m megl_ray.explain --checkpoint s3://megl/runs/{name}/export" in job.stdout + job.stderr
+    with storage.EmbeddedS3(home / "embedded_s3", secret_key=SECRET) as server:  # the job's server is gone
+        files = storage.list_files(result["run_dir"], server.options)
     checkpoint_files = [f for f in files if "/checkpoint_" in f]
     assert any(f.endswith("train_state.json") for f in checkpoint_files)
     assert any("/megl/" in f for f in checkpoint_files)  # the DeepSpeed tag directory with the shards
     assert any(f.endswith("/export/model.safetensors") for f in files)
     assert any(f.endswith("/result.json") for f in files)
+    for var in ISOLATED:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MEGL_HOME", str(home))
+    monkeypatch.setenv("MEGL_S3_SECRET_KEY", SECRET)
+    with embedded_store_for(result["export"]):  # what the printed commands rely on: the store served again
+        assert storage.exists(result["export"] + "/model.safetensors")
 
 
 def _run_train(args, capsys):
-    from megl_ray import train
 
     code = run_cli("megl_ray.train", train.main, args)
     out, err = capsys.readouterr()
@@ -193,38 +236,6 @@ def test_a_killed_worker_resumes_with_exact_accumulation_steps_and_samples(tmp_p
     assert metrics["accuracy"] == pytest.approx(result["test_accuracy"], abs=1e-4)
 
 
-def test_user_errors_are_one_clear_line(tmp_path, capsys, monkeypatch):
-    data = bundled_dataset_uri()
-    cases = [
-        (["model.nonsense=1"], "unknown config key 'model.nonsense'"),
-        (
-            [
-                "model.preset=llava",
-                f"model.vlm_path={tmp_path / 'missing'}",
-                f"data.uri={data}",
-                f"run.storage_path={tmp_path}",
-            ],
-            "model directory not found",
-        ),
-        ([f"data.uri={data}", f"run.storage_path={tmp_path}", "train.num_workers=8"], "train.num_workers=8 needs"),
-    ]
-    for args, fragment in cases:
-        code, out, err = _run_train(["--config", str(FAST), *args], capsys)
-        assert code == 2 and fragment in err, err[-2000:]
-        assert "Traceback" not in err
-        assert json.loads(out.strip().splitlines()[-1])["error"]
-    monkeypatch.setenv("MEGL_S3_ENDPOINT", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
-    monkeypatch.setenv("MEGL_S3_RETRY_SECONDS", "1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
-    start = time.monotonic()
-    code, out, err = _run_train(
-        ["--config", str(FAST), "data.uri=s3://nowhere/ds", f"run.storage_path={tmp_path}"], capsys
-    )
-    assert code == 2 and "storage unreachable" in err and "Traceback" not in err, err[-2000:]
-    assert time.monotonic() - start < 120
-
-
 SECRET = "megl-i10-Distinctive-secret-4f1c9e"
 
 
@@ -243,44 +254,17 @@ def _files_holding(root: Path, needle: bytes) -> list[str]:
     return hits
 
 
-def test_re_runs_carved_validation_and_no_secret_at_rest(tmp_path, capsys, monkeypatch):
-    """On the embedded default with a distinctive MEGL_S3_SECRET_KEY and a dataset of train and test only: a run
-    without run.name (carved validation), its re-run (complete: no training), a changed loss weight (stops), and a
-    1-trial sweep without validation; then the secret is in no stored object and no file of Ray's temp dirs."""
-    from megl_ray import storage
-    from megl_ray.data import convert
-    from megl_ray.data.sample import sample_dataset_path
-    from megl_ray.storage.embedded_home import embedded_store_for
-
-    for var in (
-        "MEGL_S3_ENDPOINT",
-        "AWS_ENDPOINT_URL_S3",
-        "AWS_ENDPOINT_URL",
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
-        "RAY_ADDRESS",
-    ):
+def test_re_runs_and_a_sweep_beside_the_run_leave_no_secret_at_rest(submitted, capsys, monkeypatch):
+    """On the submitted run's store (its distinctive MEGL_S3_SECRET_KEY): its re-run by name is complete (no
+    training), a changed loss weight under its name stops, a 1-trial sweep without validation trains beside it;
+    then the secret is in no stored object and no file of the Ray temp dirs these made (the job's cluster's too),
+    and no credentials file outlived its run."""
+    for var in ISOLATED:
         monkeypatch.delenv(var, raising=False)
-    home = tmp_path / "home"
+    home, data, result = submitted["home"], submitted["data"], submitted["result"]
     monkeypatch.setenv("MEGL_HOME", str(home))
     monkeypatch.setenv("MEGL_S3_SECRET_KEY", SECRET)
-    data = tmp_path / "train-test"
-    assert run_cli("convert", convert.main, [str(sample_dataset_path()), str(data), "--val-fraction", "0"]) == 0
-    capsys.readouterr()
-    ray_before = _ray_temp_dirs()
-
-    code, out, err = _run_train(["--config", str(FAST), f"data.uri={data}"], capsys)
-    assert code == 0, err[-4000:]
-    result = json.loads(out.strip().splitlines()[-1])
     name = result["run_dir"].rsplit("/", 1)[1]
-    assert result["run_dir"].startswith("s3://megl/runs/megl-") and result["val_source"] == "carved"
-    assert result["val_fraction"] == 0.1 and result["val_accuracy"] is not None
-    last = err.strip().splitlines()[-2:]
-    assert "python -m megl_ray.evaluate --checkpoint s3://megl/runs/" in last[0], last
-    assert "python -m megl_ray.explain --checkpoint s3://megl/runs/" in last[1], last
-    with embedded_store_for(result["export"]):  # the run's server has ended: its store is served again
-        assert storage.exists(result["export"] + "/model.safetensors")
 
     code, out, err = _run_train(["--config", str(FAST), f"data.uri={data}", f"run.name={name}"], capsys)
     assert code == 0 and f"run {name} is complete" in err and "[megl] epoch" not in err, err[-3000:]
@@ -293,7 +277,7 @@ def test_re_runs_carved_validation_and_no_secret_at_rest(tmp_path, capsys, monke
     line = [x for x in err.splitlines() if "error" in x][-1]
     assert "loss.text_weight differs" in line and "run.name=" in line, err[-2000:]
 
-    space = tmp_path / "space.yaml"
+    space = home.parent / "space.yaml"
     space.write_text("optim.lr: {grid: [0.003]}\n")
     sweep = [
         "--space",
@@ -307,8 +291,6 @@ def test_re_runs_carved_validation_and_no_secret_at_rest(tmp_path, capsys, monke
         f"data.uri={data}",
         "data.val_fraction=0",
     ]
-    from megl_ray import tune
-
     code = run_cli("megl_ray.tune", tune.main, sweep)  # the default metric needs validation
     assert code == 2 and "data.val_fraction=0" in capsys.readouterr().err
     proc = subprocess.run(
@@ -329,8 +311,8 @@ def test_re_runs_carved_validation_and_no_secret_at_rest(tmp_path, capsys, monke
         assert any("/checkpoint_" in o for o in objects) and any("tuner.pkl" in o for o in objects)
         leaks = [o for o in objects if SECRET.encode() in storage.read_bytes(o, server.options)]
     assert not leaks, leaks
-    ray_dirs = _ray_temp_dirs() - ray_before
-    assert ray_dirs
+    ray_dirs = _ray_temp_dirs() - submitted["ray_before"]
+    assert len(ray_dirs) >= 2  # the job's cluster and the sweep's local Ray
     leaks = [f for d in ray_dirs for f in _files_holding(d, SECRET.encode())]
     assert not leaks, leaks
     assert not list((home / "credentials").glob("*")), "a credentials file outlived its run"
