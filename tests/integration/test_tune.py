@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from megl_ray import storage
 from megl_ray.config import MEGLConfig, load_config
 from megl_ray.data.reader import bundled_dataset_uri
 from megl_ray.training.local import train
@@ -24,14 +25,14 @@ from tests.support.tracking_support import mlflow_server
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "tests" / "configs" / "tune-tiny.yaml"
 GOOD, BAD = 3e-3, (1e-9, 2e-9)
+RUNS = "s3://megl/runs"  # the embedded default's run storage
 
 
 def _env(**extra):
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in ISOLATED}
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env["PYTHONPATH"] = f"{REPO}:{env.get('PYTHONPATH', '')}"
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "megl_ray" / "torch_extensions"))
-    env.pop("RAY_ADDRESS", None)
     env.update(extra)
     return env
 
@@ -43,12 +44,29 @@ def _run(module, args, **env):
     return proc.returncode, proc.stdout, proc.stderr
 
 
+SECRET = "megl-tune-Distinctive-secret-7d2a10"
+ISOLATED = (
+    "MEGL_S3_ENDPOINT",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "RAY_ADDRESS",
+)
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
+    """The sweep, run (and resumed) on the embedded default with a distinctive ``MEGL_S3_SECRET_KEY``: the
+    experiment, its trials' runs and Tune's state live on the embedded store, copied here afterwards."""
     root = tmp_path_factory.mktemp("sweep")
     space = root / "lr.yaml"
     space.write_text(f"optim.lr: {{grid: [{GOOD}, {BAD[0]}, {BAD[1]}]}}\n")
     (root / "mlflow").mkdir()
+    home = root / "home"
+    env = {"MEGL_HOME": str(home), "MEGL_S3_SECRET_KEY": SECRET}
+    ray_before = set(Path("/tmp").glob("ray*"))
     with mlflow_server(root / "mlflow") as mlflow_uri:  # every trial is tracked too: one experiment, a run each
         args = [
             "--space",
@@ -62,21 +80,29 @@ def sweep(tmp_path_factory):
             "--max-concurrent",
             "1",
             f"data.uri={bundled_dataset_uri()}",
-            f"run.storage_path={root / 'runs'}",
             f"train.sample_log_dir={root / 'samples'}",
             "run.tracking=mlflow",
             f"run.tracking_uri={mlflow_uri}",
         ]
-        first = _run("megl_ray.tune", args, MEGL_TEST_TUNE_INTERRUPT_AFTER="1")
-        first_results = json.loads((root / "runs" / "lr" / "results.json").read_text())
-        second = _run("megl_ray.tune", args)
+        first = _run("megl_ray.tune", args, MEGL_TEST_TUNE_INTERRUPT_AFTER="1", **env)
+        with storage.EmbeddedS3(home / "embedded_s3", secret_key=SECRET) as server:
+            first_results = json.loads(storage.read_bytes(f"{RUNS}/lr/results.json", server.options))
+        second = _run("megl_ray.tune", args, **env)
+        with storage.EmbeddedS3(home / "embedded_s3", secret_key=SECRET) as server:
+            storage.download(f"{RUNS}/lr", root / "experiment", server.options)
+            objects = storage.list_files("s3://megl/", server.options)
+            leaks = [o for o in objects if SECRET.encode() in storage.read_bytes(o, server.options)]
         yield {
             "root": root,
+            "home": home,
             "first": first,
             "first_results": first_results,
             "second": second,
-            "experiment": root / "runs" / "lr",
+            "experiment": root / "experiment",
             "mlflow": mlflow_uri,
+            "objects": objects,
+            "leaks": leaks,
+            "ray_dirs": set(Path("/tmp").glob("ray*")) - ray_before,
         }
 
 
@@ -96,8 +122,12 @@ def test_a_sweep_reports_a_table_csv_json_and_a_best_config_that_trains(sweep):
     result = _result(sweep["second"])
     experiment = sweep["experiment"]
     assert result["trials"] == 3 and result["unfinished"] == 0 and result["errored"] == 0
-    assert result["results_csv"] == str(experiment / "results.csv")
-    assert result["best_config"] == str(experiment / "best_config.yaml")
+    assert (
+        result["results_csv"] == f"{RUNS}/lr/results.csv" and result["best_config_uri"] == f"{RUNS}/lr/best_config.yaml"
+    )
+    # the experiment is on S3; --config takes a local file: a copy of the best config is kept on this machine
+    assert result["best_config"] == str(sweep["home"] / "sweeps" / "lr" / "best_config.yaml")
+    assert Path(result["best_config"]).read_bytes() == (experiment / "best_config.yaml").read_bytes()
     assert result["best_values"] == {"optim.lr": GOOD} and result["best_metric"] > 0
 
     rows = _rows(sweep)
@@ -105,7 +135,7 @@ def test_a_sweep_reports_a_table_csv_json_and_a_best_config_that_trains(sweep):
     assert list(next(iter(rows.values()))) == ["trial", "optim.lr", "loss", "epochs", "status", "run"]
     assert float(rows[GOOD]["loss"]) == pytest.approx(result["best_metric"])
     assert all(
-        r["run"] == str(sweep["root"] / "runs" / f"lr-{r['trial']}") and "_" in r["trial"] for r in rows.values()
+        r["run"] == f"{RUNS}/lr-{r['trial']}" and "_" in r["trial"] for r in rows.values()
     )  # <sweep>-<trial id>: no timestamps
     saved = json.loads((experiment / "results.json").read_text())
     assert saved["best_trial"] == rows[GOOD]["trial"] and len(saved["rows"]) == 3
@@ -165,3 +195,22 @@ def test_an_interrupted_sweep_resumes_without_rerunning_its_finished_trial(sweep
     assert len(progress) == 1 + 2, progress  # its two epochs, reported once
     trial_dirs = [p.name for p in sweep["experiment"].iterdir() if p.is_dir()]
     assert sorted(trial_dirs) == sorted(r["trial"] for r in _rows(sweep).values())
+
+
+@pytest.mark.slow
+def test_the_secret_key_is_in_no_stored_object_and_no_ray_temp_file(sweep):
+    """Tune pickles the trainable with its parameters (environment included) into its experiment state on S3: the
+    sweep's trials inherit the embedded store's credentials, and none of them is stored — nor written by Ray."""
+    assert any("tuner.pkl" in o for o in sweep["objects"]) and any("/checkpoint_" in o for o in sweep["objects"])
+    assert not sweep["leaks"], sweep["leaks"]
+    assert sweep["ray_dirs"]
+    leaks = [str(f) for d in sweep["ray_dirs"] for f in d.rglob("*") if _holds(f, SECRET.encode())]
+    assert not leaks, leaks
+    assert not list((sweep["home"] / "credentials").glob("*")), "a credentials file outlived its sweep"
+
+
+def _holds(path: Path, needle: bytes) -> bool:
+    try:
+        return path.is_file() and not path.is_symlink() and needle in path.read_bytes()
+    except OSError:  # sockets, files removed meanwhile
+        return False
