@@ -11,6 +11,8 @@ The package, by concern (read in this order):
 - :mod:`~megl_ray.storage.s3` — :class:`S3Options`, boto3/pyarrow clients, error translation and retries;
 - :mod:`~megl_ray.storage.transfer` — read/write/list/upload/download/``local_copy``;
 - :mod:`~megl_ray.storage.embedded` (+ :mod:`~megl_ray.storage.weed`) — the embedded SeaweedFS server;
+- :mod:`~megl_ray.storage.embedded_home` — the embedded store of ``$MEGL_HOME``, served again for any process;
+- :mod:`~megl_ray.storage.retrying_fs` — a pyarrow filesystem that bridges storage outages;
 - :mod:`~megl_ray.storage.serve` — ``python -m megl_ray.storage serve --data-dir DIR``.
 """
 

@@ -1,4 +1,5 @@
-"""``bench/ablation.py`` end to end at toy size: two rows through the real trainer, then its table, chart and JSON."""
+"""``bench/ablation.py`` end to end at toy size: two rows through the real trainer (one Ray Train worker each: the
+bench's own runs use two), then its table, chart and JSON."""
 
 import json
 from pathlib import Path
@@ -58,6 +59,7 @@ def test_ablation_trains_each_row_and_writes_its_table_chart_and_json(tmp_path: 
         "--work",
         str(tmp_path / "work"),
         "train.epochs=1",
+        "train.num_workers=1",
         "model.max_text_tokens=16",
         timeout=1200,
     )
@@ -86,6 +88,7 @@ def test_ablation_trains_each_row_and_writes_its_table_chart_and_json(tmp_path: 
         "--work",
         str(tmp_path / "work"),
         "train.epochs=1",
+        "train.num_workers=1",
         "model.max_text_tokens=16",
     )
     assert again["rows"] == result["rows"] and again["seconds"] < result["seconds"]
