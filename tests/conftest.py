@@ -18,8 +18,10 @@ from megl_ray.config import load_config, packaged_config
 from megl_ray.data import make_sample
 from megl_ray.data.conversion import ConvertOptions
 from megl_ray.data.conversion import convert as convert_dataset
+from megl_ray.data.reader import bundled_dataset_uri
 from megl_ray.training.local import train
 from tests.support.adversarial import write_tiny_source
+from tests.support.sources import write_bad_corpus
 from tests.support.squares import write_squares
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -83,6 +85,39 @@ def squares(tmp_path_factory):
     result = train(cfg, export=export)
     assert result["val_accuracy"] >= 0.75, result  # the heat test is only meaningful for a working model
     return src, data, export
+
+
+@pytest.fixture
+def bad_corpus(tmp_path: Path) -> Path:
+    """A source folder holding one record of every bad-input kind the converter rejects (and three good ones)."""
+    return write_bad_corpus(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def data_uri() -> str:
+    """The bundled digits (the suite's 400-image generation), converted once."""
+    return bundled_dataset_uri()
+
+
+@pytest.fixture(scope="session")
+def export(tmp_path_factory, data_uri) -> str:
+    """An export of the tiny preset trained 4 steps in process on ``data_uri``: for the tests that only read one."""
+    out = str(tmp_path_factory.mktemp("evaluate") / "export")
+    cfg = load_config(packaged_config("tiny"), ["train.epochs=2", f"data.uri={data_uri}"])
+    train(cfg, max_steps=4, export=out)
+    return out
+
+
+@pytest.fixture
+def clean_aws_env(monkeypatch, tmp_path):
+    """No AWS settings from this machine: only what a test sets."""
+    for name in list(os.environ):
+        if name.startswith("AWS_") or name.startswith("MEGL_S3"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return monkeypatch
 
 
 def pytest_configure(config):

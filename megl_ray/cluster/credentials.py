@@ -54,9 +54,20 @@ def public_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith(FORWARDED_PREFIXES) and not is_credential(k)}
 
 
+OUTER_FILE_VAR = "MEGL_CREDENTIALS_FILE"
+"""The path (never the contents) of a credentials file an outer process owns, set where that file was loaded: a
+sweep's trial runs a whole training run whose workers need the same credentials, and reuses the sweep's file rather
+than writing one of its own, which a trial stopped by the scheduler (its process ended at once) could not remove."""
+
+
 @contextlib.contextmanager
 def credentials_file() -> Iterator[str | None]:
-    """A 0600 JSON file of this process's credential variables, removed at the end; None when there are none."""
+    """A 0600 JSON file of this process's credential variables, removed at the end; None when there are none. Inside
+    a process that loaded an outer owner's file (``OUTER_FILE_VAR``), that file, left to its owner."""
+    outer = os.environ.get(OUTER_FILE_VAR)
+    if outer and Path(outer).is_file():
+        yield outer
+        return
     values = {k: v for k, v in os.environ.items() if is_credential(k)}
     if not values:
         yield None
@@ -81,6 +92,7 @@ def load_credentials(path: str | None) -> None:
         return
     for key, value in json.loads(Path(path).read_text()).items():
         os.environ.setdefault(key, value)
+    os.environ[OUTER_FILE_VAR] = path  # what this process starts reuses it (see ``credentials_file``)
 
 
 def keep_tune_from_logging_credentials() -> None:

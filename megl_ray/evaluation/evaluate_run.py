@@ -1,21 +1,12 @@
-"""Scoring an exported MEGL model on one split of a converted dataset (``python -m megl_ray.evaluate``).
+"""Scoring an exported MEGL model on one split of a converted dataset: the library of ``python -m megl_ray.evaluate``
+(whose docstring lists the options and what is printed and written).
 
-    python -m megl_ray.evaluate --checkpoint URI --data URI [--split test] [--out FILE] [--num-beams 1]
-        [--max-new-tokens N] [--batch-size 32] [--workers N] [--device auto] [--precision auto] [--clip-path URI]
-    python -m megl_ray.evaluate --efficiency --checkpoint URI [--batch-size 32] [--warmup 2] [--repeats 5]
-
-Classification, visual-explanation and rationale metrics (``megl_ray.evaluation.metrics``,
-``megl_ray.evaluation.clipscore``, ``megl_ray.evaluation.spice``; every key is defined in ``docs/evaluation.md``). A
-readable table goes to stderr, the JSON to ``--out`` (default ``<checkpoint>/eval_<split>.json``, local or
-``s3://``) and, as one object, to the last stdout line. ``--efficiency`` measures parameters, latency and throughput
-instead (``megl_ray.evaluation.efficiency``).
-
-Small splits run in this process. With ``--workers N`` > 1, a split of more than ``RAY_ROW_THRESHOLD`` rows, or a
+Small splits run in this process. With ``workers`` > 1, a split of more than ``RAY_ROW_THRESHOLD`` rows, or a
 driver without the GPU the model should use (a CPU head node under ``ray job submit``), Ray Data spreads prediction
 and generation over actors that each hold the model: one per GPU of the cluster (``num_gpus=1``) when it has GPUs,
-else CPU actors. Each process that holds the model resolves ``--device``/``--precision`` itself. Both paths feed
-the model the same batches (rows [k·B, (k+1)·B) of the split) and the metrics the same outputs in the same order,
-so they report identical numbers.
+else CPU actors. Each process that holds the model resolves ``device``/``precision`` itself. Both paths feed the
+model the same batches (rows [k·B, (k+1)·B) of the split) and the metrics the same outputs in the same order, so
+they report identical numbers.
 """
 
 from __future__ import annotations

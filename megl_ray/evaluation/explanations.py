@@ -1,15 +1,9 @@
-"""What an exported MEGL model predicts for images, where it looked, and why it says so
-(``python -m megl_ray.explain``).
+"""What an exported MEGL model predicts for images, where it looked, and why it says so: the library of
+``python -m megl_ray.explain`` (whose docstring lists the files it writes).
 
-    python -m megl_ray.explain --checkpoint URI IMAGE... --out DIR [--top-k 3] [--num-beams 1] [--max-new-tokens N]
-    python -m megl_ray.explain --checkpoint URI --gallery --data URI [--split test] [--per-class 3] --out DIR
-
-For each IMAGE (local path or ``s3://``): the top-k classes with probabilities, ``DIR/<name>_overlay.png`` (the
-saliency Â of the predicted class, bilinearly upsampled to the image and drawn over it as a 'jet' heat map),
-``DIR/<name>_saliency.png`` (the same map alone, 8-bit grey, max-normalised) and the rationale generated for the
-predicted class; all listed in ``DIR/explanations.json``. ``--gallery`` writes ``DIR/index.html``: a static page
-with a few examples per class of a dataset split (image, overlay, ground-truth mask when present, generated and
-reference rationales), its images as files beside it. DIR may be ``s3://`` (written locally, then uploaded).
+Each image gets the top-k classes, the saliency Â of the predicted class upsampled and drawn over it as a heat map
+(``overlay``), the same map alone in grey, and the rationale generated for the predicted class; the gallery renders
+a few examples per class of a split (``megl_ray.evaluation.gallery``).
 """
 
 from __future__ import annotations

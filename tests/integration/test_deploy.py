@@ -1,10 +1,4 @@
-"""The deployment files: Dockerfile, Ray cluster-launcher configs (cluster/*.yaml), KubeRay manifests
-(cluster/kuberay/*.yaml) and the commands they and cluster/README.md show.
-
-Nothing here needs Docker, a cloud account or a Kubernetes cluster: the launcher configs are checked with the
-cluster-config schema and checks of the installed ray, the pod templates with Kubernetes' own schemas
-(kubernetes-validate), the Dockerfile with hadolint, and every command against the repository.
-"""
+"""The Dockerfile passes hadolint (a subprocess; the other deployment checks are ``tests/unit/test_deploy.py``)."""
 
 from __future__ import annotations
 

@@ -11,27 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from megl_ray import train_local
 from megl_ray.cli import run_cli
-from megl_ray.data.reader import bundled_dataset_uri
 from megl_ray.data.schema import load_dataset_info
 from megl_ray.evaluate import main
 from megl_ray.evaluation.scoring import METRIC_KEYS
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = {*METRIC_KEYS, "split", "samples", "per_class", "mask_samples", "checkpoint", "data", "out"}
-
-
-@pytest.fixture(scope="module")
-def data_uri():
-    return bundled_dataset_uri()
-
-
-@pytest.fixture(scope="module")
-def export(tmp_path_factory, data_uri):
-    out = str(tmp_path_factory.mktemp("evaluate") / "export")
-    train_local.main(["--max-steps", "4", "--export", out, "train.epochs=2", f"data.uri={data_uri}"])
-    return out
 
 
 def _run(argv, capsys):

@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 
 from megl_ray import storage
 from megl_ray.storage import AccessDeniedError, S3Options
 from tests.support.storage_support import LEAK_ACCESS, LEAK_SECRET, LEAK_TOKEN
-
-
-@pytest.fixture
-def clean_aws_env(monkeypatch, tmp_path):
-    """No AWS settings from this machine: only what a test sets."""
-    for name in list(os.environ):
-        if name.startswith("AWS_") or name.startswith("MEGL_S3"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    return monkeypatch
 
 
 @pytest.mark.slow

@@ -124,3 +124,35 @@ def write_tiny_source(root: Path, n: int = 12) -> Path:
     (root / "exp_annotation.json").write_text(json.dumps(records))
     (root / "label_class_id_mapping.json").write_text(json.dumps({"cat": 0, "dog": 1}))
     return root
+
+
+CONVERT = "python -m megl_ray.data.convert"
+CAT_DOG = {"cat": 0, "dog": 1}
+
+
+def good_record(name: str = "a", **changes) -> dict:
+    record = {
+        "image_path": f"images/{name}.png",
+        "class_id": 0,
+        "ans": "cat",
+        "visual_exp": f"masks/{name}.npy",
+        "exp": ["a furry cat", "pointy ears"],
+    }
+    record.update(changes)
+    return record
+
+
+def make_source(root: Path, records: dict[str, object] | None = None, classes: object = CAT_DOG) -> Path:
+    """A valid two-image source; ``records`` replaces exp_annotation.json's body (a str value is raw JSON)."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i, name in enumerate(("a", "b")):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / "images" / f"{name}.png")
+        mask = np.zeros((8, 8), np.float32)
+        mask[2:5, 2:5] = 1.0
+        np.save(root / "masks" / f"{name}.npy", mask)
+    records = records if records is not None else {"a": good_record("a"), "b": good_record("b")}
+    body = ",\n".join(f"{json.dumps(k)}: {v if isinstance(v, str) else json.dumps(v)}" for k, v in records.items())
+    (root / "exp_annotation.json").write_text("{" + body + "}")
+    (root / "label_class_id_mapping.json").write_text(classes if isinstance(classes, str) else json.dumps(classes))
+    return root

@@ -8,51 +8,19 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from megl_ray.data import convert
-from tests.support.adversarial import assert_user_error, run, snapshot
+from tests.support.adversarial import CONVERT, assert_user_error, good_record, make_source, run, snapshot
 
-PROG = "python -m megl_ray.data.convert"
-CLASSES = {"cat": 0, "dog": 1}
 DEEP = "[" * 100_000 + "]" * 100_000
 HUGE = "9" * 5000
-
-
-def good_record(name: str = "a", **changes) -> dict:
-    record = {
-        "image_path": f"images/{name}.png",
-        "class_id": 0,
-        "ans": "cat",
-        "visual_exp": f"masks/{name}.npy",
-        "exp": ["a furry cat", "pointy ears"],
-    }
-    record.update(changes)
-    return record
-
-
-def make_source(root: Path, records: dict[str, object] | None = None, classes: object = CLASSES) -> Path:
-    """A valid two-image source; ``records`` replaces exp_annotation.json's body (a str value is raw JSON)."""
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    for i, name in enumerate(("a", "b")):
-        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / "images" / f"{name}.png")
-        mask = np.zeros((8, 8), np.float32)
-        mask[2:5, 2:5] = 1.0
-        np.save(root / "masks" / f"{name}.npy", mask)
-    records = records if records is not None else {"a": good_record("a"), "b": good_record("b")}
-    body = ",\n".join(f"{json.dumps(k)}: {v if isinstance(v, str) else json.dumps(v)}" for k, v in records.items())
-    (root / "exp_annotation.json").write_text("{" + body + "}")
-    (root / "label_class_id_mapping.json").write_text(classes if isinstance(classes, str) else json.dumps(classes))
-    return root
 
 
 def convert_case(tmp_path: Path, capsys, src: Path, dst: Path, *flags: str):
     """Run the converter; assert the source and everything outside DST are untouched."""
     before = snapshot(tmp_path, skip=[dst])
-    outcome = run(PROG, convert.main, [src, dst, *flags], capsys)
+    outcome = run(CONVERT, convert.main, [src, dst, *flags], capsys)
     assert snapshot(tmp_path, skip=[dst]) == before, "something outside DST changed"
     return outcome
 
@@ -150,12 +118,12 @@ def test_whole_run_problems_are_one_line_and_leave_everything_as_it_was(case, tm
 def test_overwrite_keeps_the_old_dataset_when_the_new_conversion_fails(tmp_path, capsys):
     src = make_source(tmp_path / "src")
     dst = tmp_path / "dst"
-    assert run(PROG, convert.main, [src, dst], capsys).code == 0
+    assert run(CONVERT, convert.main, [src, dst], capsys).code == 0
     old = snapshot(dst)
     bad = make_source(tmp_path / "bad", {"a": good_record("a"), "b": good_record("b", class_id=9)})
     assert_user_error(convert_case(tmp_path, capsys, bad, dst, "--overwrite", "--strict"), "unknown_class_id")
     assert snapshot(dst) == old
-    assert run(PROG, convert.main, [src, dst, "--overwrite"], capsys).code == 0  # and a good one replaces it
+    assert run(CONVERT, convert.main, [src, dst, "--overwrite"], capsys).code == 0  # and a good one replaces it
     assert snapshot(dst).keys() == old.keys()
 
 

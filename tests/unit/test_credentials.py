@@ -3,7 +3,7 @@
 import os
 import stat
 
-from megl_ray.cluster.credentials import credentials_file, load_credentials, public_env
+from megl_ray.cluster.credentials import OUTER_FILE_VAR, credentials_file, load_credentials, public_env
 
 
 def test_forwarded_settings_carry_no_credentials():
@@ -20,6 +20,7 @@ def test_forwarded_settings_carry_no_credentials():
 
 
 def test_the_credentials_file_is_private_temporary_and_fills_in_only_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.delenv(OUTER_FILE_VAR, raising=False)  # load_credentials sets it: restored after the test
     monkeypatch.setenv("MEGL_HOME", str(tmp_path))
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "a")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
@@ -29,6 +30,11 @@ def test_the_credentials_file_is_private_temporary_and_fills_in_only_what_is_mis
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "own")
         load_credentials(path)
         assert os.environ["AWS_SECRET_ACCESS_KEY"] == "s3cr3t" and os.environ["AWS_ACCESS_KEY_ID"] == "own"
+        # a run started in this process (a sweep's trial) reuses the loaded file and leaves it to its owner: a trial
+        # the scheduler stops is ended at once and could not remove a file of its own
+        with credentials_file() as nested:
+            assert nested == path
+        assert os.path.exists(path) and len(list((tmp_path / "credentials").iterdir())) == 1
     assert not os.path.exists(path)
 
 

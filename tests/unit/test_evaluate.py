@@ -7,22 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from megl_ray import train_local
 from megl_ray.cli import run_cli
-from megl_ray.data.reader import bundled_dataset_uri
 from megl_ray.evaluate import main
-
-
-@pytest.fixture(scope="module")
-def data_uri():
-    return bundled_dataset_uri()
-
-
-@pytest.fixture(scope="module")
-def export(tmp_path_factory, data_uri):
-    out = str(tmp_path_factory.mktemp("evaluate") / "export")
-    train_local.main(["--max-steps", "4", "--export", out, "train.epochs=2", f"data.uri={data_uri}"])
-    return out
 
 
 def _run(argv, capsys):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -19,18 +18,6 @@ def test_options_repr_hides_credentials():
     for text in (repr(options), str(options), options.describe()):
         assert LEAK_ACCESS not in text and LEAK_SECRET not in text and LEAK_TOKEN not in text
     assert "127.0.0.1:1" in repr(options)
-
-
-@pytest.fixture
-def clean_aws_env(monkeypatch, tmp_path):
-    """No AWS settings from this machine: only what a test sets."""
-    for name in list(os.environ):
-        if name.startswith("AWS_") or name.startswith("MEGL_S3"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    return monkeypatch
 
 
 def test_options_from_env(clean_aws_env):

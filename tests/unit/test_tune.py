@@ -1,10 +1,5 @@
-"""End-to-end tests of ``python -m megl_ray.tune``: Ray Tune over Ray Train runs of the tiny preset, on 2 cores.
-
-One sweep serves the slow tests (each trial costs a Train run): three trials of a learning-rate grid, one good and
-two hopeless (lr 1e-9), run one at a time so that the good one reports first (2 cores would fit two). The first run is
-interrupted by a test hook once the good trial has finished; re-running the same command resumes the sweep, whose
-ASHA — restored with the good trial's results — stops both hopeless trials after their first epoch.
-"""
+"""``python -m megl_ray.tune`` without a sweep: one clear line for a bad space or option, how many trials fit the
+cluster, and ASHA's rungs across a restart and a trial's last epoch (the sweep itself: ``tests/integration``)."""
 
 import json
 from pathlib import Path
