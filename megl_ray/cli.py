@@ -45,12 +45,29 @@ def print_result(result: dict[str, Any]) -> None:
     print(json.dumps(standard_json(result), sort_keys=True, default=str, allow_nan=False), flush=True)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record is emitted, not as it was when logging was set up: a
+    ``main(argv)`` called in process (a test, a notebook) that swaps ``sys.stderr`` must not leave logging bound to
+    a stream that is closed afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass  # always the current sys.stderr
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Logs go to stderr so stdout's last line stays machine-readable."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[_StderrHandler()],
         force=True,
     )
 

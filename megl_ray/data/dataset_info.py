@@ -146,7 +146,7 @@ class DatasetInfo:
 
 def load_dataset_info(uri: str) -> DatasetInfo:
     """Load ``dataset.json`` from a converted dataset's root (local path or ``s3://``), or from the file's own URI."""
-    fs, path = pyarrow_filesystem(uri)
+    fs, path = pyarrow_filesystem(uri, probe=True)  # a wrong endpoint is one line in seconds, not after ~90 s
     if is_s3(uri):  # an endpoint that is down (a server restarting) is retried for MEGL_S3_RETRY_SECONDS
         fs = retrying(fs, S3Options.from_env().retry_seconds)
     if not path.endswith(".json"):

@@ -62,19 +62,21 @@ for _name in ("botocore", "boto3", "s3transfer", "urllib3"):
 _STATIC_CREDENTIAL_METHODS = {"env", "explicit", "shared-credentials-file", "config-file", "boto-config"}
 
 
-PYARROW_MAX_ATTEMPTS = 3
-"""Attempts of pyarrow's (the AWS C++ SDK's) standard retry strategy. It backs off exponentially up to 20 s between
-attempts, so 10 attempts held a refused connection for ~90 s before any error; 3 (the SDK's own default) take ~2 s.
-Longer outages are bridged by ``megl_ray.storage.retrying_fs``, bounded by ``S3Options.retry_seconds``."""
+PROBE_MAX_ATTEMPTS = 3
+"""Attempts of pyarrow's (the AWS C++ SDK's) standard retry strategy for a first contact (``pyarrow_filesystem(...,
+probe=True)``): the strategy backs off exponentially up to 20 s between attempts, so ``max_attempts`` (10) holds a
+refused connection ~90 s before any error; 3 take ~2 s, and the caller bounds further retries by
+``S3Options.retry_seconds`` (``megl_ray.storage.retrying_fs``). Everything else keeps the 10 attempts, which carry
+a filesystem Ray Train holds (checkpoints) across a storage server's restart."""
 
 
 @dataclass
 class S3Options:
     """Where and how to reach S3. Credentials are hidden from ``repr``.
 
-    ``max_attempts`` goes to botocore's standard retry mode (which counts it as retries after the first try);
-    pyarrow's strategy makes ``PYARROW_MAX_ATTEMPTS``. ``retry_seconds`` bounds the extra retries this module and
-    ``retrying_fs`` add on top while an endpoint is down (e.g. a storage server restarting).
+    ``max_attempts`` goes to botocore's standard retry mode (which counts it as retries after the first try)
+    and to pyarrow's ``AwsStandardS3RetryStrategy`` (but see ``PROBE_MAX_ATTEMPTS``); ``retry_seconds`` bounds the
+    extra retries this module and ``retrying_fs`` add on top while an endpoint is down (a server restarting).
     """
 
     endpoint_url: str | None = None
@@ -189,12 +191,13 @@ def boto3_client(options: S3Options | None = None) -> Any:
 
 
 def pyarrow_filesystem(
-    uri: str, options: S3Options | None = None, *, embed_credentials: bool = True
+    uri: str, options: S3Options | None = None, *, embed_credentials: bool = True, probe: bool = False
 ) -> tuple[Any, str]:
     """``(filesystem, path)`` for pyarrow (and Ray's ``storage_filesystem``).
 
     A local path gives ``(LocalFileSystem, absolute path)``; ``s3://b/k`` gives ``(S3FileSystem, "b/k")`` —
     without the scheme, because Ray rejects ``s3://`` paths combined with an explicit filesystem.
+    ``probe=True``: a first contact that should fail in seconds when the endpoint is wrong (``PROBE_MAX_ATTEMPTS``).
     ``embed_credentials=False``: when the credentials are this process's ``AWS_*`` variables, leave them out of the
     filesystem (a pickled S3FileSystem carries its explicit keys): the AWS SDK reads them from the environment of
     whichever process uses it (a Ray worker, a Tune trial), and nothing Ray stores holds them.
@@ -207,7 +210,9 @@ def pyarrow_filesystem(
         "region": options.region,
         "connect_timeout": CONNECT_TIMEOUT_S,
         "request_timeout": READ_TIMEOUT_S,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=PYARROW_MAX_ATTEMPTS),
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(
+            max_attempts=PROBE_MAX_ATTEMPTS if probe else options.max_attempts
+        ),
     }
     if options.endpoint_url:
         parsed = urlparse(options.endpoint_url if "://" in options.endpoint_url else "https://" + options.endpoint_url)
