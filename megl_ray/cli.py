@@ -8,16 +8,19 @@ can read ``tail -n 1``. Errors a user can cause (bad config, missing file, unrea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from megl_ray.errors import UserError, redact_urls
 
-__all__ = ["ArgumentParser", "UserError", "print_result", "run_cli", "setup_logging"]
+T = TypeVar("T")
+
+__all__ = ["ArgumentParser", "UserError", "options_from", "print_result", "run_cli", "setup_logging"]
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -25,6 +28,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UserError(f"{self.prog}: {message}")
+
+
+def options_from(cls: type[T], args: argparse.Namespace, **changes: Any) -> T:
+    """The typed options ``cls`` (a dataclass whose fields are named as the parser's destinations) of parsed
+    ``args``, with ``changes`` applied (e.g. a list argument as a tuple)."""
+    return cls(**{**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}, **changes})
 
 
 def standard_json(value: Any) -> Any:

@@ -21,12 +21,11 @@ so they report identical numbers.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from megl_ray.cli import ArgumentParser, run_cli, setup_logging
+from megl_ray.cli import ArgumentParser, options_from, run_cli, setup_logging
 from megl_ray.evaluation.options import PRECISIONS, RAY_ROW_THRESHOLD, EvaluateOptions
 
 
@@ -76,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    options = EvaluateOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateOptions)})
+    options = options_from(EvaluateOptions, args)
     # Lazy: torch, Ray and the model code load only once the arguments are understood (`--help` answers at once).
     from megl_ray.evaluation.evaluate_run import run  # noqa: PLC0415
 

