@@ -1,6 +1,5 @@
 """``megl_ray.model.checkpoint_io``: safe weight loading, and base checkpoints fetched once per node."""
 
-import tempfile
 import time
 import uuid
 
@@ -8,31 +7,16 @@ import pytest
 
 from megl_ray.model.checkpoint_io import local_dir
 
-
-@pytest.fixture()
-def ray_one_node(embedded_s3):
-    import ray
-
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
-        runtime_env={"env_vars": embedded_s3.env()},
-    )
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+pytestmark = pytest.mark.shared_ray
 
 
 @pytest.mark.slow
-def test_two_workers_on_one_node_download_a_base_checkpoint_once(embedded_s3, ray_one_node, tmp_path):
+def test_two_workers_on_one_node_download_a_base_checkpoint_once(embedded_s3, shared_ray, tmp_path):
     """Two Ray workers on one node ask for the same ``s3://`` model directory at the same moment: its objects are
     read from S3 once in all (every GetObject is counted, and slowed down so that unguarded workers would race)."""
     from megl_ray import storage
 
-    ray = ray_one_node
+    ray = shared_ray  # one node; its workers reach the embedded server
     files = 4
     source = tmp_path / "model"
     source.mkdir()

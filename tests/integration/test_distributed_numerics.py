@@ -10,10 +10,8 @@ Merges the former ``test_equivalence.py`` (a Train run per ZeRO stage) and the d
 """
 
 import math
-import tempfile
 
 import pytest
-import ray
 
 from megl_ray.config import config_from_dict, load_config, packaged_config
 from megl_ray.data.reader import bundled_dataset_uri, read_split
@@ -54,10 +52,13 @@ PRECISION_VARIANTS = [
 ]
 
 
+pytestmark = pytest.mark.shared_ray
+
+
 @pytest.fixture(scope="module")
-def trajectories(tmp_path_factory):
+def trajectories(tmp_path_factory, shared_ray):
     """Loss per step of: one plain process (global batch 16), the equivalence config under ZeRO-2 and ZeRO-3, and
-    each precision variant — all but the first in one Ray Train worker group of 2 CPU workers."""
+    each precision variant — all but the first in one Ray Train worker group of 2 CPU workers (on the shared Ray)."""
     uri = bundled_dataset_uri()
     info = load_dataset_info(uri)
     rows = read_split(uri, "train", info).slice(0, 64).to_pylist()  # precision's 4 × 8 rows are the first 32
@@ -81,23 +82,17 @@ def trajectories(tmp_path_factory):
             for key in PRECISION_VARIANTS
         }
     )
-    ray.init(
-        num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"), log_to_driver=False
+    result = run_distributed(
+        equivalence,
+        tokenizer,
+        info.num_classes,
+        rows,
+        info.mask_size,
+        STEPS,
+        str(tmp_path_factory.mktemp("probe")),
+        "numerics",
+        variants=list(variants.values()),
     )
-    try:
-        result = run_distributed(
-            equivalence,
-            tokenizer,
-            info.num_classes,
-            rows,
-            info.mask_size,
-            STEPS,
-            str(tmp_path_factory.mktemp("probe")),
-            "numerics",
-            variants=list(variants.values()),
-        )
-    finally:
-        ray.shutdown()
     return single, dict(zip(variants, (r["losses"] for r in result["runs"])))
 
 

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from megl_ray.data.schema import load_dataset_info
 from megl_ray.evaluate import main
 from megl_ray.evaluation.scoring import METRIC_KEYS
 
+pytestmark = pytest.mark.shared_ray
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = {*METRIC_KEYS, "split", "samples", "per_class", "mask_samples", "checkpoint", "data", "out"}
 
@@ -71,25 +71,13 @@ def test_cli_prints_every_key_and_writes_the_json(export, data_uri, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    # A short temp dir: Ray's unix sockets live under it and their paths are limited to ~107 bytes.
-    ray.init(
-        num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    )
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     from tests.support.tiny_clip import save_tiny_clip
 
     return str(save_tiny_clip(tmp_path_factory.mktemp("clip") / "clip"))
 
 
-def test_in_process_and_ray_data_give_identical_numbers(export, data_uri, tmp_path, ray_cluster, clip_dir):
+def test_in_process_and_ray_data_give_identical_numbers(export, data_uri, tmp_path, shared_ray, clip_dir):
     import ray
 
     common = [
@@ -123,7 +111,7 @@ def test_in_process_and_ray_data_give_identical_numbers(export, data_uri, tmp_pa
     }
 
 
-def test_ray_path_reports_a_foreign_export_in_one_line(export, data_uri, tmp_path, ray_cluster, capsys):
+def test_ray_path_reports_a_foreign_export_in_one_line(export, data_uri, tmp_path, shared_ray, capsys):
     foreign = _foreign_export(export, tmp_path)
     code, out, err = _run(
         [

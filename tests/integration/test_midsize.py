@@ -2,17 +2,15 @@
 and a 12-layer Qwen2 LM, ~100 M parameters, random init), 2 Ray Train workers, ZeRO-3, bf16, LoRA, frozen vision
 tower, gradient checkpointing, every MEGL term; 3 steps, then a fresh model resumed from the step-2 checkpoint."""
 
-import tempfile
-
 import pytest
 
 from megl_ray.config import load_config, packaged_config
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.slow  # ~4 min on 2 CPU cores
+pytestmark = [pytest.mark.slow, pytest.mark.shared_ray]  # ~1 min on 2 CPU cores
 
 
-def test_midsize_zero3_bf16_lora_checkpointing_trains_partitions_and_resumes_exactly(tmp_path):
+def test_midsize_zero3_bf16_lora_checkpointing_trains_partitions_and_resumes_exactly(tmp_path, shared_ray):
     from megl_ray.data.reader import bundled_dataset_uri, read_split
     from megl_ray.data.schema import load_dataset_info
     from megl_ray.model.vlm import load_tokenizer
@@ -42,15 +40,9 @@ def test_midsize_zero3_bf16_lora_checkpointing_trains_partitions_and_resumes_exa
     # 3 global batches of 4 (2 per worker), each with one masked sample: L_visual and L_dc in every step
     batch_rows = [r for i in range(3) for r in (masked[i], plain[3 * i], plain[3 * i + 1], plain[3 * i + 2])]
     tokenizer = load_tokenizer(cfg.model, [t for r in rows for t in r["rationales"]] + info.classes)
-    ray.init(
-        num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"), log_to_driver=False
+    ranks = run_resume_probe(
+        cfg, tokenizer, info.num_classes, batch_rows, info.mask_size, steps=3, save_at=2, storage_path=str(tmp_path)
     )
-    try:
-        ranks = run_resume_probe(
-            cfg, tokenizer, info.num_classes, batch_rows, info.mask_size, steps=3, save_at=2, storage_path=str(tmp_path)
-        )
-    finally:
-        ray.shutdown()
     total = ranks[0]["total_param_bytes"]
     report = {r["rank"]: round(r["local_param_bytes"] / total, 3) for r in ranks}
     print("partitioned parameter bytes per rank / model total:", report, "total bytes:", total)

@@ -1,7 +1,6 @@
 """The Ray Data pipeline against a real SeaweedFS S3 server and a real local Ray instance."""
 
 import json
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from megl_ray.data.schema import area_resize, load_dataset_info  # noqa: E402
 from megl_ray.data.transforms import decode_image  # noqa: E402
 from megl_ray.model.vlm import train_tokenizer  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.shared_ray]
 SRC = sample_dataset_path()
 
 
@@ -34,15 +33,10 @@ def s3_env(embedded_s3):
     mp.undo()
 
 
-@pytest.fixture(scope="module")
-def ray_local(s3_env):
-    # A short temp dir: Ray's unix sockets live under it and their paths are limited to ~107 bytes.
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    ray.init(
-        num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False, runtime_env={"env_vars": s3_env.env()}
-    )
-    yield
-    ray.shutdown()
+@pytest.fixture
+def ray_local(s3_env, shared_ray):
+    """The suite's shared local Ray: its workers reach the embedded server (the same variables as ``s3_env``)."""
+    return shared_ray
 
 
 @pytest.fixture(scope="module")
