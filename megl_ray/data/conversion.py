@@ -1,5 +1,7 @@
-"""Converting a dataset in the MEGL authors' layout into validated Parquet shards plus ``dataset.json`` (the library of
-``python -m megl_ray.data.convert``, whose docstring says what SRC and DST hold).
+"""Converting a dataset — in the MEGL authors' layout, an image folder with a CSV/JSONL manifest, a Hugging Face
+dataset or WebDataset shards (``megl_ray.data.sources``) — into validated Parquet shards plus ``dataset.json`` (the
+library of ``python -m megl_ray.data.convert``, whose docstring says what SRC and DST hold; ``docs/data.md`` has
+every form, field and rejection reason).
 
 Everything is first written under a staging prefix inside DST and moved into place only once the conversion
 succeeded: a failed or interrupted run leaves the previous dataset as it was. Every problem becomes one
@@ -12,35 +14,42 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
 import time
-import uuid
 from collections import Counter
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pyarrow.fs import FileSelector, FileType
 
 from megl_ray import storage
 from megl_ray.config import safe_io
 from megl_ray.data import schema
-from megl_ray.data.schema import SPLITS, Invalid, JsonObject
+from megl_ray.data.destination import STAGING_PREFIX, Destination
+from megl_ray.data.masks import decode_mask
+from megl_ray.data.schema import SPLITS, Invalid
+from megl_ray.data.sources import ANNOTATION_FILE, FORMATS, MAPPING_FILE, ColumnMap, Source, SourceRecord, open_source
 from megl_ray.errors import UserError
 
 log = logging.getLogger("megl_ray.data.convert")
 
-ANNOTATION_FILE = "exp_annotation.json"
-MAPPING_FILE = "label_class_id_mapping.json"
+__all__ = [
+    "ANNOTATION_FILE",
+    "MAPPING_FILE",
+    "STAGING_PREFIX",
+    "ConvertOptions",
+    "assign_split",
+    "convert",
+    "ordered_records",
+    "shuffled_records",
+]
+
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
-ANNOTATION_LIMIT = 4 * 1024 * 1024 * 1024
-STAGING_PREFIX = ".megl-staging-"
-OWNED = (schema.DATASET_INFO_FILE, schema.REJECTED_FILE, *SPLITS)
-"""What a conversion writes at DST, in the order an overwrite deletes it (dataset.json first: no longer valid)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +57,20 @@ class ConvertOptions:
     """What to convert and how (the options of ``python -m megl_ray.data.convert``)."""
 
     src: str
-    """Folder in the MEGL layout: exp_annotation.json, label_class_id_mapping.json and the images/masks they name."""
-    dst: str
-    """Output: a local folder or ``s3://bucket/prefix``."""
+    """The dataset: a folder in the MEGL authors' layout, a CSV/JSONL manifest, a Hugging Face dataset (save_to_disk
+    folder or Parquet files) or WebDataset shards (a .tar or a folder of them)."""
+    dst: str | None
+    """Output: a local folder or ``s3://bucket/prefix`` (None only with ``dry_run``)."""
+    format: str = "auto"
+    """``authors``, ``manifest``, ``hf``, ``webdataset``, or ``auto`` (told from SRC when unambiguous)."""
+    map: tuple[str, ...] = ()
+    """``key=column`` pairs naming the columns of id, image, label, rationale (several allowed), mask and split."""
+    classes: str | None = None
+    """Class names: a ``{name: id}`` JSON file or one name per line in id order (default: the source's own)."""
+    mask_threshold: float | None = None
+    """Binarise image masks at this fraction of 255 (default: greyscale is a soft mask)."""
+    dry_run: bool = False
+    """Validate and report without writing anything."""
     mask_size: int = 64
     """Side of the stored uint8 masks."""
     prior_size: int = 8
@@ -81,49 +101,6 @@ def assign_split(record_id: str, seed: int, val_fraction: float, test_fraction: 
     if u < test_fraction + val_fraction:
         return "val"
     return "train"
-
-
-def _read_json(path: str) -> Any:
-    try:
-        text = safe_io.read_text(path, ANNOTATION_LIMIT, "annotation file")
-    except safe_io.FileProblem as problem:
-        if problem.kind == "missing":
-            raise UserError(
-                f"{path}: file not found (the source folder must hold {ANNOTATION_FILE} and {MAPPING_FILE})"
-            ) from None
-        raise UserError(problem.detail) from None
-    try:
-        return schema.parse_json(text)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}:{err.lineno}:{err.colno}: {err.msg}") from None
-    except RecursionError:
-        raise UserError(f"{path}: JSON nested too deeply to parse") from None
-
-
-def load_classes(path: str) -> list[str]:
-    """Read ``label_class_id_mapping.json`` (name -> id) into the list of names indexed by id (ids 0..n-1)."""
-    raw = _read_json(path)
-    if not isinstance(raw, JsonObject) or not raw:
-        raise UserError(f"{path}: must be a non-empty JSON object mapping class name to class id")
-    by_id: dict[int, str] = {}
-    seen: set[str] = set()
-    for name, cid in raw:
-        if name in seen:
-            raise UserError(f"{path}: class name {name!r} is given more than once")
-        problem = schema.text_problem(name) or (
-            f"contains {schema.IMAGE_TOKEN!r}" if schema.IMAGE_TOKEN in name else None if name.strip() else "is blank"
-        )
-        if problem:
-            raise UserError(f"{path}: class name {name!r} {problem}")
-        seen.add(name)
-        if not isinstance(cid, int) or isinstance(cid, bool):
-            raise UserError(f"{path}: class {name!r} has id {cid!r}; ids must be integers")
-        if cid in by_id:
-            raise UserError(f"{path}: class id {cid} is used by both {by_id[cid]!r} and {name!r}")
-        by_id[cid] = name
-    if sorted(by_id) != list(range(len(by_id))):
-        raise UserError(f"{path}: class ids must be exactly 0..{len(by_id) - 1}, got {sorted(by_id)}")
-    return [by_id[i] for i in range(len(by_id))]
 
 
 class _Rejections:
@@ -173,27 +150,37 @@ class _ShardWriter:
         self.buffers[split] = []
 
 
+class _NoShards:
+    """The writer of a dry run: counts nothing twice, writes nothing."""
+
+    shards: dict[str, list[str]] = {s: [] for s in SPLITS}
+
+    def add(self, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class _Converter:
     """Validates and converts records one at a time, accumulating the summary counts and the train-mask prior."""
 
-    def __init__(
-        self, src: str, classes: list[str], args: ConvertOptions, rejections: _Rejections, writer: _ShardWriter
-    ):
-        self.src, self.classes, self.args = src, classes, args
+    def __init__(self, source: Source, args: ConvertOptions, rejections: _Rejections, writer: Any):
+        self.source, self.classes, self.args = source, source.classes, args
         self.rejections, self.writer = rejections, writer
         self.seen: set[str] = set()
         self.rows_in = self.rows_written = self.rows_rejected = 0
         self.split_counts = {s: 0 for s in SPLITS}
         self.mask_counts = {s: 0 for s in SPLITS}
-        self.class_counts = {s: {name: 0 for name in classes} for s in SPLITS}
+        self.class_counts = {s: {name: 0 for name in self.classes} for s in SPLITS}
         self.prior_sum = np.zeros((args.prior_size, args.prior_size), dtype=np.float64)
         self.prior_n = 0
 
-    def process(self, record_id: str, raw: Any) -> None:
-        """Convert one (id, record) pair: write its row, or record why not."""
+    def process(self, record_id: str, locator: Any) -> None:
+        """Convert one (id, locator) pair of the source: write its row, or record why not."""
         self.rows_in += 1
         try:
-            row, soft_problems, prior = self._validate(record_id, raw)
+            row, soft_problems, prior = self._validate(record_id, locator)
         except Invalid as problem:
             self.rows_rejected += 1
             self.rejections.add(record_id, problem)
@@ -215,55 +202,67 @@ class _Converter:
                 self.prior_sum += prior
                 self.prior_n += 1
 
-    def _validate(self, record_id: str, raw: Any) -> tuple[dict[str, Any], list[Invalid], np.ndarray | None]:
+    def _validate(self, record_id: str, locator: Any) -> tuple[dict[str, Any], list[Invalid], np.ndarray | None]:
         if record_id in self.seen:
             raise Invalid(
-                schema.WHAT_RECORD, "duplicate_id", "id appears earlier in the file; only its first entry is used"
+                schema.WHAT_RECORD, "duplicate_id", "id appears earlier in the source; only its first entry is used"
             )
         if not record_id.strip():
             raise Invalid(schema.WHAT_RECORD, "wrong_type", "record id is empty")
         if schema.text_problem(record_id):
             raise Invalid(schema.WHAT_RECORD, "invalid_text", f"record id {schema.text_problem(record_id)}")
-        fields = schema.check_record_fields(raw)
-        schema.check_class(fields["class_id"], fields["ans"], self.classes)
-        rationales, soft = schema.clean_rationales(fields["exp"])
+        record = self.source.record(locator)
+        class_id, class_name = schema.resolve_label(record.label, record.label_name, self.classes)
+        rationales, soft = schema.clean_rationales(record.rationales)
         if not rationales:
-            reasons = ", ".join(p.reason for p in soft) or "exp is empty"
+            reasons = ", ".join(p.reason for p in soft) or "no rationale given"
             raise Invalid(schema.WHAT_RECORD, "no_usable_rationale", f"no non-blank text rationale ({reasons})")
-        image_path = schema.resolve_inside(self.src, fields["image_path"])
-        data = schema.read_source_file(image_path, fields["image_path"], self.args.max_bytes, schema.WHAT_RECORD)
+        data = self._image(record)
         fmt, width, height = schema.check_image_bytes(data, self.args.max_pixels)
 
         mask_bytes, prior = None, None
-        visual = fields.get("visual_exp") or ""
-        if visual.strip():
+        if record.mask is not None:
             try:
-                mask_path = schema.resolve_inside(self.src, visual, schema.WHAT_MASK)
-                raw_mask = schema.read_source_file(mask_path, visual, self.args.max_bytes, schema.WHAT_MASK)
-                mask = schema.check_mask(schema.load_mask(raw_mask, visual), height, width)
+                raw = decode_mask(
+                    record.mask, self.source.root, self.args.max_bytes, self.args.mask_threshold, height, width
+                )
+                mask = schema.check_mask(raw, height, width)
                 mask_bytes = schema.mask_to_bytes(mask, self.args.mask_size)
                 prior = schema.prior_term(mask, self.args.prior_size)
             except Invalid as problem:
                 soft.insert(0, problem)
                 mask_bytes, prior = None, None
 
-        split = fields.get("split") or assign_split(
-            record_id, self.args.seed, self.args.val_fraction, self.args.test_fraction
-        )
+        split = record.split or assign_split(record_id, self.args.seed, self.args.val_fraction, self.args.test_fraction)
         row = {
             "id": record_id,
             "image": data,
             "image_format": fmt,
             "width": width,
             "height": height,
-            "class_id": fields["class_id"],
-            "class_name": fields["ans"],
+            "class_id": class_id,
+            "class_name": class_name,
             "has_mask": mask_bytes is not None,
             "mask": mask_bytes,
             "rationales": rationales,
             "split": split,
         }
         return row, soft, prior
+
+    def _image(self, record: SourceRecord) -> bytes:
+        """The encoded image: read from under the source root, or as the source holds it (bounded either way)."""
+        if record.image is None:
+            raise Invalid(schema.WHAT_RECORD, "image_missing", f"{record.image_name}: the sample has no image")
+        if isinstance(record.image, bytes):
+            if len(record.image) > self.args.max_bytes:
+                raise Invalid(
+                    schema.WHAT_RECORD,
+                    "image_too_large",
+                    f"{record.image_name} is {len(record.image)} bytes > --max-bytes {self.args.max_bytes}",
+                )
+            return record.image
+        path = schema.resolve_inside(self.source.root, record.image)
+        return schema.read_source_file(path, record.image, self.args.max_bytes, schema.WHAT_RECORD)
 
     def prior(self) -> list[list[float]]:
         if self.prior_n == 0:
@@ -282,60 +281,12 @@ def _check_args(args: ConvertOptions) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be in [0, 1]")
     if args.val_fraction + args.test_fraction > 1.0:
         raise UserError("--val-fraction + --test-fraction must not exceed 1")
-
-
-class _Destination:
-    """DST checked before anything is written, a staging prefix inside it, and the swap once the conversion
-    succeeded (``commit``) or the clean-up when it did not (``abort``)."""
-
-    def __init__(self, fs: Any, base: str, dst: str, overwrite: bool):
-        self.fs, self.base, self.dst = fs, base, dst
-        info = fs.get_file_info(base)
-        if info.type not in (FileType.NotFound, FileType.Directory):
-            raise UserError(f"cannot write to {dst}: it exists and is not a folder")
-        self.created = info.type == FileType.NotFound
-        names = [] if self.created else [i.base_name for i in fs.get_file_info(FileSelector(base))]
-        names = [n for n in names if not n.startswith(STAGING_PREFIX)]  # another run's staging is not ours to judge
-        self.existing = [n for n in OWNED if n in names]
-        foreign = sorted(set(names) - set(OWNED))
-        if foreign and schema.DATASET_INFO_FILE not in names:
-            raise UserError(
-                f"{dst} is not empty and holds no converted dataset ({', '.join(foreign[:3])}...); "
-                "refusing to write into it: choose an empty or new destination"
-            )
-        if self.existing and not overwrite:
-            raise UserError(
-                f"{dst} already holds a dataset ({', '.join(self.existing)}); use an empty destination or --overwrite"
-            )
-        self.staging = f"{base}/{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
-        fs.create_dir(self.staging, recursive=True)
-        for split in SPLITS:
-            fs.create_dir(f"{self.staging}/{split}", recursive=True)
-
-    def commit(self) -> None:
-        """Replace the old dataset's own files by the new ones; ``dataset.json`` goes first and comes back last."""
-        for name in self.existing:
-            path = f"{self.base}/{name}"
-            (self.fs.delete_dir if self.fs.get_file_info(path).type == FileType.Directory else self.fs.delete_file)(
-                path
-            )
-        files = [
-            i.path for i in self.fs.get_file_info(FileSelector(self.staging, recursive=True)) if i.type == FileType.File
-        ]
-        info_file = f"{self.staging}/{schema.DATASET_INFO_FILE}"
-        for split in SPLITS:
-            self.fs.create_dir(f"{self.base}/{split}", recursive=True)
-        for path in sorted(files, key=lambda p: p == info_file):  # file by file: object stores cannot move folders
-            self.fs.move(path, self.base + path[len(self.staging) :])
-        self.fs.delete_dir(self.staging)
-
-    def abort(self) -> None:
-        """Remove the staging prefix (and DST itself when this run created it), leaving DST as it was."""
-        for path in (self.staging, self.base) if self.created else (self.staging,):
-            try:
-                self.fs.delete_dir(path)
-            except OSError as err:
-                log.warning("could not clean up %s: %s", path, err)
+    if args.mask_threshold is not None and not 0.0 < args.mask_threshold <= 1.0:
+        raise UserError("--mask-threshold must be in (0, 1]")
+    if args.format not in ("auto", *FORMATS):
+        raise UserError(f"--format {args.format!r}: expected auto or one of {', '.join(FORMATS)}")
+    if args.dst is None and not args.dry_run:
+        raise UserError("DST is required (only --dry-run goes without one)")
 
 
 def shuffled_records(records: Any, seed: int) -> list[tuple[str, Any]]:
@@ -353,34 +304,43 @@ def shuffled_records(records: Any, seed: int) -> list[tuple[str, Any]]:
     return [pairs[i] for i in order]
 
 
+def ordered_records(blocks: list[list[tuple[str, Any]]], seed: int) -> list[tuple[str, Any]]:
+    """The order a source's records are converted in: one block (a folder, a manifest, a memory-mapped table) in
+    ``shuffled_records`` order; several (Parquet row groups, tar shards: read whole or not at all) block by block
+    in a seeded order, each shuffled within, so that no block is read twice."""
+    if len(blocks) == 1:
+        return shuffled_records(blocks[0], seed)
+    rng = np.random.default_rng([seed, 18])
+    return [pair for b in rng.permutation(len(blocks)) for pair in shuffled_records(blocks[b], seed + int(b))]
+
+
 def convert(args: ConvertOptions) -> dict[str, Any]:
-    """Run one conversion with parsed arguments; return the summary dict."""
+    """Run one conversion with parsed arguments; return the summary dict (with ``dry_run``, the report of what a
+    conversion would write)."""
     started = time.monotonic()
     _check_args(args)
-    src = os.path.abspath(args.src)
-    if not os.path.isdir(src):
-        raise UserError(f"source folder {args.src!r} does not exist or is not a folder")
-    classes = load_classes(os.path.join(src, MAPPING_FILE))
-    records = _read_json(os.path.join(src, ANNOTATION_FILE))
-    if not isinstance(records, JsonObject):
-        raise UserError(f"{os.path.join(src, ANNOTATION_FILE)}: must be a JSON object mapping id to record")
-
+    source = open_source(os.path.abspath(args.src), args.format, ColumnMap.parse(args.map), args.classes)
+    log.info("reading %s", source.describe())
+    if args.dry_run:
+        summary = _convert_into(None, "", source, args)
+        summary.update(dst=args.dst, dry_run=True, seconds=round(time.monotonic() - started, 3))
+        return summary
     if storage.is_s3(args.dst):
         storage.ensure_bucket(args.dst)
-    elif safe_io.overlaps(src, args.dst):
+    elif safe_io.overlaps(source.root, args.dst):
         raise UserError(
-            f"destination {args.dst!r} is, contains or lies inside the source folder {args.src!r}: "
+            f"destination {args.dst!r} is, contains or lies inside the source folder {source.root!r}: "
             "the source must stay untouched"
         )
     fs, base = storage.pyarrow_filesystem(args.dst)
     base = base.rstrip("/")
     try:
-        destination = _Destination(fs, base, args.dst, args.overwrite)
+        destination = Destination(fs, base, args.dst, args.overwrite)
     except OSError as err:  # a file in the way, no permission, unreachable S3: the user's to fix
         raise UserError(f"cannot write to {args.dst}: {err}") from None
-    log.info("converting %d records of %d classes from %s to %s", len(records), len(classes), src, args.dst)
+    log.info("converting to %s", args.dst)
     try:
-        summary = _convert_into(fs, destination.staging, src, classes, records, args)
+        summary = _convert_into(fs, destination.staging, source, args)
         destination.commit()
     except BaseException:
         destination.abort()
@@ -390,49 +350,55 @@ def convert(args: ConvertOptions) -> dict[str, Any]:
     return summary
 
 
-def _convert_into(
-    fs: Any, base: str, src: str, classes: list[str], records: JsonObject, args: ConvertOptions
-) -> dict[str, Any]:
-    """Convert every record into ``base`` (the staging prefix); return the summary counts."""
-    writer = _ShardWriter(fs, base, args.rows_per_shard, args.mask_size)
-    with fs.open_output_stream(f"{base}/{schema.REJECTED_FILE}") as stream:
+def _convert_into(fs: Any, base: str, source: Source, args: ConvertOptions) -> dict[str, Any]:
+    """Convert every record into ``base`` (the staging prefix; ``fs`` None: a dry run, nothing written); return the
+    summary counts."""
+    writer = _NoShards() if fs is None else _ShardWriter(fs, base, args.rows_per_shard, args.mask_size)
+    pairs = ordered_records(source.blocks(), args.seed)
+    stream = io.BytesIO() if fs is None else fs.open_output_stream(f"{base}/{schema.REJECTED_FILE}")
+    with stream:
         rejections = _Rejections(stream, args.strict)
-        converter = _Converter(src, classes, args, rejections, writer)
-        for index, (record_id, raw) in enumerate(shuffled_records(records, args.seed)):
-            converter.process(record_id, raw)
+        converter = _Converter(source, args, rejections, writer)
+        for index, (record_id, locator) in enumerate(pairs):
+            converter.process(record_id, locator)
             if (index + 1) % 1000 == 0:
-                log.info("%d/%d records", index + 1, len(records))
+                log.info("%d/%d records", index + 1, len(pairs))
         writer.close()
 
-    info = schema.DatasetInfo(
-        classes=classes,
-        counts=converter.class_counts,
-        mask_coverage={s: (converter.mask_counts[s] / n if n else 0.0) for s, n in converter.split_counts.items()},
-        splits=dict(converter.split_counts),
-        mask_size=args.mask_size,
-        prior_size=args.prior_size,
-        prior=converter.prior(),
-        shards=writer.shards,
-        source=src,
-        convert_options={
-            k: getattr(args, k)
-            for k in ("mask_size", "prior_size", "val_fraction", "test_fraction", "seed", "max_pixels")
-        },
-    )
-    info.validate()
-    with fs.open_output_stream(f"{base}/{schema.DATASET_INFO_FILE}") as stream:
-        stream.write(info.to_json().encode("utf-8"))
+    coverage = {s: (converter.mask_counts[s] / n if n else 0.0) for s, n in converter.split_counts.items()}
+    if fs is not None:
+        info = schema.DatasetInfo(
+            classes=source.classes,
+            counts=converter.class_counts,
+            mask_coverage=coverage,
+            splits=dict(converter.split_counts),
+            mask_size=args.mask_size,
+            prior_size=args.prior_size,
+            prior=converter.prior(),
+            shards=writer.shards,
+            source=source.root,
+            convert_options={
+                k: getattr(args, k)
+                for k in ("mask_size", "prior_size", "val_fraction", "test_fraction", "seed", "max_pixels")
+            },
+        )
+        info.validate()
+        with fs.open_output_stream(f"{base}/{schema.DATASET_INFO_FILE}") as out:
+            out.write(info.to_json().encode("utf-8"))
 
     if converter.rows_in != converter.rows_written + converter.rows_rejected:  # nothing may vanish silently
         raise RuntimeError(
             f"bug: {converter.rows_in} records in, {converter.rows_written} written, {converter.rows_rejected} rejected"
         )
     return {
+        "format": source.form,
         "rows_in": converter.rows_in,
         "rows_written": converter.rows_written,
         "rows_rejected": converter.rows_rejected,
         "splits": dict(converter.split_counts),
         "with_mask": sum(converter.mask_counts.values()),
+        "mask_coverage": {s: round(v, 4) for s, v in coverage.items()},
+        "class_counts": converter.class_counts,
         "rejected_by_reason": dict(sorted(rejections.by_reason.items())),
         "masks_rejected": rejections.by_what[schema.WHAT_MASK],
         "rationales_dropped": rejections.by_what[schema.WHAT_RATIONALE],

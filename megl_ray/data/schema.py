@@ -60,6 +60,7 @@ RECORD_REASONS = (
     "path_invalid",
     "image_not_regular_file",
     "image_too_large",
+    "bad_json",
 )
 MASK_REASONS = (
     "mask_path_escape",
@@ -188,8 +189,10 @@ def check_record_fields(record: Any) -> dict[str, Any]:
     if not fields["image_path"].strip():
         raise _record("wrong_type", "field 'image_path' is empty")
     visual = fields.get("visual_exp")
-    if visual is not None and not isinstance(visual, str):
-        raise _record("wrong_type", f"field 'visual_exp' must be a JSON string, got {_json_type(visual)}")
+    if visual is not None and not isinstance(visual, (str, list, dict)):  # a path, COCO polygons or an RLE object
+        raise _record(
+            "wrong_type", f"field 'visual_exp' must be a path, a COCO RLE object or polygons, got {_json_type(visual)}"
+        )
     for key in ("image_path", "ans", "visual_exp", "split"):
         problem = text_problem(fields[key]) if isinstance(fields.get(key), str) else None
         if problem:
@@ -218,6 +221,29 @@ def _json_type(value: Any) -> str:
     if isinstance(value, list):
         return "array"
     return "object"
+
+
+def resolve_label(label: Any, label_name: str | None, classes: list[str]) -> tuple[int, str]:
+    """A record's class as (id, name): ``label`` is a class id, or a name (a name equal to a class wins over reading
+    it as a number: a class may be called "3"); ``label_name`` (the authors' ``ans``) must then name the same class.
+    Reasons: ``missing_field``, ``wrong_type``, ``unknown_class_id``, ``unknown_class_name``,
+    ``class_name_mismatch``."""
+    if label is None or (isinstance(label, str) and not label.strip()):
+        raise _record("missing_field", "the sample has no label")
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)
+    if isinstance(label, str):
+        name = label.strip()
+        if name in classes:
+            label = classes.index(name)
+        elif name.lstrip("-").isdigit():
+            label = int(name)
+        else:
+            raise _record("unknown_class_name", f"class name {name!r} is not in the mapping")
+    if not isinstance(label, int) or isinstance(label, bool):
+        raise _record("wrong_type", f"label must be a class name or id, got {_json_type(label)}")
+    check_class(label, classes[label] if label_name is None and 0 <= label < len(classes) else label_name, classes)
+    return label, classes[label]
 
 
 def check_class(class_id: int, class_name: str, classes: list[str]) -> None:
