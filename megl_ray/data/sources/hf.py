@@ -65,7 +65,7 @@ class HFSource(Source):
             if not files:
                 raise UserError(f"{path}: no save_to_disk files (state.json, dataset_dict.json) and no .parquet files")
             for file in files:
-                parquet = pq.ParquetFile(file)
+                parquet = _opened(file, pq.ParquetFile)
                 self.parts.append((_split_of_file(file), parquet))
                 meta = (parquet.schema_arrow.metadata or {}).get(b"huggingface")
                 features = features or (json.loads(meta).get("info", {}).get("features", {}) if meta else {})
@@ -91,10 +91,7 @@ class HFSource(Source):
 
     def _add_saved(self, folder: str, split: str | None) -> dict[str, Any]:
         state = _json(os.path.join(folder, "state.json"))
-        tables = [
-            pa.ipc.open_stream(pa.memory_map(os.path.join(folder, f["filename"]), "r")).read_all()
-            for f in state.get("_data_files", [])
-        ]
+        tables = [_opened(os.path.join(folder, f["filename"]), _arrow_table) for f in state.get("_data_files", [])]
         if not tables:
             raise UserError(f"{folder}/state.json lists no data files")
         self.parts.append((split, pa.concat_tables(tables)))
@@ -188,6 +185,18 @@ def _split_of_file(path: str) -> str | None:
         if name in SPLITS:
             return name
     return None
+
+
+def _arrow_table(path: str) -> pa.Table:
+    return pa.ipc.open_stream(pa.memory_map(path, "r")).read_all()  # zero-copy over the mapping
+
+
+def _opened(path: str, opener: Any) -> Any:
+    """``opener(path)``, a file that is missing or not Arrow/Parquet being one ``UserError``."""
+    try:
+        return opener(path)
+    except (OSError, pa.ArrowException) as err:
+        raise UserError(f"cannot read {path} as a Hugging Face dataset file: {err}") from None
 
 
 def _json(path: str) -> dict[str, Any]:
