@@ -37,7 +37,7 @@ from megl_ray.driver.post_eval import evaluate_where_the_gpus_are
 from megl_ray.driver.ray_session import check_resources, run_storage, run_uri, start_ray, worker_env
 from megl_ray.driver.run_identity import check_run, fresh_name, name_given
 from megl_ray.errors import UserError
-from megl_ray.model.vlm import load_tokenizer, pixel_size
+from megl_ray.model.vlm import check_model_sources, load_tokenizer, pixel_size
 from megl_ray.reporting.console import configure_driver, quiet_ray_data, train_logging_config
 from megl_ray.reporting.pictures import closing_lines, local_run_dir, write_pictures
 from megl_ray.reporting.progress import RunMonitor
@@ -236,6 +236,7 @@ def run(options: TrainOptions) -> dict[str, Any]:
     else is given, resume or refuse an existing run of that name, train, and say what to do next."""
     configure_driver(options.verbose)
     cfg = load_config(options.config or packaged_config("tiny"), options.overrides)
+    check_model_sources(cfg.model)  # a wrong hub id stops here, before the embedded store, the data or Ray
     if not name_given(options.config, options.overrides):  # every invocation a new run, unless a name is chosen
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=fresh_name(cfg.run.name)))
         log.info("run %s (to resume it if interrupted, re-run with run.name=%s)", cfg.run.name, cfg.run.name)

@@ -15,6 +15,7 @@ from safetensors.torch import load as load_safetensors
 
 from megl_ray import storage
 from megl_ray.errors import UserError
+from megl_ray.model import hub
 
 
 def read_uri_bytes(uri: str) -> bytes:
@@ -48,18 +49,20 @@ def fetch_lock_path(uri: str) -> Path:
     return Path(tempfile.gettempdir()) / "megl-fetch-locks" / f"{digest}.lock"
 
 
-def local_dir(uri: str) -> Path:
-    """A local directory for a model directory given as a local path or ``s3://`` prefix (downloaded and cached).
+def local_dir(uri: str, allow_patterns: list[str] | None = None) -> Path:
+    """A local directory for a model given as a local path, an ``s3://`` prefix (downloaded and cached) or a Hugging
+    Face Hub id ``org/name[@revision]`` (the HF cache's snapshot: ``megl_ray.model.hub``; ``allow_patterns``
+    fetches only those files, e.g. ``hub.TOKENIZER_FILES`` where no weights are needed).
 
-    An ``s3://`` directory is fetched once per node: the workers of a node share its cache, and a file lock makes
-    the first one download while the others wait and then reuse its copy (the cache's rename keeps a copy whole,
-    but without the lock every racing worker would still download a 7B checkpoint in full)."""
-    if uri.startswith("s3://"):
+    A remote directory is fetched once per node: the workers of a node share its cache, and a file lock makes the
+    first one download while the others wait and then reuse its copy (the cache's rename keeps a copy whole, but
+    without the lock every racing worker would still download a 7B checkpoint in full)."""
+    if uri.startswith("s3://") or hub.is_hub_id(uri):
         lock = fetch_lock_path(uri)
         lock.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(lock)):
-            return Path(storage.local_copy(uri))
+            return Path(storage.local_copy(uri)) if uri.startswith("s3://") else hub.snapshot(uri, allow_patterns)
     path = Path(uri).expanduser()
     if not path.is_dir():
-        raise UserError(f"model directory not found: {uri}")
+        raise UserError(f"model directory not found: {uri} (a local folder, s3://bucket/prefix or a hub id org/name)")
     return path

@@ -33,6 +33,7 @@ from transformers import (
 from megl_ray.config import ModelConfig
 from megl_ray.data.transforms import IMAGE_TOKEN
 from megl_ray.errors import ConfigError, UserError
+from megl_ray.model import hub
 from megl_ray.model.checkpoint_io import local_dir, read_uri_bytes
 
 log = logging.getLogger(__name__)
@@ -80,14 +81,14 @@ def load_tokenizer(cfg: ModelConfig, corpus: Iterable[str] | None = None) -> Any
     """The tokenizer the configured preset uses, without loading any weights (the driver prepares data with it)."""
     if cfg.preset == "tiny":
         if cfg.tokenizer_path:
-            return AutoTokenizer.from_pretrained(str(local_dir(cfg.tokenizer_path)))
+            return AutoTokenizer.from_pretrained(str(local_dir(cfg.tokenizer_path, hub.TOKENIZER_FILES)))
         if corpus is None:
             raise ConfigError("model.tokenizer_path: the tiny preset needs a tokenizer or a corpus to train one on")
         return train_tokenizer(corpus, cfg.tiny_vocab_size)
     path = cfg.vlm_path if cfg.preset == "llava" else cfg.lm_path
     key = "model.vlm_path" if cfg.preset == "llava" else "model.lm_path"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(local_dir(path)))
+        tokenizer = AutoTokenizer.from_pretrained(str(local_dir(path, hub.TOKENIZER_FILES)))
     except (OSError, ValueError) as err:
         raise UserError(f"{key}: cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
     if IMAGE_TOKEN not in tokenizer.get_vocab():
@@ -108,6 +109,8 @@ def vision_tower_image_size(cfg: ModelConfig) -> int:
 
 @functools.lru_cache(maxsize=16)
 def _configured_image_size(key: str, uri: str) -> int:
+    if hub.is_hub_id(uri):  # the snapshot's config and tokenizer files only (the driver never fetches weights)
+        uri = str(local_dir(uri, hub.TOKENIZER_FILES))
     path = uri.rstrip("/") + "/config.json"
     try:
         data = json.loads(read_uri_bytes(path if uri.startswith("s3://") else os.path.expanduser(path)))
@@ -115,6 +118,18 @@ def _configured_image_size(key: str, uri: str) -> int:
         return int(vision.get("image_size", 224))  # transformers' CLIPVisionConfig default
     except (UserError, ValueError, AttributeError, TypeError) as err:
         raise UserError(f"{key}: cannot read the vision tower's image size from {path}: {err}") from None
+
+
+def check_model_sources(cfg: ModelConfig) -> None:
+    """Fail now, in one line, on a model named by a hub id that cannot be resolved — before any data, storage or Ray
+    is touched. Only config and tokenizer files are fetched here; the weights come where they are loaded."""
+    for key in ("vlm_path", "lm_path", "vision_path", "tokenizer_path"):
+        value = getattr(cfg, key)
+        if value and hub.is_hub_id(value):
+            try:
+                local_dir(value, hub.TOKENIZER_FILES)
+            except UserError as err:
+                raise UserError(f"model.{key}: {err}") from None
 
 
 def pixel_size(cfg: ModelConfig) -> int:

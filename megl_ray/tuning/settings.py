@@ -11,6 +11,7 @@ from typing import Any
 from megl_ray.config import MEGLConfig, load_config, packaged_config
 from megl_ray.config.safe_io import check_name
 from megl_ray.errors import UserError
+from megl_ray.model.vlm import check_model_sources
 from megl_ray.tuning.options import METRICS, SweepOptions
 from megl_ray.tuning.space import SearchSpace, load_space
 
@@ -55,6 +56,7 @@ class SweepSettings:
 def settings_from(args: SweepOptions) -> SweepSettings:
     """Validated settings of a sweep (one line naming the option for a bad value, before anything starts)."""
     base = load_config(args.config or packaged_config("tiny"), args.overrides)
+    check_model_sources(base.model)  # a wrong hub id: one line before the store, the data or Ray
     space = load_space(args.space, base)
     if args.metric not in METRICS:
         raise UserError(f"--metric {args.metric}: not reported by training (valid: {', '.join(METRICS)})")
