@@ -23,7 +23,9 @@ from ray.tune.execution import class_cache
 from megl_ray.config import megl_home
 
 CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MEGL_S3_SECRET_KEY")
-FORWARDED_PREFIXES = ("AWS_", "MEGL_", "MLFLOW_", "WANDB_")
+FORWARDED_PREFIXES = ("AWS_", "MEGL_", "MLFLOW_", "WANDB_", "HF_")
+"""Forwarded to the workers: S3, megl, tracking and Hugging Face settings (``HF_HOME``, ``HF_HUB_CACHE``,
+``HF_HUB_OFFLINE``: where a worker resolves a hub id) — their credentials (``HF_TOKEN``) by file only."""
 SECRET_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "API_KEY", "ACCESS_KEY")
 """A forwarded variable whose name holds one of these is a credential too (``WANDB_API_KEY``,
 ``MLFLOW_TRACKING_PASSWORD``, ``MLFLOW_TRACKING_TOKEN`` …)."""

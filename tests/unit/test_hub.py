@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from megl_ray.cluster.credentials import is_credential, public_env
 from megl_ray.config import load_config, packaged_config
 from megl_ray.driver.fit import TrainOptions, run
 from megl_ray.errors import UserError
@@ -106,3 +107,9 @@ def test_a_llava_checkpoint_by_id_loads_with_its_tokenizer(tmp_path, offline_cac
     loaded = load_llava(llava)
     assert loaded.num_image_tokens == bundle.num_image_tokens
     assert load_tokenizer(llava).get_vocab() == loaded.tokenizer.get_vocab()
+
+
+def test_workers_get_the_hf_settings_and_the_token_only_by_credentials_file():
+    env = {"HF_HOME": "/data/hf", "HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_secret", "PATH": "/bin"}
+    assert public_env(env) == {"HF_HOME": "/data/hf", "HF_HUB_OFFLINE": "1"}
+    assert is_credential("HF_TOKEN")
