@@ -20,6 +20,7 @@ from torchvision.models import get_model_weights
 
 from megl_ray.errors import ConfigError
 from megl_ray.model.checkpoint_io import load_state_dict_file
+from megl_ray.model.classifier_weights import from_torchvision_layout
 from megl_ray.model.saliency import closed_form_cam
 
 # Classifiers see ImageNet-normalised pixels; the model receives [0, 1] pixels and normalises per consumer, because
@@ -286,12 +287,25 @@ def build_classifier(
 
 
 def load_classifier_state(model: Classifier, uri: str) -> None:
-    """Load a state dict from a local or ``s3://`` .pt/.safetensors file; never unpickles arbitrary objects."""
-    state = load_state_dict_file(uri)
-    # A head trained for other classes is expected not to fit: keep ours, load the rest strictly.
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    """Load a state dict from a local or ``s3://`` .pt/.safetensors file, in the project's or torchvision's layout
+    (``classifier_weights``); never unpickles arbitrary objects."""
+    state = from_torchvision_layout(load_state_dict_file(uri))
+    # A head trained for other classes is expected not to fit: keep ours (and, for a ViT trunk, leave torchvision's
+    # own classification head, which the trunk never uses), load the rest strictly.
+    spare = ("head.", "backbone.vit.heads.")
+    state = {k: v for k, v in state.items() if not k.startswith(spare)}
+    own = model.state_dict()
+    wrong = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if wrong:
+        raise ConfigError(
+            f"model.classifier_weights: {uri} does not fit this classifier (shapes: {', '.join(wrong[:3])})"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("head.")]
+    missing = [k for k in missing if not k.startswith(spare)]
     if missing or unexpected:
         raise ConfigError(
             f"model.classifier_weights: {uri} does not fit this classifier "

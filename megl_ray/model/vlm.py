@@ -35,6 +35,7 @@ from megl_ray.data.transforms import IMAGE_TOKEN
 from megl_ray.errors import ConfigError, UserError
 from megl_ray.model import hub
 from megl_ray.model.checkpoint_io import local_dir, read_uri_bytes
+from megl_ray.model.classifier_weights import check_torchvision_weights
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,10 @@ def _configured_image_size(key: str, uri: str) -> int:
 
 
 def check_model_sources(cfg: ModelConfig) -> None:
-    """Fail now, in one line, on a model named by a hub id that cannot be resolved — before any data, storage or Ray
-    is touched. Only config and tokenizer files are fetched here; the weights come where they are loaded."""
+    """Fail now, in one line, on a model named by a hub id that cannot be resolved, or torchvision weights that
+    cannot be had — before any data, storage or Ray is touched. Only config and tokenizer files are fetched here;
+    the weights come where they are loaded (a torchvision enum's file, small, into the torch hub cache)."""
+    check_torchvision_weights(cfg.classifier, cfg.classifier_weights)
     for key in ("vlm_path", "lm_path", "vision_path", "tokenizer_path"):
         value = getattr(cfg, key)
         if value and hub.is_hub_id(value):
