@@ -43,7 +43,9 @@ from megl_ray.storage.s3 import (
 )
 from megl_ray.storage.serve import main
 from megl_ray.storage.transfer import (
-    DEFAULT_CACHE_DIR,
+    cache_size,
+    clear_cache,
+    default_cache_dir,
     download,
     ensure_bucket,
     exists,
@@ -59,9 +61,11 @@ __all__ = [
     "AccessDeniedError",
     "BucketNotFoundError",
     "CONNECT_TIMEOUT_S",
-    "DEFAULT_CACHE_DIR",
     "DEFAULT_REGION",
     "EMBEDDED_ACCESS_KEY",
+    "cache_size",
+    "clear_cache",
+    "default_cache_dir",
     "EMBEDDED_SECRET_ENV",
     "EMBEDDED_SECRET_KEY_DEFAULT",
     "EmbeddedS3",

@@ -1,4 +1,5 @@
-"""``python -m megl_ray.storage serve``: run the embedded S3 server until SIGINT/SIGTERM."""
+"""``python -m megl_ray.storage serve``: run the embedded S3 server until SIGINT/SIGTERM; ``cache [--clear]``: the
+local copies of ``s3://`` models (where, how many files, how many bytes), removed with ``--clear``."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from megl_ray.storage.embedded import (
     EmbeddedS3,
 )
 from megl_ray.storage.errors import EmbeddedServerError
+from megl_ray.storage.transfer import CACHE_DIR_VAR, cache_size, clear_cache
 from megl_ray.storage.weed import _GRPC_PORT_OFFSET, _tail
 
 log = logging.getLogger("megl_ray.storage")
@@ -47,7 +49,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--access-key", default=EMBEDDED_ACCESS_KEY, help=f"S3 access key id (default {EMBEDDED_ACCESS_KEY!r})"
     )
     serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    cache = commands.add_parser(
+        "cache",
+        help="show (or --clear) the local copies of s3:// models",
+        description=f"The cache of s3:// model copies: ${CACHE_DIR_VAR}, else $MEGL_HOME/cache/s3.",
+    )
+    cache.add_argument("--clear", action="store_true", help="remove every cached copy")
     args = parser.parse_args(argv)
+    if args.command == "cache":
+        root, files, size = (clear_cache if args.clear else cache_size)()
+        return {"cache_dir": str(root), "files": files, "bytes": size, "cleared": args.clear}
     setup_logging(args.verbose)
     if args.port is not None and not 1 <= args.port <= 65535 - _GRPC_PORT_OFFSET:
         raise UserError(

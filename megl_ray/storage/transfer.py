@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -13,14 +14,23 @@ from typing import Any
 
 import botocore.exceptions
 
-from megl_ray.config import safe_io
+from megl_ray.config import megl_home, safe_io
 from megl_ray.storage.errors import BucketNotFoundError, InvalidURIError, NotFoundError, StorageError
 from megl_ray.storage.s3 import S3Options, _call, boto3_client
 from megl_ray.storage.uri import _dir_prefix, _join, _local_path, _safe_target, is_s3, split_s3
 
 log = logging.getLogger("megl_ray.storage")
 
-DEFAULT_CACHE_DIR = Path("~/.cache/megl_ray/s3")
+CACHE_DIR_VAR = "MEGL_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """Where ``s3://`` copies are cached: ``$MEGL_CACHE_DIR``, else ``$MEGL_HOME/cache/s3``."""
+    if os.environ.get(CACHE_DIR_VAR):
+        return Path(os.environ[CACHE_DIR_VAR]).expanduser()
+    return megl_home() / "cache" / "s3"
+
+
 LOCAL_READ_LIMIT = 64 * 1024**3
 """Largest local file ``read_bytes`` reads whole (checked before reading)."""
 
@@ -236,21 +246,54 @@ def upload(local_path: str | os.PathLike[str], uri: str, options: S3Options | No
     log.info("uploaded %d file(s) from %s to %s", len(files), source, uri)
 
 
-def local_copy(uri: str, cache_dir: str | os.PathLike[str] | None = None, options: S3Options | None = None) -> Path:
-    """A local path for ``uri``: a local path as is; an ``s3://`` object or prefix downloaded once to
-    ``<cache_dir or ~/.cache/megl_ray/s3>/<bucket>/<key>`` and reused from there afterwards.
+def _remote_state(bucket: str, key: str, uri: str, options: S3Options) -> dict[str, list[Any]]:
+    """(ETag, size) of the object ``key``, or of every object under it as a prefix (one listing, no download)."""
+    client = boto3_client(options)
+    if key and not key.endswith("/"):
+        try:
+            head = _call("stat", uri, options, lambda: client.head_object(Bucket=bucket, Key=key))
+            return {key: [head.get("ETag"), head.get("ContentLength")]}
+        except BucketNotFoundError:
+            raise
+        except NotFoundError:
+            pass
 
-    Checkpoints are immutable once written, so a cached copy is not compared with the bucket again.
+    def listing() -> dict[str, list[Any]]:
+        state = {}
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=_dir_prefix(key)):
+            for item in page.get("Contents", ()):
+                if not item["Key"].endswith("/"):
+                    state[item["Key"]] = [item.get("ETag"), item.get("Size")]
+        return state
+
+    return _call("list", uri, options, listing)
+
+
+def local_copy(uri: str, cache_dir: str | os.PathLike[str] | None = None, options: S3Options | None = None) -> Path:
+    """A local path for ``uri``: a local path as is; an ``s3://`` object or prefix downloaded to
+    ``<cache_dir or default_cache_dir()>/<bucket>/<key>`` and reused from there while the bucket still holds the
+    same objects (their ETags and sizes, one listing per call, are kept beside the copy): a model re-uploaded under
+    the same prefix is fetched again. When the store cannot be reached, a cached copy is used as it is (a warning).
     """
     if not is_s3(uri):
         return _local_path(uri)
     bucket, key = split_s3(uri)
-    cache_root = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser().resolve()
+    cache_root = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser().resolve()
     target = _safe_target(cache_root, f"{bucket}/{key}".rstrip("/"), uri)
-    if target.exists():
+    manifest = target.parent / f".{target.name}.megl-objects.json"
+    options = options or S3Options.from_env()
+    try:
+        remote = _remote_state(bucket, key, uri, options)
+    except NotFoundError:
+        raise
+    except StorageError as err:
+        if target.exists():
+            log.warning("cannot check %s against the store (%s): using the cached copy %s", uri, err, target)
+            return target
+        raise
+    if target.exists() and manifest.is_file() and json.loads(manifest.read_text()) == remote:
         log.debug("using cached copy %s of %s", target, uri)
         return target
-    options = options or S3Options.from_env()
     target.parent.mkdir(parents=True, exist_ok=True)
     # Download beside the target and rename: an interrupted download is never mistaken for a complete copy,
     # and workers racing on one node each finish their own copy before the first rename wins.
@@ -258,6 +301,9 @@ def local_copy(uri: str, cache_dir: str | os.PathLike[str] | None = None, option
     shutil.rmtree(staging, ignore_errors=True)
     try:
         fetched = download(uri, staging, options)
+        if target.exists():  # a stale copy (the objects changed, or a copy from before revalidation)
+            log.info("%s changed in the store: fetching it again", uri)
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
         try:
             os.rename(fetched, target)
         except OSError:
@@ -265,5 +311,20 @@ def local_copy(uri: str, cache_dir: str | os.PathLike[str] | None = None, option
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    manifest.write_text(json.dumps(remote, sort_keys=True))
     log.info("cached %s at %s", uri, target)
     return target
+
+
+def cache_size(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Path, int, int]:
+    """(the cache folder, its file count, its bytes)."""
+    root = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser()
+    files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
+    return root, len(files), sum(p.stat().st_size for p in files)
+
+
+def clear_cache(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Path, int, int]:
+    """Remove every cached copy; returns what was removed (as ``cache_size``)."""
+    root, count, size = cache_size(cache_dir)
+    shutil.rmtree(root, ignore_errors=True)
+    return root, count, size

@@ -25,9 +25,9 @@ FAST_ARGS = [
     "data.val_fraction=0",
 ]
 GLOBAL_BATCH = 2 * 16  # 2 workers × tiny-fast's data.batch_size
-# Run names new to every session: each session has a fresh S3 server, but the post-training evaluation fetches the
-# export through the node cache (~/.cache/megl_ray/s3/<bucket>/<key>, which assumes a key is never rewritten), so
-# a fixed name would evaluate an earlier session's export.
+# Run names new to every session: each session has a fresh S3 server, and the post-training evaluation fetches the
+# export through the node cache ($MEGL_HOME/cache/s3/<bucket>/<key>): a fixed name would find an earlier session's
+# copy there (fetched again, since the objects differ, but the names keep the runs apart).
 SESSION = uuid.uuid4().hex[:8]
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from megl_ray import storage
+from megl_ray.cli import run_cli
 from megl_ray.storage import BucketNotFoundError, InvalidURIError, NotFoundError
+from megl_ray.storage.serve import main as storage_main
 
 
 @pytest.mark.slow
@@ -62,12 +66,39 @@ def test_round_trip(embedded_s3, tmp_path):
     copy = storage.local_copy("s3://t-roundtrip/models/m1", cache_dir=cache, options=options)
     assert copy == (cache / "t-roundtrip" / "models" / "m1").resolve()
     assert (copy / "tokenizer" / "vocab.txt").read_text() == "a\nb\n"
+    stamp = (copy / "config.json").stat().st_mtime_ns
+    assert storage.local_copy("s3://t-roundtrip/models/m1", cache_dir=cache, options=options) == copy
+    assert (copy / "config.json").stat().st_mtime_ns == stamp  # unchanged in the store: reused, not fetched again
+    # a model re-uploaded under the same prefix is fetched again (its objects' ETags and sizes changed)
     storage.write_bytes("s3://t-roundtrip/models/m1/config.json", b"changed", options)
     assert storage.local_copy("s3://t-roundtrip/models/m1", cache_dir=cache, options=options) == copy
-    assert (copy / "config.json").read_text() == '{"dim": 4}'  # reused, not downloaded again
+    assert (copy / "config.json").read_text() == "changed" and (copy / "tokenizer" / "vocab.txt").is_file()
     one = storage.local_copy("s3://t-roundtrip/runs/a.txt", cache_dir=cache, options=options)
     assert one.is_file() and one.read_bytes() == b"alpha"
+    storage.write_bytes("s3://t-roundtrip/runs/a.txt", b"alpha, again", options)
+    assert storage.local_copy("s3://t-roundtrip/runs/a.txt", cache_dir=cache, options=options).read_bytes() == (
+        b"alpha, again"
+    )
     assert not list(cache.rglob(".*partial*"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_the_model_cache_lives_under_megl_home_and_the_storage_command_shows_and_clears_it(
+    embedded_s3, tmp_path, monkeypatch, capsys
+):
+    options = embedded_s3.options
+    monkeypatch.delenv("MEGL_CACHE_DIR", raising=False)
+    monkeypatch.setenv("MEGL_HOME", str(tmp_path / "home"))
+    storage.ensure_bucket("s3://t-cache", options)
+    storage.write_bytes("s3://t-cache/m/weights.bin", b"w" * 1000, options)
+    copy = storage.local_copy("s3://t-cache/m", options=options)
+    assert copy == (tmp_path / "home" / "cache" / "s3" / "t-cache" / "m").resolve()
+    assert run_cli("python -m megl_ray.storage", storage_main, ["cache"]) == 0
+    shown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert shown["cache_dir"] == str(tmp_path / "home" / "cache" / "s3") and shown["bytes"] >= 1000
+    assert run_cli("python -m megl_ray.storage", storage_main, ["cache", "--clear"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cleared"] is True and not copy.exists()
 
 
 @pytest.mark.slow
