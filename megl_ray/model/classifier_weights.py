@@ -55,3 +55,23 @@ def check_torchvision_weights(builder: str, weights: str | None) -> None:
             f"model.classifier_weights={weights}: torchvision's {chosen} could not be downloaded ({err}): place "
             f"{os.path.basename(chosen.url)} (from {chosen.url}) in {cache} (TORCH_HOME), or give a .pt/.safetensors"
         ) from None
+
+
+def to_torchvision_layout(state: dict[str, torch.Tensor], classifier: str) -> dict[str, torch.Tensor]:
+    """A ResNet classifier's state (the project's layout, keys without the ``classifier.`` prefix) in torchvision's:
+    what ``torchvision.models.<classifier>(num_classes=N).load_state_dict`` takes. Only ResNets with the linear head:
+    their CAM head on the feature map is exactly torchvision's avgpool + fc."""
+    if not classifier.startswith("resnet"):
+        raise ValueError(f"{classifier}: only ResNet classifiers have a torchvision layout here")
+    inverse = {v: k for k, v in _RESNET.items()}
+    out = {}
+    for key, value in state.items():
+        prefix = next((p for p in inverse if key.startswith(p)), None)
+        if prefix is not None:
+            out[inverse[prefix] + key[len(prefix) :]] = value
+        elif key.startswith("backbone.stages."):
+            stage, rest = key[len("backbone.stages.") :].split(".", 1)
+            out[f"layer{int(stage) + 1}.{rest}"] = value
+        else:
+            raise ValueError(f"{key}: not a ResNet classifier tensor")
+    return out

@@ -9,6 +9,9 @@ An export is a directory (local or ``s3://``):
     meta.json           classes, number of classes, format version, what produced it, ``omitted`` (how many
                         frozen base tensors are left to the base checkpoints), ``standalone``
     vlm_config.json     only in a standalone export: the VLM's architecture, so loading needs no base checkpoint
+    classifier/         a ResNet classifier with its linear head, for torchvision alone: ``model.safetensors`` in
+                        torchvision's layout (``torchvision.models.resnet18(num_classes=N).load_state_dict``) and
+                        ``config.json`` (builder, classes, input size and normalisation)
 
 Loading rebuilds the model from ``config.yaml`` (real presets load their base checkpoints from the paths in it) and
 then loads ``model.safetensors``; every tensor it lacks must be a frozen base tensor. safetensors holds tensors
@@ -41,6 +44,8 @@ from megl_ray.config.strict_yaml import load_yaml_file
 from megl_ray.errors import UserError
 from megl_ray.model import build_megl_model
 from megl_ray.model.checkpoint_io import local_dir
+from megl_ray.model.classifier import IMAGENET_MEAN, IMAGENET_STD
+from megl_ray.model.classifier_weights import to_torchvision_layout
 from megl_ray.model.vlm import VLMBundle, _num_image_tokens, set_memory_options
 
 FORMAT_VERSION = 1
@@ -49,6 +54,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
+CLASSIFIER_DIR = "classifier"
 
 
 @dataclass
@@ -138,6 +144,7 @@ def save_export(
             **(extra or {}),
         }
         (root / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        _save_torchvision_classifier(root / CLASSIFIER_DIR, state, cfg, classes, meta["pixel_size"])
         if dst.startswith("s3://"):
             storage.upload(str(root), dst)
         else:
@@ -149,6 +156,31 @@ def save_export(
                     shutil.rmtree(target)
                 shutil.move(str(item), str(target))
     return dst
+
+
+def _save_torchvision_classifier(
+    folder: Path, state: dict[str, torch.Tensor], cfg: MEGLConfig, classes: list[str], pixel_size: int
+) -> None:
+    """``classifier/`` for a ResNet with the linear head whose every tensor is in ``state`` (else nothing: a frozen
+    classifier's weights are its base's)."""
+    if not cfg.model.classifier.startswith("resnet") or cfg.model.classifier_head != "linear":
+        return
+    own = {k[len("classifier.") :]: v for k, v in state.items() if k.startswith("classifier.")}
+    if "head.weight" not in own or "backbone.stem.0.weight" not in own:
+        return
+    folder.mkdir()
+    save_file(to_torchvision_layout(own, cfg.model.classifier), str(folder / WEIGHTS_FILE))
+    config = {
+        "builder": f"torchvision.models.{cfg.model.classifier}",
+        "num_classes": len(classes),
+        "classes": list(classes),
+        "image_size": cfg.model.image_size,
+        "decoded_size": pixel_size,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "input": "RGB in [0, 1], resized to image_size, normalised with mean and std (ImageNet's)",
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _standalone_vlm(root: Path, cfg: MEGLConfig, tokenizer: Any) -> Any:

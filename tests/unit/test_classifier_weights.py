@@ -4,18 +4,21 @@ starts. No test reaches a download server: the offline case replaces torchvision
 
 from __future__ import annotations
 
+import json
 import math
 import urllib.error
 
 import pytest
 import torch
 import torchvision
+from safetensors.torch import load_file
 
 from megl_ray import train as train_command
 from megl_ray.cli import run_cli
 from megl_ray.config import load_config, packaged_config
 from megl_ray.errors import UserError
 from megl_ray.model.classifier import build_classifier
+from megl_ray.model.export_io import load_export
 from megl_ray.model.vlm import check_model_sources
 from megl_ray.training.local import train
 
@@ -87,3 +90,19 @@ def test_an_enum_offline_is_one_line_naming_the_file_and_exit_2(tmp_path, monkey
     cache.mkdir(parents=True)
     (cache / "resnet18-f37072fd.pth").write_bytes(b"")
     check_model_sources(cfg.model)
+
+
+def test_the_export_holds_the_resnet_classifier_in_torchvision_layout_with_identical_logits(data_uri, tmp_path):
+    cfg = load_config(packaged_config("tiny"), ["model.classifier=resnet18", f"data.uri={data_uri}"])
+    train(cfg, max_steps=2, export=str(tmp_path / "export"))
+    folder = tmp_path / "export" / "classifier"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["builder"] == "torchvision.models.resnet18" and config["num_classes"] == len(config["classes"])
+    tv = torchvision.models.resnet18(num_classes=config["num_classes"])
+    tv.load_state_dict(load_file(str(folder / "model.safetensors")))  # strict: no missing or unexpected key
+    tv.eval()
+    ours = load_export(str(tmp_path / "export")).model.classifier.eval()
+    pixels = torch.rand(3, 3, config["image_size"], config["image_size"])
+    mean, std = torch.tensor(config["mean"]).view(1, 3, 1, 1), torch.tensor(config["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(tv((pixels - mean) / std), ours(pixels).logits, atol=1e-5)
