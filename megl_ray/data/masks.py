@@ -43,7 +43,8 @@ class MaskRef:
 
 def mask_ref(value: Any, name: str = "") -> MaskRef | None:
     """Interpret a record's mask value: a path (kind by suffix), a COCO RLE dict, COCO polygons (a list of coordinate
-    lists, or one flat list), or JSON text holding one of those (a CSV cell). ``None``/blank: no mask.
+    lists, or one flat list), a Hugging Face ``Image`` struct ({bytes, path}), or JSON text holding an RLE or polygons
+    (a CSV cell). ``None``/blank: no mask.
     Raises ``Invalid`` (``mask_unreadable``) for anything else."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
@@ -66,6 +67,10 @@ def mask_ref(value: Any, name: str = "") -> MaskRef | None:
             "mask_unreadable",
             f"mask file {text!r} is neither .npy nor an image ({', '.join(IMAGE_SUFFIXES)})",
         )
+    if isinstance(value, dict) and "bytes" in value and "counts" not in value:  # a Hugging Face ``Image`` struct
+        if value["bytes"] is None:
+            return mask_ref(value.get("path"), name)
+        return MaskRef("image", data=value["bytes"], name=name or "mask image")
     if isinstance(value, dict) and "counts" in value:
         return MaskRef("rle", data=value, name=name or "RLE")
     if isinstance(value, list):
@@ -84,9 +89,12 @@ def decode_mask(ref: MaskRef, root: str, max_bytes: int, threshold: float | None
     it a greyscale image is a soft mask (value / 255). RLE and polygons are binary by nature; their stated size must
     be the image's."""
     if ref.kind in ("npy", "image"):
-        data = ref.data if ref.path is None else _read(ref.path, root, max_bytes)
-        if len(data) > max_bytes:
-            raise Invalid(WHAT_MASK, "mask_too_large", f"mask {ref.name!r} is {len(data)} bytes > {max_bytes}")
+        if ref.path is not None:
+            data = _read(ref.path, root, max_bytes)  # bounded before reading (mask_too_large)
+        elif len(ref.data) > max_bytes:  # held by the source (an HF column, a tar member): the same bound
+            raise Invalid(WHAT_MASK, "mask_too_large", f"mask {ref.name!r} is {len(ref.data)} bytes > {max_bytes}")
+        else:
+            data = ref.data
         return schema.load_mask(data, ref.name) if ref.kind == "npy" else _image_mask(data, ref.name, threshold)
     if ref.kind == "rle":
         return _rle_mask(ref.data, ref.name, height, width)

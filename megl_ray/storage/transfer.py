@@ -303,7 +303,10 @@ def local_copy(uri: str, cache_dir: str | os.PathLike[str] | None = None, option
         fetched = download(uri, staging, options)
         if target.exists():  # a stale copy (the objects changed, or a copy from before revalidation)
             log.info("%s changed in the store: fetching it again", uri)
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
         try:
             os.rename(fetched, target)
         except OSError:

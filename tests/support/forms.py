@@ -8,7 +8,7 @@ import csv
 import io
 import json
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -38,7 +38,6 @@ class Sample:
     split: str | None
     size: tuple[int, int] = (0, 0)  # height, width
     mask_size: tuple[int, int] | None = None  # a different mask size (the bad sample)
-    extra: dict = field(default_factory=dict)
 
     def mask(self) -> np.ndarray:
         h, w = self.mask_size or self.size

@@ -18,7 +18,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from megl_ray.data.masks import MaskRef, mask_ref
 from megl_ray.data.schema import SPLITS
 from megl_ray.data.sources.authors import load_classes
 from megl_ray.data.sources.records import (
@@ -28,10 +27,8 @@ from megl_ray.data.sources.records import (
     Source,
     SourceRecord,
     classes_from_labels,
-    image_field,
-    rationale_list,
+    record_from_row,
     require_columns,
-    split_name,
 )
 from megl_ray.errors import UserError
 
@@ -134,35 +131,13 @@ class HFSource(Source):
         return self._cache[1].slice(i, 1).to_pylist()[0]
 
     def record(self, locator: Any) -> SourceRecord:
-        row, cols = self._row(locator), self.cols
-        image = image_field(row.get(cols["image"][0]), cols["image"][0])
-        # a split column's value, else the split of the DatasetDict folder or Parquet file name
-        split = (split_name(row.get(cols["split"][0])) if cols["split"] else None) or split_name(
-            self.parts[locator[0]][0]
-        )
-        return SourceRecord(
-            image=image,
-            image_name=image if isinstance(image, str) else f"{cols['image'][0]} of row {locator[2]}",
-            label=row.get(cols["label"][0]),
-            rationales=rationale_list([row.get(c) for c in cols["rationale"]]),
-            mask=_mask(row.get(cols["mask"][0]), cols["mask"][0]) if cols["mask"] else None,
-            split=split,
-        )
+        return record_from_row(self._row(locator), self.cols, f"row {locator[2]}", self.parts[locator[0]][0])
 
     def describe(self) -> str:
         rows = sum(
             part.metadata.num_rows if isinstance(part, pq.ParquetFile) else part.num_rows for _, part in self.parts
         )
         return f"{rows} rows of {len(self.classes)} classes in the Hugging Face dataset {self.root}"
-
-
-def _mask(value: Any, column: str) -> MaskRef | None:
-    """An ``Image`` feature's struct is an encoded mask image; anything else is read as in a manifest."""
-    if isinstance(value, dict) and "bytes" in value and "counts" not in value:
-        if value.get("bytes") is None:
-            return mask_ref(value.get("path"), column)
-        return MaskRef("image", data=value["bytes"], name=column)
-    return mask_ref(value, column)
 
 
 def _feature_columns(features: dict[str, Any]) -> dict[str, tuple[str, ...]]:

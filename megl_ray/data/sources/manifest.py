@@ -15,7 +15,6 @@ import os
 from typing import Any
 
 from megl_ray.data import schema
-from megl_ray.data.masks import mask_ref
 from megl_ray.data.schema import WHAT_RECORD, Invalid
 from megl_ray.data.sources.authors import MAPPING_FILE, load_classes
 from megl_ray.data.sources.records import (
@@ -23,10 +22,8 @@ from megl_ray.data.sources.records import (
     Source,
     SourceRecord,
     classes_from_labels,
-    image_field,
-    rationale_list,
+    record_from_row,
     require_columns,
-    split_name,
 )
 from megl_ray.errors import UserError
 
@@ -76,17 +73,7 @@ class ManifestSource(Source):
             raise row
         if not isinstance(row, dict):
             raise Invalid(WHAT_RECORD, "not_an_object", f"line {locator + 1} is a JSON {type(row).__name__}")
-        cols = self.cols
-        image = image_field(row.get(cols["image"][0]), cols["image"][0])
-        mask = row.get(cols["mask"][0]) if cols["mask"] else None
-        return SourceRecord(
-            image=image,
-            image_name=image if isinstance(image, str) else f"row {locator + 1}",
-            label=row.get(cols["label"][0]),
-            rationales=rationale_list([row.get(c) for c in cols["rationale"]]),
-            mask=mask_ref(mask, f"{cols['mask'][0]} of row {locator + 1}") if cols["mask"] else None,
-            split=split_name(row.get(cols["split"][0])) if cols["split"] else None,
-        )
+        return record_from_row(row, self.cols, f"row {locator + 1}")
 
     def describe(self) -> str:
         return f"{len(self.rows)} rows of {len(self.classes)} classes in the manifest {self.path}"

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from megl_ray.data.masks import MaskRef
+from megl_ray.data.masks import MaskRef, mask_ref
 from megl_ray.data.schema import SPLITS, WHAT_RECORD, Invalid, text_problem
 from megl_ray.errors import UserError
 
@@ -170,3 +170,21 @@ def classes_from_labels(labels: Iterable[Any], where: str) -> list[str]:
     if not names:
         raise UserError(f"{where}: no sample has a label")
     return sorted(names)
+
+
+def record_from_row(
+    row: dict[str, Any], cols: dict[str, tuple[str, ...]], where: str, split: str | None = None
+) -> SourceRecord:
+    """A row of named columns (a manifest's, a Hugging Face table's) as a ``SourceRecord``; ``cols`` from
+    ``require_columns``, ``where`` names the row in messages, ``split`` serves when the row names none (a
+    ``DatasetDict`` key, a Parquet file name)."""
+    image = image_field(row.get(cols["image"][0]), cols["image"][0])
+    mask = cols["mask"][0] if cols["mask"] else None
+    return SourceRecord(
+        image=image,
+        image_name=image if isinstance(image, str) else f"{cols['image'][0]} of {where}",
+        label=row.get(cols["label"][0]),
+        rationales=rationale_list([row.get(c) for c in cols["rationale"]]),
+        mask=mask_ref(row.get(mask), f"{mask} of {where}") if mask else None,
+        split=(split_name(row.get(cols["split"][0])) if cols["split"] else None) or split_name(split),
+    )
