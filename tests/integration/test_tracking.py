@@ -6,7 +6,6 @@ its console (line budget) and its pictures (curves.png, a gallery that renders i
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from megl_ray.config import load_config
+from tests.support.subprocess_env import subprocess_env
 from tests.support.tracking_support import mlflow_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,23 +29,17 @@ EXPERIMENT = "megl-test"
 # ------------------------------------------------------------------------------------------- one tracked run
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    env["PYTHONPATH"] = f"{REPO}:{env.get('PYTHONPATH', '')}"
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "megl_ray" / "torch_extensions"))
-    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "WANDB_API_KEY"):
-        env.pop(key, None)
-    env.update(extra)
-    return env
-
-
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory):
     root = tmp_path_factory.mktemp("tracked")
     (root / "mlflow").mkdir()
     with mlflow_server(root / "mlflow") as uri:
-        env = _env(MEGL_HOME=str(root / "home"), WANDB_MODE="offline", WANDB_DIR=str(root / "wandb"))
+        env = subprocess_env(
+            ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "WANDB_API_KEY"),
+            MEGL_HOME=str(root / "home"),
+            WANDB_MODE="offline",
+            WANDB_DIR=str(root / "wandb"),
+        )
         proc = subprocess.run(
             [
                 sys.executable,

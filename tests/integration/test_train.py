@@ -19,6 +19,7 @@ from megl_ray.data import convert
 from megl_ray.data.reader import bundled_dataset_uri, read_split
 from megl_ray.data.sample import sample_dataset_path
 from megl_ray.storage.embedded_home import embedded_store_for
+from tests.support.subprocess_env import ISOLATED, subprocess_env
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -31,25 +32,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(**extra):
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    env["PYTHONPATH"] = f"{REPO}:{env.get('PYTHONPATH', '')}"
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "megl_ray" / "torch_extensions"))
-    env.update(extra)
-    return env
-
-
 SECRET = "megl-i10-Distinctive-secret-4f1c9e"
-ISOLATED = (
-    "MEGL_S3_ENDPOINT",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "RAY_ADDRESS",
-)
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +47,8 @@ def submitted(tmp_path_factory):
     ray_before = _ray_temp_dirs()
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     dash = _free_port()
-    env = {
-        k: v
-        for k, v in _env(MEGL_HOME=str(home), RAY_AUTH_MODE="token", MEGL_S3_SECRET_KEY=SECRET).items()
-        if k not in ISOLATED
-    }  # RAY_AUTH_MODE=token: the client then sends ~/.ray/auth_token
+    # RAY_AUTH_MODE=token: the client then sends ~/.ray/auth_token
+    env = subprocess_env(ISOLATED, MEGL_HOME=str(home), RAY_AUTH_MODE="token", MEGL_S3_SECRET_KEY=SECRET)
     ray_bin = str(Path(sys.executable).parent / "ray")
     # In a session of its own: its process group holds this Ray's processes (and the job's), and only they are
     # killed at the end (`ray stop` would stop every Ray instance on the machine).

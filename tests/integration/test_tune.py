@@ -11,7 +11,6 @@ the first rung against the restored results — and cost a Train run.)
 import csv
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from megl_ray import storage
 from megl_ray.config import MEGLConfig, load_config
 from megl_ray.data.reader import bundled_dataset_uri
 from megl_ray.training.local import train
+from tests.support.subprocess_env import ISOLATED, subprocess_env
 from tests.support.tracking_support import mlflow_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,32 +30,19 @@ GOOD, BAD = 3e-3, (1e-9,)
 RUNS = "s3://megl/runs"  # the embedded default's run storage
 
 
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ISOLATED}
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    env["PYTHONPATH"] = f"{REPO}:{env.get('PYTHONPATH', '')}"
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "megl_ray" / "torch_extensions"))
-    env.update(extra)
-    return env
-
-
 def _run(module, args, **env):
     proc = subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=subprocess_env(ISOLATED, **env),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     return proc.returncode, proc.stdout, proc.stderr
 
 
 SECRET = "megl-tune-Distinctive-secret-7d2a10"
-ISOLATED = (
-    "MEGL_S3_ENDPOINT",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "RAY_ADDRESS",
-)
 
 
 @pytest.fixture(scope="module")
