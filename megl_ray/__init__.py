@@ -44,7 +44,6 @@ MOVED = {
     "megl_ray.training.memory_model": "megl_ray.planning.memory_model",
     "megl_ray.training.pictures": "megl_ray.reporting.pictures",
     "megl_ray.training.placement": "megl_ray.cluster.placement",
-    "megl_ray.training.post_eval": "megl_ray.driver.post_eval",
     "megl_ray.training.probe": "megl_ray.probes.fixed_batch",
     "megl_ray.training.progress": "megl_ray.reporting.progress",
     "megl_ray.training.ray_env": "megl_ray.cluster.ray_env",

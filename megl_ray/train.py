@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from megl_ray.cli import ArgumentParser, run_cli, setup_logging
+from megl_ray.config import load_config, packaged_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    load_config(args.config or packaged_config("tiny"), args.overrides)  # a config error answers at once, too
     # Lazy: Ray, torch and DeepSpeed load only once the arguments are understood (`--help` answers at once).
     from megl_ray.driver.fit import TrainOptions, run  # noqa: PLC0415
 

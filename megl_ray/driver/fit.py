@@ -32,8 +32,7 @@ from megl_ray.config import MEGLConfig, load_config, megl_home, packaged_config
 from megl_ray.data.pipeline import fits_in_cache, preprocessed_bytes_per_row
 from megl_ray.data.schema import load_dataset_info
 from megl_ray.driver.embedded import embedded_default
-from megl_ray.driver.inputs import build_datasets, plan_splits
-from megl_ray.driver.post_eval import evaluate_where_the_gpus_are
+from megl_ray.driver.inputs import build_datasets, cached_rows, plan_splits
 from megl_ray.driver.ray_session import check_resources, run_storage, run_uri, start_ray, worker_env
 from megl_ray.driver.run_identity import check_run, fresh_name, name_given
 from megl_ray.errors import UserError
@@ -95,8 +94,10 @@ def fit(
     row_bytes = preprocessed_bytes_per_row(
         pixel_size(cfg.model), info.mask_size, cfg.data.max_rationales, cfg.model.max_text_tokens
     )
-    cache = cfg.train.cache_data if cfg.train.cache_data is not None else fits_in_cache(len(train_ids), row_bytes)
-    datasets, train_cache = build_datasets(cfg, info, tokenizer, splits, cache)
+    cache = cfg.train.cache_data
+    if cache is None:
+        cache = fits_in_cache(cached_rows(splits, info, evaluate_test), row_bytes)
+    datasets, train_cache = build_datasets(cfg, info, tokenizer, splits, cache, evaluate_test)
     planned = planned_steps(
         len(train_ids), cfg.train.num_workers, cfg.data.batch_size, cfg.train.epochs, cfg.train.grad_accum
     )
@@ -125,6 +126,7 @@ def fit(
         use_gpu=use_gpu,
         run_uri=uri,
         has_val="val" in datasets,
+        has_test="test" in datasets,
         train_cache=train_cache,
         verbose=verbose,
         board=monitor.board,
@@ -160,7 +162,7 @@ def fit(
     except BaseException:
         tracker.close(success=False)
         raise
-    metrics = result.metrics or {}
+    metrics = {**(result.metrics or {}), **monitor.outcome}
     if result.error is not None or metrics.get(DIVERGED_KEY):
         tracker.close(success=False)
         if result.error is not None:
@@ -177,8 +179,8 @@ def fit(
         "epochs": int(metrics.get("epoch", 0)),
         "val_accuracy": _round(metrics.get("val_accuracy")),
         "val_miou": _round(metrics.get("val_miou")),
-        "test_accuracy": None,
-        "test_miou": None,
+        "test_accuracy": _round(metrics.get("test_accuracy")),
+        "test_miou": _round(metrics.get("test_miou")),
         **splits.summary(cfg),
         "final_loss": _round(metrics.get("loss")),
         "num_workers": cfg.train.num_workers,
@@ -190,13 +192,9 @@ def fit(
         storage.write_bytes(uri + "/result.json", (json.dumps(summary, indent=2) + "\n").encode())
 
     summary["seconds"] = round(time.monotonic() - started, 1)
-    write_result()  # before any post-training evaluation: a failure there loses nothing
+    write_result()  # before the pictures: a failure there loses nothing
     if evaluate_test:
-        test = evaluate_where_the_gpus_are(
-            uri + "/export", cfg.data.uri, use_gpu, cfg.train.cpus_per_worker, worker_env(use_gpu)
-        )
-        summary.update(test_accuracy=_round(test["test_accuracy"]), test_miou=_round(test["test_miou"]))
-        tracker.summary({"test/accuracy": test["test_accuracy"], "test/miou": test["test_miou"]})
+        tracker.summary({"test/accuracy": metrics.get("test_accuracy"), "test/miou": metrics.get("test_miou")})
     tracker.export(summary["export"])
     if evaluate_test:  # the end-of-run report; a sweep's trials skip it
         summary["pictures"] = write_pictures(

@@ -64,9 +64,13 @@ def plan_splits(cfg: MEGLConfig, info: Any, evaluate_test: bool) -> Splits:
     return Splits(train_ids, corpus, val_ids, source)
 
 
-def build_datasets(cfg: MEGLConfig, info: Any, tokenizer: Any, splits: Splits, cache: bool) -> tuple[dict, Any]:
+def build_datasets(
+    cfg: MEGLConfig, info: Any, tokenizer: Any, splits: Splits, cache: bool, evaluate_test: bool
+) -> tuple[dict, Any]:
     """(datasets for the TorchTrainer, cached training split or None). Training data is not among the trainer's
-    datasets: each worker reads its own seeded share every epoch (``megl_ray.training.accounting``)."""
+    datasets: each worker reads its own seeded share every epoch (``megl_ray.training.accounting``). ``val`` is
+    read at each epoch's end and ``test`` once after the export; with ``cache`` both are materialised too, so a
+    validation does not read and decode the split again."""
     common = dict(
         tokenizer=tokenizer,
         image_size=pixel_size(cfg.model),
@@ -76,14 +80,22 @@ def build_datasets(cfg: MEGLConfig, info: Any, tokenizer: Any, splits: Splits, c
         seed=cfg.train.seed,
         info=info,
     )
+    split = dict(num_shards=cfg.train.num_workers, cache=cache, **common)
     datasets = {}
     if splits.val_source == "split":
-        datasets["val"] = build_dataset(cfg.data.uri, "val", num_shards=cfg.train.num_workers, **common)
+        datasets["val"] = build_dataset(cfg.data.uri, "val", **split)
     elif splits.val_source == "carved":
-        datasets["val"] = build_dataset(
-            cfg.data.uri, "train", num_shards=cfg.train.num_workers, include_ids=splits.val_ids, **common
-        )
+        datasets["val"] = build_dataset(cfg.data.uri, "train", include_ids=splits.val_ids, **split)
+    if evaluate_test:
+        datasets["test"] = build_dataset(cfg.data.uri, "test", **split)
     train_cache = None
     if cache:
         train_cache = build_dataset(cfg.data.uri, "train", cache=True, include_ids=splits.train_ids, **common)
     return datasets, train_cache
+
+
+def cached_rows(splits: Splits, info: Any, evaluate_test: bool) -> int:
+    """Rows ``build_datasets`` materialises when it caches: the training split, validation's and test's."""
+    counts = dict(info.splits)
+    val = counts.get("val", 0) if splits.val_source == "split" else len(splits.val_ids or ())
+    return len(splits.train_ids) + val + (counts.get("test", 0) if evaluate_test else 0)

@@ -81,6 +81,13 @@ class Progress:
             }
         )
 
+    def outcome(self, values: dict[str, Any]) -> None:
+        """What the run ended with beyond its last checkpoint's metrics (the test split's metrics, or why it
+        stopped), delivered before this returns. Ray Train's ``Result.metrics`` are those of the latest checkpoint:
+        a report without one never reaches the driver."""
+        if self.board is not None:
+            ray.get(self.board.push.remote({"kind": "outcome", "values": dict(values)}), timeout=120)
+
     def _send(self, event: dict[str, Any]) -> None:
         if self.board is not None:
             self.board.push.remote(event)  # fire and forget: progress must never slow or stop training
@@ -176,6 +183,8 @@ class RunMonitor:
         self.display = ConsoleDisplay(total) if display else None
         self.interval_s = interval_s
         self.history: list[dict[str, Any]] = []
+        self.outcome: dict[str, Any] = {}
+        """Rank 0's ``Progress.outcome``: the test metrics, or the divergence that stopped the run."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="megl-progress", daemon=True)
 
@@ -201,6 +210,9 @@ class RunMonitor:
             log.debug("progress board unavailable: %s", err)
             return
         for event in events:
+            if event["kind"] == "outcome":
+                self.outcome.update(event["values"])
+                continue
             self.history.append(event)
             if self.display is not None:
                 (self.display.step if event["kind"] == "step" else self.display.epoch)(event)

@@ -35,6 +35,8 @@ class WorkerPlan:
     """Where the run's checkpoints and export go."""
     has_val: bool
     """Whether the trainer was given a ``val`` dataset to validate on at each epoch's end."""
+    has_test: bool = False
+    """Whether the trainer was given a ``test`` dataset, evaluated once after the export (a sweep's trials skip it)."""
     train_cache: Any = None
     """The training split materialised in Ray's object store (``train.cache_data``), or None: read per epoch."""
     verbose: bool = False

@@ -44,9 +44,12 @@ log = logging.getLogger("megl_ray.train")
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def _validate(engine: Any, shard: Any, cfg: MEGLConfig, num_image_tokens: int, num_classes: int) -> dict[str, float]:
-    """Validation accuracy and mIoU over this worker's share of the split, with the evaluation's own metric code
-    (torchmetrics states, synchronised across the workers at ``compute`` through the engine's device)."""
+def _evaluate_split(
+    engine: Any, shard: Any, cfg: MEGLConfig, num_image_tokens: int, num_classes: int, prefix: str
+) -> dict[str, float]:
+    """``{prefix}_accuracy`` and ``{prefix}_miou`` over this worker's share of a split (validation at each epoch's
+    end, test once after the export), with the evaluation's own metric code (torchmetrics states, synchronised
+    across the workers at ``compute`` through the engine's device)."""
     model = engine.module
     model.eval()
     classification, saliency = ClassificationMetrics(num_classes), SaliencyMetrics()
@@ -59,8 +62,8 @@ def _validate(engine: Any, shard: Any, cfg: MEGLConfig, num_image_tokens: int, n
         saliency.update(sal.float().cpu()[real], batch["masks"][real], batch["has_mask"][real])
     model.train()
     cls, sal_metrics = classification.compute(), saliency.compute()
-    miou = sal_metrics["miou"]
-    return {"val_accuracy": float(cls["accuracy"]), "val_miou": float("nan") if miou is None else float(miou)}
+    miou = float("nan") if sal_metrics["miou"] is None else float(sal_metrics["miou"])
+    return {f"{prefix}_accuracy": float(cls["accuracy"]), f"{prefix}_miou": miou}
 
 
 def _epoch_shard(cfg: MEGLConfig, plan: WorkerPlan, epoch: int, rank: int, world: int) -> Any:
@@ -229,12 +232,14 @@ def run_worker(plan: WorkerPlan) -> None:
             if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
                 report(dict(terms), acc)
         if guard.message:
-            ray.train.report({DIVERGED_KEY: guard.message, "epoch": state.epoch, "step": state.step})
+            progress.outcome({DIVERGED_KEY: guard.message, "epoch": state.epoch, "step": state.step})
             return
         val: dict[str, float] = {}
         if validate:
             faults.maybe_kill(state.step, "validation", rank, world, log)
-            val = _validate(engine, ray.train.get_dataset_shard("val"), cfg, model.num_image_tokens, plan.num_classes)
+            val = _evaluate_split(
+                engine, ray.train.get_dataset_shard("val"), cfg, model.num_image_tokens, plan.num_classes, "val"
+            )
         if rank == 0:
             progress.epoch(epoch, cfg.train.epochs, state.step, val)
         state.epoch = epoch + 1
@@ -243,6 +248,14 @@ def run_worker(plan: WorkerPlan) -> None:
     if sample_log is not None:
         sample_log.close()
     _export(engine, cfg, plan, rank)
+    if plan.has_test:
+        # Here, not in a task of its own after training: the model is on the workers' devices already, and a new
+        # process would import torch and transformers and read the export again (~10 s a run on 2 CPU cores).
+        # A failure here resumes from the last checkpoint and repeats only the export and this.
+        test = _evaluate_split(
+            engine, ray.train.get_dataset_shard("test"), cfg, model.num_image_tokens, plan.num_classes, "test"
+        )
+        progress.outcome(test)
 
 
 def scheduler_lr(engine: Any) -> float:

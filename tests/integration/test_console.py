@@ -62,3 +62,21 @@ def test_every_command_answers_help_without_importing_torch_or_ray():
             [sys.executable, "-m", f"megl_ray.{name}", "--help"], capture_output=True, text=True, timeout=120, env=env
         )
         assert proc.returncode == 0 and "usage: python -m megl_ray." in proc.stdout, (name, proc.stderr[-2000:])
+
+
+def test_a_config_error_in_train_answers_before_torch_or_ray_load():
+    """``train``'s configuration is checked before its lazy import of the driver (Ray, torch, DeepSpeed: ~8 s on
+    2 cores): a mistyped key is one line at once, and nothing heavy was imported for it."""
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    code = (
+        "import sys\n"
+        "from megl_ray import train\n"
+        "from megl_ray.cli import run_cli\n"
+        "assert run_cli('megl_ray.train', train.main, ['run.dir=x']) == 2\n"
+        "heavy = sorted(m for m in ('torch', 'ray', 'deepspeed', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "unknown config key 'run.dir'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -25,7 +25,7 @@ FAST_ARGS = [
     "data.val_fraction=0",
 ]
 GLOBAL_BATCH = 2 * 16  # 2 workers × tiny-fast's data.batch_size
-# Run names new to every session: each session has a fresh S3 server, and the post-training evaluation fetches the
+# Run names new to every session: each session has a fresh S3 server, and the end-of-run gallery fetches the
 # export through the node cache ($MEGL_HOME/cache/s3/<bucket>/<key>): a fixed name would find an earlier session's
 # copy there (fetched again, since the objects differ, but the names keep the runs apart).
 SESSION = uuid.uuid4().hex[:8]
@@ -114,6 +114,30 @@ def test_a_node_local_storage_path_is_refused_with_workers_on_two_nodes(two_node
     assert code == 2, err[-3000:]
     assert "is a node-local path, but workers can be placed on 2 nodes" in err and "Traceback" not in err
     assert json.loads(out.strip().splitlines()[-1])["error"]
+
+
+def test_a_run_that_diverges_on_ray_stops_with_one_line_and_exports_nothing(two_node_cluster, s3_data, capsys):
+    """The divergence guard's verdict reaches the driver (Ray Train's ``Result.metrics`` are the latest
+    checkpoint's: a report without a checkpoint never did, and a diverged run read as a success)."""
+    from megl_ray import storage
+
+    name = f"diverged-{SESSION}"
+    code, out, err = _train(
+        two_node_cluster,
+        [
+            *FAST_ARGS,
+            f"data.uri={s3_data}",
+            "run.storage_path=s3://megl-multinode/runs",
+            f"run.name={name}",
+            "optim.lr=1e10",  # finite, accepted, and the weights blow up within a step or two
+            "train.max_nonfinite_steps=1",
+        ],
+        capsys,
+    )
+    assert code == 2, err[-3000:]
+    assert "training diverged" in err and "Traceback" not in err, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["error"]
+    assert not storage.exists(f"s3://megl-multinode/runs/{name}/export/model.safetensors")
 
 
 def test_a_node_lost_mid_run_is_replaced_and_the_run_completes_with_exact_steps_and_samples(

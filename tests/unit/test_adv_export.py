@@ -1,4 +1,4 @@
-"""Adversarial exports for ``evaluate`` and ``explain`` (the post-training evaluation loads exports the same way,
+"""Adversarial exports for ``evaluate`` and ``explain`` (the end-of-run gallery loads exports the same way,
 through ``export.load_export``): each damaged file is one line naming it and exit 2, with nothing written."""
 
 from __future__ import annotations
