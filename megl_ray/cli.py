@@ -36,6 +36,18 @@ def options_from(cls: type[T], args: argparse.Namespace, **changes: Any) -> T:
     return cls(**{**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}, **changes})
 
 
+def add_base_path_argument(p: argparse.ArgumentParser) -> None:
+    """``--base-path`` of the commands that load an export (evaluate, explain, export)."""
+    p.add_argument(
+        "--base-path",
+        action="append",
+        default=[],
+        metavar="[ROLE=]PATH",
+        help="re-point a non-standalone export at its base checkpoint (local, s3:// or a hub id): the LLaVA for "
+        "the llava preset; vision=PATH and lm=PATH for clip-qwen2 (repeatable)",
+    )
+
+
 def standard_json(value: Any) -> Any:
     """``value`` with every NaN or infinity replaced by None: JSON has no such numbers (``json.dumps`` would write
     ``NaN``, which strict parsers such as ``jq`` or JavaScript refuse)."""

@@ -25,7 +25,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from megl_ray.cli import ArgumentParser, options_from, run_cli, setup_logging
+from megl_ray.cli import ArgumentParser, add_base_path_argument, options_from, run_cli, setup_logging
 from megl_ray.evaluation.options import PRECISIONS, RAY_ROW_THRESHOLD, EvaluateOptions
 
 
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PRECISIONS,
         help="VLM weights at inference (auto: bf16 on cuda, fp32 on cpu); the classifier stays fp32",
     )
+    add_base_path_argument(p)
     p.add_argument("--clip-path", help="CLIP checkpoint dir (local or s3://) for CLIPScore; without it the key is null")
     p.add_argument(
         "--efficiency",
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    options = options_from(EvaluateOptions, args)
+    options = options_from(EvaluateOptions, args, base_path=tuple(args.base_path))
     # Lazy: torch, Ray and the model code load only once the arguments are understood (`--help` answers at once).
     from megl_ray.evaluation.evaluate_run import run  # noqa: PLC0415
 

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from megl_ray.cli import ArgumentParser, options_from, run_cli, setup_logging
+from megl_ray.cli import ArgumentParser, add_base_path_argument, options_from, run_cli, setup_logging
 from megl_ray.evaluation.options import PRECISIONS, ExplainOptions
 
 
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PRECISIONS,
         help="VLM weights at inference (auto: bf16 on cuda, fp32 on cpu)",
     )
+    add_base_path_argument(p)
     p.add_argument("--gallery", action="store_true", help="also write DIR/index.html from --data")
     p.add_argument("--data", help="converted dataset for --gallery")
     p.add_argument("--split", default="test", help="split for --gallery (default test)")
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    options = options_from(ExplainOptions, args, images=tuple(args.images))
+    options = options_from(ExplainOptions, args, images=tuple(args.images), base_path=tuple(args.base_path))
     # Lazy: torch and the model code load only once the arguments are understood (`--help` answers at once).
     from megl_ray.evaluation.explanations import run  # noqa: PLC0415
 

@@ -1,6 +1,7 @@
 """``python -m megl_ray.export --merge SRC DST``: rewrite a megl_ray export as a standalone one (LoRA adapters merged
-into the base weights, every tensor written, loadable without the base checkpoints). The last stdout line is one
-JSON object (see ``megl_ray.model.export_io`` for the export's layout)."""
+into the base weights by peft, every tensor written, loadable without the base checkpoints) with ``DST/vlm/``, the
+LLaVA for transformers alone (``LlavaForConditionalGeneration`` + ``AutoProcessor``; ``--dtype``, bf16 by default).
+The last stdout line is one JSON object (see ``megl_ray.model.export_io`` and ``hf_export`` for the layout)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from megl_ray.cli import ArgumentParser, run_cli, setup_logging
+from megl_ray.cli import ArgumentParser, add_base_path_argument, run_cli, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="merge LoRA adapters into the base weights and write a standalone export",
     )
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default="bfloat16",
+        help="dtype of vlm/, the transformers LLaVA (default bfloat16; the standalone export stays float32)",
+    )
+    add_base_path_argument(p)
     p.add_argument("src", help="export directory (local or s3://)")
     p.add_argument("dst", help="where to write the standalone export (local or s3://)")
     return p
@@ -30,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Lazy: torch, transformers and peft load only once the arguments are understood (`--help` answers at once).
     from megl_ray.model.export_io import merge_export  # noqa: PLC0415
 
-    return merge_export(args.src, args.dst)
+    return merge_export(args.src, args.dst, vlm_dtype=args.dtype, base_path=tuple(args.base_path))
 
 
 if __name__ == "__main__":

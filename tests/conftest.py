@@ -11,6 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 
@@ -106,6 +107,20 @@ def export(tmp_path_factory, data_uri) -> str:
     cfg = load_config(packaged_config("tiny"), ["train.epochs=2", f"data.uri={data_uri}"])
     train(cfg, max_steps=4, export=out)
     return out
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """An empty HF cache that ``huggingface_hub`` searches, offline (``tests.support.hf_cache`` fills it)."""
+    cache = tmp_path / "hf"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    # what a process started with these variables has: huggingface_hub reads them once, at import (transformers'
+    # and peft's own ``from_pretrained`` go by its constants)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
 
 
 @pytest.fixture

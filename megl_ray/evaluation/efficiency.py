@@ -185,7 +185,7 @@ def check_arguments(args: EvaluateOptions) -> None:
 def run_efficiency(args: EvaluateOptions) -> dict[str, Any]:
     """The ``--efficiency`` mode of ``python -m megl_ray.evaluate``."""
     check_arguments(args)
-    exported, placement = load_for_inference(args.checkpoint, args.device, args.precision)
+    exported, placement = load_for_inference(args.checkpoint, args.device, args.precision, args.base_path)
     result = report(
         exported,
         placement,

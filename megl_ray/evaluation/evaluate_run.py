@@ -92,10 +92,11 @@ class Predictor:
         mask_size: int,
         num_beams: int,
         max_new_tokens: int | None,
+        base_path: tuple[str, ...] = (),
     ):
         self.exported, self.error, self.clip, self.placement = None, None, None, None
         try:
-            self.exported, self.placement = load_for_inference(checkpoint, device, precision)
+            self.exported, self.placement = load_for_inference(checkpoint, device, precision, base_path)
             self.clip = _clip_scorer(clip_path, self.placement.device)
         except UserError as err:
             self.error = str(err)
@@ -164,6 +165,7 @@ def predict_with_ray(
     device: str,
     precision: str,
     clip_path: str | None,
+    base_path: tuple[str, ...] = (),
 ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     """The same predictions through Ray Data: one block per in-process batch, ``workers`` model-holding actors.
     Returns (outputs in row order, where each actor ran)."""
@@ -187,6 +189,7 @@ def predict_with_ray(
             "mask_size": mask_size,
             "num_beams": num_beams,
             "max_new_tokens": max_new_tokens,
+            "base_path": base_path,
         },
         **resources,
     )
@@ -261,7 +264,7 @@ def evaluate(args: EvaluateOptions) -> dict[str, Any]:
             if args.workers is not None or table.num_rows > RAY_ROW_THRESHOLD or cluster.get("GPU"):
                 workers, use_gpu = plan_actors(args.workers, args.device, table.num_rows, cluster)
         if workers == 1 and not use_gpu:
-            exported, placement = load_for_inference(args.checkpoint, args.device, args.precision)
+            exported, placement = load_for_inference(args.checkpoint, args.device, args.precision, args.base_path)
             classes, cfg, placements = exported.classes, exported.config, [placement.as_dict()]
         else:
             meta, cfg = _read_export_dir(args.checkpoint)
@@ -297,6 +300,7 @@ def evaluate(args: EvaluateOptions) -> dict[str, Any]:
                 args.device,
                 args.precision,
                 args.clip_path,
+                args.base_path,
             )
     references = [list(refs) for refs in table.column("rationales").to_pylist()]
     metrics = score(outputs, references, classes, args.batch_size)

@@ -264,7 +264,7 @@ def explain(args: ExplainOptions) -> dict[str, Any]:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     loaded = [(uri, *read_image(uri)) for uri in args.images]  # a bad image fails before the slow model load
-    exported, _ = load_for_inference(args.checkpoint, args.device, args.precision)
+    exported, _ = load_for_inference(args.checkpoint, args.device, args.precision, args.base_path)
 
     remote = storage.is_s3(args.out)
     staging = tempfile.TemporaryDirectory(prefix="megl-explain-") if remote else None

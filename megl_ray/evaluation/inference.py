@@ -21,7 +21,7 @@ import torch
 from megl_ray.data.transforms import preprocess_rows
 from megl_ray.errors import UserError
 from megl_ray.evaluation.options import PRECISIONS
-from megl_ray.model.export_io import load_export, merge_lora
+from megl_ray.model.export_io import load_export
 
 log = logging.getLogger("megl_ray.evaluation.inference")
 
@@ -70,13 +70,13 @@ def _node_id() -> str | None:
 
 
 def prepare_for_inference(exported: Any, device: str = "auto", precision: str = "auto") -> Placement:
-    """Make a loaded export ready to predict, in place: device and dtype resolved here, LoRA adapters folded into
-    their base layers (``export.merge_lora``, peft's merge, in float32 before any cast) so inference runs plain
-    linear layers, VLM (and SDTG projection) cast, eval mode. Returns where it now runs."""
+    """Make a loaded export ready to predict, in place: device and dtype resolved here, VLM (and SDTG projection)
+    cast, eval mode. Load it with ``load_export(merge_lora=True)`` (LoRA folded into the base layers by peft, in
+    float32 before any cast) so that inference runs plain linear layers. Returns where it now runs."""
     resolved = resolve_device(device)
     dtype = resolve_dtype(precision, resolved)
     model = exported.model
-    merged = merge_lora(model)
+    merged = exported.lora_merged
     if dtype != torch.float32:
         model.vlm.to(dtype)
         if model.fusion is not None:
@@ -94,11 +94,13 @@ def prepare_for_inference(exported: Any, device: str = "auto", precision: str = 
     return placement
 
 
-def load_for_inference(uri: str, device: str = "auto", precision: str = "auto") -> tuple[Any, Placement]:
-    """The export at ``uri``, loaded on the CPU and then ``prepare_for_inference``-d. Returns (Exported,
-    Placement)."""
+def load_for_inference(
+    uri: str, device: str = "auto", precision: str = "auto", base_path: tuple[str, ...] = ()
+) -> tuple[Any, Placement]:
+    """The export at ``uri`` (its bases re-pointed by ``base_path``), loaded on the CPU and then
+    ``prepare_for_inference``-d. Returns (Exported, Placement)."""
     resolve_dtype(precision, resolve_device(device))  # a bad --device/--precision fails before the slow load
-    exported = load_export(uri, device="cpu")
+    exported = load_export(uri, device="cpu", merge_lora=True, base_path=base_path)
     return exported, prepare_for_inference(exported, device, precision)
 
 

@@ -29,6 +29,8 @@ class EvaluateOptions:
     efficiency: bool = False
     warmup: int = 2
     repeats: int = 5
+    base_path: tuple[str, ...] = ()
+    """``[ROLE=]PATH`` values re-pointing a non-standalone export's base checkpoints (``export_io.repoint``)."""
 
 
 # --------------------------------------------------------------------------------------------------- prediction
@@ -51,3 +53,4 @@ class ExplainOptions:
     split: str = "test"
     per_class: int = 3
     batch_size: int = 32
+    base_path: tuple[str, ...] = ()

@@ -12,13 +12,16 @@ An export is a directory (local or ``s3://``):
     classifier/         a ResNet classifier with its linear head, for torchvision alone: ``model.safetensors`` in
                         torchvision's layout (``torchvision.models.resnet18(num_classes=N).load_state_dict``) and
                         ``config.json`` (builder, classes, input size and normalisation)
+    adapter/ vlm/ megl_parts.safetensors README.md
+                        the ecosystem's formats (PEFT adapter, transformers LLaVA from ``--merge``, MEGL's own
+                        tensors, model card): ``megl_ray.model.hf_export``
 
 Loading rebuilds the model from ``config.yaml`` (real presets load their base checkpoints from the paths in it) and
 then loads ``model.safetensors``; every tensor it lacks must be a frozen base tensor. safetensors holds tensors
 only, so loading never unpickles objects. Every file is checked where it is read (``check_export``, ``load_export``):
 a damaged or foreign export is one clear ``UserError`` naming the file, never a traceback from its parser.
 ``merge_export`` (``python -m megl_ray.export --merge SRC DST``) writes a standalone export:
-LoRA merged into the base weights, every tensor included, no base checkpoint needed.
+LoRA merged into the base weights by peft, every tensor included, no base checkpoint needed, and ``vlm/``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
@@ -46,6 +48,17 @@ from megl_ray.model import build_megl_model
 from megl_ray.model.checkpoint_io import local_dir
 from megl_ray.model.classifier import IMAGENET_MEAN, IMAGENET_STD
 from megl_ray.model.classifier_weights import to_torchvision_layout
+from megl_ray.model.hf_export import (
+    ADAPTER_DIR,
+    MEGL_PARTS_FILE,
+    VLM_DIR,
+    has_lora,
+    merge_adapter,
+    save_adapter,
+    save_megl_parts,
+    save_vlm,
+    write_card,
+)
 from megl_ray.model.vlm import VLMBundle, _num_image_tokens, set_memory_options
 
 FORMAT_VERSION = 1
@@ -63,6 +76,8 @@ class Exported:
     config: MEGLConfig
     classes: list[str]
     meta: dict[str, Any]
+    lora_merged: int = 0
+    """LoRA layers folded into their base layers at load (``load_export(merge_lora=True)``)."""
 
 
 def base_prefixes(cfg: MEGLConfig) -> tuple[str, ...]:
@@ -120,9 +135,12 @@ def save_export(
     extra: dict[str, Any] | None = None,
     state: dict[str, torch.Tensor] | None = None,
     standalone: bool = False,
+    vlm_dtype: torch.dtype | None = None,
 ) -> str:
     """Write ``model`` (a MEGLModel) as an export to a local directory or ``s3://`` prefix; returns ``dst``.
-    ``state`` (from ``exported_state``) is used when given, e.g. gathered from ZeRO-3 shards."""
+    ``state`` (from ``exported_state``) is used when given, e.g. gathered from ZeRO-3 shards. ``vlm_dtype`` also
+    writes ``vlm/`` (a transformers LLaVA in that dtype; the model's VLM is cast in place, after its tensors are
+    taken: a model with no LoRA layers left, see ``merge_export``)."""
     if state is None:
         state = exported_state(model, cfg, standalone=standalone)
     with tempfile.TemporaryDirectory(prefix="megl-export-") as tmp:
@@ -145,6 +163,13 @@ def save_export(
         }
         (root / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         _save_torchvision_classifier(root / CLASSIFIER_DIR, state, cfg, classes, meta["pixel_size"])
+        save_megl_parts(root / MEGL_PARTS_FILE, state)
+        if has_lora(state):  # what training changed in the VLM: frozen tensors (the tiny preset exports them) stay out
+            trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+            save_adapter(root / ADAPTER_DIR, cfg, {k: v for k, v in state.items() if k in trainable})
+        if vlm_dtype is not None:
+            save_vlm(root / VLM_DIR, cfg, model.vlm, model.tokenizer, vlm_dtype)
+        write_card(root, cfg, meta, {p.name for p in root.iterdir()})
         if dst.startswith("s3://"):
             storage.upload(str(root), dst)
         else:
@@ -249,15 +274,24 @@ def _load_weights(root: Path, uri: str) -> dict[str, torch.Tensor]:
         raise UserError(f"{uri}: {WEIGHTS_FILE} is not a readable safetensors file ({str(err)[:200]})") from None
 
 
-def load_export(uri: str, device: str | torch.device = "cpu") -> Exported:
-    """Rebuild the MEGL model of an export; clear one-line errors for a missing, damaged or foreign directory."""
+def load_export(
+    uri: str, device: str | torch.device = "cpu", merge_lora: bool = False, base_path: tuple[str, ...] = ()
+) -> Exported:
+    """Rebuild the MEGL model of an export; clear one-line errors for a missing, damaged or foreign directory.
+    ``merge_lora`` folds LoRA adapters into their base layers with peft (``adapter/`` loaded by
+    ``PeftModel.from_pretrained`` and ``merge_and_unload``-ed): the model holds plain layers afterwards.
+    ``base_path`` re-points the base checkpoints its config names (``repoint``)."""
     root, meta = check_export(uri)
-    cfg = load_export_config(root, uri)
+    cfg = repoint(load_export_config(root, uri), base_path, uri)
     standalone = bool(meta.get("standalone"))
-    # Evaluation runs in fp32: a 16-bit frozen tower would need autocast around every caller.
-    build_cfg = config_from_dict(cfg.to_dict(), ["train.precision=fp32", "model.classifier_weights=null"])
-    tokenizer = _load_tokenizer(root, uri)
     state = _load_weights(root, uri)
+    merge = merge_lora and has_lora(state)
+    # Evaluation runs in fp32: a 16-bit frozen tower would need autocast around every caller.
+    # Merging: built without LoRA layers, the LM frozen as LoRA froze it (the same tensors are the export's)
+    fixed = ["train.precision=fp32", "model.classifier_weights=null"]
+    fixed += ["model.lora_r=0", "model.freeze_lm=true"] if merge else []
+    build_cfg = config_from_dict(cfg.to_dict(), fixed)
+    tokenizer = _load_tokenizer(root, uri)
     try:
         vlm = _standalone_vlm(root, build_cfg, tokenizer) if standalone else None
     except (OSError, ValueError) as err:  # a missing or corrupt vlm_config.json
@@ -265,37 +299,67 @@ def load_export(uri: str, device: str | torch.device = "cpu") -> Exported:
     model = build_megl_model(
         build_cfg, int(meta["num_classes"]), tokenizer=tokenizer, prior=state.get("prior"), vlm=vlm
     )
+    loaded = _without_lora(state) if merge else state
     own = model.state_dict()
-    mismatched = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
-    unexpected = sorted(set(state) - set(own))
-    absent = sorted(exported_names(model, cfg, standalone) - set(state))
+    mismatched = [k for k, v in loaded.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    unexpected = sorted(set(loaded) - set(own))
+    absent = sorted(exported_names(model, cfg, standalone) - set(loaded))
     if mismatched or unexpected or absent:
         raise UserError(
             f"{uri}: weights do not fit the model its config builds (shape mismatch {mismatched[:3]}, "
             f"unexpected {unexpected[:3]}, missing {absent[:3]})"
         )
-    model.load_state_dict(state, strict=False)
-    model.to(device).eval()
-    return Exported(model=model, config=cfg, classes=list(meta["classes"]), meta=meta)
-
-
-def merge_lora(model: Any) -> int:
-    """Fold every LoRA adapter into its base layer (W + B·A·scale) and put the base layer back; returns how many."""
+    model.load_state_dict(loaded, strict=False)
     merged = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
-            merged += 1
-    return merged
+    if merge:
+        with tempfile.TemporaryDirectory(prefix="megl-adapter-") as tmp:
+            save_adapter(Path(tmp), cfg, {k: v for k, v in state.items() if ".lora_" in k})
+            model.vlm = merge_adapter(model.vlm, Path(tmp))
+        merged = len({k.split(".lora_")[0] for k in state if ".lora_A." in k})
+    model.to(device).eval()
+    return Exported(model=model, config=cfg, classes=list(meta["classes"]), meta=meta, lora_merged=merged)
 
 
-def merge_export(src: str, dst: str) -> dict[str, Any]:
-    """A standalone export from ``src``: LoRA merged, every tensor written, loadable without base checkpoints."""
-    exported = load_export(src)
+BASE_ROLES = {"llava": ("vlm",), "clip-qwen2": ("vision", "lm")}
+"""The base checkpoints each real preset names, as ``--base-path ROLE=PATH`` calls them."""
+
+
+def repoint(cfg: MEGLConfig, base_path: tuple[str, ...], uri: str = "export") -> MEGLConfig:
+    """``cfg`` with its base checkpoints moved: ``PATH`` (the preset's only base) or ``ROLE=PATH`` per base
+    (``vlm``, ``vision``, ``lm``), each a local folder, ``s3://`` prefix or hub id."""
+    if not base_path:
+        return cfg
+    roles = BASE_ROLES.get(cfg.model.preset, ())
+    if not roles:
+        raise UserError(f"{uri}: --base-path: a {cfg.model.preset}-preset export has no base checkpoint to re-point")
+    overrides = []
+    for value in base_path:
+        role, sep, path = value.partition("=")
+        if not sep:
+            if len(roles) > 1:
+                raise UserError(
+                    f"--base-path {value}: a {cfg.model.preset} export has bases {', '.join(roles)}: "
+                    "name each (--base-path vision=PATH --base-path lm=PATH)"
+                )
+            role, path = roles[0], value
+        if role not in roles or not path:
+            raise UserError(f"--base-path {value}: expected PATH or ROLE=PATH with ROLE one of {', '.join(roles)}")
+        overrides.append(f"model.{role}_path={path}")
+    return config_from_dict(cfg.to_dict(), overrides)
+
+
+def _without_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An export's tensors under the names of the model without LoRA layers: adapters dropped (they are merged
+    after loading), a wrapped layer's ``base_layer.`` removed (peft's own naming of the layer it wraps)."""
+    return {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+
+
+def merge_export(src: str, dst: str, vlm_dtype: str = "bfloat16", base_path: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A standalone export from ``src`` (its bases re-pointed by ``base_path``): LoRA merged, every tensor
+    written, loadable without base checkpoints; and ``vlm/``, the LLaVA for transformers alone, in ``vlm_dtype``
+    (``bfloat16``, ``float16`` or ``float32``)."""
+    exported = load_export(src, merge_lora=True, base_path=base_path)
     model, cfg = exported.model, exported.config
-    merged = merge_lora(model)
     merged_cfg = config_from_dict(cfg.to_dict(), ["model.lora_r=0"])
     model.cfg = merged_cfg.model
     save_export(
@@ -304,6 +368,7 @@ def merge_export(src: str, dst: str) -> dict[str, Any]:
         exported.classes,
         dst,
         standalone=True,
+        vlm_dtype=getattr(torch, vlm_dtype),
         extra={
             k: v
             for k, v in exported.meta.items()
@@ -313,7 +378,9 @@ def merge_export(src: str, dst: str) -> dict[str, Any]:
     return {
         "export": dst,
         "source": src,
-        "merged_lora_layers": merged,
+        "merged_lora_layers": exported.lora_merged,
         "tensors": len(model.state_dict()),
         "standalone": True,
+        "vlm": dst.rstrip("/") + "/" + VLM_DIR,
+        "vlm_dtype": vlm_dtype,
     }

@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 log = logging.getLogger("megl_ray.train")
@@ -177,8 +178,10 @@ class RunMonitor:
     """The driver's side: a board actor for rank 0, a thread showing and tracking what arrives on it."""
 
     def __init__(self, total: int, tracker: Any | None, display: bool = True, interval_s: float = 0.5) -> None:
-        board_cls = ray.remote(num_cpus=0)(ProgressBoard)
-        self.board = board_cls.remote()
+        # On the driver's node: the board must outlive any worker node (rank 0 waits on it for the run's outcome),
+        # and a node lost mid-run must not take it along.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.board = ray.remote(num_cpus=0, scheduling_strategy=here)(ProgressBoard).remote()
         self.tracker = tracker
         self.display = ConsoleDisplay(total) if display else None
         self.interval_s = interval_s

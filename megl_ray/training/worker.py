@@ -247,22 +247,28 @@ def run_worker(plan: WorkerPlan) -> None:
         report({**terms, **val}, None, with_checkpoint=engine.micro_steps % cfg.train.grad_accum == 0)
     if sample_log is not None:
         sample_log.close()
-    _export(engine, cfg, plan, rank)
+    test: dict[str, float] = {}
     if plan.has_test:
         # Here, not in a task of its own after training: the model is on the workers' devices already, and a new
         # process would import torch and transformers and read the export again (~10 s a run on 2 CPU cores).
-        # A failure here resumes from the last checkpoint and repeats only the export and this.
+        # Before the export, whose model card states them; a failure here resumes from the last checkpoint.
         test = _evaluate_split(
             engine, ray.train.get_dataset_shard("test"), cfg, model.num_image_tokens, plan.num_classes, "test"
         )
+    _export(engine, cfg, plan, rank, test)
+    if test:
         progress.outcome(test)
+
+
+def _finite(values: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in values.items() if math.isfinite(v)}
 
 
 def scheduler_lr(engine: Any) -> float:
     return float(engine.optimizer.param_groups[0]["lr"]) if hasattr(engine.optimizer, "param_groups") else 0.0
 
 
-def _export(engine: Any, cfg: MEGLConfig, plan: WorkerPlan, rank: int) -> None:
+def _export(engine: Any, cfg: MEGLConfig, plan: WorkerPlan, rank: int, test: dict[str, float]) -> None:
     """The export (what training changed): under ZeRO-3 gathered module by module (collectively), rank 0 writes."""
     gather = (
         (lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None))
@@ -276,6 +282,6 @@ def _export(engine: Any, cfg: MEGLConfig, plan: WorkerPlan, rank: int) -> None:
             cfg,
             list(plan.classes),
             plan.run_uri + "/export",
-            extra={"data_uri": cfg.data.uri, "steps": engine.global_steps},
+            extra={"data_uri": cfg.data.uri, "steps": engine.global_steps, **_finite(test)},
             state=state,
         )

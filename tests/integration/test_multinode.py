@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 from megl_ray.cli import run_cli
 from megl_ray.data.reader import read_split
@@ -138,6 +139,62 @@ def test_a_run_that_diverges_on_ray_stops_with_one_line_and_exports_nothing(two_
     assert "training diverged" in err and "Traceback" not in err, err[-3000:]
     assert json.loads(out.strip().splitlines()[-1])["error"]
     assert not storage.exists(f"s3://megl-multinode/runs/{name}/export/model.safetensors")
+
+
+def test_hub_ids_and_a_torchvision_state_dict_train_on_ray_into_an_export_for_torchvision_and_peft(
+    two_node_cluster, s3_data, tmp_path, capsys, monkeypatch
+):
+    """A Ray run of the clip-qwen2 preset named by hub ids (an offline HF cache the test fills; the workers resolve
+    the ids themselves) with a ResNet-18 started from a torchvision-layout ``.pt``, LoRA on the LM: it trains, and
+    its export holds the torchvision classifier, the PEFT adapter and a card naming the ids' revision and the
+    run's test accuracy."""
+    import torchvision
+    from huggingface_hub import ModelCard
+    from peft import PeftConfig
+    from safetensors.torch import load_file
+
+    from megl_ray import storage
+    from tests.support.base_models import make_clip_qwen2_base
+    from tests.support.hf_cache import SHA1, place_in_cache
+
+    cache = tmp_path / "hf"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    vision, lm = make_clip_qwen2_base(tmp_path / "base", ["a round digit", "a straight stroke", "zero", "one"])
+    place_in_cache(cache, "tiny-org/clip", Path(vision), SHA1)
+    place_in_cache(cache, "tiny-org/qwen2", Path(lm), SHA1)
+    weights = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)  # torchvision's keys: conv1, layer1..., fc
+    code, out, err = _train(
+        two_node_cluster,
+        [
+            *FAST_ARGS,
+            f"data.uri={s3_data}",
+            "run.storage_path=s3://megl-multinode/runs",
+            f"run.name=hub-{SESSION}",
+            "model.preset=clip-qwen2",
+            "model.vision_path=tiny-org/clip",
+            "model.lm_path=tiny-org/qwen2",
+            "model.classifier=resnet18",
+            f"model.classifier_weights={weights}",
+            "model.lora_r=4",
+            "model.freeze_vision=true",
+        ],
+        capsys,
+    )
+    assert code == 0, err[-4000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["steps"] == result["planned_steps"] == _steps_per_epoch(s3_data)
+    export = tmp_path / "export"
+    storage.download(result["export"], export)
+    classifier = torchvision.models.resnet18(num_classes=10)
+    classifier.load_state_dict(load_file(str(export / "classifier" / "model.safetensors")))  # strict: every key
+    assert json.loads((export / "classifier" / "config.json").read_text())["num_classes"] == 10
+    adapter = PeftConfig.from_pretrained(str(export / "adapter"))
+    assert adapter.r == 4 and "multi_modal_projector" in adapter.modules_to_save
+    card = ModelCard.load(str(export / "README.md")).text
+    assert f"`tiny-org/clip` (revision `{SHA1}`)" in card and f"`tiny-org/qwen2` (revision `{SHA1}`)" in card
+    assert f"test_accuracy: {result['test_accuracy']}" in card
 
 
 def test_a_node_lost_mid_run_is_replaced_and_the_run_completes_with_exact_steps_and_samples(

@@ -5,7 +5,6 @@ id, as ``from_pretrained`` would take them, with ``HF_HUB_OFFLINE=1``."""
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,25 +18,8 @@ from megl_ray.model.checkpoint_io import local_dir
 from megl_ray.model.vlm import build_tiny, check_model_sources, load_llava, load_tokenizer, pixel_size
 from megl_ray.training.local import train
 from tests.support.base_models import make_clip_qwen2_base
-
-SHA1, SHA2 = "1" * 40, "2" * 40
-
-
-def _cache(cache: Path, repo: str, folder: Path, sha: str, ref: str = "main") -> None:
-    """Place ``folder`` as snapshot ``sha`` of ``repo`` in the HF cache at ``cache``, ``ref`` pointing at it."""
-    entry = cache / f"models--{repo.replace('/', '--')}"
-    shutil.copytree(folder, entry / "snapshots" / sha)
-    (entry / "refs").mkdir(parents=True, exist_ok=True)
-    (entry / "refs" / ref).write_text(sha)
-
-
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "hf"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    return cache
+from tests.support.hf_cache import SHA1, SHA2
+from tests.support.hf_cache import place_in_cache as _cache
 
 
 @pytest.fixture
