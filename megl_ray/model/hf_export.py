@@ -187,7 +187,7 @@ def write_card(root: Path, cfg: MEGLConfig, meta: dict[str, Any], files: set[str
     licences = {path: _licence(path) for role, path in named if role != "classifier" and "://" not in path}
     known = sorted({v for v in licences.values() if v})
     data = ModelCardData(
-        license=known[0] if len(known) == 1 else "other",
+        license=known[0] if len(known) == 1 else ("other" if known else None),  # none known: said by no field
         library_name="megl_ray",
         base_model=[path.split("@")[0] for _, path in named if is_hub_id(path) and not Path(path).exists()] or None,
         tags=["megl", "explanation-guided-learning", "llava", "image-classification"],
@@ -197,7 +197,7 @@ def write_card(root: Path, cfg: MEGLConfig, meta: dict[str, Any], files: set[str
     lines = [
         f"# MEGL model ({cfg.model.classifier} + {cfg.model.preset})",
         "",
-        "Trained with [megl_ray](https://github.com/) (Multimodal Explanation-Guided Learning): an image classifier,",
+        "Trained with megl_ray (Multimodal Explanation-Guided Learning, arXiv 2411.13053): an image classifier,",
         "its Grad-CAM saliency Â, and a LLaVA-style model that writes the rationale grounded on Â (SDTG).",
         "",
         "## Bases",

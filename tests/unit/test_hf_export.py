@@ -148,7 +148,8 @@ def test_the_model_card_names_the_base_its_revision_licence_and_results(llava_ex
 
 def test_megl_parts_hold_the_sdtg_projection_and_the_prior(export):
     """The suite's trained tiny export (SDTG on): ``megl_parts.safetensors`` holds W_I and Ā, the tensors of the
-    export itself, with a description of each; a run without LoRA writes no adapter."""
+    export itself, with a description of each; a run without LoRA writes no adapter, and a card without bases
+    claims no licence."""
     root = Path(export)
     parts = load_file(str(root / "megl_parts.safetensors"))
     weights = load_file(str(root / "model.safetensors"))
@@ -159,6 +160,8 @@ def test_megl_parts_hold_the_sdtg_projection_and_the_prior(export):
         described = json.loads(f.metadata()["megl_ray"])
     assert set(described) == {"fusion.proj", "prior"}
     assert not (root / "adapter").exists()
+    card = ModelCard.load(str(root / "README.md"))  # no base, so no licence to state
+    assert card.data.license is None and "every weight is in this export" in card.text
 
 
 def test_a_moved_base_is_found_again_with_base_path(llava_export, offline_cache, tmp_path, capsys):
