@@ -1,7 +1,7 @@
 """``python -m megl_ray.train``: train MEGL with Ray Train + DeepSpeed ZeRO, data streamed by Ray Data from S3.
 
     python -m megl_ray.train                                   # the embedded default, on this machine
-    python -m megl_ray.train --config megl_ray/config/presets/r18-qwen2-0.5b.yaml data.uri=s3://b/ds run.storage_path=s3://b/runs
+    python -m megl_ray.train --config r18-qwen2-0.5b data.uri=s3://b/ds run.storage_path=s3://b/runs
     ray job submit --address http://HEAD:8265 -- python -m megl_ray.train --config ...
 
 With no storage and no data given it starts an embedded SeaweedFS S3 server, uploads the bundled sample dataset and
@@ -19,12 +19,19 @@ from collections.abc import Sequence
 from typing import Any
 
 from megl_ray.cli import ArgumentParser, run_cli, setup_logging
-from megl_ray.config import load_config, packaged_config
+from megl_ray.config import load_config, packaged_config, preset_names
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m megl_ray.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="YAML config (default: the packaged tiny config)")
+    p.add_argument(
+        "--config", help=f"YAML config, or a packaged preset by name ({', '.join(preset_names())}; default tiny)"
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (every key; YAML on stderr, JSON as the last stdout line) and exit",
+    )
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray started here)")
     p.add_argument(
         "-v",
@@ -38,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    load_config(args.config or packaged_config("tiny"), args.overrides)  # a config error answers at once, too
+    cfg = load_config(args.config or packaged_config("tiny"), args.overrides)  # a config error answers at once
+    if args.print_config:
+        print(cfg.to_yaml(), file=sys.stderr, end="")
+        return cfg.to_dict()
     # Lazy: Ray, torch and DeepSpeed load only once the arguments are understood (`--help` answers at once).
     from megl_ray.driver.fit import TrainOptions, run  # noqa: PLC0415
 

@@ -13,8 +13,8 @@ from megl_ray.config.megl_config import (
     TrainConfig,
     config_from_dict,
     load_config,
-    packaged_config,
 )
+from megl_ray.config.packaged import packaged_config, preset_names
 
 __all__ = [
     "DataConfig",
@@ -28,4 +28,5 @@ __all__ = [
     "load_config",
     "megl_home",
     "packaged_config",
+    "preset_names",
 ]

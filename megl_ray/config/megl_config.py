@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from megl_ray.config.build import build_dataclass, deep_copy, parse_override, set_path
+from megl_ray.config.packaged import config_path
 from megl_ray.config.safe_io import check_name
 from megl_ray.config.strict_yaml import load_yaml_file
 from megl_ray.errors import ConfigError
@@ -383,14 +384,7 @@ def config_from_dict(data: dict[str, Any] | None, overrides: Sequence[str] = ())
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> MEGLConfig:
-    """Load a YAML config file (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
-    data = load_yaml_file(path, "config file") if path is not None else None
+    """Load a YAML config file or packaged preset by name (or the defaults when ``path`` is None) and apply
+    ``key=value`` overrides."""
+    data = load_yaml_file(config_path(path), "config file") if path is not None else None
     return config_from_dict(data or {}, overrides)
-
-
-def packaged_config(name: str) -> Path:
-    """Path of a preset shipped in ``megl_ray/config/presets`` (e.g. ``tiny``)."""
-    path = Path(__file__).parent / "presets" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"no packaged config named '{name}'")
-    return path

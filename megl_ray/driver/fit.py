@@ -183,6 +183,8 @@ def fit(
         "test_miou": _round(metrics.get("test_miou")),
         **splits.summary(cfg),
         "final_loss": _round(metrics.get("loss")),
+        # the last logged step: every micro-batch of every rank since the log before it (throughput, memory, ...)
+        "last_logged": {k: _round(v) for k, v in _last_step_values(monitor.history).items()},
         "num_workers": cfg.train.num_workers,
         "zero_stage": cfg.train.zero_stage,
         "global_batch_size": global_batch_size(cfg),
@@ -206,6 +208,11 @@ def fit(
     summary["seconds"] = round(time.monotonic() - started, 1)
     write_result()
     return summary
+
+
+def _last_step_values(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    steps = [event for event in history if event["kind"] == "step"]
+    return {"step": steps[-1]["step"], **steps[-1]["values"]} if steps else {}
 
 
 def _round(value: Any) -> float | None:

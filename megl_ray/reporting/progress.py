@@ -12,16 +12,16 @@ keeps the history for the run's ``curves.png``.
 from __future__ import annotations
 
 import logging
-import resource
 import sys
 import threading
 import time
 from typing import Any
 
 import ray
-import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
+
+from megl_ray.reporting.log_window import WindowStats
 
 log = logging.getLogger("megl_ray.train")
 
@@ -31,29 +31,36 @@ SHOWN_TERMS = ("loss", "ce", "text", "visual", "dc")
 class Progress:
     """Rank 0's measurements, sent to the driver's board (other ranks pass ``board=None`` and send nothing)."""
 
-    def __init__(self, total_steps: int, log_every: int, board: Any | None):
+    def __init__(self, total_steps: int, log_every: int, board: Any | None, start_step: int = 0):
         self.total = total_steps
         self.log_every = log_every
         self.board = board
         self.start = time.monotonic()
-        self.window = (time.monotonic(), 0, 0)
-        self.first_step: int | None = None
+        self.first_step = start_step  # a resumed run's ETA counts only the steps this run took
+        self.logged = start_step  # the step of the previous log: the window's optimizer steps end here
+
+    def is_log_step(self, step: int) -> bool:
+        """Every ``log_every`` optimizer steps and the last: the same steps on every rank (``LogWindow.reduce``
+        is a collective)."""
+        return step % self.log_every == 0 or step == self.total
 
     def step(
-        self, step: int, epoch: int, epochs: int, terms: dict[str, float], samples: int, tokens: int, lr: float
+        self, step: int, epoch: int, epochs: int, window: WindowStats, extra: dict[str, float]
     ) -> dict[str, float]:
-        t0, s0, k0 = self.window
-        self.window = (t0, s0 + samples, k0 + tokens)
-        if self.first_step is None:
-            self.first_step = step - 1  # a resumed run's ETA counts only the steps this run took
-        if step % self.log_every and step != self.total:
-            return {}
+        """The logging step's values from ``window`` (every micro-batch of every rank since the previous log) and
+        ``extra`` (learning rates, gradient norm, skipped steps); sent to the board by rank 0, returned by all."""
+        elapsed = max(window.elapsed_s, 1e-9)
+        values = {
+            **window.terms,
+            "samples_per_s": window.samples / elapsed,
+            "tokens_per_s": window.tokens / elapsed,
+            "data_wait_frac": min(window.data_wait_s / elapsed, 1.0),
+            "step_s": elapsed / max(step - self.logged, 1),
+            "peak_mem_mib": window.mem_mib[0],
+            "peak_mem_mib_min": window.mem_mib[1],
+            **extra,
+        }
         now = time.monotonic()
-        elapsed = max(now - t0, 1e-9)
-        rates = {"samples_per_s": self.window[1] / elapsed, "tokens_per_s": self.window[2] / elapsed}
-        self.window = (now, 0, 0)
-        peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _peak_rss()) / 2**20
-        values = {**terms, **rates, "lr": lr, "peak_mem_mib": peak}
         done = max(step - self.first_step, 1)
         eta = (now - self.start) / done * (self.total - step)
         self._send(
@@ -67,6 +74,7 @@ class Progress:
                 "eta_s": eta,
             }
         )
+        self.logged = step
         return values
 
     def epoch(self, epoch: int, epochs: int, step: int, values: dict[str, float]) -> None:
@@ -92,10 +100,6 @@ class Progress:
     def _send(self, event: dict[str, Any]) -> None:
         if self.board is not None:
             self.board.push.remote(event)  # fire and forget: progress must never slow or stop training
-
-
-def _peak_rss() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
 
 
 class ProgressBoard:

@@ -25,7 +25,9 @@ def param_groups(
         groups.setdefault(key, []).append(param)
     out = []
     for (is_classifier, decays), params in groups.items():  # decay, no decay, then the classifier's
-        group = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        # named for the logs (``lr/<name>``): torch keeps extra keys in a group
+        name = ("classifier_" if is_classifier else "") + ("decay" if decays else "no_decay")
+        group = {"params": params, "weight_decay": weight_decay if decays else 0.0, "name": name}
         if is_classifier:
             group["lr"] = classifier_lr
         out.append(group)

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from megl_ray.model.export_io import exported_state, save_export
 from megl_ray.model.losses import visual_ramp
 from megl_ray.model.vlm import pixel_size
 from megl_ray.reporting.console import configure_worker
+from megl_ray.reporting.log_window import LogWindow, peak_memory_mib
 from megl_ray.reporting.progress import Progress
 from megl_ray.training.accounting import Accounting, FaultHook, epoch_seed, epoch_share, planned_steps, steps_per_epoch
 from megl_ray.training.checkpoints import TrainState, load_checkpoint, save_checkpoint
@@ -131,7 +133,8 @@ def run_worker(plan: WorkerPlan) -> None:
             len(state.epoch_ids),
         )
     start_step = state.step  # where this worker group started: 0, or the step of the checkpoint it resumed
-    progress = Progress(total_steps, cfg.run.log_every, plan.board if rank == 0 else None)
+    progress = Progress(total_steps, cfg.run.log_every, plan.board if rank == 0 else None, start_step)
+    window = LogWindow(engine.device)
     sample_log = None
     if cfg.train.sample_log_dir:
         Path(cfg.train.sample_log_dir).mkdir(parents=True, exist_ok=True)
@@ -181,13 +184,18 @@ def run_worker(plan: WorkerPlan) -> None:
             )
         else:  # the checkpoint fell on the epoch's last step: nothing left to train, validation still to do
             batches = iter(())
+        waited_from = time.monotonic()
         for ids, batch in batches:
+            window.waited(time.monotonic() - waited_from)
             if acc.micro < skip:  # replayed: the same batches as before the failure, already in the weights
                 if not set(ids) <= done:
                     log.error("resumed epoch %d replays other samples than the checkpoint recorded", epoch)
                 acc.consumed(ids)
                 acc.applied_step()
+                waited_from = time.monotonic()
                 continue
+            # counted on the host copy: no device sync per micro-batch
+            real, tokens = int((batch["sample_weight"] > 0).sum()), int(batch["attention_mask"].sum())
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             batch["visual_scale"] = visual_ramp(
                 state.step, total_steps, cfg.loss.visual_ramp_start, cfg.loss.visual_ramp_end
@@ -197,20 +205,19 @@ def run_worker(plan: WorkerPlan) -> None:
             engine.backward(out.loss)
             engine.step()
             acc.consumed(ids)
+            window.add(out.terms, real, tokens)
             if sample_log is not None:
-                sample_log.write(
-                    json.dumps(
-                        {
-                            "epoch": epoch,
-                            "step": engine.global_steps + (0 if boundary else 1),
-                            "ids": ids,
-                            "start_step": start_step,
-                            "rank": rank,
-                        }
-                    )
-                    + "\n"
-                )
+                record = {
+                    "epoch": epoch,
+                    "step": engine.global_steps + (0 if boundary else 1),
+                    "ids": ids,
+                    "start_step": start_step,
+                    "rank": rank,
+                    "terms": {k: float(v) for k, v in out.terms.items()},  # a test hook: the host sync is fine
+                }
+                sample_log.write(json.dumps(record) + "\n")
                 sample_log.flush()
+            waited_from = time.monotonic()
             if not boundary:
                 continue
             acc.applied_step()
@@ -218,22 +225,18 @@ def run_worker(plan: WorkerPlan) -> None:
             if guard.update(out.loss, state.step):  # every rank agrees: stop now, export nothing
                 break
             faults.maybe_kill(state.step, "step", rank, world, log)
-            terms = {k: float(v) for k, v in out.terms.items()}
-            if rank == 0:
-                progress.step(
-                    state.step,
-                    epoch,
-                    cfg.train.epochs,
-                    terms,
-                    samples=len(ids) * world,
-                    tokens=int(batch["attention_mask"].sum()) * world,
-                    lr=scheduler_lr(engine),
-                )
+            if progress.is_log_step(state.step):  # every rank: the window's reduction is a collective
+                stats = window.reduce(peak_memory_mib())
+                progress.step(state.step, epoch, cfg.train.epochs, stats, optimizer_values(engine))
+                terms = dict(stats.terms)
+            waited_from = time.monotonic()
             if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
                 report(dict(terms), acc)
         if guard.message:
             progress.outcome({DIVERGED_KEY: guard.message, "epoch": state.epoch, "step": state.step})
             return
+        # The epoch's report (what Tune sees) averages what was not logged yet too (a collective: every rank)
+        terms = dict(window.reduce(peak_memory_mib(), reset=False).terms) or terms
         val: dict[str, float] = {}
         if validate:
             faults.maybe_kill(state.step, "validation", rank, world, log)
@@ -264,8 +267,17 @@ def _finite(values: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 4) for k, v in values.items() if math.isfinite(v)}
 
 
-def scheduler_lr(engine: Any) -> float:
-    return float(engine.optimizer.param_groups[0]["lr"]) if hasattr(engine.optimizer, "param_groups") else 0.0
+def optimizer_values(engine: Any) -> dict[str, float]:
+    """The learning rate of every parameter group (``lr`` is the first's), the global gradient norm of the last
+    step (DeepSpeed's, over every rank's partition) and the steps DeepSpeed skipped (fp16 overflow)."""
+    groups = getattr(engine.optimizer, "param_groups", [])
+    values = {"lr": float(groups[0]["lr"])} if groups else {}
+    values.update({f"lr/{g.get('name', i)}": float(g["lr"]) for i, g in enumerate(groups)})
+    norm = engine.get_global_grad_norm()
+    if norm is not None:
+        values["grad_norm"] = float(norm)
+    values["skipped_steps"] = float(engine.skipped_steps)
+    return values
 
 
 def _export(engine: Any, cfg: MEGLConfig, plan: WorkerPlan, rank: int, test: dict[str, float]) -> None:

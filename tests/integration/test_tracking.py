@@ -1,7 +1,8 @@
 """megl_ray.reporting.tracking, and what a user of ``python -m megl_ray.train`` sees: one real training run of the
-tiny preset (2 workers, 9 steps) tracked at once by TensorBoard, a real ``mlflow server`` on 127.0.0.1 and W&B in
-offline mode serves the slow tests — read back through ``MlflowClient`` and W&B's offline run file — together with
-its console (line budget) and its pictures (curves.png, a gallery that renders in headless Chromium)."""
+tiny preset (2 workers, 9 micro-batches each, 3 accumulated to a step: 3 steps, each logged) tracked at once by
+TensorBoard, a real ``mlflow server`` on 127.0.0.1 and W&B in offline mode serves the slow tests — read back through
+``MlflowClient`` and W&B's offline run file — together with its console (line budget) and its pictures (curves.png,
+a gallery that renders in headless Chromium)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,23 @@ from tests.support.tracking_support import mlflow_server
 REPO = Path(__file__).resolve().parents[2]
 FAST = REPO / "tests" / "configs" / "tiny-fast.yaml"
 EXPERIMENT = "megl-test"
+TRAIN_KEYS = (
+    "loss",
+    "ce",
+    "text",
+    "dc",
+    "samples_per_s",
+    "tokens_per_s",
+    "step_s",
+    "data_wait_frac",
+    "lr",
+    "lr/decay",
+    "lr/no_decay",
+    "grad_norm",
+    "skipped_steps",
+    "peak_mem_mib",
+    "peak_mem_mib_min",
+)
 
 
 # ------------------------------------------------------------------------------------------------- no training
@@ -48,6 +66,9 @@ def tracked(tmp_path_factory):
                 "--config",
                 str(FAST),
                 "run.name=tracked",
+                "train.grad_accum=3",
+                "run.log_every=1",
+                f"train.sample_log_dir={root / 'samples'}",
                 "run.tracking=[tensorboard,mlflow,wandb]",
                 f"run.tracking_uri={uri}",
                 f"run.experiment={EXPERIMENT}",
@@ -74,8 +95,8 @@ def test_the_console_shows_each_progress_line_once_within_the_line_budget(tracke
     result = tracked["result"]
     steps = [line for line in lines if line.startswith("[megl] step ")]
     epochs = [line for line in lines if line.startswith("[megl] epoch ")]
-    # tiny-fast: 9 steps, a line every 3 (and the last), 1 epoch; each line once, each step once
-    assert [re.match(r"\[megl\] step (\d+)/9 ", s).group(1) for s in steps] == ["3", "6", "9"]
+    # 9 micro-batches, 3 to a step: 3 steps, each logged, 1 epoch; each line once, each step once
+    assert [re.match(r"\[megl\] step (\d+)/3 ", s).group(1) for s in steps] == ["1", "2", "3"]
     assert len(epochs) == 1 and f"val_accuracy={result['val_accuracy']:.4f}" in epochs[0]
     assert all(re.search(r"loss=\S+ ce=\S+ text=\S+ .*samples/s \| eta \d", s) for s in steps)
     for chatter in (
@@ -107,6 +128,36 @@ def test_the_console_shows_each_progress_line_once_within_the_line_budget(tracke
 
 
 @pytest.mark.slow
+def test_logged_losses_and_throughput_cover_every_micro_batch_of_every_rank(tracked):
+    """With train.grad_accum=3 on 2 workers a logged step is 6 micro-batches: its loss (and each term) is their
+    mean — checked against the values each rank recorded per micro-batch — and its samples are all of theirs (one
+    micro-batch of one rank, times the world size, was what the line used to count)."""
+    from mlflow import MlflowClient
+
+    records = [
+        json.loads(line)
+        for path in sorted((tracked["root"] / "samples").glob("samples-rank*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
+    client = MlflowClient(tracking_uri=tracked["uri"])
+    run = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])[0]
+
+    def logged(key):
+        return {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"train/{key}")}
+
+    for key in ("loss", "ce", "text", "visual", "dc"):
+        for step, value in logged(key).items():
+            window = [r["terms"][key] for r in records if r["step"] == step and key in r["terms"]]
+            assert len({r["rank"] for r in records if r["step"] == step}) == 2
+            assert value == pytest.approx(sum(window) / len(window), rel=1e-5), (key, step)
+    samples, step_s = logged("samples_per_s"), logged("step_s")
+    for step in (1, 2):  # full steps: 2 ranks × 3 micro-batches × 16 images (the last step holds the padding)
+        assert samples[step] * step_s[step] == pytest.approx(2 * 3 * 16, rel=0.01)
+    last = tracked["result"]["last_logged"]
+    assert last["step"] == 3 and last["grad_norm"] > 0 and last["peak_mem_mib"] >= last["peak_mem_mib_min"] > 0
+
+
+@pytest.mark.slow
 def test_mlflow_has_the_config_every_logged_step_and_the_test_metrics(tracked):
     from mlflow import MlflowClient
 
@@ -118,8 +169,8 @@ def test_mlflow_has_the_config_every_logged_step_and_the_test_metrics(tracked):
     assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
     assert run.data.params["model.classifier"] == "tiny" and run.data.params["train.epochs"] == "1"
     assert run.data.params["run.tracking_uri"] == tracked["uri"]
-    for term in ("loss", "ce", "text", "dc", "samples_per_s", "tokens_per_s", "lr"):
-        assert [m.step for m in client.get_metric_history(run.info.run_id, f"train/{term}")] == [3, 6, 9], term
+    for term in TRAIN_KEYS:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, f"train/{term}")] == [1, 2, 3], term
     assert client.get_metric_history(run.info.run_id, "train/loss")[-1].value == pytest.approx(
         result["final_loss"], abs=1e-4
     )
@@ -171,8 +222,9 @@ def test_wandb_offline_run_file_has_the_config_history_and_summary(tracked):
             artifacts.append(record.artifact)
     result = tracked["result"]
     assert config["model.classifier"] == "tiny" and config["run.name"] == "tracked"
-    assert sorted(s for s, item in history.items() if "train/loss" in item) == [3, 6, 9]
-    assert history[9]["val/accuracy"] == pytest.approx(result["val_accuracy"], abs=1e-4)
+    assert sorted(s for s, item in history.items() if "train/loss" in item) == [1, 2, 3]
+    assert {f"train/{key}" for key in TRAIN_KEYS} <= set(history[3])
+    assert history[3]["val/accuracy"] == pytest.approx(result["val_accuracy"], abs=1e-4)
     assert summary["test/accuracy"] == pytest.approx(result["test_accuracy"], abs=1e-4)
     assert summary["export_uri"] == result["export"]
     assert [a.type for a in artifacts] == ["model"]

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,25 @@ def test_rrr_option_is_refused_under_zero3_at_load_time():
     assert load_config(None, ["loss.rrr_weight=10", "train.zero_stage=2"]).loss.rrr_weight == 10.0
     with pytest.raises(ConfigError, match="loss.rrr_weight"):
         load_config(None, ["loss.rrr_weight=-1"])
+
+
+def test_a_packaged_preset_is_named_where_a_config_file_is_asked_for(tmp_path, monkeypatch):
+    assert load_config("tiny") == load_config(packaged_config("tiny"))
+    assert load_config("r18-qwen2-0.5b").model.preset == "clip-qwen2"
+    with pytest.raises(ConfigError, match=r"config file not found: tinny \(nor a packaged preset: .*tiny"):
+        load_config("tinny")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").write_text("train:\n  epochs: 7\n")  # a file that exists wins over the preset's name
+    assert load_config("tiny").train.epochs == 7
+
+
+def test_train_print_config_prints_every_resolved_key_and_starts_nothing(capsys):
+    from megl_ray import train
+    from megl_ray.cli import run_cli
+
+    assert run_cli("megl_ray.train", train.main, ["--config", "tiny", "--print-config", "train.epochs=3"]) == 0
+    out, err = capsys.readouterr()
+    printed = json.loads(out.strip().splitlines()[-1])
+    expected = load_config("tiny", ["train.epochs=3"])
+    assert printed == expected.to_dict() == yaml.safe_load(err) and printed["train"]["epochs"] == 3
+    assert config_from_dict(printed) == expected  # the JSON line is a config file again

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 
+import pytest
+import torch
+
+from megl_ray.reporting.log_window import LogWindow, WindowStats, peak_memory_mib
 from megl_ray.reporting.progress import ConsoleDisplay, Progress, ProgressBoard
 
 
@@ -18,19 +22,34 @@ def _terms(step):
     return {"loss": 10.0 / step, "ce": 2.0, "text": 5.0, "visual": 0.1, "dc": 1.5}
 
 
-def test_rank0_sends_a_step_event_every_log_every_steps_and_at_the_end():
+def _window(loss: float, samples: int = 32, tokens: int = 100) -> WindowStats:
+    return WindowStats(
+        terms={"loss": loss, "ce": 2.0, "text": 5.0, "visual": 0.1, "dc": 1.5},
+        micro_batches=2,
+        samples=samples,
+        tokens=tokens,
+        elapsed_s=0.5,
+        data_wait_s=0.1,
+        mem_mib=(300.0, 250.0),
+    )
+
+
+def test_rank0_sends_a_step_event_at_each_logging_step_with_the_windows_rates():
     board = ProgressBoard()
     progress = Progress(total_steps=7, log_every=3, board=_Remote(board))
-    returned = [
-        progress.step(s, epoch=0, epochs=1, terms=_terms(s), samples=32, tokens=100, lr=0.1) for s in range(1, 8)
-    ]
+    assert [s for s in range(1, 8) if progress.is_log_step(s)] == [3, 6, 7]
+    extra = {"lr": 0.1, "lr/decay": 0.1, "grad_norm": 2.5, "skipped_steps": 0.0}
+    for step in (3, 6, 7):
+        progress.step(step, epoch=0, epochs=1, window=_window(10.0 / step), extra=extra)
     progress.epoch(0, 1, 7, {"val_accuracy": 0.5, "val_miou": 0.25})
     events = board.drain()
     assert [e["step"] for e in events if e["kind"] == "step"] == [3, 6, 7]
-    assert [bool(r) for r in returned] == [False, False, True, False, False, True, True]
-    step = events[0]
-    assert step["values"]["loss"] == 10.0 / 3 and step["values"]["samples_per_s"] > 0 and step["total"] == 7
-    assert {"tokens_per_s", "lr", "peak_mem_mib"} <= set(step["values"]) and step["eta_s"] >= 0
+    values = events[0]["values"]
+    assert values["loss"] == 10.0 / 3 and values["samples_per_s"] == 64.0 and values["tokens_per_s"] == 200.0
+    assert values["data_wait_frac"] == pytest.approx(0.2) and values["peak_mem_mib"] == 300.0
+    assert values["peak_mem_mib_min"] == 250.0 and values["grad_norm"] == 2.5 and values["lr/decay"] == 0.1
+    assert values["step_s"] == pytest.approx(0.5 / 3) and events[2]["values"]["step_s"] == pytest.approx(0.5)
+    assert events[0]["total"] == 7 and events[0]["eta_s"] >= 0
     assert events[-1] == {
         "kind": "epoch",
         "step": 7,
@@ -42,10 +61,24 @@ def test_rank0_sends_a_step_event_every_log_every_steps_and_at_the_end():
     assert board.drain() == []  # drained once
 
 
-def test_other_ranks_send_nothing():
+def test_other_ranks_send_nothing_but_get_the_values():
     progress = Progress(total_steps=3, log_every=1, board=None)
-    assert progress.step(1, 0, 1, _terms(1), 8, 8, 0.1)  # still measured (the loop keeps the last values)
+    assert progress.step(1, 0, 1, _window(1.0), {"lr": 0.1})["loss"] == 1.0
     progress.epoch(0, 1, 1, {"val_accuracy": 1.0})
+
+
+def test_the_window_averages_every_micro_batch_and_each_term_where_present():
+    window = LogWindow(torch.device("cpu"))
+    window.add({"loss": torch.tensor(4.0), "ce": torch.tensor(1.0), "visual": torch.tensor(0.5)}, 3, 30)
+    window.add({"loss": torch.tensor(2.0), "ce": torch.tensor(3.0)}, 4, 40)  # no mask in this micro-batch
+    window.waited(0.01)
+    peek = window.reduce(peak_memory_mib(), reset=False)
+    stats = window.reduce(123.0)
+    assert peek.terms == stats.terms == {"loss": 3.0, "ce": 2.0, "visual": 0.5}
+    assert (stats.micro_batches, stats.samples, stats.tokens) == (2, 7, 70)
+    assert stats.data_wait_s == 0.01 and stats.mem_mib == (123.0, 123.0) and peek.mem_mib[0] > 0
+    empty = window.reduce(1.0)  # a new window began
+    assert empty.terms == {} and empty.micro_batches == 0 and empty.data_wait_s == 0.0
 
 
 def test_display_prints_each_event_once_as_one_line_when_not_a_terminal():

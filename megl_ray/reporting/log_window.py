@@ -1,0 +1,86 @@
+"""What a logging step reports: every micro-batch of every rank since the previous log, not rank 0's last one.
+
+HF Trainer logs the loss averaged over its logging window; a micro-batch of 4 images on one rank is noise, and
+counting one micro-batch per optimizer step undercounts throughput by ``train.grad_accum``. Each micro-batch adds its
+terms to a device-side tensor (no host sync); at a logging step every rank takes part in one all-reduce of it (the
+logging steps are the same on every rank: ``Progress.is_log_step``), and one more of the memory peaks (max and min).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+TERMS = ("loss", "ce", "text", "visual", "dc", "rrr", "cf")
+"""Every term ``MEGLModel.forward`` may report; a term absent from a micro-batch (no mask in it, say) is averaged
+over the micro-batches that had it."""
+
+
+@dataclass
+class WindowStats:
+    terms: dict[str, float]
+    """Each term's mean over the window's micro-batches of all ranks."""
+    micro_batches: int
+    samples: int
+    """Real samples (padding copies excluded) of every rank."""
+    tokens: int
+    elapsed_s: float
+    data_wait_s: float
+    """Rank 0's time waiting for its next batch (the rest of ``elapsed_s`` is compute and communication)."""
+    mem_mib: tuple[float, float] = field(default=(0.0, 0.0))
+    """(max, min) over the ranks of each rank's peak memory."""
+
+
+def peak_memory_mib() -> float:
+    """This process's peak: allocated CUDA memory on a GPU, resident memory otherwise."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class LogWindow:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums = torch.zeros(2 * len(TERMS) + 3, dtype=torch.float64, device=device)
+        self.started = time.monotonic()
+        self.data_wait_s = 0.0
+
+    def add(self, terms: dict[str, torch.Tensor], samples: int, tokens: int) -> None:
+        """One micro-batch: its detached terms (device tensors), its real samples and tokens (host numbers)."""
+        for i, name in enumerate(TERMS):
+            if name in terms:
+                self.sums[i] += terms[name].detach().double()
+                self.sums[len(TERMS) + i] += 1
+        self.sums[-3:] += torch.tensor([1.0, samples, tokens], dtype=torch.float64, device=self.device)
+
+    def waited(self, seconds: float) -> None:
+        self.data_wait_s += seconds
+
+    def reduce(self, peak_mem_mib: float, reset: bool = True) -> WindowStats:
+        """Collective (every rank, at the same step): the window over all ranks; with ``reset`` a new one starts."""
+        sums = self.sums.clone()
+        mem = torch.tensor([peak_mem_mib, -peak_mem_mib], dtype=torch.float64, device=self.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums)
+            dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+        values = sums.cpu().tolist()
+        n = len(TERMS)
+        terms = {name: values[i] / values[n + i] for i, name in enumerate(TERMS) if values[n + i] > 0}
+        stats = WindowStats(
+            terms=terms,
+            micro_batches=int(values[-3]),
+            samples=int(values[-2]),
+            tokens=int(values[-1]),
+            elapsed_s=time.monotonic() - self.started,
+            data_wait_s=self.data_wait_s,
+            mem_mib=(float(mem[0]), -float(mem[1])),
+        )
+        if reset:
+            self.sums.zero_()
+            self.started = time.monotonic()
+            self.data_wait_s = 0.0
+        return stats
