@@ -15,11 +15,16 @@ from megl_ray.cli import ArgumentParser, add_base_path_argument, run_cli, setup_
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m megl_ray.export", description="Rewrite a megl_ray export.")
-    p.add_argument(
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument(
         "--merge",
         action="store_true",
-        required=True,
-        help="merge LoRA adapters into the base weights and write a standalone export",
+        help="merge LoRA adapters into the base weights and write a standalone export (with vlm/)",
+    )
+    mode.add_argument(
+        "--from-checkpoint",
+        action="store_true",
+        help="SRC is a training checkpoint of a run (any one it kept): write its export",
     )
     p.add_argument(
         "--dtype",
@@ -35,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    if args.from_checkpoint:
+        # Lazy: DeepSpeed (its checkpoint converter), torch and transformers load once the arguments are understood
+        from megl_ray.training.checkpoint_export import export_checkpoint  # noqa: PLC0415
+
+        return export_checkpoint(args.src, args.dst)
     # Lazy: torch, transformers and peft load only once the arguments are understood (`--help` answers at once).
     from megl_ray.model.export_io import merge_export  # noqa: PLC0415
 

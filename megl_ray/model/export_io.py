@@ -241,6 +241,11 @@ def check_export(uri: str) -> tuple[Path, dict[str, Any]]:
     """(local directory, validated ``meta.json``) of an export, without building the model."""
     root = local_dir(uri)
     missing = [name for name in (WEIGHTS_FILE, CONFIG_FILE, META_FILE, TOKENIZER_DIR) if not (root / name).exists()]
+    if missing and (root / "train_state.json").is_file():
+        raise UserError(
+            f"{uri} is a training checkpoint, not an export: write its export with "
+            f"python -m megl_ray.export --from-checkpoint {uri} DST"
+        )
     if missing:
         raise UserError(f"{uri} is not a megl_ray export (missing {', '.join(missing)})")
     return root, _read_meta(root, uri)

@@ -22,6 +22,7 @@ from megl_ray.training.rank_state import LOAD_OPTIONS, SAVE_OPTIONS, exclude_tie
 
 DS_TAG = "megl"
 STATE_FILE = "train_state.json"
+TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass
@@ -38,6 +39,8 @@ class TrainState:
     """DeepSpeed's micro-step counter (its accumulation position), which its checkpoint does not restore."""
     metrics: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    classes: list[str] = field(default_factory=list)
+    """The dataset's class names (with ``tokenizer/``, what ``export --from-checkpoint`` needs beyond the weights)."""
 
 
 def _weights_only_checkpoint_engine(engine: Any) -> None:
@@ -69,6 +72,7 @@ def save_checkpoint(engine: Any, state: TrainState, directory: Path, rank: int) 
     save_rng(directory / f"rng_rank{rank}.pt")
     if rank == 0:
         (directory / STATE_FILE).write_text(json.dumps(asdict(state), default=str))
+        engine.module.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))  # kB to MB: a checkpoint exports alone
 
 
 def load_checkpoint(engine: Any, directory: Path, rank: int) -> TrainState:

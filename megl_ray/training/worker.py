@@ -118,11 +118,12 @@ def run_worker(plan: WorkerPlan) -> None:
         dist_init_required=False,
     )
     reseed_rank(cfg.train.seed, rank)  # identical weights, different dropout masks per rank
-    state = TrainState(config=plan.config)
+    state = TrainState(config=plan.config, classes=list(plan.classes))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(engine, Path(directory), rank)
+            state.classes = state.classes or list(plan.classes)  # a checkpoint written before they were kept
         # Checkpoints are taken at accumulation boundaries only: the window restarts at the saved position.
         engine.micro_steps = state.micro_steps
         log.info(

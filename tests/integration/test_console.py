@@ -3,6 +3,7 @@ Ray's printer without losing anything else. Lines below were printed by a real 2
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -80,3 +81,25 @@ def test_a_config_error_in_train_answers_before_torch_or_ray_load():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "unknown config key 'run.dir'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_the_megl_script_lists_and_runs_every_command():
+    """``megl`` (the console script the package installs) lists the commands, runs one with its own arguments
+    (``train --print-config``: no Ray, no torch), lists and copies presets, and refuses an unknown command in one
+    line."""
+    script = Path(sys.executable).parent / "megl"
+    assert script.is_file(), "pip install -e . installs the megl console script"
+    listed = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and all(f"  {c} " in listed.stdout for c in ("train", "tune", "convert", "configs"))
+    proc = subprocess.run(
+        [str(script), "train", "--config", "tiny", "--print-config", "train.epochs=3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["train"]["epochs"] == 3
+    presets = subprocess.run([str(script), "configs"], capture_output=True, text=True, timeout=60)
+    assert "tiny" in json.loads(presets.stdout.strip().splitlines()[-1])["presets"]
+    unknown = subprocess.run([str(script), "trian"], capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1 and "trian" in unknown.stderr

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from megl_ray import storage, train, tune
 from megl_ray.cli import run_cli
@@ -214,6 +215,24 @@ def test_a_killed_worker_resumes_with_exact_accumulation_steps_and_samples(tmp_p
     ):
         assert key in metrics, key
     assert metrics["accuracy"] == pytest.approx(result["test_accuracy"], abs=1e-4)
+
+    # any checkpoint the run kept exports on its own (DeepSpeed's fp32 masters, consolidated over both ranks'
+    # partitions); the last holds the final weights: the run's own export, tensor for tensor
+    from safetensors.torch import load_file
+
+    from megl_ray import export
+
+    argv = ["--from-checkpoint", result["checkpoint"], str(tmp_path / "from-checkpoint")]
+    assert run_cli("megl_ray.export", export.main, argv) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])["step"] == 9, err[-3000:]
+    ours = load_file(str(Path(result["export"]) / "model.safetensors"))
+    theirs = load_file(str(tmp_path / "from-checkpoint" / "model.safetensors"))
+    assert set(ours) == set(theirs)
+    assert all(torch.allclose(ours[k].float(), theirs[k].float(), atol=1e-6) for k in ours), "weights differ"
+    # evaluate, given the checkpoint, says how to export it
+    assert run_cli("megl_ray.evaluate", evaluate.main, ["--checkpoint", result["checkpoint"], "--data", data]) == 2
+    assert "export --from-checkpoint" in capsys.readouterr().err
 
 
 SECRET = "megl-i10-Distinctive-secret-4f1c9e"

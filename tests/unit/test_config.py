@@ -107,3 +107,16 @@ def test_train_print_config_prints_every_resolved_key_and_starts_nothing(capsys)
     expected = load_config("tiny", ["train.epochs=3"])
     assert printed == expected.to_dict() == yaml.safe_load(err) and printed["train"]["epochs"] == 3
     assert config_from_dict(printed) == expected  # the JSON line is a config file again
+
+
+def test_megl_configs_lists_shows_and_copies_the_presets(tmp_path, capsys):
+    from megl_ray.megl import configs_main, main
+
+    assert "tiny" in configs_main([])["presets"]
+    shown = configs_main(["tiny"])
+    assert yaml.safe_load(capsys.readouterr().err) == yaml.safe_load(packaged_config("tiny").read_text())
+    assert shown["path"] == str(packaged_config("tiny"))
+    copied = configs_main(["r18-qwen2-0.5b", "--copy", str(tmp_path / "mine.yaml")])
+    assert load_config(copied["copied_to"]) == load_config("r18-qwen2-0.5b")
+    assert main(["configs", "nope"]) == 2 and "no packaged config named 'nope'" in capsys.readouterr().err
+    assert main(["--help"]) == 0 and "train-local" in capsys.readouterr().out

@@ -13,7 +13,7 @@ from megl_ray.tuning import hooks, sweep
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "megl_ray"
-COMMANDS = {"train", "tune", "evaluate", "explain", "export", "train_local"}
+COMMANDS = {"megl", "train", "tune", "evaluate", "explain", "export", "train_local"}
 MAX_LOCAL_IMPORTS_PER_1000_LINES = 4
 
 
