@@ -160,7 +160,7 @@ def _revision(uri: str | None) -> str | None:
 
 def _licence(uri: str) -> str | None:
     """The ``license`` of a base's own model card, where it has one."""
-    if not (is_hub_id(uri) or Path(uri).is_dir()) or Path(uri).is_file():
+    if not (is_hub_id(uri) or Path(uri).is_dir()):
         return None
     try:
         card = local_dir(uri, allow_patterns=[CARD_FILE, *TOKENIZER_FILES]) / CARD_FILE

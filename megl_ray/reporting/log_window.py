@@ -45,7 +45,8 @@ def peak_memory_mib() -> float:
 class LogWindow:
     def __init__(self, device: torch.device):
         self.device = device
-        self.sums = torch.zeros(2 * len(TERMS) + 3, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(2 * len(TERMS), dtype=torch.float64, device=device)  # per term: sum, count
+        self.counts = [0, 0, 0]  # micro-batches, samples, tokens: host numbers, sent with the sums at a log
         self.started = time.monotonic()
         self.data_wait_s = 0.0
 
@@ -55,14 +56,14 @@ class LogWindow:
             if name in terms:
                 self.sums[i] += terms[name].detach().double()
                 self.sums[len(TERMS) + i] += 1
-        self.sums[-3:] += torch.tensor([1.0, samples, tokens], dtype=torch.float64, device=self.device)
+        self.counts = [self.counts[0] + 1, self.counts[1] + samples, self.counts[2] + tokens]
 
     def waited(self, seconds: float) -> None:
         self.data_wait_s += seconds
 
     def reduce(self, peak_mem_mib: float, reset: bool = True) -> WindowStats:
         """Collective (every rank, at the same step): the window over all ranks; with ``reset`` a new one starts."""
-        sums = self.sums.clone()
+        sums = torch.cat([self.sums, torch.tensor(self.counts, dtype=torch.float64, device=self.device)])
         mem = torch.tensor([peak_mem_mib, -peak_mem_mib], dtype=torch.float64, device=self.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sums)
@@ -81,6 +82,7 @@ class LogWindow:
         )
         if reset:
             self.sums.zero_()
+            self.counts = [0, 0, 0]
             self.started = time.monotonic()
             self.data_wait_s = 0.0
         return stats

@@ -8,7 +8,6 @@ lazily, after parsing its arguments)."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -16,10 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils import zero_to_fp32
-from deepspeed.utils.tensor_fragment import fragment_address
 from transformers import AutoTokenizer
 
 from megl_ray.config import config_from_dict
@@ -27,10 +23,7 @@ from megl_ray.errors import UserError
 from megl_ray.model import build_megl_model
 from megl_ray.model.checkpoint_io import local_dir
 from megl_ray.model.export_io import save_export
-from megl_ray.training.checkpoints import DS_TAG, STATE_FILE, TOKENIZER_DIR
-
-SAFE_GLOBALS = [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler, set, argparse.Namespace]
-"""What DeepSpeed's checkpoint files hold besides tensors and builtins (as ``checkpoints`` allows when resuming)."""
+from megl_ray.training.checkpoints import DS_TAG, SAFE_GLOBALS, STATE_FILE, TOKENIZER_DIR
 
 
 @contextlib.contextmanager

@@ -20,6 +20,8 @@ from deepspeed.utils.tensor_fragment import fragment_address
 
 from megl_ray.training.rank_state import LOAD_OPTIONS, SAVE_OPTIONS, exclude_tied_frozen, load_rng, save_rng
 
+SAFE_GLOBALS = [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler, set, argparse.Namespace]
+"""What DeepSpeed's checkpoint files hold besides tensors and builtins: ``weights_only`` loading allows these."""
 DS_TAG = "megl"
 STATE_FILE = "train_state.json"
 TOKENIZER_DIR = "tokenizer"
@@ -50,8 +52,7 @@ def _weights_only_checkpoint_engine(engine: Any) -> None:
 
     class WeightsOnly(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
-            allowed = [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler, set, argparse.Namespace]
-            with torch.serialization.safe_globals(allowed):
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
     current = engine.checkpoint_engine
