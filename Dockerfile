@@ -42,9 +42,10 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
  && pip install --no-cache-dir "deepspeed==${DEEPSPEED_VERSION}" \
  && mkdir /home/ray/megl_ray
 
-# The project, installed from its source; the source stays here, the working directory of `ray start` and so of
-# every job, so `--config megl_ray/config/presets/<name>.yaml` resolves as it does in a checkout.
+# The project, installed from its source with its tracking extra (MLflow, W&B: run.tracking works on the cluster);
+# the source stays here, the working directory of `ray start` and so of every job, so
+# `--config megl_ray/config/presets/<name>.yaml` resolves as it does in a checkout.
 WORKDIR /home/ray/megl_ray
 COPY --chown=1000:100 . .
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir "./[tracking]" \
  && python -c "import ray, torch; assert ray.__version__ == '2.60.0', ray.__version__; assert torch.version.cuda.startswith('12.8'), torch.version.cuda"

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -23,8 +24,29 @@ T = TypeVar("T")
 __all__ = ["ArgumentParser", "UserError", "options_from", "print_result", "run_cli", "setup_logging"]
 
 
+_RST_LITERAL = re.compile(r"``([^`]*)``")
+
+
+def plain(text: str) -> str:
+    """RST inline literals (````x````) as plain text: docstrings use them, ``--help`` shows text."""
+    return _RST_LITERAL.sub(r"\1", text)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises ``UserError`` (one line, exit 2 through ``run_cli``) instead of exiting itself."""
+    """argparse that raises ``UserError`` (one line, exit 2 through ``run_cli``) instead of exiting itself, and
+    shows docstring text (description, help) without RST markup. An epilog is kept as written (a table)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("description"):
+            kwargs["description"] = plain(kwargs["description"])
+        if kwargs.get("epilog"):
+            kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(kwargs.get("help"), str):
+            kwargs["help"] = plain(kwargs["help"])
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UserError(f"{self.prog}: {message}")

@@ -21,12 +21,15 @@ so they report identical numbers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from megl_ray.cli import ArgumentParser, add_base_path_argument, options_from, run_cli, setup_logging
+from megl_ray.errors import UserError
 from megl_ray.evaluation.options import PRECISIONS, RAY_ROW_THRESHOLD, EvaluateOptions
+from megl_ray.training.as_export import as_export
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure parameters, latency and images/s (paper Table 5) instead of scoring a split",
     )
+    p.add_argument(
+        "--track",
+        action="store_true",
+        help="also log the metrics (eval/<split>/<metric>) to the trackers of the run that wrote the export",
+    )
     p.add_argument("--warmup", type=int, default=2, help="--efficiency: untimed calls before timing")
     p.add_argument("--repeats", type=int, default=5, help="--efficiency: timed calls; the median is reported")
     return p
@@ -76,11 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    if args.track and args.efficiency:
+        raise UserError("--track logs a split's metrics; --efficiency has none to log")
     options = options_from(EvaluateOptions, args, base_path=tuple(args.base_path))
     # Lazy: torch, Ray and the model code load only once the arguments are understood (`--help` answers at once).
-    from megl_ray.evaluation.evaluate_run import run  # noqa: PLC0415
+    from megl_ray.evaluation.evaluate_run import default_out, run  # noqa: PLC0415
 
-    return run(options)
+    # Lazy as well: tracking (TensorBoard, the trackers' clients) loads only when --track asks for it.
+    from megl_ray.reporting.tracking import track_evaluation  # noqa: PLC0415
+
+    def track(result: dict[str, Any]) -> None:
+        result["tracked"] = track_evaluation(result)
+
+    given = options.checkpoint
+    with as_export(given) as export:  # a training checkpoint is exported on the fly
+        if export != given:
+            options = dataclasses.replace(options, checkpoint=export, out=options.out or default_out(given, args.split))
+        result = run(options, then=track if args.track else None)
+    result["checkpoint"] = given
+    return result
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ reference rationales), its images as files beside it. DIR may be ``s3://`` (writ
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from megl_ray.cli import ArgumentParser, add_base_path_argument, options_from, run_cli, setup_logging
 from megl_ray.evaluation.options import PRECISIONS, ExplainOptions
+from megl_ray.training.as_export import as_export
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +59,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Lazy: torch and the model code load only once the arguments are understood (`--help` answers at once).
     from megl_ray.evaluation.explanations import run  # noqa: PLC0415
 
-    return run(options)
+    with as_export(options.checkpoint) as export:  # a training checkpoint is exported on the fly
+        result = run(dataclasses.replace(options, checkpoint=export))
+    result["checkpoint"] = options.checkpoint
+    return result
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from megl_ray.cli import ArgumentParser, add_base_path_argument, run_cli, setup_logging
+from megl_ray.storage.embedded_home import embedded_store_for
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,15 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    if args.from_checkpoint:
-        # Lazy: DeepSpeed (its checkpoint converter), torch and transformers load once the arguments are understood
-        from megl_ray.training.checkpoint_export import export_checkpoint  # noqa: PLC0415
+    # The embedded store of $MEGL_HOME is served again when the URIs point into it (the default run's checkpoints)
+    with embedded_store_for(args.src, args.dst):
+        if args.from_checkpoint:
+            # Lazy: DeepSpeed (its checkpoint converter), torch and transformers load once the arguments are understood
+            from megl_ray.training.checkpoint_export import export_checkpoint  # noqa: PLC0415
 
-        return export_checkpoint(args.src, args.dst)
-    # Lazy: torch, transformers and peft load only once the arguments are understood (`--help` answers at once).
-    from megl_ray.model.export_io import merge_export  # noqa: PLC0415
+            return export_checkpoint(args.src, args.dst)
+        # Lazy: torch, transformers and peft load only once the arguments are understood (`--help` answers at once).
+        from megl_ray.model.export_io import merge_export  # noqa: PLC0415
 
-    return merge_export(args.src, args.dst, vlm_dtype=args.dtype, base_path=tuple(args.base_path))
+        return merge_export(args.src, args.dst, vlm_dtype=args.dtype, base_path=tuple(args.base_path))
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ from typing import Any
 
 from megl_ray.cli import ArgumentParser, run_cli, setup_logging
 from megl_ray.config import load_config, packaged_config, preset_names
+from megl_ray.config.reference import config_reference
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m megl_ray.train", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m megl_ray.train", description=__doc__.split("\n\n")[0], epilog=config_reference())
     p.add_argument(
         "--config", help=f"YAML config, or a packaged preset by name ({', '.join(preset_names())}; default tiny)"
     )
@@ -31,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--print-config",
         action="store_true",
         help="print the resolved config (every key; YAML on stderr, JSON as the last stdout line) and exit",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="resolve data, storage, the run directory, cluster resources and the memory per worker, then exit "
+        "(no Ray started, no step taken)",
     )
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray started here)")
     p.add_argument(
@@ -49,6 +56,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.print_config:
         print(cfg.to_yaml(), file=sys.stderr, end="")
         return cfg.to_dict()
+    if args.dry_run:
+        # Lazy, as the driver below: Ray and torch load only once the arguments are understood.
+        from megl_ray.driver.dry_run import dry_run  # noqa: PLC0415
+
+        return dry_run(cfg, args.address, args.config, tuple(args.overrides), args.verbose)
     # Lazy: Ray, torch and DeepSpeed load only once the arguments are understood (`--help` answers at once).
     from megl_ray.driver.fit import TrainOptions, run  # noqa: PLC0415
 

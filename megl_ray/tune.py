@@ -1,16 +1,16 @@
 """``python -m megl_ray.tune``: sweep the MEGL loss weights (or any config key) with Ray Tune over Ray Train runs.
 
-    python -m megl_ray.tune --space tune_spaces/loss_weights.yaml              # the embedded default, this machine
-    python -m megl_ray.tune --space tune_spaces/loss_weights_lr.yaml --config my.yaml --num-samples 16 \\
+    python -m megl_ray.tune --space loss_weights                                # the embedded default, this machine
+    python -m megl_ray.tune --space loss_weights_lr --config my.yaml --num-samples 16 \\
         data.uri=s3://b/ds run.storage_path=s3://b/runs
 
 Each trial trains the base config (``--config`` plus ``key=value`` overrides) with the trial's values of the space
-(see ``megl_ray.tuning.space`` and ``tune_spaces/``) as a Ray Train run named ``<sweep>-<trial id>`` on the run
-storage; every epoch's validation metric goes to Tune, whose ASHA scheduler stops the weak trials early. The
-experiment is kept at ``<run.storage_path>/<sweep>``: re-running the same command resumes it (finished trials are
-not run again; an interrupted trial resumes from its last checkpoint). At the end the results table goes to stderr
-and, with the best trial's config as YAML for ``python -m megl_ray.train --config``, next to the experiment; the
-last stdout line is one JSON object.
+(see ``megl_ray.tuning.space``; the packaged spaces are in ``megl_ray/config/spaces/``) as a Ray Train run named
+``<sweep>-<trial id>`` on the run storage; every epoch's validation metric goes to Tune, whose ASHA scheduler stops
+the weak trials early. The experiment is kept at ``<run.storage_path>/<sweep>``: re-running the same command
+resumes it (finished trials are not run again; an interrupted trial resumes from its last checkpoint). At the end
+the results table goes to stderr and, with the best trial's config as YAML for ``python -m megl_ray.train
+--config``, next to the experiment; the last stdout line is one JSON object.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from megl_ray.cli import ArgumentParser, run_cli, setup_logging
+from megl_ray.config.packaged import space_names
+from megl_ray.config.reference import config_reference
 from megl_ray.tuning.options import METRICS, SweepOptions
 
 # Names a sweep started before megl_ray 0.2 pickled by this module's path (Tune's experiment state holds the trial
@@ -38,8 +40,10 @@ def __getattr__(name: str) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m megl_ray.tune", description=__doc__.split("\n\n")[0])
-    p.add_argument("--space", required=True, help="search space YAML (see tune_spaces/)")
+    p = ArgumentParser(prog="python -m megl_ray.tune", description=__doc__.split("\n\n")[0], epilog=config_reference())
+    p.add_argument(
+        "--space", required=True, help=f"search space YAML, or a packaged space by name ({', '.join(space_names())})"
+    )
     p.add_argument("--config", help="base config YAML (default: the packaged tiny config)")
     p.add_argument(
         "--num-samples",

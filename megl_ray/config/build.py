@@ -121,3 +121,9 @@ def deep_copy(value: Any) -> Any:
     if isinstance(value, list):
         return [deep_copy(v) for v in value]
     return value
+
+
+def check_value(condition: bool, key: str, message: str) -> None:
+    """A section's ``__post_init__`` check: ``ConfigError("key: message")`` unless ``condition``."""
+    if not condition:
+        raise ConfigError(f"{key}: {message}")

@@ -1,5 +1,6 @@
-"""The presets shipped in ``megl_ray/config/presets``, named wherever a config file is asked for (``--config tiny``):
-a path that exists wins, as it does for ``from_pretrained``."""
+"""The presets shipped in ``megl_ray/config/presets``, named wherever a config file is asked for (``--config tiny``),
+and the search spaces in ``megl_ray/config/spaces`` (``tune --space loss_weights``): a path that exists wins, as it
+does for ``from_pretrained``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from megl_ray.errors import ConfigError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+SPACES_DIR = Path(__file__).parent / "spaces"
 
 
 def preset_names() -> list[str]:
@@ -31,3 +33,18 @@ def config_path(value: str | Path) -> Path:
     if (PRESETS_DIR / f"{value}.yaml").is_file():
         return PRESETS_DIR / f"{value}.yaml"
     raise ConfigError(f"config file not found: {value} (nor a packaged preset: {', '.join(preset_names())})")
+
+
+def space_names() -> list[str]:
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+
+
+def space_path(value: str | Path) -> Path:
+    """A search space file: ``value`` where that file exists or it looks like a path, else the packaged space of
+    that name."""
+    path = Path(value).expanduser()
+    if path.exists() or path.suffix in (".yaml", ".yml") or "/" in str(value):
+        return path
+    if (SPACES_DIR / f"{value}.yaml").is_file():
+        return SPACES_DIR / f"{value}.yaml"
+    raise ConfigError(f"search space file not found: {value} (nor a packaged space: {', '.join(space_names())})")

@@ -142,7 +142,12 @@ def fit(
         storage_path=storage_path,
         storage_filesystem=filesystem,
         failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=2),
+        # With a checkpoint metric Ray keeps the best two by it and always the latest (to resume from)
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=2,
+            checkpoint_score_attribute=cfg.run.checkpoint_metric,
+            checkpoint_score_order=cfg.checkpoint_order(),
+        ),
         callbacks=list(callbacks),
         logging_config=train_logging_config(verbose),
     )
@@ -183,6 +188,7 @@ def fit(
         "test_miou": _round(metrics.get("test_miou")),
         **splits.summary(cfg),
         "final_loss": _round(metrics.get("loss")),
+        **_best(cfg, metrics),
         # the last logged step: every micro-batch of every rank since the log before it (throughput, memory, ...)
         "last_logged": {k: _round(v) for k, v in _last_step_values(monitor.history).items()},
         "num_workers": cfg.train.num_workers,
@@ -199,15 +205,27 @@ def fit(
         tracker.summary({"test/accuracy": metrics.get("test_accuracy"), "test/miou": metrics.get("test_miou")})
     tracker.export(summary["export"])
     if evaluate_test:  # the end-of-run report; a sweep's trials skip it
-        summary["pictures"] = write_pictures(
+        summary["pictures"], examples = write_pictures(
             monitor.history, uri, summary["export"], cfg.data.uri, local_dir, title=f"run {cfg.run.name}"
         )
+        tracker.pictures(summary["pictures"], examples)
     if "tensorboard" in tracker.backends:
         summary["tensorboard"] = str(local_dir / "tensorboard")
     tracker.close(success=True)
     summary["seconds"] = round(time.monotonic() - started, 1)
     write_result()
     return summary
+
+
+def _best(cfg: MEGLConfig, metrics: dict[str, Any]) -> dict[str, Any]:
+    """``best_checkpoint`` (its URI, metric value, step, epoch) and ``exported_from`` (``best`` or ``last``)."""
+    if not cfg.run.checkpoint_metric:
+        return {"exported_from": "last"}
+    best = dict(metrics.get("best_checkpoint") or {})
+    exported = bool(best.pop("exported", False))
+    if "value" in best:
+        best["value"] = _round(best["value"])
+    return {"best_checkpoint": best or None, "exported_from": "best" if exported else "last"}
 
 
 def _last_step_values(history: Sequence[dict[str, Any]]) -> dict[str, Any]:

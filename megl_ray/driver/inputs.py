@@ -58,6 +58,11 @@ def plan_splits(cfg: MEGLConfig, info: Any, evaluate_test: bool) -> Splits:
         val_ids = val_ids or None
     else:
         train_ids, val_ids, source = ids, None, "none"
+    if (cfg.run.checkpoint_metric or "").startswith("val_") and source == "none":
+        raise UserError(
+            f"run.checkpoint_metric={cfg.run.checkpoint_metric} needs a validation split: dataset {cfg.data.uri} "
+            f"has none ({described}) and data.val_fraction={cfg.data.val_fraction} carves none"
+        )
     if len(train_ids) < cfg.train.num_workers:
         raise UserError(f"{len(train_ids)} training images cannot feed train.num_workers={cfg.train.num_workers}")
     corpus = [r for i in train_ids for r in rationales[i]]

@@ -60,9 +60,10 @@ def start_ray(address: str | None, verbose: bool = False) -> None:
     log.info("started a local Ray (%d CPUs), temp dir %s, dashboard port %d", os.cpu_count(), temp, port)
 
 
-def check_resources(cfg: MEGLConfig, use_gpu: bool) -> None:
-    """One line, before any worker starts, when the cluster cannot hold ``cfg``'s workers."""
-    resources = ray.cluster_resources()
+def check_resources(cfg: MEGLConfig, use_gpu: bool, resources: dict[str, float] | None = None) -> None:
+    """One line, before any worker starts, when the cluster (``resources``: Ray's by default) cannot hold ``cfg``'s
+    workers."""
+    resources = ray.cluster_resources() if resources is None else resources
     if use_gpu:
         gpus = resources.get("GPU", 0)
         if cfg.train.num_workers > gpus:

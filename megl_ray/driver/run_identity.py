@@ -53,6 +53,17 @@ def differing_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return [k for k in keys if json.dumps(saved.get(k), sort_keys=True) != json.dumps(current.get(k), sort_keys=True)]
 
 
+def run_state(cfg: MEGLConfig, run_uri: str) -> str:
+    """What ``check_run`` would do, read-only: ``new``, ``resume``, ``complete``, or ``conflict: <keys> differ``."""
+    identity_uri = f"{run_uri}/{IDENTITY_FILE}"
+    if not storage.exists(identity_uri):
+        return "new"
+    changed = differing_keys(json.loads(storage.read_bytes(identity_uri))["fingerprint"], fingerprint(cfg))
+    if changed:
+        return f"conflict: {', '.join(changed)} differ"
+    return "complete" if storage.exists(f"{run_uri}/{RESULT_FILE}") else "resume"
+
+
 def check_run(cfg: MEGLConfig, run_uri: str) -> dict[str, Any] | None:
     """Before training: the finished result when this run is complete (None: train or resume it). Raises a
     ``UserError`` naming the keys when the run exists with another configuration; records the identity of a new

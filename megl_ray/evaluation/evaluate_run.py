@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -324,8 +324,12 @@ def evaluate(args: EvaluateOptions) -> dict[str, Any]:
     return result
 
 
-def run(options: EvaluateOptions) -> dict[str, Any]:
+def run(options: EvaluateOptions, then: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """``python -m megl_ray.evaluate``: score the split, or with ``efficiency`` measure the model; the embedded
-    store of ``$MEGL_HOME`` is served again when the URIs point into it (the default run's, after it ended)."""
+    store of ``$MEGL_HOME`` is served again when the URIs point into it (the default run's, after it ended).
+    ``then`` sees the result while that store is still served (``--track`` writes into the run directory)."""
     with embedded_store_for(options.checkpoint, options.data, options.out):
-        return run_efficiency(options) if options.efficiency else evaluate(options)
+        result = run_efficiency(options) if options.efficiency else evaluate(options)
+        if then is not None:
+            then(result)
+        return result

@@ -32,14 +32,41 @@ class WindowStats:
     data_wait_s: float
     """Rank 0's time waiting for its next batch (the rest of ``elapsed_s`` is compute and communication)."""
     mem_mib: tuple[float, float] = field(default=(0.0, 0.0))
-    """(max, min) over the ranks of each rank's peak memory."""
+    """(max, min) over the ranks of each rank's peak memory (allocated on a GPU, resident on a CPU)."""
+    reserved_mib: float = 0.0
+    """The largest peak of reserved memory (the CUDA caching allocator's; resident memory on a CPU) of any rank."""
 
 
-def peak_memory_mib() -> float:
-    """This process's peak: allocated CUDA memory on a GPU, resident memory otherwise."""
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "V100": 125.0,
+    "T4": 65.0,
+}
+"""Dense bf16 (fp16 before Ampere) tensor-core TFLOP/s by GPU name, from the datasheets (no sparsity): the peak an
+MFU is a fraction of. Matched in this order against ``torch.cuda.get_device_name()``."""
+
+
+def device_peak_tflops(name: str) -> float | None:
+    """The datasheet peak of the GPU named ``name``, or None when it is not in the table (set ``run.peak_tflops``)."""
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops
+    return None
+
+
+def peak_memory_mib() -> tuple[float, float]:
+    """This process's peaks: (allocated, reserved) CUDA memory on a GPU; resident memory (twice) otherwise."""
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        return torch.cuda.max_memory_allocated() / 2**20, torch.cuda.max_memory_reserved() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return rss, rss
 
 
 class LogWindow:
@@ -61,10 +88,12 @@ class LogWindow:
     def waited(self, seconds: float) -> None:
         self.data_wait_s += seconds
 
-    def reduce(self, peak_mem_mib: float, reset: bool = True) -> WindowStats:
-        """Collective (every rank, at the same step): the window over all ranks; with ``reset`` a new one starts."""
+    def reduce(self, peak_mem_mib: tuple[float, float], reset: bool = True) -> WindowStats:
+        """Collective (every rank, at the same step): the window over all ranks; with ``reset`` a new one starts.
+        ``peak_mem_mib``: this rank's (allocated, reserved) peaks."""
         sums = torch.cat([self.sums, torch.tensor(self.counts, dtype=torch.float64, device=self.device)])
-        mem = torch.tensor([peak_mem_mib, -peak_mem_mib], dtype=torch.float64, device=self.device)
+        allocated, reserved = peak_mem_mib
+        mem = torch.tensor([allocated, -allocated, reserved], dtype=torch.float64, device=self.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sums)
             dist.all_reduce(mem, op=dist.ReduceOp.MAX)
@@ -79,6 +108,7 @@ class LogWindow:
             elapsed_s=time.monotonic() - self.started,
             data_wait_s=self.data_wait_s,
             mem_mib=(float(mem[0]), -float(mem[1])),
+            reserved_mib=float(mem[2]),
         )
         if reset:
             self.sums.zero_()

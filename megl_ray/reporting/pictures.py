@@ -63,12 +63,14 @@ def draw_curves(history: Sequence[dict[str, Any]], path: Path, title: str) -> Pa
 
 def write_pictures(
     history: Sequence[dict[str, Any]], run_uri: str, export_uri: str, data_uri: str, local_dir: Path, title: str
-) -> dict[str, Any]:
-    """``curves.png`` and ``gallery/index.html`` into ``local_dir`` and the run directory; returns their paths.
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``curves.png`` and ``gallery/index.html`` into ``local_dir`` and the run directory; returns their paths and
+    the gallery's examples (for the trackers).
 
     Either may fail (a plotting backend, a model that cannot generate): that is a warning, not a failed run."""
     local_dir.mkdir(parents=True, exist_ok=True)
     made: dict[str, Any] = {}
+    examples: list[dict[str, Any]] = []
     try:
         if draw_curves(history, local_dir / "curves.png", title) is not None:
             storage.upload(str(local_dir / "curves.png"), run_uri + "/curves.png")
@@ -81,15 +83,15 @@ def write_pictures(
         examples = _gallery(export_uri, data_uri, gallery)
         storage.upload(str(gallery), run_uri + "/gallery")
         made["gallery"] = str(gallery / "index.html")
-        made["gallery_examples"] = examples
+        made["gallery_examples"] = len(examples)
     except Exception as err:
         log.warning("could not write the explanation gallery: %s", err)
-    return made
+    return made, examples
 
 
-def _gallery(export_uri: str, data_uri: str, out: Path) -> int:
+def _gallery(export_uri: str, data_uri: str, out: Path) -> list[dict[str, Any]]:
     exported = load_export(export_uri)
-    examples = write_gallery(
+    return write_gallery(
         exported,
         export_uri,
         data_uri,
@@ -100,7 +102,6 @@ def _gallery(export_uri: str, data_uri: str, out: Path) -> int:
         max_new_tokens=GALLERY_MAX_NEW_TOKENS,
         batch_size=32,
     )
-    return len(examples)
 
 
 def closing_lines(made: dict[str, Any], run_uri: str, tensorboard_dir: str | None) -> list[str]:

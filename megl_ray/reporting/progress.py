@@ -38,6 +38,14 @@ class Progress:
         self.start = time.monotonic()
         self.first_step = start_step  # a resumed run's ETA counts only the steps this run took
         self.logged = start_step  # the step of the previous log: the window's optimizer steps end here
+        self.flops_per_sample: float | None = None
+        self.world = 1
+        self.peak_tflops: float | None = None
+
+    def flops(self, per_sample: float, world: int, peak_tflops: float | None) -> None:
+        """Model FLOPs of one sample (forward and backward), the workers sharing them, and one device's peak
+        (None: unknown, no MFU): what turns samples/s into TFLOP/s per device and model FLOPs utilisation."""
+        self.flops_per_sample, self.world, self.peak_tflops = per_sample, world, peak_tflops
 
     def is_log_step(self, step: int) -> bool:
         """Every ``log_every`` optimizer steps and the last: the same steps on every rank (``LogWindow.reduce``
@@ -58,8 +66,14 @@ class Progress:
             "step_s": elapsed / max(step - self.logged, 1),
             "peak_mem_mib": window.mem_mib[0],
             "peak_mem_mib_min": window.mem_mib[1],
+            "peak_reserved_mib": window.reserved_mib,
             **extra,
         }
+        if self.flops_per_sample:
+            values["tflops"] = self.flops_per_sample * values["samples_per_s"] / self.world / 1e12  # per device
+            if self.peak_tflops:
+                values["mfu"] = values["tflops"] / self.peak_tflops
+                values["peak_tflops"] = self.peak_tflops
         now = time.monotonic()
         done = max(step - self.first_step, 1)
         eta = (now - self.start) / done * (self.total - step)
@@ -127,7 +141,10 @@ def step_text(event: dict[str, Any]) -> str:
     """``loss=7.91 ce=2.5 text=5.26 dc=1.47 | 41.9 samples/s``: the loss terms and throughput of a step event."""
     values = event["values"]
     terms = " ".join(f"{k}={values[k]:.4g}" for k in SHOWN_TERMS if k in values)
-    return f"{terms} | {values.get('samples_per_s', 0.0):.1f} samples/s"
+    speed = f"{values.get('samples_per_s', 0.0):.1f} samples/s"
+    if "mfu" in values:  # with the peak it is a fraction of, so that the figure can be judged
+        speed = f"mfu {values['mfu']:.2f} of {values['peak_tflops']:.4g} TFLOP/s | {speed}"
+    return f"{terms} | {speed}"
 
 
 def epoch_text(event: dict[str, Any]) -> str:

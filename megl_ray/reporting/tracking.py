@@ -1,9 +1,14 @@
 """Experiment tracking of a training run: TensorBoard, MLflow and/or W&B (``run.tracking``), from the driver.
 
-The driver is the one place that sees the whole run: rank 0's progress (every ``run.log_every`` steps: each loss
-term, samples/s, tokens/s, lr, memory), each epoch's validation metrics, the test metrics computed after training
-and the export URI. So tracking happens there, once per run, with the libraries' own clients (``MlflowClient``,
-``wandb``, ``SummaryWriter``) — the workers only send rank 0's numbers to the driver (``megl_ray.reporting.progress``).
+The driver is the one place that sees the whole run: the progress of every logging step (each loss term averaged
+over the window and the ranks, samples/s, tokens/s, TFLOP/s and MFU, lr per group, gradient norm, memory), each
+epoch's validation metrics, the test metrics, the export URI and the end-of-run gallery (overlays and rationales as
+TensorBoard images, MLflow artifacts, a W&B table). So tracking happens there, once per run, with the libraries' own
+clients (``MlflowClient``, ``wandb``, ``SummaryWriter``) — the workers send their reduced numbers to the driver
+(``megl_ray.reporting.progress``). ``evaluate --track`` reopens the same run (``Tracker.for_evaluation``).
+
+The standard variables count where the config says nothing: ``$MLFLOW_TRACKING_URI``, ``$MLFLOW_EXPERIMENT_NAME``,
+``$WANDB_PROJECT`` (and W&B's own ``$WANDB_MODE``, ``$WANDB_DIR``).
 
 A tracking backend that fails (server down, no W&B key, a disk full) is reported once as a warning and switched
 off; training goes on. Re-running a run of the same name (a resume) continues its MLflow run and W&B run.
@@ -19,14 +24,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
 from megl_ray import storage
 from megl_ray.config import megl_home
+from megl_ray.errors import UserError
+from megl_ray.evaluation.scoring import METRIC_KEYS
+from megl_ray.model.export_io import check_export, load_export_config
+from megl_ray.reporting.pictures import local_run_dir
 
 log = logging.getLogger("megl_ray.train")
 
 DEFAULT_EXPERIMENT = "megl"
+DEFAULT_WANDB_PROJECT = "megl_ray"
 RUN_URI_TAG = "megl.run_uri"
 EXPORT_URI_TAG = "megl.export_uri"
 
@@ -81,6 +93,15 @@ class TensorBoardBackend:
     def export(self, uri: str) -> None:
         self.writer.add_text("export", uri, 0)
 
+    def pictures(self, curves: Path | None, gallery: Path | None, examples: list[dict[str, Any]], step: int) -> None:
+        if curves is not None:
+            self.writer.add_image("curves", _pixels(curves), step, dataformats="HWC")
+        for example in examples:
+            tag = f"gallery/{example['id']}"
+            self.writer.add_image(tag, _pixels(gallery / example["overlay"]), step, dataformats="HWC")
+            self.writer.add_text(tag, _caption(example), step)
+        self._sync()
+
     def close(self, success: bool) -> None:
         self.writer.close()
         self._sync()
@@ -104,7 +125,7 @@ class MlflowBackend:
 
         self.mlflow = mlflow
         self.client = mlflow.MlflowClient(tracking_uri=cfg.run.tracking_uri)
-        name = cfg.run.experiment or DEFAULT_EXPERIMENT
+        name = cfg.run.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
             try:
@@ -157,6 +178,12 @@ class MlflowBackend:
             "export_reference.json",
         )
 
+    def pictures(self, curves: Path | None, gallery: Path | None, examples: list[dict[str, Any]], step: int) -> None:
+        if curves is not None:
+            self.client.log_artifact(self.run_id, str(curves))
+        if gallery is not None:  # index.html and its PNGs: MLflow's UI shows both
+            self.client.log_artifacts(self.run_id, str(gallery), "gallery")
+
     def close(self, success: bool) -> None:
         self.client.set_terminated(self.run_id, "FINISHED" if success else "FAILED")
 
@@ -173,7 +200,7 @@ class WandbBackend:
         directory.mkdir(parents=True, exist_ok=True)
         run_id = cfg.run.name[:40] + "-" + hashlib.sha256(run_uri.encode()).hexdigest()[:8]
         self.run = wandb.init(
-            project=cfg.run.wandb_project,
+            project=cfg.run.wandb_project or os.environ.get("WANDB_PROJECT") or DEFAULT_WANDB_PROJECT,
             name=cfg.run.name,
             group=cfg.run.experiment,
             id=run_id,
@@ -200,6 +227,20 @@ class WandbBackend:
         artifact.add_reference(uri if "://" in uri else Path(uri).resolve().as_uri(), checksum=False)
         self.run.log_artifact(artifact)
         self.run.summary["export_uri"] = uri
+
+    def pictures(self, curves: Path | None, gallery: Path | None, examples: list[dict[str, Any]], step: int) -> None:
+        logged: dict[str, Any] = {}
+        if curves is not None:
+            logged["curves"] = self.wandb.Image(str(curves))
+        if examples:
+            columns = ["id", "label", "predicted", "probability", "iou", "rationale", "overlay"]
+            table = self.wandb.Table(columns=columns)
+            for e in examples:
+                overlay = self.wandb.Image(str(gallery / e["overlay"]))
+                table.add_data(*(e.get(c) for c in columns[:-1]), overlay)
+            logged["gallery"] = table
+        if logged:
+            self.run.log(logged, step=step)
 
     def close(self, success: bool) -> None:
         self.run.finish(exit_code=0 if success else 1)
@@ -248,9 +289,51 @@ class Tracker:
     def export(self, uri: str) -> None:
         self._each("export", uri)
 
+    def pictures(self, made: dict[str, Any], examples: list[dict[str, Any]]) -> None:
+        """The end-of-run pictures (``write_pictures``' paths and the gallery's examples) into every tracker."""
+        curves = Path(made["curves"]) if "curves" in made else None
+        gallery = Path(made["gallery"]).parent if "gallery" in made else None
+        if curves is not None or gallery is not None:
+            self._each("pictures", curves, gallery, examples if gallery is not None else [], self.step)
+
     def close(self, success: bool) -> None:
         self._each("close", success)
         self.backends.clear()
+
+
+def track_evaluation(result: dict[str, Any]) -> list[str]:
+    """``evaluate --track``: ``result``'s metrics, as ``eval/<split>/<metric>``, into the trackers of the run that
+    wrote the export ``result["checkpoint"]`` — its config names them and the run: MLflow's run is found by its run
+    tag, W&B's by its id, TensorBoard's event files go to the run directory. Returns the backends that took them."""
+    export = result["checkpoint"]
+    root, meta = check_export(export)
+    cfg = load_export_config(root, export)
+    if not cfg.run.storage_path:
+        raise UserError(f"{export} does not name the run that wrote it (run.storage_path): nothing to track into")
+    if not backends_of(cfg.run.tracking):
+        raise UserError(f"{export}: its run was not tracked (run.tracking={cfg.run.tracking})")
+    run_uri = cfg.run.storage_path.rstrip("/") + "/" + cfg.run.name
+    tracker = Tracker(cfg, run_uri, local_run_dir(cfg.run.name))
+    tracker.step = int(meta.get("steps", 0))  # the training step the export was written at
+    split = result["split"]
+    tracker.summary({f"eval/{split}/{key}": result.get(key) for key in METRIC_KEYS})
+    taken = list(tracker.backends)
+    tracker.close(success=True)
+    return taken
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _caption(example: dict[str, Any]) -> str:
+    iou = example.get("iou")
+    return (
+        f"**{example.get('label')}** → predicted **{example.get('predicted')}** "
+        f"(p={example.get('probability', 0.0):.2f}{'' if iou is None else f', IoU={iou:.2f}'})\n\n"
+        f"{example.get('rationale', '')}"
+    )
 
 
 def _one_line(err: BaseException) -> str:

@@ -67,7 +67,7 @@ class EmbeddedS3:
         secret_key: str = EMBEDDED_SECRET_KEY_DEFAULT,
         *,
         startup_timeout: float = 60.0,
-        stop_timeout: float = 3.0,
+        stop_timeout: float = 1.0,
         volume_size_limit_mb: int = 64,
     ) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve()
@@ -76,7 +76,8 @@ class EmbeddedS3:
         self._secret_key = secret_key
         self.startup_timeout = startup_timeout
         # weed's filer waits 15 s for its own streaming gRPC subscribers on SIGTERM before exiting. Everything
-        # it acknowledged is already written to its files by then, so waiting that long buys nothing.
+        # it acknowledged is already written to its files by then, so waiting that long buys nothing; a second
+        # lets the servers close their files themselves (every CLI and test that serves the store pays it).
         self.stop_timeout = stop_timeout
         self.volume_size_limit_mb = volume_size_limit_mb
         self._fixed_port = port

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -97,3 +98,28 @@ class FaultHook:
                 # holds the worker here longer (MEGL_TEST_KILL_HOLD_S) while it kills the worker's whole node.
                 time.sleep(float(os.environ.get("MEGL_TEST_KILL_HOLD_S", "5")))
                 os._exit(1)
+
+
+@dataclass
+class LrScaleHook:
+    """Test-only: ``MEGL_TEST_LR_SCALE_AT_STEP=4:-10`` multiplies every parameter group's learning rate (the
+    scheduler's base rates, so the schedule keeps its shape) by -10 once optimizer step 4 is taken — gradient ascent
+    from there on, which forces a run's validation accuracy to peak before its end (the best-checkpoint test)."""
+
+    step: int = 0
+    factor: float = 1.0
+
+    @classmethod
+    def from_env(cls) -> LrScaleHook:
+        spec = os.environ.get("MEGL_TEST_LR_SCALE_AT_STEP", "")
+        if not spec:
+            return cls()
+        step, _, factor = spec.partition(":")
+        return cls(int(step), float(factor))
+
+    def maybe_scale(self, step: int, scheduler: Any, log) -> None:
+        if self.step and step == self.step:
+            scheduler.base_lrs = [lr * self.factor for lr in scheduler.base_lrs]
+            for group in scheduler.optimizer.param_groups:
+                group["lr"] *= self.factor
+            log.info("test hook: learning rates scaled by %g from step %d", self.factor, step)

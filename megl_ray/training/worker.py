@@ -8,6 +8,7 @@ Ray Train calls ``megl_ray.training.entry.train_loop_per_worker``, which sets th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ import deepspeed
 import ray.train
 import torch
 from ray.train import Checkpoint
+from torch.utils.flop_counter import FlopCounterMode
 
 from megl_ray.config import MEGLConfig
 from megl_ray.data.pipeline import build_dataset, cached_share, iter_epoch, iter_model_batches
@@ -31,9 +33,18 @@ from megl_ray.model.export_io import exported_state, save_export
 from megl_ray.model.losses import visual_ramp
 from megl_ray.model.vlm import pixel_size
 from megl_ray.reporting.console import configure_worker
-from megl_ray.reporting.log_window import LogWindow, peak_memory_mib
+from megl_ray.reporting.log_window import LogWindow, device_peak_tflops, peak_memory_mib
 from megl_ray.reporting.progress import Progress
-from megl_ray.training.accounting import Accounting, FaultHook, epoch_seed, epoch_share, planned_steps, steps_per_epoch
+from megl_ray.training.accounting import (
+    Accounting,
+    FaultHook,
+    LrScaleHook,
+    epoch_seed,
+    epoch_share,
+    planned_steps,
+    steps_per_epoch,
+)
+from megl_ray.training.best_checkpoint import restore_best, with_metric
 from megl_ray.training.checkpoints import TrainState, load_checkpoint, save_checkpoint
 from megl_ray.training.collectives import all_gather_ids, route_metric_sync
 from megl_ray.training.ds_config import deepspeed_config, resolve_precision
@@ -136,11 +147,13 @@ def run_worker(plan: WorkerPlan) -> None:
     start_step = state.step  # where this worker group started: 0, or the step of the checkpoint it resumed
     progress = Progress(total_steps, cfg.run.log_every, plan.board if rank == 0 else None, start_step)
     window = LogWindow(engine.device)
+    peak = cfg.run.peak_tflops or (device_peak_tflops(torch.cuda.get_device_name()) if plan.use_gpu else None)
+    flops_per_sample: float | None = None  # counted on this worker's first trained micro-batch
     sample_log = None
     if cfg.train.sample_log_dir:
         Path(cfg.train.sample_log_dir).mkdir(parents=True, exist_ok=True)
         sample_log = open(Path(cfg.train.sample_log_dir) / f"samples-rank{rank}.jsonl", "a")
-    faults = FaultHook.from_env()
+    faults, lr_hook = FaultHook.from_env(), LrScaleHook.from_env()
     guard = DivergenceGuard(cfg.train.max_nonfinite_steps, distributed=world > 1)
 
     def report(metrics: dict[str, Any], acc: Accounting | None, with_checkpoint: bool = True) -> None:
@@ -150,7 +163,7 @@ def run_worker(plan: WorkerPlan) -> None:
         state.epoch_micro = acc.micro if acc is not None else 0
         state.micro_steps = int(engine.micro_steps)
         state.metrics = metrics
-        reported = {**metrics, "epoch": state.epoch, "step": state.step}
+        reported = with_metric({**metrics, "epoch": state.epoch, "step": state.step}, cfg.run.checkpoint_metric)
         if with_checkpoint:
             if engine.micro_steps % cfg.train.grad_accum:
                 raise RuntimeError(
@@ -202,8 +215,15 @@ def run_worker(plan: WorkerPlan) -> None:
                 state.step, total_steps, cfg.loss.visual_ramp_start, cfg.loss.visual_ramp_end
             )
             boundary = engine.is_gradient_accumulation_boundary()  # before step(), which advances the counter
-            out = engine(**batch)
-            engine.backward(out.loss)
+            # The model FLOPs of one sample (forward, Grad-CAM, backward), counted by torch once per worker on a
+            # real micro-batch of this model: MFU for any configuration, not only the cost model's presets.
+            counter = FlopCounterMode(display=False) if flops_per_sample is None else contextlib.nullcontext()
+            with counter:
+                out = engine(**batch)
+                engine.backward(out.loss)
+            if flops_per_sample is None:
+                flops_per_sample = counter.get_total_flops() / len(ids)
+                progress.flops(flops_per_sample, world, peak)
             engine.step()
             acc.consumed(ids)
             window.add(out.terms, real, tokens)
@@ -226,6 +246,7 @@ def run_worker(plan: WorkerPlan) -> None:
             if guard.update(out.loss, state.step):  # every rank agrees: stop now, export nothing
                 break
             faults.maybe_kill(state.step, "step", rank, world, log)
+            lr_hook.maybe_scale(state.step, engine.lr_scheduler, log)
             if progress.is_log_step(state.step):  # every rank: the window's reduction is a collective
                 stats = window.reduce(peak_memory_mib())
                 progress.step(state.step, epoch, cfg.train.epochs, stats, optimizer_values(engine))
@@ -251,6 +272,12 @@ def run_worker(plan: WorkerPlan) -> None:
         report({**terms, **val}, None, with_checkpoint=engine.micro_steps % cfg.train.grad_accum == 0)
     if sample_log is not None:
         sample_log.close()
+    best: dict[str, Any] = {}
+    if cfg.run.checkpoint_metric:
+        # Export and test the best checkpoint's weights (run.export_from=best), loaded back on the workers
+        scheme = "s3://" if cfg.run.storage_path.startswith("s3://") else ""
+        load = cfg.run.export_from == "best"
+        best = restore_best(engine, cfg.run.checkpoint_metric, cfg.checkpoint_order(), rank, scheme, load)
     test: dict[str, float] = {}
     if plan.has_test:
         # Here, not in a task of its own after training: the model is on the workers' devices already, and a new
@@ -259,9 +286,9 @@ def run_worker(plan: WorkerPlan) -> None:
         test = _evaluate_split(
             engine, ray.train.get_dataset_shard("test"), cfg, model.num_image_tokens, plan.num_classes, "test"
         )
-    _export(engine, cfg, plan, rank, test)
-    if test:
-        progress.outcome(test)
+    _export(engine, cfg, plan, rank, test, best.get("uri") if best.get("exported") else None)
+    if test or best:
+        progress.outcome({**test, **({"best_checkpoint": best} if best else {})})
 
 
 def _finite(values: dict[str, float]) -> dict[str, float]:
@@ -281,7 +308,9 @@ def optimizer_values(engine: Any) -> dict[str, float]:
     return values
 
 
-def _export(engine: Any, cfg: MEGLConfig, plan: WorkerPlan, rank: int, test: dict[str, float]) -> None:
+def _export(
+    engine: Any, cfg: MEGLConfig, plan: WorkerPlan, rank: int, test: dict[str, float], checkpoint: str | None
+) -> None:
     """The export (what training changed): under ZeRO-3 gathered module by module (collectively), rank 0 writes."""
     gather = (
         (lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None))
@@ -295,6 +324,11 @@ def _export(engine: Any, cfg: MEGLConfig, plan: WorkerPlan, rank: int, test: dic
             cfg,
             list(plan.classes),
             plan.run_uri + "/export",
-            extra={"data_uri": cfg.data.uri, "steps": engine.global_steps, **_finite(test)},
+            extra={
+                "data_uri": cfg.data.uri,
+                "steps": engine.global_steps,
+                **({"checkpoint": checkpoint} if checkpoint else {}),
+                **_finite(test),
+            },
             state=state,
         )

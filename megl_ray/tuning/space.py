@@ -33,6 +33,7 @@ from ray import tune
 
 from megl_ray.config import MEGLConfig, config_from_dict
 from megl_ray.config.build import coerce
+from megl_ray.config.packaged import space_path
 from megl_ray.config.strict_yaml import load_yaml_file
 from megl_ray.errors import ConfigError
 
@@ -259,5 +260,10 @@ def parse_space(data: Any, source: str = "<space>", base: MEGLConfig | None = No
 
 
 def load_space(path: str | Path, base: MEGLConfig | None = None) -> SearchSpace:
-    """Load and validate a space file; every error is a ``SpaceError`` naming the file (and the key)."""
+    """Load and validate a space file (or a packaged space by name); every error is a ``SpaceError`` naming the
+    file (and the key)."""
+    try:
+        path = space_path(path)
+    except ConfigError as err:
+        raise SpaceError(str(err)) from None
     return parse_space(load_yaml_file(path, "search space file", SpaceError), str(path), base)

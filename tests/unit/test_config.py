@@ -56,6 +56,9 @@ def test_overrides_parse_values_as_yaml():
         ("train.zero_stage=4", "train.zero_stage: must be 0, 1, 2 or 3"),
         ("model.preset=llava", "model.vlm_path: is required"),
         ("no_equals_sign", "not of the form key=value"),
+        ("run.checkpoint_metric=val_f1", "run.checkpoint_metric: must be one of"),
+        ("run.export_from=middle", "run.export_from: expected one of"),
+        ("run.peak_tflops=0", "run.peak_tflops: must be > 0"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override, fragment):
@@ -120,3 +123,31 @@ def test_megl_configs_lists_shows_and_copies_the_presets(tmp_path, capsys):
     assert load_config(copied["copied_to"]) == load_config("r18-qwen2-0.5b")
     assert main(["configs", "nope"]) == 2 and "no packaged config named 'nope'" in capsys.readouterr().err
     assert main(["--help"]) == 0 and "train-local" in capsys.readouterr().out
+
+
+def test_the_checkpoint_order_is_inferred_from_the_metric_unless_given():
+    assert load_config(None, ["run.checkpoint_metric=val_accuracy"]).checkpoint_order() == "max"
+    assert load_config(None, ["run.checkpoint_metric=val_miou"]).checkpoint_order() == "max"
+    assert load_config(None, ["run.checkpoint_metric=loss"]).checkpoint_order() == "min"
+    chosen = ["run.checkpoint_metric=val_accuracy", "run.checkpoint_mode=min"]
+    assert load_config(None, chosen).checkpoint_order() == "min"
+
+
+def test_every_config_key_has_a_docstring_and_help_lists_them_without_markup(capsys):
+    """``train --help`` lists every key (what --print-config prints) with its default and its docstring's first
+    sentence; docstrings' RST literals are plain text there."""
+    from megl_ray import train
+    from megl_ray.config.reference import config_keys
+
+    keys = {key: doc for key, _, doc in config_keys()}
+    flat = {f"{section}.{key}" for section, values in load_config(None).to_dict().items() for key in values}
+    assert set(keys) == flat and len(flat) > 70
+    assert all(doc for doc in keys.values()), [k for k, doc in keys.items() if not doc]
+    with pytest.raises(SystemExit) as done:
+        train.build_parser().parse_args(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for key in flat:
+        assert f"  {key} (" in text, key
+    assert "``" not in text and "  train.grad_accum (1)  Gradient-accumulation steps" in text
+    assert "  run.checkpoint_metric (null)  Keep the best checkpoint by this reported metric" in text

@@ -61,6 +61,28 @@ def test_rank0_sends_a_step_event_at_each_logging_step_with_the_windows_rates():
     assert board.drain() == []  # drained once
 
 
+def test_counted_flops_give_tflops_per_device_and_mfu_against_the_stated_peak():
+    board = ProgressBoard()
+    progress = Progress(total_steps=2, log_every=1, board=_Remote(board))
+    assert "tflops" not in progress.step(1, 0, 1, _window(1.0), {})  # nothing counted yet: no figure made up
+    progress.flops(per_sample=3e12, world=2, peak_tflops=40.0)
+    values = progress.step(2, 0, 1, _window(1.0), {})  # 64 samples/s over 2 devices, 3 TFLOP each
+    assert values["tflops"] == pytest.approx(96.0) and values["mfu"] == pytest.approx(2.4)
+    assert values["peak_tflops"] == 40.0
+    progress.flops(per_sample=3e12, world=2, peak_tflops=None)  # a CPU, no peak given: TFLOP/s without an MFU
+    assert "mfu" not in progress.step(2, 0, 1, _window(1.0), {})
+
+
+def test_the_peak_is_looked_up_by_gpu_name_and_unknown_devices_have_none():
+    from megl_ray.reporting.log_window import device_peak_tflops
+
+    assert device_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert device_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert device_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert device_peak_tflops("NVIDIA A10G") == 70.0
+    assert device_peak_tflops("Some accelerator") is None
+
+
 def test_other_ranks_send_nothing_but_get_the_values():
     progress = Progress(total_steps=3, log_every=1, board=None)
     assert progress.step(1, 0, 1, _window(1.0), {"lr": 0.1})["loss"] == 1.0
@@ -73,11 +95,12 @@ def test_the_window_averages_every_micro_batch_and_each_term_where_present():
     window.add({"loss": torch.tensor(2.0), "ce": torch.tensor(3.0)}, 4, 40)  # no mask in this micro-batch
     window.waited(0.01)
     peek = window.reduce(peak_memory_mib(), reset=False)
-    stats = window.reduce(123.0)
+    stats = window.reduce((123.0, 456.0))
     assert peek.terms == stats.terms == {"loss": 3.0, "ce": 2.0, "visual": 0.5}
     assert (stats.micro_batches, stats.samples, stats.tokens) == (2, 7, 70)
     assert stats.data_wait_s == 0.01 and stats.mem_mib == (123.0, 123.0) and peek.mem_mib[0] > 0
-    empty = window.reduce(1.0)  # a new window began
+    assert stats.reserved_mib == 456.0
+    empty = window.reduce((1.0, 1.0))  # a new window began
     assert empty.terms == {} and empty.micro_batches == 0 and empty.data_wait_s == 0.0
 
 

@@ -9,14 +9,14 @@ from megl_ray.config import MEGLConfig, load_config
 from megl_ray.tuning.space import SpaceError, apply_values, load_space, parse_space
 
 REPO = Path(__file__).resolve().parents[2]
-SPACES = sorted((REPO / "tune_spaces").glob("*.yaml"))
+SPACES = sorted((REPO / "megl_ray" / "config" / "spaces").glob("*.yaml"))
 
 
 def test_the_headline_spaces_are_shipped():
     names = {p.name for p in SPACES}
     assert {"loss_weights.yaml", "loss_weights_lr.yaml"} <= names
-    assert load_space(REPO / "tune_spaces" / "loss_weights.yaml").keys == ["loss.text_weight", "loss.dc_weight"]
-    assert "optim.lr" in load_space(REPO / "tune_spaces" / "loss_weights_lr.yaml").keys
+    assert load_space("loss_weights").keys == ["loss.text_weight", "loss.dc_weight"]
+    assert "optim.lr" in load_space(REPO / "megl_ray" / "config" / "spaces" / "loss_weights_lr.yaml").keys
 
 
 @pytest.mark.parametrize("path", SPACES, ids=[p.name for p in SPACES])
