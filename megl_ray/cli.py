@@ -128,8 +128,9 @@ def run_cli(
         print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
         print_result({"error": message})
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
-        return 130
+    except KeyboardInterrupt as err:
+        lines = getattr(err, "lines", ()) or (f"{prog}: interrupted",)
+        print("\n".join(lines), file=sys.stderr, flush=True)
+        return getattr(err, "exit_code", 130)
     print_result(result)
     return 0

@@ -11,6 +11,16 @@ class ConfigError(UserError, ValueError):
     """A bad configuration key or value; the message names the key."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """A command stopped by SIGINT (exit 130) or SIGTERM (exit 143); ``lines`` say what was interrupted and how
+    to go on (the entry point prints them instead of a traceback)."""
+
+    def __init__(self, exit_code: int = 130, lines: tuple[str, ...] = ()):
+        super().__init__(*lines)
+        self.exit_code = exit_code
+        self.lines = lines
+
+
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/@]*@")
 
 

@@ -19,6 +19,7 @@ from megl_ray.data.conversion import ConvertOptions, convert
 from megl_ray.data.sample import sample_dataset_path
 from megl_ray.data.schema import DATASET_INFO_FILE
 from megl_ray.storage.embedded_home import BUCKET, embedded_store_for, serving
+from megl_ray.storage.shared_store import locked
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +30,15 @@ def bundled_dataset_s3_uri() -> str:
 
 
 def ensure_bundled_dataset(uri: str) -> None:
-    """Convert and upload the bundled sample dataset to ``uri`` unless a complete conversion is there."""
-    storage.ensure_bucket(uri)
-    if storage.exists(f"{uri}/{DATASET_INFO_FILE}"):
-        return
-    log.info("uploading the bundled sample dataset to %s", uri)
-    convert(ConvertOptions(str(sample_dataset_path()), uri, overwrite=True))
+    """Convert and upload the bundled sample dataset to ``uri`` unless a complete conversion is there. Under a lock:
+    two runs started together on a fresh ``$MEGL_HOME`` would otherwise both upload, one overwriting what the other
+    reads."""
+    with locked(megl_home() / "embedded_s3", "bundled.lock"):
+        storage.ensure_bucket(uri)
+        if storage.exists(f"{uri}/{DATASET_INFO_FILE}"):
+            return
+        log.info("uploading the bundled sample dataset to %s", uri)
+        convert(ConvertOptions(str(sample_dataset_path()), uri, overwrite=True))
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,9 +34,10 @@ from megl_ray.data.pipeline import fits_in_cache, preprocessed_bytes_per_row
 from megl_ray.data.schema import load_dataset_info
 from megl_ray.driver.embedded import embedded_default
 from megl_ray.driver.inputs import build_datasets, cached_rows, plan_splits
+from megl_ray.driver.interruption import interrupted_lines, resume_command, sigterm_interrupts
 from megl_ray.driver.ray_session import check_resources, run_storage, run_uri, start_ray, worker_env
 from megl_ray.driver.run_identity import check_run, fresh_name, name_given
-from megl_ray.errors import UserError
+from megl_ray.errors import Interrupted, UserError
 from megl_ray.model.vlm import check_model_sources, load_tokenizer, pixel_size
 from megl_ray.reporting.console import configure_driver, quiet_ray_data, train_logging_config
 from megl_ray.reporting.pictures import closing_lines, local_run_dir, write_pictures
@@ -49,6 +51,10 @@ from megl_ray.training.guards import DIVERGED_KEY, raise_if_diverged
 from megl_ray.training.plan import WorkerPlan
 
 log = logging.getLogger("megl_ray.train")
+
+
+class TrainingFailed(UserError):
+    """Ray Train gave up on the run (its workers failed more than ``train.max_failures`` times)."""
 
 
 @dataclass(frozen=True)
@@ -163,7 +169,7 @@ def fit(
                 dataset_config=DataConfig(datasets_to_split=list(datasets)),
                 run_config=run_config,
             )
-            result = trainer.fit()
+            result = fit_interruptibly(trainer)
     except BaseException:
         tracker.close(success=False)
         raise
@@ -171,7 +177,7 @@ def fit(
     if result.error is not None or metrics.get(DIVERGED_KEY):
         tracker.close(success=False)
         if result.error is not None:
-            raise UserError(f"training failed: {str(result.error).splitlines()[0]}")
+            raise TrainingFailed(f"training failed: {str(result.error).splitlines()[0]}")
         raise_if_diverged(metrics)
     scheme = "s3://" if cfg.run.storage_path.startswith("s3://") else ""
     summary = {
@@ -217,6 +223,28 @@ def fit(
     return summary
 
 
+def fit_interruptibly(trainer: TorchTrainer) -> Any:
+    """``trainer.fit()`` in a thread of its own, this one waiting: Ctrl-C (or SIGTERM) reaches this thread as
+    ``KeyboardInterrupt`` and the caller unwinds (``ray.shutdown`` ends the workers). Called from the main thread,
+    Ray Train installs its own SIGINT handler instead, which ends the process with ``sys.exit`` from inside the
+    handler: no resume command could be printed. A Tune trial (already off the main thread) behaves the same."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # re-raised in the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name="megl-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # a timed join: a signal interrupts it
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def _best(cfg: MEGLConfig, metrics: dict[str, Any]) -> dict[str, Any]:
     """``best_checkpoint`` (its URI, metric value, step, epoch) and ``exported_from`` (``best`` or ``last``)."""
     if not cfg.run.checkpoint_metric:
@@ -260,11 +288,14 @@ def run(options: TrainOptions) -> dict[str, Any]:
     configure_driver(options.verbose)
     cfg = load_config(options.config or packaged_config("tiny"), options.overrides)
     check_model_sources(cfg.model)  # a wrong hub id stops here, before the embedded store, the data or Ray
-    if not name_given(options.config, options.overrides):  # every invocation a new run, unless a name is chosen
+    named = name_given(options.config, options.overrides)
+    if not named:  # every invocation a new run, unless a name is chosen
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=fresh_name(cfg.run.name)))
         log.info("run %s (to resume it if interrupted, re-run with run.name=%s)", cfg.run.name, cfg.run.name)
-    with embedded_default(cfg) as resolved:
-        complete = check_run(resolved, run_uri(resolved.run.storage_path, resolved.run.name))
+    command = resume_command(options.config, options.overrides, cfg.run.name, named)
+    with embedded_default(cfg) as resolved, sigterm_interrupts():
+        uri = run_uri(resolved.run.storage_path, resolved.run.name)
+        complete = check_run(resolved, uri)
         if complete is not None:
             return complete
         # A local Ray leaves token authentication (and our dashboard address) in this process: undone after it,
@@ -272,6 +303,13 @@ def run(options: TrainOptions) -> dict[str, Any]:
         with local_ray_undone(("RAY_API_SERVER_ADDRESS", INHERIT_VAR)):
             try:
                 result = fit(resolved, options.address, verbose=options.verbose)
+            except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM: say what stopped and how to go on
+                ray.shutdown()
+                code = getattr(err, "exit_code", 130)
+                lines = interrupted_lines(resolved.run.name, uri, "SIGTERM" if code == 143 else "SIGINT", command)
+                raise Interrupted(code, lines) from None
+            except TrainingFailed as err:
+                raise TrainingFailed(f"{err}; resume it with: {command}") from None
             finally:
                 # Flush the workers' forwarded logs now, so the result is the last line of stdout.
                 ray.shutdown()

@@ -1,7 +1,8 @@
 """The embedded store of ``$MEGL_HOME``: an embedded SeaweedFS S3 server on its data directory, serving
 ``s3://megl/...`` to this process (and the local Ray it starts) while no other S3 endpoint is configured. The
-default run (``megl_ray.driver.embedded``) starts it; ``evaluate``, ``explain`` and ``tune`` serve it again after
-that run has ended."""
+default run (``megl_ray.driver.embedded``), ``evaluate``, ``explain``, ``export`` and ``tune`` use it: one server
+shared by all of them while any runs (``megl_ray.storage.shared_store``), so two runs and an evaluation can use one
+``$MEGL_HOME`` side by side."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from megl_ray.config import megl_home
-from megl_ray.storage.embedded import EMBEDDED_SECRET_ENV, EMBEDDED_SECRET_KEY_DEFAULT, EmbeddedS3
+from megl_ray.storage.embedded import EMBEDDED_SECRET_ENV, EMBEDDED_SECRET_KEY_DEFAULT
+from megl_ray.storage.shared_store import shared_store
 
 log = logging.getLogger(__name__)
 BUCKET = "megl"
@@ -31,14 +33,15 @@ def points_into_embedded(*uris: str | None) -> bool:
 
 @contextlib.contextmanager
 def serving(data_dir: Path) -> Iterator[Any]:
-    """The embedded server on ``data_dir`` (secret from ``$MEGL_S3_SECRET_KEY``), its settings in os.environ for
-    this process and the local Ray it starts, both restored at the end."""
+    """The embedded store on ``data_dir``, shared with every other local process using it (``shared_store``;
+    secret from ``$MEGL_S3_SECRET_KEY``), its settings in os.environ for this process and the local Ray it starts,
+    both restored at the end."""
     secret = os.environ.get(EMBEDDED_SECRET_ENV) or EMBEDDED_SECRET_KEY_DEFAULT
-    with EmbeddedS3(data_dir, secret_key=secret) as server:
-        saved = {k: os.environ.get(k) for k in server.env()}
-        os.environ.update(server.env())
+    with shared_store(data_dir, secret) as store:
+        saved = {k: os.environ.get(k) for k in store.env()}
+        os.environ.update(store.env())
         try:
-            yield server
+            yield store
         finally:
             for key, value in saved.items():
                 if value is None:
@@ -55,6 +58,5 @@ def embedded_store_for(*uris: str | None) -> Iterator[None]:
     if not points_into_embedded(*uris) or not data_dir.is_dir():
         yield
         return
-    with serving(data_dir) as server:
-        log.info("serving the embedded store of %s at %s", data_dir, server.endpoint_url)
+    with serving(data_dir):
         yield
