@@ -220,6 +220,9 @@ def test_two_runs_an_evaluation_a_killed_starter_and_a_ctrl_c_share_one_megl_hom
     with EmbeddedS3(data_dir) as server:
         for run in ("one", "two", "earlier"):
             assert storage.exists(f"s3://megl/runs/{run}/export/meta.json", server.options), run
+        for run in ("one", "two"):
+            kept = json.loads(storage.read_bytes(f"s3://megl/runs/{run}/result.json", server.options))
+            assert kept["steps"] == kept["planned_steps"], run
 
 
 def _ray_processes(marker: str) -> list[str]:

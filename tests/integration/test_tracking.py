@@ -286,19 +286,22 @@ def test_curves_and_gallery_are_in_the_run_dir_and_render(tracked, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_gallery_and_curves_are_in_tensorboard_and_mlflow(tracked):
+def test_the_gallery_curves_and_every_logged_key_are_in_tensorboard_and_mlflow(tracked):
     from mlflow import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     result = tracked["result"]
     examples = result["pictures"]["gallery_examples"]
-    events = EventAccumulator(result["tensorboard"], size_guidance={"images": 0, "tensors": 0})
+    events = EventAccumulator(result["tensorboard"], size_guidance={"images": 0, "tensors": 0, "scalars": 0})
     events.Reload()
     gallery = [tag for tag in events.Tags()["images"] if tag.startswith("gallery/")]
     assert "curves" in events.Tags()["images"] and len(gallery) == examples >= 5
     assert all(events.Images(tag)[0].step == 6 and events.Images(tag)[0].width > 0 for tag in gallery)
     captions = [events.Tensors(f"{tag}/text_summary")[0].tensor_proto.string_val[0].decode() for tag in gallery]
     assert all("→ predicted" in caption for caption in captions)
+    # and the logged steps' scalars, every key (grad norm, lr per group, memory, MFU ...) at every step
+    for key in TRAIN_KEYS:
+        assert [e.step for e in events.Scalars(f"train/{key}")] == STEPS, key
 
     client = MlflowClient(tracking_uri=tracked["uri"])
     run = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])[0]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 
+import pytest
+
 from megl_ray.cli import run_cli
+from megl_ray.driver import fit as driver
 from megl_ray.driver.interruption import interrupted_lines, last_checkpoint_step, resume_command
-from megl_ray.errors import Interrupted
+from megl_ray.errors import Interrupted, UserError
 
 
 def test_the_resume_command_repeats_the_config_and_names_the_run():
@@ -49,3 +53,36 @@ def test_an_interrupted_command_prints_its_lines_and_exits_with_the_signal_code(
     assert run_cli("prog", stopped, []) == 143
     assert capsys.readouterr().err.splitlines() == ["[megl] run a interrupted (SIGTERM)", "[megl] resume it with: c"]
     assert run_cli("prog", ctrl_c, []) == 130 and capsys.readouterr().err == "prog: interrupted\n"
+
+
+def test_a_run_ray_gave_up_on_or_a_ctrl_c_ends_with_the_resume_command(tmp_path, monkeypatch):
+    """``driver.fit.run`` around a failed or interrupted ``fit`` (stood in for: no Ray here): the failure's one line
+    ends with the resume command; Ctrl-C becomes ``Interrupted(130)`` with the run's lines."""
+
+    @contextlib.contextmanager
+    def resolved(cfg):
+        yield cfg
+
+    monkeypatch.setattr(driver, "embedded_default", resolved)
+    monkeypatch.setattr(driver, "check_run", lambda cfg, uri: None)
+    monkeypatch.setattr(driver.ray, "shutdown", lambda: None)
+    options = driver.TrainOptions(overrides=(f"run.storage_path={tmp_path}", "train.epochs=3"))
+
+    def gave_up(*args, **kwargs):
+        raise driver.TrainingFailed("training failed: a worker was killed by the OOM killer")
+
+    monkeypatch.setattr(driver, "fit", gave_up)
+    with pytest.raises(UserError) as failed:
+        driver.run(options)
+    message, _, command = str(failed.value).partition("; resume it with: ")
+    assert message == "training failed: a worker was killed by the OOM killer"
+    assert command.startswith(f"python -m megl_ray.train run.storage_path={tmp_path} train.epochs=3 run.name=megl-")
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver, "fit", ctrl_c)
+    with pytest.raises(Interrupted) as stopped:
+        driver.run(options)
+    assert stopped.value.exit_code == 130 and "interrupted (SIGINT); it had no checkpoint yet" in stopped.value.lines[0]
+    assert stopped.value.lines[1].startswith("[megl] resume it with: python -m megl_ray.train run.storage_path=")
