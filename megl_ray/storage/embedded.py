@@ -42,6 +42,26 @@ EMBEDDED_SECRET_ENV = "MEGL_S3_SECRET_KEY"
 # (or pass secret_key) when it listens anywhere else.
 EMBEDDED_SECRET_KEY_DEFAULT = "megl-embedded-dev-secret"
 
+
+def server_options(endpoint_url: str, access_key: str, secret_key: str) -> S3Options:
+    """S3Options that reach an embedded server (this process's own, or a shared one)."""
+    return S3Options(endpoint_url=endpoint_url, region=DEFAULT_REGION, access_key=access_key, secret_key=secret_key)
+
+
+def server_env(endpoint_url: str, access_key: str, secret_key: str) -> dict[str, str]:
+    """Environment variables that make ``S3Options.from_env`` (and other AWS tools) use an embedded server."""
+    return {
+        "MEGL_S3_ENDPOINT": endpoint_url,
+        "AWS_ENDPOINT_URL_S3": endpoint_url,
+        "AWS_ACCESS_KEY_ID": access_key,
+        "AWS_SECRET_ACCESS_KEY": secret_key,
+        # An inherited token belongs to other credentials; SeaweedFS would reject requests carrying it.
+        "AWS_SESSION_TOKEN": "",
+        "AWS_REGION": DEFAULT_REGION,
+        "AWS_DEFAULT_REGION": DEFAULT_REGION,
+    }
+
+
 _LIVE_SERVERS: weakref.WeakSet[EmbeddedS3] = weakref.WeakSet()
 
 # Linux ties PR_SET_PDEATHSIG to the thread that forked, not the process: a server started from a short-lived
@@ -107,26 +127,11 @@ class EmbeddedS3:
     @property
     def options(self) -> S3Options:
         """S3Options that reach this server."""
-        return S3Options(
-            endpoint_url=self.endpoint_url,
-            region=DEFAULT_REGION,
-            access_key=self.access_key,
-            secret_key=self._secret_key,
-        )
+        return server_options(self.endpoint_url or "", self.access_key, self._secret_key)
 
     def env(self) -> dict[str, str]:
         """Environment variables that make :meth:`S3Options.from_env` (and other AWS tools) use this server."""
-        endpoint = self.endpoint_url or ""
-        return {
-            "MEGL_S3_ENDPOINT": endpoint,
-            "AWS_ENDPOINT_URL_S3": endpoint,
-            "AWS_ACCESS_KEY_ID": self.access_key,
-            "AWS_SECRET_ACCESS_KEY": self._secret_key,
-            # An inherited token belongs to other credentials; SeaweedFS would reject requests carrying it.
-            "AWS_SESSION_TOKEN": "",
-            "AWS_REGION": DEFAULT_REGION,
-            "AWS_DEFAULT_REGION": DEFAULT_REGION,
-        }
+        return server_env(self.endpoint_url or "", self.access_key, self._secret_key)
 
     @property
     def running(self) -> bool:

@@ -27,9 +27,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from megl_ray.storage.embedded import EMBEDDED_ACCESS_KEY
+from megl_ray.storage.embedded import EMBEDDED_ACCESS_KEY, server_env, server_options
 from megl_ray.storage.errors import EmbeddedServerError
-from megl_ray.storage.s3 import DEFAULT_REGION, S3Options
+from megl_ray.storage.s3 import S3Options
 from megl_ray.storage.weed import _tail
 
 log = logging.getLogger("megl_ray.storage")
@@ -54,24 +54,11 @@ class SharedStore:
 
     @property
     def options(self) -> S3Options:
-        return S3Options(
-            endpoint_url=self.endpoint_url,
-            region=DEFAULT_REGION,
-            access_key=self.access_key,
-            secret_key=self.secret_key,
-        )
+        return server_options(self.endpoint_url, self.access_key, self.secret_key)
 
     def env(self) -> dict[str, str]:
         """The variables that make ``S3Options.from_env`` (and other AWS tools, the local Ray's workers) use it."""
-        return {
-            "MEGL_S3_ENDPOINT": self.endpoint_url,
-            "AWS_ENDPOINT_URL_S3": self.endpoint_url,
-            "AWS_ACCESS_KEY_ID": self.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.secret_key,
-            "AWS_SESSION_TOKEN": "",  # an inherited token belongs to other credentials
-            "AWS_REGION": DEFAULT_REGION,
-            "AWS_DEFAULT_REGION": DEFAULT_REGION,
-        }
+        return server_env(self.endpoint_url, self.access_key, self.secret_key)
 
 
 def alive(pid: int) -> bool:

@@ -24,6 +24,7 @@ from megl_ray import storage
 from megl_ray.data.reader import read_split
 from megl_ray.driver.embedded import bundled_dataset_s3_uri
 from megl_ray.storage import EmbeddedS3
+from megl_ray.storage.embedded import EMBEDDED_ACCESS_KEY, EMBEDDED_SECRET_KEY_DEFAULT, server_options
 from megl_ray.storage.shared_store import STATE_FILE, alive, read_state
 from tests.support.subprocess_env import subprocess_env
 
@@ -70,10 +71,7 @@ def _weed_processes(data_dir: Path) -> list[int]:
 
 
 def _options(endpoint: str) -> storage.S3Options:
-    server = EmbeddedS3("/nonexistent")  # only for its credentials: the default access key and secret
-    return storage.S3Options(
-        endpoint_url=endpoint, region="us-east-1", access_key=server.access_key, secret_key=server.options.secret_key
-    )
+    return server_options(endpoint, EMBEDDED_ACCESS_KEY, EMBEDDED_SECRET_KEY_DEFAULT)
 
 
 def _gone(data_dir: Path, within_s: float) -> bool:
