@@ -19,12 +19,13 @@ from megl_ray.config import MEGLConfig
 from megl_ray.data.schema import load_dataset_info
 from megl_ray.driver.embedded import embedded_default
 from megl_ray.driver.inputs import plan_splits
-from megl_ray.driver.ray_session import check_resources, run_uri
+from megl_ray.driver.ray_session import check_resources
 from megl_ray.driver.run_identity import name_given, run_state
 from megl_ray.model import build_megl_model
 from megl_ray.model.vlm import check_model_sources, load_tokenizer
 from megl_ray.planning.memory_model import PRESETS, Setup, memory_per_gpu
 from megl_ray.reporting.console import configure_driver
+from megl_ray.storage.uri import run_uri
 from megl_ray.training.accounting import planned_steps
 from megl_ray.training.ds_config import global_batch_size
 

@@ -35,7 +35,7 @@ from megl_ray.data.schema import load_dataset_info
 from megl_ray.driver.embedded import embedded_default
 from megl_ray.driver.inputs import build_datasets, cached_rows, plan_splits
 from megl_ray.driver.interruption import interrupted_lines, resume_command, sigterm_interrupts
-from megl_ray.driver.ray_session import check_resources, run_storage, run_uri, start_ray, worker_env
+from megl_ray.driver.ray_session import check_resources, run_storage, start_ray, worker_env
 from megl_ray.driver.run_identity import check_run, fresh_name, name_given
 from megl_ray.errors import Interrupted, UserError
 from megl_ray.model.vlm import check_model_sources, load_tokenizer, pixel_size
@@ -44,6 +44,7 @@ from megl_ray.reporting.pictures import closing_lines, local_run_dir, write_pict
 from megl_ray.reporting.progress import RunMonitor
 from megl_ray.reporting.tracking import Tracker
 from megl_ray.storage.embedded_home import points_into_embedded
+from megl_ray.storage.uri import run_uri
 from megl_ray.training.accounting import planned_steps
 from megl_ray.training.ds_config import global_batch_size
 from megl_ray.training.entry import train_loop_per_worker

@@ -21,10 +21,6 @@ from megl_ray.reporting.console import configure_driver, filter_forwarded_logs, 
 log = logging.getLogger("megl_ray.train")
 
 
-def run_uri(storage_path: str, name: str) -> str:
-    return storage_path.rstrip("/") + "/" + name
-
-
 def start_ray(address: str | None, verbose: bool = False) -> None:
     """Join ``address`` (or ``$RAY_ADDRESS``), else start a local Ray with every core of this machine."""
     if ray.is_initialized():

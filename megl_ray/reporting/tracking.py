@@ -34,6 +34,7 @@ from megl_ray.errors import UserError
 from megl_ray.evaluation.scoring import METRIC_KEYS
 from megl_ray.model.export_io import check_export, load_export_config
 from megl_ray.reporting.pictures import local_run_dir
+from megl_ray.storage.uri import run_uri as run_directory  # the Backends take a run_uri argument
 
 log = logging.getLogger("megl_ray.train")
 
@@ -312,8 +313,7 @@ def track_evaluation(result: dict[str, Any]) -> list[str]:
         raise UserError(f"{export} does not name the run that wrote it (run.storage_path): nothing to track into")
     if not backends_of(cfg.run.tracking):
         raise UserError(f"{export}: its run was not tracked (run.tracking={cfg.run.tracking})")
-    run_uri = cfg.run.storage_path.rstrip("/") + "/" + cfg.run.name
-    tracker = Tracker(cfg, run_uri, local_run_dir(cfg.run.name))
+    tracker = Tracker(cfg, run_directory(cfg.run.storage_path, cfg.run.name), local_run_dir(cfg.run.name))
     tracker.step = int(meta.get("steps", 0))  # the training step the export was written at
     split = result["split"]
     tracker.summary({f"eval/{split}/{key}": result.get(key) for key in METRIC_KEYS})

@@ -14,6 +14,11 @@ def is_s3(uri: Any) -> bool:
     return isinstance(uri, str) and uri[:5].lower() == "s3://"
 
 
+def run_uri(storage_path: str, name: str) -> str:
+    """The directory of run (or sweep) ``name`` under ``storage_path`` (local or ``s3://``)."""
+    return storage_path.rstrip("/") + "/" + name
+
+
 def split_s3(uri: str) -> tuple[str, str]:
     """``s3://bucket/some/key`` → ``("bucket", "some/key")``; the key may be empty (the bucket itself)."""
     if not is_s3(uri):

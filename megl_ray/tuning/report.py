@@ -17,8 +17,8 @@ from typing import Any
 
 from megl_ray import storage
 from megl_ray.config import MEGLConfig, megl_home
-from megl_ray.driver.ray_session import run_uri
 from megl_ray.errors import UserError
+from megl_ray.storage.uri import run_uri
 from megl_ray.tuning.settings import SweepSettings
 from megl_ray.tuning.space import apply_values
 

@@ -31,9 +31,10 @@ from megl_ray.config import MEGLConfig
 from megl_ray.data.schema import load_dataset_info
 from megl_ray.driver.embedded import embedded_default
 from megl_ray.driver.fit import fit
-from megl_ray.driver.ray_session import check_resources, run_storage, run_uri, start_ray
+from megl_ray.driver.ray_session import check_resources, run_storage, start_ray
 from megl_ray.errors import UserError
 from megl_ray.reporting.console import configure_driver
+from megl_ray.storage.uri import run_uri
 from megl_ray.tuning.hooks import InterruptAfter, ResumableASHA
 from megl_ray.tuning.options import METRICS, SweepOptions
 from megl_ray.tuning.report import report, trial_rows
@@ -150,7 +151,7 @@ def _sweep(
         )
     storage_path, filesystem = run_storage(resolved.run.storage_path)
     experiment_uri = run_uri(resolved.run.storage_path, settings.name)
-    experiment_path = storage_path.rstrip("/") + "/" + settings.name
+    experiment_path = run_uri(storage_path, settings.name)
     _check_resumable(experiment_uri + "/" + SWEEP_FILE, settings)
 
     start_ray(address, verbose)
