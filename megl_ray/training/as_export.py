@@ -15,7 +15,8 @@ from megl_ray.storage.embedded_home import embedded_store_for
 log = logging.getLogger("megl_ray.export")
 
 STATE_FILE = "train_state.json"
-"""``checkpoints.STATE_FILE``, named again here: that module imports DeepSpeed, this one must stay light."""
+"""What marks a training checkpoint (``checkpoints`` writes it). Named here, not there: ``checkpoints`` imports
+DeepSpeed, and this module stays light for the commands that import it at their top."""
 
 
 def is_training_checkpoint(uri: str) -> bool:

@@ -18,12 +18,12 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
+from megl_ray.training.as_export import STATE_FILE
 from megl_ray.training.rank_state import LOAD_OPTIONS, SAVE_OPTIONS, exclude_tied_frozen, load_rng, save_rng
 
 SAFE_GLOBALS = [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler, set, argparse.Namespace]
 """What DeepSpeed's checkpoint files hold besides tensors and builtins: ``weights_only`` loading allows these."""
 DS_TAG = "megl"
-STATE_FILE = "train_state.json"
 TOKENIZER_DIR = "tokenizer"
 
 

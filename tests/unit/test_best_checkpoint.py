@@ -36,10 +36,3 @@ def test_every_report_carries_the_metric():
     assert with_metric({"loss": 1.0}, None) == {"loss": 1.0}
     assert with_metric({"val_accuracy": 0.5}, "val_accuracy") == {"val_accuracy": 0.5}
     assert math.isnan(with_metric({"loss": 1.0}, "val_accuracy")["val_accuracy"])
-
-
-def test_the_light_module_names_the_checkpoint_state_file_as_the_checkpoints_do():
-    from megl_ray.training.as_export import STATE_FILE
-    from megl_ray.training.checkpoints import STATE_FILE as SAVED
-
-    assert STATE_FILE == SAVED
