@@ -23,7 +23,7 @@ from megl_ray.driver.ray_session import check_resources
 from megl_ray.driver.run_identity import name_given, run_state
 from megl_ray.model import build_megl_model
 from megl_ray.model.vlm import check_model_sources, load_tokenizer
-from megl_ray.planning.memory_model import PRESETS, Setup, memory_per_gpu
+from megl_ray.planning.memory_model import PRESETS, Setup, memory_per_gpu, model_states
 from megl_ray.reporting.console import configure_driver
 from megl_ray.storage.uri import run_uri
 from megl_ray.training.accounting import planned_steps
@@ -44,20 +44,19 @@ def memory_shape(cfg: MEGLConfig) -> str | None:
 
 def memory_estimate(cfg: MEGLConfig, use_gpu: bool, num_classes: int, tokenizer: Any) -> dict[str, Any]:
     """GiB per worker: the memory model's for a named shape; for the tiny preset (built here in a moment) its
-    parameter counts and the model states they imply (fp32 weights, gradients and Adam moments, partitioned as
-    ZeRO does; activations not included); for other models, None and why."""
-    precision = cfg.train.precision or ("bf16" if use_gpu else "fp32")
+    parameter counts and the model states the memory model gives them (weights, gradients, Adam states,
+    partitioned as ZeRO does; activations not included); for other models, None and why."""
+    setup = Setup(
+        world=cfg.train.num_workers,
+        zero_stage=cfg.train.zero_stage,
+        precision=cfg.train.precision or ("bf16" if use_gpu else "fp32"),
+        micro_batch=cfg.data.batch_size,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        offload=cfg.train.offload,
+        attn=cfg.model.attn_implementation,
+    )
     shape = memory_shape(cfg)
     if shape is not None:
-        setup = Setup(
-            world=cfg.train.num_workers,
-            zero_stage=cfg.train.zero_stage,
-            precision=precision,
-            micro_batch=cfg.data.batch_size,
-            gradient_checkpointing=cfg.model.gradient_checkpointing,
-            offload=cfg.train.offload,
-            attn=cfg.model.attn_implementation,
-        )
         return {
             "source": f"megl_ray.planning.memory_model shape {shape}",
             **memory_per_gpu(PRESETS[shape], setup).gib(),
@@ -71,9 +70,7 @@ def memory_estimate(cfg: MEGLConfig, use_gpu: bool, num_classes: int, tokenizer:
     model = build_megl_model(cfg, num_classes, tokenizer=tokenizer)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    world, stage = cfg.train.num_workers, cfg.train.zero_stage
-    states = 4.0 * trainable * (1 / world if stage == 3 else 1) + 4.0 * frozen
-    states += 4.0 * trainable / (world if stage >= 2 else 1) + 8.0 * trainable / (world if stage >= 1 else 1)
+    states = sum(model_states(trainable, frozen, setup))  # the memory model's rules for these counts
     return {
         "source": "parameter count of the built model: model states only (activations not included)",
         "trainable_params": trainable,

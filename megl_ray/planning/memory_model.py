@@ -159,28 +159,32 @@ class MemoryEstimate:
         return out
 
 
-def memory_per_gpu(model: ModelShape, setup: Setup) -> MemoryEstimate:
-    """Bytes one worker needs for ``model`` trained as ``setup`` (see the module docstring for the rules)."""
+def model_states(trainable: int, frozen: int, setup: Setup) -> tuple[float, float, float]:
+    """(parameters, gradients, optimizer states) in bytes per worker for these parameter counts, partitioned as
+    ``setup``'s ZeRO stage does (ZeRO-3's gathered working layers and offload not included)."""
     if setup.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0-3, got {setup.zero_stage}")
-    trainable, frozen = model.trainable_frozen()
     world = max(1, setup.world)
     half = setup.precision in ("bf16", "fp16")
     param_bytes = 4.0 * trainable + (2.0 if half else 4.0) * frozen
-    if setup.zero_stage == 3:
-        working = 2.0 * max(model.lm.layer_params(), model.vision.layer_params()) * 2  # gathered + prefetched layer
-        params = param_bytes / world + working
-    else:
-        params = param_bytes
+    params = param_bytes / world if setup.zero_stage == 3 else param_bytes
     grads = 4.0 * trainable / (world if setup.zero_stage >= 2 else 1)
     optimizer = (12.0 * trainable / world) if setup.zero_stage >= 1 else 8.0 * trainable
+    return params, grads, optimizer
+
+
+def memory_per_gpu(model: ModelShape, setup: Setup) -> MemoryEstimate:
+    """Bytes one worker needs for ``model`` trained as ``setup`` (see the module docstring for the rules)."""
+    trainable, frozen = model.trainable_frozen()
+    params, grads, optimizer = model_states(trainable, frozen, setup)
+    half = setup.precision in ("bf16", "fp16")
     host = 0.0
     if setup.offload == "cpu":
-        host += optimizer
-        optimizer = 0.0
-        if setup.zero_stage == 3:
-            host += param_bytes / world
-            params -= param_bytes / world
+        host, optimizer = optimizer, 0.0
+        if setup.zero_stage == 3:  # the parameters' partition too
+            host, params = host + params, 0.0
+    if setup.zero_stage == 3:
+        params += 2.0 * max(model.lm.layer_params(), model.vision.layer_params()) * 2  # gathered + prefetched layer
     b = setup.micro_batch
     flash = setup.attn in ("sdpa", "flash_attention_2")
     ckpt = setup.gradient_checkpointing
