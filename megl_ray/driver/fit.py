@@ -305,6 +305,8 @@ def run(options: TrainOptions) -> dict[str, Any]:
             try:
                 result = fit(resolved, options.address, verbose=options.verbose)
             except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM: say what stopped and how to go on
+                # Stop the workers before reading which checkpoint Ray registered last: the fit thread would go on
+                # training (and registering) while we read, and the line would name a step the resume does not use.
                 ray.shutdown()
                 code = getattr(err, "exit_code", 130)
                 lines = interrupted_lines(resolved.run.name, uri, "SIGTERM" if code == 143 else "SIGINT", command)

@@ -5,7 +5,7 @@ over the window and the ranks, samples/s, tokens/s, TFLOP/s and MFU, lr per grou
 epoch's validation metrics, the test metrics, the export URI and the end-of-run gallery (overlays and rationales as
 TensorBoard images, MLflow artifacts, a W&B table). So tracking happens there, once per run, with the libraries' own
 clients (``MlflowClient``, ``wandb``, ``SummaryWriter``) — the workers send their reduced numbers to the driver
-(``megl_ray.reporting.progress``). ``evaluate --track`` reopens the same run (``Tracker.for_evaluation``).
+(``megl_ray.reporting.progress``). ``evaluate --track`` reopens the same run (``track_evaluation``).
 
 The standard variables count where the config says nothing: ``$MLFLOW_TRACKING_URI``, ``$MLFLOW_EXPERIMENT_NAME``,
 ``$WANDB_PROJECT`` (and W&B's own ``$WANDB_MODE``, ``$WANDB_DIR``).

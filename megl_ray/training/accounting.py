@@ -104,7 +104,7 @@ class FaultHook:
 class LrScaleHook:
     """Test-only: ``MEGL_TEST_LR_SCALE_AT_STEP=4:-10`` multiplies every parameter group's learning rate (the
     scheduler's base rates, so the schedule keeps its shape) by -10 once optimizer step 4 is taken — gradient ascent
-    from there on, which forces a run's validation accuracy to peak before its end (the best-checkpoint test)."""
+    from there on, which forces a run's best checkpoint (lowest loss) before its end (the best-checkpoint test)."""
 
     step: int = 0
     factor: float = 1.0
