@@ -242,7 +242,7 @@ def cpu_throughput_ratio(cal: CpuCalibration, workers: int = 2) -> float:
 DOC_CONFIGS = {
     # preset: (setup on the GPUs, gradient accumulation) as in megl_ray/config/presets/*.yaml
     "r18-qwen2-0.5b": (Setup(zero_stage=2, precision="bf16", micro_batch=8), 1),
-    "r50-llava-1.5-7b-lora": (Setup(zero_stage=3, precision="bf16", micro_batch=4), 4),
+    "r50-llava-1.5-7b-lora": (Setup(zero_stage=2, precision="bf16", micro_batch=4), 4),
 }
 NODE_COUNTS = (1, 2, 4, 8)
 
