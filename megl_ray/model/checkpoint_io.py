@@ -52,7 +52,8 @@ def fetch_lock_path(uri: str) -> Path:
 def local_dir(uri: str, allow_patterns: list[str] | None = None) -> Path:
     """A local directory for a model given as a local path, an ``s3://`` prefix (downloaded and cached) or a Hugging
     Face Hub id ``org/name[@revision]`` (the HF cache's snapshot: ``megl_ray.model.hub``; ``allow_patterns``
-    fetches only those files, e.g. ``hub.TOKENIZER_FILES`` where no weights are needed).
+    fetches only those files, e.g. ``hub.TOKENIZER_FILES`` where no weights are needed, from a hub or an ``s3://``
+    prefix).
 
     A remote directory is fetched once per node: the workers of a node share its cache, and a file lock makes the
     first one download while the others wait and then reuse its copy (the cache's rename keeps a copy whole, but
@@ -61,7 +62,9 @@ def local_dir(uri: str, allow_patterns: list[str] | None = None) -> Path:
         lock = fetch_lock_path(uri)
         lock.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(lock)):
-            return Path(storage.local_copy(uri)) if uri.startswith("s3://") else hub.snapshot(uri, allow_patterns)
+            if uri.startswith("s3://"):
+                return Path(storage.local_copy(uri, patterns=allow_patterns))
+            return hub.snapshot(uri, allow_patterns)
     path = Path(uri).expanduser()
     if not path.is_dir():
         raise UserError(f"model directory not found: {uri} (a local folder, s3://bucket/prefix or a hub id org/name)")

@@ -55,7 +55,7 @@ def run_steps(
     model = build_megl_model(cfg, num_classes, tokenizer=tokenizer)
     global_batch = cfg.data.batch_size * world
     batches = fixed_batches(cfg, model, rows, mask_size, global_batch, steps)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, offload=deepspeed_engine and cfg.train.offload == "cpu")
     scheduler = build_scheduler(optimizer, cfg.optim, max(steps, 1))
     engine = None
     if deepspeed_engine:

@@ -46,7 +46,7 @@ def _engine(cfg: MEGLConfig, loop: dict[str, Any]):
 
     torch.manual_seed(cfg.train.seed)
     model = build_megl_model(cfg, loop["num_classes"], tokenizer=loop["tokenizer"])
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, offload=cfg.train.offload == "cpu")
     scheduler = build_scheduler(optimizer, cfg.optim, loop["steps"])
     engine, *_ = deepspeed.initialize(
         model=model,

@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import hashlib
 import json
 import logging
 import os
 import shutil
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -171,9 +174,15 @@ def ensure_bucket(uri: str, options: S3Options | None = None) -> None:
     log.info("created bucket %s at %s", bucket, options.describe())
 
 
-def download(uri: str, local_dir: str | os.PathLike[str], options: S3Options | None = None) -> Path:
+def download(
+    uri: str,
+    local_dir: str | os.PathLike[str],
+    options: S3Options | None = None,
+    patterns: Sequence[str] | None = None,
+) -> Path:
     """Download one object into ``local_dir`` (returns the file's path) or everything under a prefix into
-    ``local_dir`` keeping relative paths, like ``aws s3 cp --recursive`` (returns ``local_dir``)."""
+    ``local_dir`` keeping relative paths, like ``aws s3 cp --recursive`` (returns ``local_dir``); with ``patterns``
+    (``fnmatch`` globs on the relative path, as ``huggingface_hub``'s ``allow_patterns``) only the files matching one."""
     root = Path(local_dir).expanduser().resolve()
     if not is_s3(uri):
         source = _local_path(uri)
@@ -203,6 +212,8 @@ def download(uri: str, local_dir: str | os.PathLike[str], options: S3Options | N
     if not keys:
         raise NotFoundError(f"{uri}: no such object, and nothing under it as a prefix, at {options.describe()}")
     prefix = _dir_prefix(key)
+    if patterns is not None:
+        keys = [k for k in keys if matches(k[len(prefix) :], patterns)]
     root.mkdir(parents=True, exist_ok=True)
     for object_key in keys:
         target = _safe_target(root, object_key[len(prefix) :], uri)
@@ -269,21 +280,32 @@ def _remote_state(bucket: str, key: str, uri: str, options: S3Options) -> dict[s
     return _call("list", uri, options, listing)
 
 
-def local_copy(uri: str, cache_dir: str | os.PathLike[str] | None = None, options: S3Options | None = None) -> Path:
+def local_copy(
+    uri: str,
+    cache_dir: str | os.PathLike[str] | None = None,
+    options: S3Options | None = None,
+    patterns: Sequence[str] | None = None,
+) -> Path:
     """A local path for ``uri``: a local path as is; an ``s3://`` object or prefix downloaded to
     ``<cache_dir or default_cache_dir()>/<bucket>/<key>`` and reused from there while the bucket still holds the
     same objects (their ETags and sizes, one listing per call, are kept beside the copy): a model re-uploaded under
     the same prefix is fetched again. When the store cannot be reached, a cached copy is used as it is (a warning).
+    With ``patterns`` only the matching files of a prefix are fetched, into a copy of their own (``<key>@files-<hash>``):
+    the driver reads a 7B model's tokenizer and ``config.json`` without its 14 GB of weights.
     """
     if not is_s3(uri):
         return _local_path(uri)
     bucket, key = split_s3(uri)
     cache_root = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser().resolve()
-    target = _safe_target(cache_root, f"{bucket}/{key}".rstrip("/"), uri)
+    suffix = "" if patterns is None else "@files-" + hashlib.sha256("\0".join(patterns).encode()).hexdigest()[:12]
+    target = _safe_target(cache_root, f"{bucket}/{key}".rstrip("/") + suffix, uri)
     manifest = target.parent / f".{target.name}.megl-objects.json"
     options = options or S3Options.from_env()
     try:
         remote = _remote_state(bucket, key, uri, options)
+        if patterns is not None:
+            prefix = _dir_prefix(key)
+            remote = {k: v for k, v in remote.items() if matches(k[len(prefix) :], patterns)}
     except NotFoundError:
         raise
     except StorageError as err:
@@ -300,7 +322,7 @@ def local_copy(uri: str, cache_dir: str | os.PathLike[str] | None = None, option
     staging = target.parent / f".{target.name}.partial-{os.getpid()}-{threading.get_ident()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        fetched = download(uri, staging, options)
+        fetched = download(uri, staging, options, patterns)
         if target.exists():  # a stale copy (the objects changed, or a copy from before revalidation)
             log.info("%s changed in the store: fetching it again", uri)
             if target.is_dir():
@@ -317,6 +339,12 @@ def local_copy(uri: str, cache_dir: str | os.PathLike[str] | None = None, option
     manifest.write_text(json.dumps(remote, sort_keys=True))
     log.info("cached %s at %s", uri, target)
     return target
+
+
+def matches(relative: str, patterns: Sequence[str]) -> bool:
+    """Whether a file's path relative to the copied prefix matches one of ``patterns`` (``fnmatch``: ``*`` spans
+    ``/`` too, as in ``huggingface_hub``'s ``allow_patterns``)."""
+    return any(fnmatch.fnmatch(relative, pattern) for pattern in patterns)
 
 
 def cache_size(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Path, int, int]:

@@ -34,8 +34,19 @@ def param_groups(
     return out
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr, cfg.classifier_lr), lr=cfg.lr)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW over ``param_groups``. With ``offload`` (``train.offload=cpu``) it is DeepSpeed's ``DeepSpeedCPUAdam``:
+    ZeRO-Offload steps the optimizer on the host, where torch's AdamW is a slow loop over tensors, and DeepSpeed
+    refuses a client optimizer there (``zero_force_ds_cpu_optimizer``). The same update rule (AdamW, decoupled
+    weight decay, bias correction); its C++ kernel is compiled by DeepSpeed on first use (~45 s, kept in
+    ``$TORCH_EXTENSIONS_DIR``; the Docker image builds it in advance)."""
+    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.classifier_lr)
+    if offload:
+        # Lazy: DeepSpeed chooses its accelerator when imported, and the single-process trainer never needs it.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # noqa: PLC0415
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.lr, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:

@@ -119,7 +119,7 @@ def run_worker(plan: WorkerPlan) -> None:
         )
     per_epoch = steps_per_epoch(plan.train_rows, world, cfg.data.batch_size)
     total_steps = planned_steps(plan.train_rows, world, cfg.data.batch_size, cfg.train.epochs, cfg.train.grad_accum)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, offload=cfg.train.offload == "cpu")
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model,

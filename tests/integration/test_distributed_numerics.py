@@ -1,6 +1,6 @@
 """What Ray Train + DeepSpeed workers compute, in one worker group (one Train start for every configuration):
 
-* equivalence: two workers under ZeRO-2 and ZeRO-3 (fp32) follow one plain process's loss trajectory on the same
+* equivalence: two workers under ZeRO-2 and ZeRO-3 (fp32), also with the optimizer offloaded to the host, follow one plain process's loss trajectory on the same
   global batches, to rounding (1e-5), with every MEGL term on (text, visual, distribution consistency);
 * mixed precision: bf16 (DeepSpeed torch_autocast over fp32 master weights) trains under ZeRO-2 and ZeRO-3 with
   every MEGL term, the tiny CNN (GroupNorm) and ResNet-18 (BatchNorm), and stays within 3e-2 of fp32.
@@ -73,6 +73,14 @@ def trajectories(tmp_path_factory, shared_ray):
     variants = {
         ("zero", stage): config_from_dict(equivalence.to_dict(), [f"train.zero_stage={stage}"]) for stage in (2, 3)
     }
+    variants.update(  # ZeRO-Offload: DeepSpeed's CPU Adam on the host partitions (parameters too under ZeRO-3)
+        {
+            ("offload", stage): config_from_dict(
+                equivalence.to_dict(), [f"train.zero_stage={stage}", "train.offload=cpu"]
+            )
+            for stage in (2, 3)
+        }
+    )
     variants.update(
         {
             key: config_from_dict(
@@ -104,6 +112,19 @@ def test_two_deepspeed_workers_match_one_process(trajectories, stage):
     assert single[0] > single[-1]  # it trains
     for step, (a, b) in enumerate(zip(losses, single)):
         assert a == pytest.approx(b, rel=EQUIVALENCE_TOLERANCE), (stage, step, losses, single)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_offload_to_cpu_trains_with_deepspeeds_cpu_adam_and_follows_one_process(trajectories, stage):
+    """``train.offload=cpu`` used to crash at ``deepspeed.initialize`` (a client torch AdamW under ZeRO-Offload):
+    with DeepSpeed's CPU Adam it trains, and its AdamW is torch's update rule (the same trajectory, to 1e-4: the
+    kernel's own float order)."""
+    single, got = trajectories
+    losses = got[("offload", stage)]
+    assert len(losses) == STEPS and all(math.isfinite(v) for v in losses), losses
+    assert losses[0] > losses[-1]
+    for step, (a, b) in enumerate(zip(losses, single)):
+        assert a == pytest.approx(b, rel=1e-4), (stage, step, losses, single)
 
 
 def test_bf16_under_zero2_and_zero3_matches_fp32_for_groupnorm_and_batchnorm(trajectories):
