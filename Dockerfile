@@ -23,14 +23,30 @@ ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 ARG DEEPSPEED_VERSION=0.19.8
 
-# DeepSpeed ops: none pre-built. The trainer hands DeepSpeed its own torch AdamW (megl_ray/training/optim.py) with ZeRO-2/3,
-# bf16 and NCCL and no offload, so no DeepSpeed extension is loaded on GPU nodes; pre-building FUSED_ADAM, CPU_ADAM
-# or UTILS would add many minutes of nvcc to every build and hundreds of MB to the image for ops never used. A config
-# that needs one (ZeRO-Offload needs CPU_ADAM) JIT-compiles it once per node into TORCH_EXTENSIONS_DIR (nvcc and
-# ninja are in the image), or rebuild with DS_BUILD_CPU_ADAM=1 and `pip install --no-build-isolation deepspeed`.
+# DeepSpeed ops: none pre-built. The trainer hands DeepSpeed its own torch AdamW (megl_ray/training/optim.py) with
+# ZeRO-2/3, bf16 and NCCL, so no DeepSpeed extension is loaded on GPU nodes; pre-building FUSED_ADAM, CPU_ADAM or UTILS
+# would add many minutes of nvcc to every build and hundreds of MB to the image. train.offload=cpu uses DeepSpeed's
+# CPU Adam, JIT-compiled once per node into TORCH_EXTENSIONS_DIR (about a minute; the compiler and ninja are in the
+# image), or rebuild with DS_BUILD_CPU_ADAM=1 and `pip install --no-build-isolation deepspeed`.
 ENV DS_BUILD_OPS=0 \
     TORCH_EXTENSIONS_DIR=/home/ray/.cache/torch_extensions \
     PYTHONUNBUFFERED=1
+
+# EFA between nodes (cluster/aws-gpu.yaml's p5 nodes, EKS with the EFA device plugin): libfabric and the aws-ofi-nccl
+# NCCL plugin from AWS's EFA installer, user space only (--skip-kmod: the host AMI's driver serves the container).
+# Without them NCCL falls back to TCP sockets across nodes (docs/scaling.md, "Fabric"). Harmless elsewhere: NCCL uses
+# the plugin only where libfabric finds an EFA device.
+ARG EFA_INSTALLER_VERSION=1.38.0
+USER 0
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# hadolint ignore=DL3003
+RUN curl -fsSL "https://efa-installer.amazonaws.com/aws-efa-installer-${EFA_INSTALLER_VERSION}.tar.gz" | tar -xz -C /tmp \
+ && cd /tmp/aws-efa-installer \
+ && ./efa_installer.sh -y -g --skip-kmod --skip-limit-conf --no-verify \
+ && cd / && rm -rf /tmp/aws-efa-installer /var/lib/apt/lists/* \
+ && ls /opt/amazon/efa/lib/libfabric.so* /opt/amazon/ofi-nccl/lib/*/libnccl-net*.so
+ENV LD_LIBRARY_PATH=/opt/amazon/ofi-nccl/lib/x86_64-linux-gnu:/opt/amazon/efa/lib:${LD_LIBRARY_PATH} \
+    PATH=/opt/amazon/efa/bin:${PATH}
 
 # The base image's `ray` user, by number so that Kubernetes' runAsNonRoot can verify it is not root.
 USER 1000:100

@@ -33,6 +33,7 @@ from megl_ray.config import MEGLConfig, load_config, megl_home, packaged_config
 from megl_ray.data.pipeline import fits_in_cache, preprocessed_bytes_per_row
 from megl_ray.data.schema import load_dataset_info
 from megl_ray.driver.embedded import embedded_default
+from megl_ray.driver.end_of_run import gallery_drawer, gallery_source
 from megl_ray.driver.inputs import build_datasets, cached_rows, plan_splits
 from megl_ray.driver.interruption import interrupted_lines, resume_command, sigterm_interrupts
 from megl_ray.driver.ray_session import check_resources, run_storage, start_ray, worker_env
@@ -212,9 +213,11 @@ def fit(
         tracker.summary({"test/accuracy": metrics.get("test_accuracy"), "test/miou": metrics.get("test_miou")})
     tracker.export(summary["export"])
     if evaluate_test:  # the end-of-run report; a sweep's trials skip it
-        summary["pictures"], examples = write_pictures(
-            monitor.history, uri, summary["export"], cfg.data.uri, local_dir, title=f"run {cfg.run.name}"
-        )
+        source = gallery_source(splits, has_test=plan.has_test)
+        draw = gallery_drawer(summary["export"], cfg.data.uri, source, use_gpu, cfg.train.cpus_per_worker, plan.env)
+        summary["pictures"], examples = write_pictures(monitor.history, uri, local_dir, f"run {cfg.run.name}", draw)
+        if source is not None and "gallery" in summary["pictures"]:
+            summary["pictures"]["gallery_of"] = "test" if source.split == "test" else "validation"
         tracker.pictures(summary["pictures"], examples)
     if "tensorboard" in tracker.backends:
         summary["tensorboard"] = str(local_dir / "tensorboard")

@@ -239,18 +239,24 @@ def write_gallery(
     max_new_tokens: int | None = None,
     batch_size: int = 32,
     names: _Names | None = None,
+    ids: Sequence[str] | None = None,
+    split_label: str | None = None,
 ) -> list[dict[str, Any]]:
-    """A few examples per class of ``split`` as ``out/index.html`` plus its PNGs; returns the examples."""
+    """A few examples per class of ``split`` (only its rows ``ids`` when given: a validation carved from train) as
+    ``out/index.html`` plus its PNGs; returns the examples. ``split_label`` is what the page calls them."""
 
     info = load_dataset_info(data_uri)
     if list(info.classes) != exported.classes:
         raise UserError(f"{checkpoint} was not trained on {data_uri}: their classes differ")
     table = read_split(data_uri, split, info)
+    if ids is not None:
+        wanted = set(ids)
+        table = table.take([i for i, row_id in enumerate(table.column("id").to_pylist()) if row_id in wanted])
     picked = table.take(select_rows(table, len(info.classes), per_class))
     examples = explain_rows(
         exported, picked, info.mask_size, out, names or _Names(), num_beams, max_new_tokens, batch_size
     )
-    render_gallery(examples, info.classes, out, checkpoint, data_uri, split)
+    render_gallery(examples, info.classes, out, checkpoint, data_uri, split_label or split)
     return examples
 
 

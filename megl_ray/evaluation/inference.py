@@ -22,6 +22,7 @@ from megl_ray.data.transforms import preprocess_rows
 from megl_ray.errors import UserError
 from megl_ray.evaluation.options import PRECISIONS
 from megl_ray.model.export_io import load_export
+from megl_ray.model.precision import keep_norms_fp32
 
 log = logging.getLogger("megl_ray.evaluation.inference")
 
@@ -79,6 +80,7 @@ def prepare_for_inference(exported: Any, device: str = "auto", precision: str = 
     merged = exported.lora_merged
     if dtype != torch.float32:
         model.vlm.to(dtype)
+        keep_norms_fp32(model.vlm)  # norms compute in fp32 on 16-bit inputs, as in training
         if model.fusion is not None:
             model.fusion.to(dtype)
     model.to(resolved).eval()
@@ -97,10 +99,11 @@ def prepare_for_inference(exported: Any, device: str = "auto", precision: str = 
 def load_for_inference(
     uri: str, device: str = "auto", precision: str = "auto", base_path: tuple[str, ...] = ()
 ) -> tuple[Any, Placement]:
-    """The export at ``uri`` (its bases re-pointed by ``base_path``), loaded on the CPU and then
-    ``prepare_for_inference``-d. Returns (Exported, Placement)."""
-    resolve_dtype(precision, resolve_device(device))  # a bad --device/--precision fails before the slow load
-    exported = load_export(uri, device="cpu", merge_lora=True, base_path=base_path)
+    """The export at ``uri`` (its bases re-pointed by ``base_path``), loaded on the CPU in the dtype it will run
+    in (a 7B base is read in bf16, never materialised in fp32 on the host) and then ``prepare_for_inference``-d.
+    Returns (Exported, Placement)."""
+    dtype = resolve_dtype(precision, resolve_device(device))  # a bad --device/--precision fails before the load
+    exported = load_export(uri, device="cpu", merge_lora=True, base_path=base_path, dtype=dtype)
     return exported, prepare_for_inference(exported, device, precision)
 
 

@@ -37,8 +37,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+from transformers.initialization import no_init_weights
 
 from megl_ray import storage
 from megl_ray.config import MEGLConfig, config_from_dict, safe_io
@@ -59,6 +60,7 @@ from megl_ray.model.hf_export import (
     save_vlm,
     write_card,
 )
+from megl_ray.model.safetensors_stream import write_safetensors
 from megl_ray.model.vlm import VLMBundle, _num_image_tokens, set_memory_options
 
 FORMAT_VERSION = 1
@@ -68,6 +70,7 @@ CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
 CLASSIFIER_DIR = "classifier"
+PRECISION_OF = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass
@@ -122,8 +125,11 @@ def exported_state(
             if keep:
                 for tensor in tensors:
                     for name in by_param[id(tensor)]:
-                        # clone(): tied or shared storages cannot be saved as separate safetensors entries
-                        state[name] = tensor.detach().cpu().contiguous().clone()
+                        value = tensor.detach().cpu().contiguous()
+                        # A gathered ZeRO-3 parameter is released when its module's gather ends: keep a copy. A
+                        # host tensor is written as it is (``write_safetensors`` takes shared storages): a copy of
+                        # every tensor was a second model in host RAM while a 7B export was written.
+                        state[name] = value.clone() if gather is not None and value is tensor else value
     return state if keep else None
 
 
@@ -145,7 +151,7 @@ def save_export(
         state = exported_state(model, cfg, standalone=standalone)
     with tempfile.TemporaryDirectory(prefix="megl-export-") as tmp:
         root = Path(tmp)
-        save_file(state, str(root / WEIGHTS_FILE))
+        write_safetensors(root / WEIGHTS_FILE, state)
         (root / CONFIG_FILE).write_text(cfg.to_yaml())
         model.tokenizer.save_pretrained(str(root / TOKENIZER_DIR))
         if standalone:
@@ -194,7 +200,7 @@ def _save_torchvision_classifier(
     if "head.weight" not in own or "backbone.stem.0.weight" not in own:
         return
     folder.mkdir()
-    save_file(to_torchvision_layout(own, cfg.model.classifier), str(folder / WEIGHTS_FILE))
+    write_safetensors(folder / WEIGHTS_FILE, to_torchvision_layout(own, cfg.model.classifier))
     config = {
         "builder": f"torchvision.models.{cfg.model.classifier}",
         "num_classes": len(classes),
@@ -208,10 +214,18 @@ def _save_torchvision_classifier(
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _standalone_vlm(root: Path, cfg: MEGLConfig, tokenizer: Any) -> Any:
-    """The VLM of a standalone export: its architecture from ``vlm_config.json``, weights from the export."""
+def _standalone_vlm(root: Path, cfg: MEGLConfig, tokenizer: Any, dtype: torch.dtype) -> Any:
+    """The VLM of a standalone export: its architecture from ``vlm_config.json``, weights from the export (loaded
+    over it by ``load_export``). Built in ``dtype`` and without initialising its weights (transformers'
+    ``no_init_weights``): random values for 7 B parameters would be minutes of CPU, all overwritten."""
     config = LlavaConfig.from_json_file(str(root / VLM_CONFIG_FILE))
-    model = LlavaForConditionalGeneration(config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with no_init_weights():
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
     set_memory_options(model, cfg.model)
     return VLMBundle(
         model, tokenizer, config.image_token_id, _num_image_tokens(config), config.vision_config.image_size
@@ -280,25 +294,31 @@ def _load_weights(root: Path, uri: str) -> dict[str, torch.Tensor]:
 
 
 def load_export(
-    uri: str, device: str | torch.device = "cpu", merge_lora: bool = False, base_path: tuple[str, ...] = ()
+    uri: str,
+    device: str | torch.device = "cpu",
+    merge_lora: bool = False,
+    base_path: tuple[str, ...] = (),
+    dtype: torch.dtype = torch.float32,
 ) -> Exported:
     """Rebuild the MEGL model of an export; clear one-line errors for a missing, damaged or foreign directory.
     ``merge_lora`` folds LoRA adapters into their base layers with peft (``adapter/`` loaded by
     ``PeftModel.from_pretrained`` and ``merge_and_unload``-ed): the model holds plain layers afterwards.
-    ``base_path`` re-points the base checkpoints its config names (``repoint``)."""
+    ``base_path`` re-points the base checkpoints its config names (``repoint``). ``dtype`` (bfloat16/float16) builds
+    the VLM as training's precision does: frozen weights loaded in that dtype from the start (a 7B base never
+    exists in fp32 on the host), trainable ones and norms fp32 — run it under autocast, or cast it
+    (``evaluation.inference.prepare_for_inference``)."""
     root, meta = check_export(uri)
     cfg = repoint(load_export_config(root, uri), base_path, uri)
     standalone = bool(meta.get("standalone"))
     state = _load_weights(root, uri)
     merge = merge_lora and has_lora(state)
-    # Evaluation runs in fp32: a 16-bit frozen tower would need autocast around every caller.
     # Merging: built without LoRA layers, the LM frozen as LoRA froze it (the same tensors are the export's)
-    fixed = ["train.precision=fp32", "model.classifier_weights=null"]
+    fixed = [f"train.precision={PRECISION_OF[dtype]}", "model.classifier_weights=null"]
     fixed += ["model.lora_r=0", "model.freeze_lm=true"] if merge else []
     build_cfg = config_from_dict(cfg.to_dict(), fixed)
     tokenizer = _load_tokenizer(root, uri)
     try:
-        vlm = _standalone_vlm(root, build_cfg, tokenizer) if standalone else None
+        vlm = _standalone_vlm(root, build_cfg, tokenizer, dtype) if standalone else None
     except (OSError, ValueError) as err:  # a missing or corrupt vlm_config.json
         raise UserError(f"{uri}: cannot read {VLM_CONFIG_FILE}: {str(err).splitlines()[0][:200]}") from None
     model = build_megl_model(
@@ -362,8 +382,11 @@ def _without_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def merge_export(src: str, dst: str, vlm_dtype: str = "bfloat16", base_path: tuple[str, ...] = ()) -> dict[str, Any]:
     """A standalone export from ``src`` (its bases re-pointed by ``base_path``): LoRA merged, every tensor
     written, loadable without base checkpoints; and ``vlm/``, the LLaVA for transformers alone, in ``vlm_dtype``
-    (``bfloat16``, ``float16`` or ``float32``)."""
-    exported = load_export(src, merge_lora=True, base_path=base_path)
+    (``bfloat16`` by default: the base's own precision, half an fp32 export; ``float16``, or ``float32`` on
+    request). The model is built in ``vlm_dtype`` and written without copies: host RAM peaks near one model of that
+    dtype (measured in tests/integration/test_export_memory.py)."""
+    # Loaded in the dtype it is written in: a 7B merge holds one model in host RAM, not an fp32 one and its copies
+    exported = load_export(src, merge_lora=True, base_path=base_path, dtype=getattr(torch, vlm_dtype))
     model, cfg = exported.model, exported.config
     merged_cfg = config_from_dict(cfg.to_dict(), ["model.lora_r=0"])
     model.cfg = merged_cfg.model

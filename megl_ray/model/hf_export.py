@@ -141,9 +141,17 @@ def llava_processor(cfg: MEGLConfig, vlm: Any, tokenizer: Any) -> Any:
     )
 
 
+SHARD_FLOOR = 64 * 2**20
+"""The smallest ``vlm/`` shard (bytes): small models stay one file."""
+
+
 def save_vlm(folder: Path, cfg: MEGLConfig, vlm: Any, tokenizer: Any, dtype: torch.dtype) -> None:
-    """``vlm/``: a ``save_pretrained`` LLaVA (no LoRA layers left) with its tokenizer and processor."""
-    vlm.to(dtype).save_pretrained(str(folder))
+    """``vlm/``: a ``save_pretrained`` LLaVA (no LoRA layers left) with its tokenizer and processor, in shards of
+    at most an eighth of the model: safetensors turns a whole shard into bytes before writing it, so a one-shard 7B
+    would be a second model in host RAM (with eight, 1/8 of one)."""
+    vlm = vlm.to(dtype)
+    size = sum(p.numel() * p.element_size() for p in vlm.parameters())
+    vlm.save_pretrained(str(folder), max_shard_size=max(SHARD_FLOOR, size // 8))
     tokenizer.save_pretrained(str(folder))
     llava_processor(cfg, vlm, tokenizer).save_pretrained(str(folder))
 

@@ -93,9 +93,10 @@ def keep_norms_fp32(model: nn.Module) -> int:
     for module in model.modules():
         if is_norm(module) and not isinstance(module, _FP32Norm):
             module.__class__ = _fp32_class(type(module))
+            count += 1
+        if isinstance(module, _FP32Norm):  # again after a ``model.to(bf16)``, which casts them too
             for param in module.parameters(recurse=False):
                 param.data = param.data.float()
-            count += 1
     return count
 
 

@@ -1,12 +1,13 @@
 """What a finished run leaves to look at: ``curves.png`` (loss terms per step, validation metrics per epoch) and an
-explanation gallery of validation examples (``megl_ray.explain``'s gallery), in the run directory and in a local
-folder the last lines of the run name, with the commands to open them and TensorBoard."""
+explanation gallery of validation examples (``megl_ray.explain``'s gallery, drawn by whoever holds the model: the
+driver hands in a function, ``megl_ray.driver.end_of_run``'s Ray task), in the run directory and in a local folder
+the last lines of the run name, with the commands to open them and TensorBoard."""
 
 from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +17,9 @@ from matplotlib.ticker import MaxNLocator
 
 from megl_ray import storage
 from megl_ray.config import megl_home
-from megl_ray.evaluation.explanations import write_gallery
-from megl_ray.model.export_io import load_export
 from megl_ray.reporting.progress import SHOWN_TERMS
 
 log = logging.getLogger("megl_ray.train")
-
-GALLERY_PER_CLASS = 1
-GALLERY_MAX_NEW_TOKENS = 16
 
 
 def draw_curves(history: Sequence[dict[str, Any]], path: Path, title: str) -> Path | None:
@@ -62,10 +58,15 @@ def draw_curves(history: Sequence[dict[str, Any]], path: Path, title: str) -> Pa
 
 
 def write_pictures(
-    history: Sequence[dict[str, Any]], run_uri: str, export_uri: str, data_uri: str, local_dir: Path, title: str
+    history: Sequence[dict[str, Any]],
+    run_uri: str,
+    local_dir: Path,
+    title: str,
+    draw_gallery: Callable[[Path], list[dict[str, Any]] | None] | None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """``curves.png`` and ``gallery/index.html`` into ``local_dir`` and the run directory; returns their paths and
-    the gallery's examples (for the trackers).
+    the gallery's examples (for the trackers). ``draw_gallery(folder)`` writes the gallery and returns its examples
+    (None when it skipped it, saying why); without it there is no gallery.
 
     Either may fail (a plotting backend, a model that cannot generate): that is a warning, not a failed run."""
     local_dir.mkdir(parents=True, exist_ok=True)
@@ -77,31 +78,21 @@ def write_pictures(
             made["curves"] = str(local_dir / "curves.png")
     except Exception as err:
         log.warning("could not draw curves.png: %s", err)
+    if draw_gallery is None:
+        return made, examples
     try:
         gallery = local_dir / "gallery"
         gallery.mkdir(exist_ok=True)
-        examples = _gallery(export_uri, data_uri, gallery)
+        drawn = draw_gallery(gallery)
+        if drawn is None:  # skipped, and said why
+            return made, examples
+        examples = drawn
         storage.upload(str(gallery), run_uri + "/gallery")
         made["gallery"] = str(gallery / "index.html")
         made["gallery_examples"] = len(examples)
     except Exception as err:
         log.warning("could not write the explanation gallery: %s", err)
     return made, examples
-
-
-def _gallery(export_uri: str, data_uri: str, out: Path) -> list[dict[str, Any]]:
-    exported = load_export(export_uri)
-    return write_gallery(
-        exported,
-        export_uri,
-        data_uri,
-        "val",
-        GALLERY_PER_CLASS,
-        out,
-        num_beams=1,
-        max_new_tokens=GALLERY_MAX_NEW_TOKENS,
-        batch_size=32,
-    )
 
 
 def closing_lines(made: dict[str, Any], run_uri: str, tensorboard_dir: str | None) -> list[str]:
@@ -112,7 +103,8 @@ def closing_lines(made: dict[str, Any], run_uri: str, tensorboard_dir: str | Non
     if "gallery" in made:
         gallery = Path(made["gallery"])
         lines.append(
-            f"[megl] gallery of validation explanations: {gallery}  (also {run_uri}/gallery/); open it "
+            f"[megl] gallery of {made.get('gallery_of', 'validation')} explanations: {gallery}  "
+            f"(also {run_uri}/gallery/); open it "
             f"with: python -m webbrowser {gallery.as_uri()}"
         )
     if tensorboard_dir:

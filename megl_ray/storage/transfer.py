@@ -181,8 +181,9 @@ def download(
     patterns: Sequence[str] | None = None,
 ) -> Path:
     """Download one object into ``local_dir`` (returns the file's path) or everything under a prefix into
-    ``local_dir`` keeping relative paths, like ``aws s3 cp --recursive`` (returns ``local_dir``); with ``patterns``
-    (``fnmatch`` globs on the relative path, as ``huggingface_hub``'s ``allow_patterns``) only the files matching one."""
+    ``local_dir`` keeping relative paths, like ``aws s3 cp --recursive`` (returns ``local_dir``); with
+    ``patterns`` (``fnmatch`` globs on the relative path, as ``huggingface_hub``'s ``allow_patterns``) only the
+    files matching one."""
     root = Path(local_dir).expanduser().resolve()
     if not is_s3(uri):
         source = _local_path(uri)
@@ -290,8 +291,8 @@ def local_copy(
     ``<cache_dir or default_cache_dir()>/<bucket>/<key>`` and reused from there while the bucket still holds the
     same objects (their ETags and sizes, one listing per call, are kept beside the copy): a model re-uploaded under
     the same prefix is fetched again. When the store cannot be reached, a cached copy is used as it is (a warning).
-    With ``patterns`` only the matching files of a prefix are fetched, into a copy of their own (``<key>@files-<hash>``):
-    the driver reads a 7B model's tokenizer and ``config.json`` without its 14 GB of weights.
+    With ``patterns`` only the matching files of a prefix are fetched, into a copy of their own
+    (``<key>@files-<hash>``): the driver reads a 7B model's tokenizer and ``config.json`` without its 14 GB of weights.
     """
     if not is_s3(uri):
         return _local_path(uri)

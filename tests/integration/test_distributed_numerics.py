@@ -1,7 +1,8 @@
 """What Ray Train + DeepSpeed workers compute, in one worker group (one Train start for every configuration):
 
-* equivalence: two workers under ZeRO-2 and ZeRO-3 (fp32), also with the optimizer offloaded to the host, follow one plain process's loss trajectory on the same
-  global batches, to rounding (1e-5), with every MEGL term on (text, visual, distribution consistency);
+* equivalence: two workers under ZeRO-2 and ZeRO-3 (fp32) follow one plain process's loss trajectory on the same
+  global batches, to rounding (1e-5), with every MEGL term on (text, visual, distribution consistency); so do they
+  with the optimizer offloaded to the host (DeepSpeed's CPU Adam, to 1e-4);
 * mixed precision: bf16 (DeepSpeed torch_autocast over fp32 master weights) trains under ZeRO-2 and ZeRO-3 with
   every MEGL term, the tiny CNN (GroupNorm) and ResNet-18 (BatchNorm), and stays within 3e-2 of fp32.
 

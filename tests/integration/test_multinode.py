@@ -147,7 +147,11 @@ def test_hub_ids_and_a_torchvision_state_dict_train_on_ray_into_an_export_for_to
     """A Ray run of the clip-qwen2 preset named by hub ids (an offline HF cache the test fills; the workers resolve
     the ids themselves) with a ResNet-18 started from a torchvision-layout ``.pt``, LoRA on the LM: it trains, and
     its export holds the torchvision classifier, the PEFT adapter and a card naming the ids' revision and the
-    run's test accuracy."""
+    run's test accuracy.
+
+    The driver (this process) never builds a VLM nor loads a model's or an export's weights — each raises here —
+    while the test metrics (the workers) and the explanation gallery (a Ray task: this dataset has no val split and
+    none is carved, so it shows test examples) are still produced."""
     import torchvision
     from huggingface_hub import ModelCard
     from peft import PeftConfig
@@ -165,6 +169,17 @@ def test_hub_ids_and_a_torchvision_state_dict_train_on_ray_into_an_export_for_to
     place_in_cache(cache, "tiny-org/qwen2", Path(lm), SHA1)
     weights = tmp_path / "resnet18.pt"
     torch.save(torchvision.models.resnet18().state_dict(), weights)  # torchvision's keys: conv1, layer1..., fc
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the driver loaded a model")
+
+    from transformers import LlavaForConditionalGeneration, PreTrainedModel
+
+    from megl_ray.model import export_io
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "__init__", forbidden)
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(forbidden))
+    monkeypatch.setattr(export_io, "_load_weights", forbidden)
     code, out, err = _train(
         two_node_cluster,
         [
@@ -185,6 +200,10 @@ def test_hub_ids_and_a_torchvision_state_dict_train_on_ray_into_an_export_for_to
     assert code == 0, err[-4000:]
     result = json.loads(out.strip().splitlines()[-1])
     assert result["steps"] == result["planned_steps"] == _steps_per_epoch(s3_data)
+    assert result["test_accuracy"] is not None and result["test_miou"] is not None
+    assert result["pictures"]["gallery_of"] == "test" and result["pictures"]["gallery_examples"] >= 2
+    assert "gallery of test explanations" in err and "could not write the explanation gallery" not in err
+    assert storage.exists(result["run_dir"] + "/gallery/index.html")
     export = tmp_path / "export"
     storage.download(result["export"], export)
     classifier = torchvision.models.resnet18(num_classes=10)

@@ -14,6 +14,7 @@ from megl_ray.data.schema import load_dataset_info
 from megl_ray.evaluation.inference import load_for_inference, resolve_dtype, run_batch
 from megl_ray.model import build_megl_model
 from megl_ray.model.export_io import load_export, save_export
+from megl_ray.model.precision import is_norm
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,10 @@ def test_bf16_vlm_with_fp32_classifier(rows, tmp_path):
     uri = _export(tmp_path, info, ["model.max_text_tokens=6"])
     exported, placement = load_for_inference(uri, "cpu", "bf16")
     assert placement.dtype == "bfloat16"
-    assert {p.dtype for p in exported.model.vlm.parameters()} == {torch.bfloat16}
+    dtypes = {name: p.dtype for name, p in exported.model.vlm.named_parameters()}
+    norms = {n for n, m in exported.model.vlm.named_modules() if is_norm(m)}
+    assert norms and {d for n, d in dtypes.items() if n.rsplit(".", 1)[0] in norms} == {torch.float32}  # as trained
+    assert {d for n, d in dtypes.items() if n.rsplit(".", 1)[0] not in norms} == {torch.bfloat16}
     assert {p.dtype for p in exported.model.classifier.parameters()} == {torch.float32}
     out = run_batch(exported, columns, info.mask_size, 1)
     assert out["probs"].dtype == np.float32 and len(out["generated"]) == 3
