@@ -27,7 +27,7 @@ def explained_region(
 ) -> torch.Tensor:
     """(B, 1, H, W) float {0, 1}: the dilated ground-truth region for samples with a mask, Â ≥ 0.5 otherwise."""
     region = (upsample(saliency.detach().float(), size) >= KEEP_THRESHOLD).float()
-    if masks is not None and bool(has_mask.any()):
+    if masks is not None:  # selected per sample below: no host read of whether any sample has a mask
         gt = F.interpolate(masks.float().unsqueeze(1), size=size, mode="bilinear", align_corners=False)
         gt = F.max_pool2d((gt >= KEEP_THRESHOLD).float(), MASK_DILATION, stride=1, padding=MASK_DILATION // 2)
         region = torch.where(has_mask.view(-1, 1, 1, 1), gt, region)

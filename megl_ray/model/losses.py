@@ -52,16 +52,34 @@ def rationale_positions(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:] != IGNORE_INDEX
 
 
+def host_rationale_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of ``rationale_positions(labels)``, for labels still on the host: the training loop finds
+    them there, where counting them costs no wait for the device."""
+    return rationale_positions(labels).nonzero(as_tuple=True)
+
+
 @compute_in_fp32
-def text_loss_at(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def text_loss_at(
+    logits: torch.Tensor, labels: torch.Tensor, positions: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
     """``text_loss`` from the logits at ``rationale_positions(labels)`` only: logits (N, V), in the row-major order
-    of those positions, labels (B, T). Same value as ``text_loss`` on full-sequence logits."""
+    of those positions (``positions``, their (rows, columns), when already known), labels (B, T). Same value as
+    ``text_loss`` on full-sequence logits."""
     keep = rationale_positions(labels)
-    targets = labels[:, 1:][keep]
+    rows, cols = positions if positions is not None else keep.nonzero(as_tuple=True)
+    targets = labels[:, 1:][rows, cols]
     nll = F.cross_entropy(logits, targets, reduction="none")
-    rows = keep.nonzero()[:, 0]
     sums = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
     return sums / keep.sum(dim=1).clamp_min(1)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` (B,) where ``mask`` (B,) holds, computed on the device; NaN where it holds nowhere (the
+    log window's "absent"). ``values[mask].mean()`` would read the mask's count on the host."""
+    weights = mask.to(values.dtype)
+    count = weights.sum()
+    mean = (values * weights).sum() / count.clamp_min(1)
+    return torch.where(count > 0, mean, torch.full_like(mean, float("nan")))
 
 
 def _gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -33,7 +33,8 @@ class MEGLOutput:
     saliency: torch.Tensor
     """Â, (B, h, w) in [0, 1]."""
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Detached batch means for logging: ce, text, visual (over samples with a mask), dc (over samples without)."""
+    """Detached batch means for logging: ce, text, visual (over samples with a mask), dc (over samples without);
+    NaN where no sample of the batch has the term."""
     text_logits: torch.Tensor | None = None
     """Full-sequence LM logits, only with ``forward(full_logits=True)``."""
     text: torch.Tensor | None = None
@@ -124,10 +125,12 @@ class MEGLModel(nn.Module):
         embeds = self.vlm.get_input_embeddings()(input_ids)
         is_image = input_ids == self.image_token_id
         counts = is_image.sum(dim=1)
-        if not bool((counts == self.num_image_tokens).all()):
-            raise ValueError(
-                f"every sequence needs exactly {self.num_image_tokens} image tokens, got {counts.tolist()}"
-            )
+        # Checked on the device (raised at once on a CPU): a host read here would stall every micro-step on a GPU.
+        # The data pipeline builds every sequence with them; this guards that contract, not user input.
+        torch._assert_async(
+            (counts == self.num_image_tokens).all(),
+            f"every sequence needs exactly {self.num_image_tokens} image tokens",
+        )
         return embeds.masked_scatter(is_image.unsqueeze(-1), image_tokens.to(embeds.dtype))
 
     def classify_with_saliency(self, pixels: torch.Tensor, target: torch.Tensor | str):
@@ -141,14 +144,21 @@ class MEGLModel(nn.Module):
         return out, gradcam(out.features, out.logits, classes, None, create_graph=self.training)
 
     def rationale_text_loss(
-        self, embeds: torch.Tensor, attention_mask: torch.Tensor | None, text_labels: torch.Tensor
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        text_labels: torch.Tensor,
+        positions: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Per-sample L_text with the LM head applied only at the positions that predict a rationale token: the
-        full (B, T, vocab) fp32 logits — ~10 GB at batch 8 for Qwen2's 150k vocabulary — never exist."""
+        full (B, T, vocab) fp32 logits — ~10 GB at batch 8 for Qwen2's 150k vocabulary — never exist.
+        ``positions`` (rows, columns of ``losses.rationale_positions``) found on the host by the training loop: a
+        boolean selection on the device would wait for the GPU to count them, every micro-step."""
         hidden = self.vlm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-        keep = losses.rationale_positions(text_labels)
-        logits = self.vlm.lm_head(hidden[:, :-1][keep])  # a module call: ZeRO-3 gathers lm_head's weight
-        return losses.text_loss_at(logits, text_labels)
+        if positions is None:
+            positions = losses.rationale_positions(text_labels).nonzero(as_tuple=True)
+        logits = self.vlm.lm_head(hidden[:, :-1][positions])  # a module call: ZeRO-3 gathers lm_head's weight
+        return losses.text_loss_at(logits, text_labels, positions)
 
     # -- the objective -------------------------------------------------------------------------------------------
 
@@ -164,12 +174,20 @@ class MEGLModel(nn.Module):
         sample_weight: torch.Tensor | None = None,
         full_logits: bool = False,
         visual_scale: float = 1.0,
+        text_rows: torch.Tensor | None = None,
+        text_cols: torch.Tensor | None = None,
         **_: Any,
     ) -> MEGLOutput:
         """The MEGL objective. ``full_logits`` computes the LM's logits at every position (tests; training computes
         them at the rationale positions only). ``visual_scale`` multiplies λ_vis (the training loop's ramp,
         ``losses.visual_ramp``); the visual terms are computed and logged at 0 too (they are cheap beside the CAM),
-        so their curves start at step 1."""
+        so their curves start at step 1. ``text_rows``/``text_cols``: the rationale positions, found on the host
+        (``losses.host_rationale_positions``).
+
+        No host read of a device value on the default path: L_visual and L_dc are computed for every sample and
+        selected per sample (``megl_objective``'s ``torch.where``), not skipped after asking the GPU whether any
+        sample has a mask; the logged terms are masked means (NaN where no sample has the term, which the log window
+        counts as absent). The options ``loss.rrr_weight`` (a double backward) still ask."""
         w = self.loss_cfg
         visual_on = w.visual_weight > 0
         if has_mask is None:
@@ -198,9 +216,9 @@ class MEGLModel(nn.Module):
             score = (F.log_softmax(out.logits.float(), dim=1).sum(dim=1) * has_mask).sum()
             (input_grad,) = torch.autograd.grad(score, pixels, create_graph=True)
             rrr = losses.input_gradient_penalty(input_grad, masks)
-        if visual_on and masks is not None and bool(has_mask.any()):
+        if visual_on and masks is not None:
             visual = losses.visual_loss(sal, masks, w.visual_transform, w.gaussian_sigma)
-        if visual_on and w.dc_weight > 0 and not bool(has_mask.all()):
+        if visual_on and w.dc_weight > 0:
             dc = losses.distribution_consistency_loss(sal, self.prior, w.kl_eps)
         if w.text_weight > 0 and input_ids is not None:
             tokens = self.image_tokens(pixels, sal, out.features)
@@ -209,7 +227,8 @@ class MEGLModel(nn.Module):
                 text_logits = self.vlm(inputs_embeds=embeds, attention_mask=attention_mask).logits
                 text = losses.text_loss(text_logits, text_labels)
             else:
-                text = self.rationale_text_loss(embeds, attention_mask, text_labels)
+                positions = (text_rows, text_cols) if text_rows is not None and text_cols is not None else None
+                text = self.rationale_text_loss(embeds, attention_mask, text_labels, positions)
 
         loss = losses.megl_objective(
             ce, text, visual, dc, has_mask, w, sample_weight, rrr, counterfactual, visual_scale
@@ -218,11 +237,11 @@ class MEGLModel(nn.Module):
         if text is not None:
             terms["text"] = text.detach().mean()
         if visual is not None:
-            terms["visual"] = visual.detach()[has_mask].mean()
+            terms["visual"] = losses.masked_mean(visual.detach(), has_mask)
         if dc is not None:
-            terms["dc"] = dc.detach()[~has_mask].mean()
+            terms["dc"] = losses.masked_mean(dc.detach(), ~has_mask)
         if rrr is not None:
-            terms["rrr"] = rrr.detach()[has_mask].mean()
+            terms["rrr"] = losses.masked_mean(rrr.detach(), has_mask)
         if counterfactual is not None:
             terms["cf"] = counterfactual.detach().mean()
         return MEGLOutput(loss=loss, logits=out.logits, saliency=sal, terms=terms, text_logits=text_logits, text=text)

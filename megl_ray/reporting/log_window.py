@@ -18,6 +18,8 @@ import torch.distributed as dist
 TERMS = ("loss", "ce", "text", "visual", "dc", "rrr", "cf")
 """Every term ``MEGLModel.forward`` may report; a term absent from a micro-batch (no mask in it, say) is averaged
 over the micro-batches that had it."""
+MASKED_TERMS = ("visual", "dc", "rrr")
+"""Means over some samples of a micro-batch (with a mask, without one): NaN where it has none, i.e. absent."""
 
 
 @dataclass
@@ -80,8 +82,15 @@ class LogWindow:
     def add(self, terms: dict[str, torch.Tensor], samples: int, tokens: int) -> None:
         """One micro-batch: its detached terms (device tensors), its real samples and tokens (host numbers)."""
         for i, name in enumerate(TERMS):
-            if name in terms:
-                self.sums[i] += terms[name].detach().double()
+            if name not in terms:
+                continue
+            value = terms[name].detach().double()
+            if name in MASKED_TERMS:  # NaN: no sample of this micro-batch has the term; counted on the device
+                present = ~torch.isnan(value)
+                self.sums[i] += torch.where(present, value, torch.zeros_like(value))
+                self.sums[len(TERMS) + i] += present.double()
+            else:  # a NaN loss stays NaN in the log: it is news
+                self.sums[i] += value
                 self.sums[len(TERMS) + i] += 1
         self.counts = [self.counts[0] + 1, self.counts[1] + samples, self.counts[2] + tokens]
 

@@ -8,7 +8,6 @@ collective), so the verdict is all-reduced: the run stops when any rank saw K no
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -36,12 +35,20 @@ class DivergenceGuard:
         """Record the loss of optimizer step ``step``; True when training must stop (``self.message`` says why)."""
         if not self.patience:
             return False
-        value = float(loss.detach().float().sum()) if hasattr(loss, "detach") else float(loss)
-        self.bad_steps = 0 if math.isfinite(value) else self.bad_steps + 1
-        stop = self.bad_steps >= self.patience
-        if self.distributed:
-            stop = _any_rank(stop, getattr(loss, "device", None))
+        if not hasattr(loss, "detach"):
+            loss = torch.tensor(float(loss))
+        # One host read per optimizer step, and only of a flag: this rank's finiteness and (distributed) whether
+        # any rank must stop travel together, on the loss's device (NCCL has no CPU tensors).
+        finite = torch.isfinite(loss.detach().float()).all().reshape(1)
+        # this rank stops when this step is bad and it had patience − 1 bad ones before it
+        stop_here = (~finite).float() * float(self.bad_steps + 1 >= self.patience)
+        if self.distributed and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stop_here, op=dist.ReduceOp.MAX)
+        verdict = int((2 * stop_here + (~finite).float()).item())  # bit 1: stop (any rank), bit 0: this step bad
+        self.bad_steps = self.bad_steps + 1 if verdict & 1 else 0
+        stop = bool(verdict & 2)
         if stop and self.message is None:
+            value = float(loss.detach().float().sum())  # once, for the message
             self.message = (
                 f"training diverged: the loss was not finite (last {value}) for "
                 f"{max(self.bad_steps, 1)} step(s) in a row up to step {step}; lower optim.lr, raise "

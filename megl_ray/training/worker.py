@@ -49,6 +49,7 @@ from megl_ray.training.checkpoints import TrainState, load_checkpoint, save_chec
 from megl_ray.training.collectives import all_gather_ids, route_metric_sync
 from megl_ray.training.ds_config import deepspeed_config, resolve_precision
 from megl_ray.training.guards import DIVERGED_KEY, DivergenceGuard
+from megl_ray.training.host_batch import ready_on_host, to_device
 from megl_ray.training.optim import build_optimizer, build_scheduler
 from megl_ray.training.plan import WorkerPlan
 from megl_ray.training.rank_state import reseed_rank
@@ -210,7 +211,7 @@ def run_worker(plan: WorkerPlan) -> None:
                 continue
             # counted on the host copy: no device sync per micro-batch
             real, tokens = int((batch["sample_weight"] > 0).sum()), int(batch["attention_mask"].sum())
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            batch = {k: to_device(v, engine.device) for k, v in ready_on_host(batch).items()}
             batch["visual_scale"] = visual_ramp(
                 state.step, total_steps, cfg.loss.visual_ramp_start, cfg.loss.visual_ramp_end
             )
