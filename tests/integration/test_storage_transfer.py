@@ -81,6 +81,16 @@ def test_round_trip(embedded_s3, tmp_path):
     )
     assert not list(cache.rglob(".*partial*"))
 
+    # The driver's share of a model directory: its tokenizer and config files, not its weights
+    storage.write_bytes("s3://t-roundtrip/models/m1/model-00001-of-00002.safetensors", b"w" * 4096, options)
+    configs = storage.local_copy("s3://t-roundtrip/models/m1", cache_dir=cache, options=options, patterns=["*.json"])
+    assert configs != copy and sorted(p.name for p in configs.rglob("*") if p.is_file()) == ["config.json"]
+    assert (configs / "config.json").read_text() == "changed"
+    assert (
+        storage.local_copy("s3://t-roundtrip/models/m1", cache_dir=cache, options=options, patterns=["*.json"])
+        == configs
+    )  # reused while the matching objects are unchanged
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
