@@ -16,7 +16,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,6 @@ from megl_ray.config import MEGLConfig, load_config, megl_home, packaged_config
 from megl_ray.data.pipeline import fits_in_cache, preprocessed_bytes_per_row
 from megl_ray.data.schema import load_dataset_info
 from megl_ray.driver.embedded import embedded_default
-from megl_ray.driver.end_of_run import gallery_drawer, gallery_source
 from megl_ray.driver.inputs import build_datasets, cached_rows, plan_splits
 from megl_ray.driver.interruption import interrupted_lines, resume_command, sigterm_interrupts
 from megl_ray.driver.ray_session import check_resources, run_storage, start_ray, worker_env
@@ -49,6 +48,7 @@ from megl_ray.storage.uri import run_uri
 from megl_ray.training.accounting import planned_steps
 from megl_ray.training.ds_config import global_batch_size
 from megl_ray.training.entry import train_loop_per_worker
+from megl_ray.training.gallery import gallery_source
 from megl_ray.training.guards import DIVERGED_KEY, raise_if_diverged
 from megl_ray.training.plan import WorkerPlan
 
@@ -135,6 +135,7 @@ def fit(
         run_uri=uri,
         has_val="val" in datasets,
         has_test="test" in datasets,
+        gallery=gallery_source(splits.val_source, splits.val_ids, "test" in datasets) if evaluate_test else None,
         train_cache=train_cache,
         verbose=verbose,
         board=monitor.board,
@@ -213,11 +214,14 @@ def fit(
         tracker.summary({"test/accuracy": metrics.get("test_accuracy"), "test/miou": metrics.get("test_miou")})
     tracker.export(summary["export"])
     if evaluate_test:  # the end-of-run report; a sweep's trials skip it
-        source = gallery_source(splits, has_test=plan.has_test)
-        draw = gallery_drawer(summary["export"], cfg.data.uri, source, use_gpu, cfg.train.cpus_per_worker, plan.env)
-        summary["pictures"], examples = write_pictures(monitor.history, uri, local_dir, f"run {cfg.run.name}", draw)
-        if source is not None and "gallery" in summary["pictures"]:
-            summary["pictures"]["gallery_of"] = "test" if source.split == "test" else "validation"
+        if plan.gallery is None:
+            log.info("no explanation gallery: the run has no validation or test examples")
+        drawn = monitor.outcome.get("gallery")
+        summary["pictures"], examples = write_pictures(
+            monitor.history, uri, local_dir, f"run {cfg.run.name}", None if drawn is None else _unpack(drawn)
+        )
+        if "gallery" in summary["pictures"]:
+            summary["pictures"]["gallery_of"] = "test" if plan.gallery.split == "test" else "validation"
         tracker.pictures(summary["pictures"], examples)
     if "tensorboard" in tracker.backends:
         summary["tensorboard"] = str(local_dir / "tensorboard")
@@ -225,6 +229,17 @@ def fit(
     summary["seconds"] = round(time.monotonic() - started, 1)
     write_result()
     return summary
+
+
+def _unpack(drawn: dict[str, Any]) -> Callable[[Path], list[dict[str, Any]]]:
+    """What ``write_pictures`` calls to put the workers' gallery (its examples and files) into a local folder."""
+
+    def write(folder: Path) -> list[dict[str, Any]]:
+        for name, data in drawn["files"].items():
+            (folder / Path(name).name).write_bytes(data)  # a bare name: the files land in ``folder`` only
+        return drawn["examples"]
+
+    return write
 
 
 def fit_interruptibly(trainer: TorchTrainer) -> Any:

@@ -92,6 +92,8 @@ class MEGLModel(nn.Module):
         self.register_buffer("clip_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
         # Ā: the dataset's mean normalised ground-truth map. Uniform until the data pipeline provides one.
         self.register_buffer("prior", prior.float().clone() if prior is not None else torch.ones(8, 8))
+        self.generate_defaults: dict[str, Any] = {}
+        """Keyword arguments every ``generate`` passes to transformers' (the caller's win)."""
 
     def set_prior(self, prior: torch.Tensor) -> None:
         self.prior = prior.to(self.prior.device, torch.float32).clone()
@@ -272,7 +274,8 @@ class MEGLModel(nn.Module):
     ) -> list[str]:
         """Rationales for a batch: greedy (``num_beams=1``) or beam search, from the fused image embeddings. At
         most ``max_new_tokens`` tokens, by default the ``max_text_tokens`` rationales were trained with; further
-        keyword arguments go to transformers' ``generate`` (e.g. ``min_new_tokens``)."""
+        keyword arguments go to transformers' ``generate`` (e.g. ``min_new_tokens``), over ``generate_defaults``
+        (``synced_gpus`` where every ZeRO-3 rank generates together)."""
         _, features, sal = self._infer(pixels)
         prompts = [
             encode_prompt(self.tokenizer, self.cfg.prompt_template, name, self.num_image_tokens) for name in label_names
@@ -288,7 +291,7 @@ class MEGLModel(nn.Module):
             do_sample=False,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
-            **generate_kwargs,
+            **{**self.generate_defaults, **generate_kwargs},
         )
         return [t.strip() for t in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
 

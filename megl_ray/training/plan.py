@@ -44,6 +44,8 @@ class WorkerPlan:
     """The driver's progress board (a Ray actor handle) rank 0 reports to, or None."""
     credentials_file: str | None = None
     """A 0600 file holding the S3 credentials for workers that did not inherit them, removed after training."""
+    gallery: Any = None
+    """The examples of the end-of-run explanation gallery (``training.gallery.GallerySource``), or None: none."""
 
     @property
     def train_rows(self) -> int:

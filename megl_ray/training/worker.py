@@ -48,6 +48,7 @@ from megl_ray.training.best_checkpoint import restore_best, with_metric
 from megl_ray.training.checkpoints import TrainState, load_checkpoint, save_checkpoint
 from megl_ray.training.collectives import all_gather_ids, route_metric_sync
 from megl_ray.training.ds_config import deepspeed_config, resolve_precision
+from megl_ray.training.gallery import draw_gallery
 from megl_ray.training.guards import DIVERGED_KEY, DivergenceGuard
 from megl_ray.training.host_batch import ready_on_host, to_device
 from megl_ray.training.optim import build_optimizer, build_scheduler
@@ -288,8 +289,17 @@ def run_worker(plan: WorkerPlan) -> None:
             engine, ray.train.get_dataset_shard("test"), cfg, model.num_image_tokens, plan.num_classes, "test"
         )
     _export(engine, cfg, plan, rank, test, best.get("uri") if best.get("exported") else None)
-    if test or best:
-        progress.outcome({**test, **({"best_checkpoint": best} if best else {})})
+    gallery = None
+    if plan.gallery is not None and (rank == 0 or cfg.train.zero_stage == 3):
+        # Here, with the model on the workers' devices: a task of its own would load the weights again
+        synced = cfg.train.zero_stage == 3 and world > 1
+        gallery = draw_gallery(
+            engine.module, cfg, list(plan.classes), plan.gallery, plan.run_uri + "/export", rank == 0, synced
+        )
+    if test or best or gallery:
+        progress.outcome(
+            {**test, **({"best_checkpoint": best} if best else {}), **({"gallery": gallery} if gallery else {})}
+        )
 
 
 def _finite(values: dict[str, float]) -> dict[str, float]:

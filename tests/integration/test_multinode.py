@@ -144,14 +144,14 @@ def test_a_run_that_diverges_on_ray_stops_with_one_line_and_exports_nothing(two_
 def test_hub_ids_and_a_torchvision_state_dict_train_on_ray_into_an_export_for_torchvision_and_peft(
     two_node_cluster, s3_data, tmp_path, capsys, monkeypatch
 ):
-    """A Ray run of the clip-qwen2 preset named by hub ids (an offline HF cache the test fills; the workers resolve
-    the ids themselves) with a ResNet-18 started from a torchvision-layout ``.pt``, LoRA on the LM: it trains, and
-    its export holds the torchvision classifier, the PEFT adapter and a card naming the ids' revision and the
+    """A Ray run (ZeRO-3) of the clip-qwen2 preset named by hub ids (an offline HF cache the test fills; the workers
+    resolve the ids themselves) with a ResNet-18 started from a torchvision-layout ``.pt``, LoRA on the LM: it trains,
+    and its export holds the torchvision classifier, the PEFT adapter and a card naming the ids' revision and the
     run's test accuracy.
 
     The driver (this process) never builds a VLM nor loads a model's or an export's weights — each raises here —
-    while the test metrics (the workers) and the explanation gallery (a Ray task: this dataset has no val split and
-    none is carved, so it shows test examples) are still produced."""
+    while the test metrics and the explanation gallery are still produced, by the Ray Train workers with the model
+    they trained (this dataset has no val split and none is carved: the gallery shows test examples)."""
     import torchvision
     from huggingface_hub import ModelCard
     from peft import PeftConfig
@@ -194,6 +194,9 @@ def test_hub_ids_and_a_torchvision_state_dict_train_on_ray_into_an_export_for_to
             f"model.classifier_weights={weights}",
             "model.lora_r=4",
             "model.freeze_vision=true",
+            # ZeRO-3: the export gathers module by module, and every rank runs the gallery's forwards and
+            # generation in step (synced_gpus), rank 0 keeping the pictures
+            "train.zero_stage=3",
         ],
         capsys,
     )
