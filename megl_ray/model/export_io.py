@@ -27,7 +27,9 @@ LoRA merged into the base weights by peft, every tensor included, no base checkp
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -70,6 +72,7 @@ CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
 CLASSIFIER_DIR = "classifier"
+log = logging.getLogger(__name__)
 PRECISION_OF = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -315,6 +318,10 @@ def load_export(
     # Merging: built without LoRA layers, the LM frozen as LoRA froze it (the same tensors are the export's)
     fixed = [f"train.precision={PRECISION_OF[dtype]}", "model.classifier_weights=null"]
     fixed += ["model.lora_r=0", "model.freeze_lm=true"] if merge else []
+    # Trained with flash-attn, read where it is not installed (a laptop, a CPU node): the same weights under SDPA
+    if cfg.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        log.info("%s: trained with flash_attention_2, loaded with sdpa (flash-attn is not installed here)", uri)
+        fixed.append("model.attn_implementation=sdpa")
     build_cfg = config_from_dict(cfg.to_dict(), fixed)
     tokenizer = _load_tokenizer(root, uri)
     try:

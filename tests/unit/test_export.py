@@ -43,3 +43,24 @@ def test_loading_a_foreign_or_missing_export_gives_one_clear_line(tmp_path):
     (tmp_path / "e" / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="weights do not fit"):
         load_export(str(tmp_path / "e"))
+
+
+def test_an_export_trained_with_flash_attention_loads_with_sdpa_where_flash_attn_is_missing(tmp_path, monkeypatch):
+    """A run on GPUs with ``flash_attention_2`` leaves an export a CPU machine must still read (same weights, the
+    SDPA kernel): it used to stop at the missing package."""
+    import megl_ray.model.export_io as export_io
+
+    torch.manual_seed(0)
+    cfg = load_config(packaged_config("tiny"))
+    model = build_megl_model(cfg, 4, corpus=corpus()).eval()
+    trained = load_config(packaged_config("tiny"), ["model.attn_implementation=flash_attention_2"])
+    save_export(model, trained, CLASS_NAMES, str(tmp_path / "export"))
+    real = export_io.importlib.util.find_spec
+    monkeypatch.setattr(
+        export_io.importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a)
+    )
+    loaded = load_export(str(tmp_path / "export"))
+    assert loaded.config.model.attn_implementation == "flash_attention_2"  # what it was trained with, still said
+    assert loaded.model.vlm.config._attn_implementation == "sdpa"
+    batch = make_batch(model, cfg, n=2)
+    assert torch.equal(loaded.model.predict(batch["pixels"])[0], model.predict(batch["pixels"])[0])
