@@ -6,33 +6,43 @@ term by term against what DeepSpeed really allocates (``bench/memory_model.py``,
 What the numbers follow (DeepSpeed 0.19.8 with the config ``megl_ray.training.ds_config`` generates):
 - ``precision=bf16|fp16`` is DeepSpeed's ``torch_autocast`` (see ``megl_ray.model.precision``): trainable parameters
   stay fp32 (the master weights), frozen matmul/conv/embedding weights are stored in 16 bits, norms in fp32.
-- Optimizer states. ZeRO-1/2 clone the (fp32) trainable partition into ``single_partition_of_fp32_groups`` and add
-  AdamW's two moments: 12 bytes per trainable parameter / world. ZeRO-3 under autocast or fp32 steps the parameter
-  partition itself (``fp32_partitioned_groups_flat`` *is* the fp32 ``fp16_partitioned_groups_flat``): 8 bytes.
-  ZeRO-0 steps the torch optimizer on the parameters: 8 bytes.
+- Optimizer states: 12 bytes per trainable parameter / world from ZeRO-1 on — an fp32 clone of the trainable
+  partition (``single_partition_of_fp32_groups``; ZeRO-3's ``fp32_partitioned_groups_flat`` too: its branch that
+  would step the fp32 partition in place compares a ``torch.device`` with a device-name string, never equal) and
+  AdamW's two moments. ZeRO-0 steps the torch optimizer on the parameters: 8 bytes.
 - Gradients: fp32 (the masters' dtype), partitioned from ZeRO-2 (``grads_in_partition`` / ZeRO-3's
-  ``grad_partitions_flat_buffer``), plus the reduction buckets, allocated whole for every backward: ZeRO-2 keeps
-  one fp32 bucket of ``reduce_bucket_size`` elements per communication dtype, two under ``overlap_comm`` (on GPUs);
-  ZeRO-3 one per communication dtype, in that dtype. DeepSpeed's default bucket (5e8 elements) cost 7.45 GiB per GPU
-  under ZeRO-2 with 16-bit reduction of nn.Linear/Conv gradients (two dtypes × two buffers × 4 B) whatever the model
-  trains, so ``ds_config`` sizes it from the trainable count (``bucket_elements``) and reduces in fp32 (one dtype)
-  unless ``train.grad_reduce_dtype=autocast``.
-- ZeRO-3 partitions every parameter; a gathered layer and a prefetched one are added back as the working set.
-  ``offload=cpu`` moves the optimizer partition (and under ZeRO-3 the parameter partition) to host memory.
-- Activations are the tensors autograd saves, counted per op of a Llama/Qwen2 (or CLIP) layer under autocast rather
-  than from a published constant, because this precision setup saves more than the 16-bit textbook count:
-  the fp32-norm wrapper saves a 4-byte copy of each norm's input (8 bytes when the norm weight trains); peft's LoRA
-  casts a layer's input to fp32 for its adapter, so each adapted projection saves a 1-byte dropout mask and a new
-  16-bit cast of that input (autocast casts it back for the matmul); SDPA/flash kernels save q, k, v, their output
-  and a logsumexp, never the s² scores (the eager path's 5·a·s² bytes of Korthikanti et al. are kept for
-  ``attn=eager``). Checkpointing keeps each layer's 16-bit input plus one layer being recomputed.
-- Autocast caches the 16-bit copy of every trainable fp32 weight it casts until the forward ends (and the backward
-  saves them): 2 bytes per trainable parameter, gathered in full under ZeRO-3 — a full fine-tune of a 6.7 B LM holds
-  12.6 GiB of them per GPU whatever the world size.
+  ``grad_partitions_flat_buffer``), plus the reduction buckets: ZeRO-2 allocates one fp32 bucket of
+  ``reduce_bucket_size`` elements per communication dtype for every backward (two under ``overlap_comm``, on GPUs)
+  and frees them after it; ZeRO-3 keeps one per communication dtype, in that dtype, for good. Both steps flatten the
+  partition's gradients into one more fp32 tensor (ZeRO-3 per ``sub_group_size``). DeepSpeed's default bucket (5e8
+  elements) costs 7.45 GiB per GPU under ZeRO-2 with 16-bit reduction of nn.Linear/Conv gradients (two dtypes × two
+  buffers × 4 B) whatever the model trains, so ``ds_config`` sizes it from the trainable count (``bucket_elements``)
+  and reduces in fp32 (one dtype) unless ``train.grad_reduce_dtype=autocast``.
+- ZeRO-3 partitions every parameter; a gathered layer and a prefetched one are added back as the working set (not
+  on one rank, where the gathered parameter is the partition itself). ``offload=cpu`` moves the optimizer
+  partition, the gradient partition (ZeRO-2/3: the buckets stay) and under ZeRO-3 the parameter partition to host
+  memory — read from DeepSpeed's code, not measured.
+- Activations are the tensors autograd saves, counted per op of a Llama/Qwen2 (or CLIP) layer rather than from a
+  published constant (Korthikanti et al.'s 34·s·b·h assumes 16-bit everything and trained weights), because what
+  is saved here depends on what trains and on the ZeRO stage (``shapes.TransformerShape.layer_activation_bytes``):
+  a linear saves its input only for its weight's gradient, so frozen projections save none — except under ZeRO-3,
+  whose ``LinearFunctionForZeroStage3`` (installed for ``F.linear`` by ``deepspeed.initialize``) saves every input
+  as it comes; the fp32-norm wrapper saves a 4-byte copy of each norm's input (8 bytes when the norm weight trains);
+  peft casts a LoRA layer's input to fp32, so each adapted projection saves a dropout mask (1 byte on CUDA, 4 on
+  CPU) and autocast's 16-bit cast of that input (ZeRO-3: the fp32 input itself); the residual stream is fp32 when
+  the stack trains (fp32 embeddings), and each projection then saves its own 16-bit cast; SDPA/flash kernels save
+  q, k, v, their output and a logsumexp, never the s² scores (the eager path's 5·a·s² bytes are kept for
+  ``attn=eager``). Checkpointing keeps each layer's input plus one layer being recomputed. fp32 training is
+  approximated as twice the bf16 figures (not measured).
+- Autocast caches the 16-bit copy of every trainable fp32 weight it casts until the forward ends (the backward
+  saves them too): 2 bytes per trainable matmul/conv parameter, 12.4 GiB for a full fine-tune of LLaVA-7B under
+  ZeRO-2, checkpointing or not. Under ZeRO-3 DeepSpeed's linear casts ``weight.t()``, a view, which autocast does
+  not cache (measured: none alive at the end of the forward); only the classifier's convolutions keep theirs.
 - The text loss's logits: the fp32 log-softmax the loss saves (4 B per vocabulary entry and position), and at the
   start of the backward its fp32 gradient and the 16-bit logits' (6 B more), at every position or rationale
   positions only.
-- Not modelled: allocator fragmentation and the CUDA context, a fixed ``overhead_gib``.
+- Not modelled: allocator fragmentation and the CUDA context, a fixed ``overhead_gib``; world > 1 (the bench runs
+  one rank: partitioning and the gathered working set follow DeepSpeed's code).
 """
 
 from __future__ import annotations
@@ -171,6 +181,9 @@ def memory_per_gpu(model: ModelShape, setup: Setup) -> MemoryEstimate:
         host, optimizer = optimizer, 0.0
         if setup.zero_stage == 3:  # the parameters' partition too
             host, params = host + params, 0.0
+        if setup.zero_stage >= 2:  # the gradient partition is copied out of the buckets to host memory (unmeasured)
+            partition = 4.0 * trainable / world_of(setup)
+            host, grads = host + partition, bucket_bytes(trainable, setup)
     stacks = [(model.lm, model.image_tokens + model.text_tokens, model.lm_trains())]
     if model.vision:
         stacks.append((model.vision, model.image_tokens + 1, not model.freeze_vision))
