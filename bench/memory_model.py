@@ -5,18 +5,22 @@ with the project's LoRA injection and precision preparation), hands it to ``deep
 (one rank, gloo, DeepSpeed's CPU accelerator, the ``ds_config`` the trainer generates) and runs one training step.
 The memory is measured by inspecting what exists, term by term, never by re-running the formula:
 
-  params        unique storages of the engine's parameters (ZeRO-3: their ``ds_tensor`` partitions)
+  params        unique storages of the engine's parameters (ZeRO-3: their ``ds_tensor`` partitions, plus any
+                gathered copy live at a module's forward)
   grads         gradient storages the ZeRO optimizer holds (partitioned gradients, the fp32 partition's ``.grad``)
-                plus its reduction buckets, caught live during the backward (a hook on the first layer's parameter)
+                and its reduction buckets, together, at their peak: caught at every parameter's post-accumulate
+                hook, just before ZeRO-2 frees its buckets, and at the inner optimizer's step pre-hook
   optimizer     the fp32 master partitions and AdamW's state, unless they share a parameter's storage
   activations   the peak of tensors saved for the backward (``saved_tensors_hooks``: unique storages, not
-                parameters, released when autograd drops them). Under non-reentrant checkpointing the layers'
-                saves are invisible to outer hooks; their kept inputs are read by forward pre-hooks and the
-                recomputed layer is one layer's saves measured in a forward without checkpointing
+                parameters, released when autograd drops them), plus autocast's 16-bit copies of trainable weights
+                still alive when the last module runs (a dispatch mode sees each ``_to_copy`` of a trainable
+                parameter; the copies' storages are then watched). Under non-reentrant checkpointing the layers'
+                saves are invisible to outer hooks: their kept inputs are read by forward pre-hooks and the
+                recomputed layer is one layer's saves in a forward without checkpointing
 
-Each is compared with the model's prediction for the same shape and setup (``memory_model.predict_terms``); the
-model's transient logits gradient and fixed overhead are not part of either total. The last stdout line is one JSON
-object (``--out`` also writes it, ``--markdown`` a table).
+Each is compared with the model's prediction for the same shape and setup (``predict``: ``memory_per_gpu`` on the
+same LM shape); the model's transient logits gradient and fixed overhead are not part of either total. Runs in
+~1.5 min on 2 cores. The last stdout line is one JSON object (``--out`` also writes it, ``--markdown`` a table).
 
     python bench/memory_model.py [--out bench/results/memory_model_cpu.json] [--markdown FILE]
 """
@@ -357,6 +361,21 @@ def markdown(out: dict) -> str:
             f"| " + " | ".join(cells) + f" | {r['measured_total_bytes'] / mib:.1f} / "
             f"{r['predicted_total_bytes'] / mib:.1f} | {r['total_error']:+.1%} |"
         )
+    buckets = ", ".join(f"{r['name']} {r['measured_detail']['buckets'] / mib:.1f}" for r in out["configs"])
+    copies = ", ".join(
+        f"{r['name']} {r['measured_detail']['autocast_weight_copies'] / mib:.1f}" for r in out["configs"]
+    )
+    lines += [
+        "",
+        "grads = gradient partitions + DeepSpeed's reduction buckets at their common peak (the backward, or the step's",
+        "flattened copy); activations = peak of tensors saved for the backward + autocast's 16-bit weight copies alive",
+        "at the end of the forward (the loss's saved fp32 log-softmax included; its transient gradient is not).",
+        "`-overlap` forces `overlap_comm` (the GPU setting), `-bf16reduce` sets `train.grad_reduce_dtype=autocast`.",
+        "",
+        f"Buckets measured (MiB): {buckets}.",
+        "",
+        f"Autocast weight copies alive at the end of the forward (MiB): {copies}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
