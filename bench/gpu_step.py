@@ -176,7 +176,7 @@ def megl_worker(config: dict) -> None:
     import deepspeed
     import ray.train
 
-    from megl_ray.training.ds_config import deepspeed_config
+    from megl_ray.training.ds_config import deepspeed_config, trainable_parameters
     from megl_ray.training.optim import build_optimizer, build_scheduler
 
     device = config["device"]
@@ -186,7 +186,7 @@ def megl_worker(config: dict) -> None:
         model=model,
         optimizer=optimizer,
         lr_scheduler=build_scheduler(optimizer, cfg.optim, 1000),
-        config=deepspeed_config(cfg, device == "cuda"),
+        config=deepspeed_config(cfg, device == "cuda", trainable_parameters(model)),
         dist_init_required=False,
     )
     batch = {k: v.to(engine.device) for k, v in batch.items()}

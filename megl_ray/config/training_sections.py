@@ -66,6 +66,11 @@ class TrainConfig:
     precision: Literal["bf16", "fp32", "fp16"] | None = None
     """Training precision: ``bf16`` (autocast over fp32 master weights; frozen weights in bf16), ``fp32``, or
     ``fp16`` (pre-Ampere GPUs, with loss scaling). None: bf16 on GPUs, fp32 on CPUs. See model/precision.py."""
+    grad_reduce_dtype: Literal["fp32", "autocast"] = "fp32"
+    """Dtype in which DeepSpeed averages the trainable parameters' gradients across workers under bf16/fp16:
+    ``fp32`` (the master weights' dtype, as the optimizer sees them) or ``autocast`` (DeepSpeed's default under
+    ``torch_autocast``: gradients of exact ``nn.Linear``/``nn.Conv*`` parameters — LoRA, projector, convolutions —
+    are averaged in 16 bits: half the traffic, 8 bits of mantissa, and a second reduction bucket). No effect in fp32."""
     offload: Literal["none", "cpu"] = "none"
     """ZeRO offload to host memory: ``cpu`` moves the optimizer states (and under ZeRO-3 the parameters) off the
     GPU."""

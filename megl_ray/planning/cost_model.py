@@ -35,7 +35,14 @@ import math
 import sys
 from dataclasses import asdict, dataclass, replace
 
-from megl_ray.planning.memory_model import PRESETS, ModelShape, Setup, TransformerShape, memory_per_gpu
+from megl_ray.planning.memory_model import (
+    PRESETS,
+    ModelShape,
+    Setup,
+    TransformerShape,
+    bucket_elements,
+    memory_per_gpu,
+)
 
 GIB = 2**30
 
@@ -119,18 +126,19 @@ def comm_bytes_per_gpu(model: ModelShape, setup: Setup, grad_accum: int = 1) -> 
     grads = 4.0 * trainable
     half = setup.precision in ("bf16", "fp16")
     params_all = 4.0 * trainable + (2.0 if half else 4.0) * frozen
-    bucket = 5e8  # DeepSpeed's default reduce/all-gather bucket (elements ≈ bytes order of magnitude per call)
+    # ds_config's reduce/all-gather bucket (elements): one collective per bucket of trainable parameters
+    buckets = math.ceil(trainable / bucket_elements(trainable))
     if setup.zero_stage == 0:  # plain data parallel: one all-reduce (= reduce-scatter + all-gather) of the gradients
-        return 2.0 * share * grads, math.ceil(grads / bucket)
+        return 2.0 * share * grads, buckets
     if setup.zero_stage <= 2:
         reductions = grad_accum if setup.zero_stage == 2 else 1
         volume = share * (grads * reductions + 4.0 * trainable)
-        calls = reductions * math.ceil(grads / bucket) + math.ceil(4.0 * trainable / bucket)
+        calls = reductions * buckets + buckets
         return volume, calls
     gathers = 2 + (1 if setup.gradient_checkpointing else 0)
     volume = share * grad_accum * (gathers * params_all + grads)
-    layers = model.lm.layers + model.vision.layers
-    calls = grad_accum * (gathers * layers + math.ceil(grads / bucket))
+    layers = model.lm.layers + (model.vision.layers if model.vision else 0)
+    calls = grad_accum * (gathers * layers + buckets)
     return volume, calls
 
 

@@ -1,122 +1,57 @@
-"""Per-GPU memory of a MEGL training step: parameters, gradients, optimizer states and activations, per ZeRO stage,
-precision, gradient checkpointing and offload. No Ray, no torch: arithmetic on architecture shapes, so the README's
-"Training a 7B model" table and ``docs/scaling.md`` come from code rather than guesses.
+"""Per-GPU memory of a MEGL training step: parameters, gradients (with DeepSpeed's reduction buckets), optimizer
+states and activations, per ZeRO stage, precision, gradient checkpointing and offload. No Ray, no torch: arithmetic
+on architecture shapes, so the README's "Training a 7B model" table and ``docs/scaling.md`` come from code. Checked
+term by term against what DeepSpeed really allocates (``bench/memory_model.py``, results in ``bench/results``).
 
-What the numbers follow (DeepSpeed 0.19 with ``megl_ray.training.ds_config``):
-- ``precision=bf16|fp16`` is DeepSpeed's ``torch_autocast`` (see ``megl_ray.model.precision``): *trainable* parameters
-  stay fp32 (they are the master weights), their gradients are fp32; frozen parameters are stored in 16 bits (they
-  have no optimizer state, so an fp32 copy would buy nothing). ``fp32``: everything 4 bytes.
-- ZeRO-1/2/3 keep their own fp32 copy of the trainable partition (``single_partition_of_fp32_groups`` /
-  ``fp32_partitioned_groups_flat`` are clones) plus AdamW's two moments: 12 bytes per trainable parameter, divided by
-  the data-parallel world. ZeRO-0 steps the torch optimizer on the parameters: 8 bytes.
-- Gradients are partitioned from ZeRO-2, parameters (trainable and frozen) at ZeRO-3, where one layer's worth of
-  gathered parameters is added back as the working set.
-- ``offload=cpu`` moves the optimizer partition (and, under ZeRO-3, the parameter partition) to host memory.
-- Activations of a transformer layer follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
-  Transformer Models", eq. 1) in 16-bit: s·b·h·34 bytes plus 5·a·s²·b for the attention scores, which SDPA/flash
-  kernels never store. With checkpointing only each layer's input (2·s·b·h bytes) is kept, plus one layer being
-  recomputed. The text loss's logits: fp32 over the vocabulary at every position, or at rationale positions only.
-- Not modelled: allocator fragmentation, communication buckets and the CUDA context (~1–2 GiB together); the
-  estimate adds a fixed ``overhead_gib``.
+What the numbers follow (DeepSpeed 0.19.8 with the config ``megl_ray.training.ds_config`` generates):
+- ``precision=bf16|fp16`` is DeepSpeed's ``torch_autocast`` (see ``megl_ray.model.precision``): trainable parameters
+  stay fp32 (the master weights), frozen matmul/conv/embedding weights are stored in 16 bits, norms in fp32.
+- Optimizer states: 12 bytes per trainable parameter / world from ZeRO-1 on — an fp32 clone of the trainable
+  partition (``single_partition_of_fp32_groups``; ZeRO-3's ``fp32_partitioned_groups_flat`` too: its branch that
+  would step the fp32 partition in place compares a ``torch.device`` with a device-name string, never equal) and
+  AdamW's two moments. ZeRO-0 steps the torch optimizer on the parameters: 8 bytes.
+- Gradients: fp32 (the masters' dtype), partitioned from ZeRO-2 (``grads_in_partition`` / ZeRO-3's
+  ``grad_partitions_flat_buffer``), plus the reduction buckets: ZeRO-2 allocates one fp32 bucket of
+  ``reduce_bucket_size`` elements per communication dtype for every backward (two under ``overlap_comm``, on GPUs)
+  and frees them after it; ZeRO-3 keeps one per communication dtype, in that dtype, for good. Both steps flatten the
+  partition's gradients into one more fp32 tensor (ZeRO-3 per ``sub_group_size``). DeepSpeed's default bucket (5e8
+  elements) costs 7.45 GiB per GPU under ZeRO-2 with 16-bit reduction of nn.Linear/Conv gradients (two dtypes × two
+  buffers × 4 B) whatever the model trains, so ``ds_config`` sizes it from the trainable count (``bucket_elements``)
+  and reduces in fp32 (one dtype) unless ``train.grad_reduce_dtype=autocast``.
+- ZeRO-3 partitions every parameter; a gathered layer and a prefetched one are added back as the working set (not
+  on one rank, where the gathered parameter is the partition itself). ``offload=cpu`` moves the optimizer
+  partition, the gradient partition (ZeRO-2/3: the buckets stay) and under ZeRO-3 the parameter partition to host
+  memory — read from DeepSpeed's code, not measured.
+- Activations are the tensors autograd saves, counted per op of a Llama/Qwen2 (or CLIP) layer rather than from a
+  published constant (Korthikanti et al.'s 34·s·b·h assumes 16-bit everything and trained weights), because what
+  is saved here depends on what trains and on the ZeRO stage (``shapes.TransformerShape.layer_activation_bytes``):
+  a linear saves its input only for its weight's gradient, so frozen projections save none — except under ZeRO-3,
+  whose ``LinearFunctionForZeroStage3`` (installed for ``F.linear`` by ``deepspeed.initialize``) saves every input
+  as it comes; the fp32-norm wrapper saves a 4-byte copy of each norm's input (8 bytes when the norm weight trains);
+  peft casts a LoRA layer's input to fp32, so each adapted projection saves a dropout mask (1 byte on CUDA, 4 on
+  CPU) and autocast's 16-bit cast of that input (ZeRO-3: the fp32 input itself); the residual stream is fp32 when
+  the stack trains (fp32 embeddings), and each projection then saves its own 16-bit cast; SDPA/flash kernels save
+  q, k, v, their output and a logsumexp, never the s² scores (the eager path's 5·a·s² bytes are kept for
+  ``attn=eager``). Checkpointing keeps each layer's input plus one layer being recomputed. fp32 training is
+  approximated as twice the bf16 figures (not measured).
+- Autocast caches the 16-bit copy of every trainable fp32 weight it casts until the forward ends (the backward
+  saves them too): 2 bytes per trainable matmul/conv parameter, 12.4 GiB for a full fine-tune of LLaVA-7B under
+  ZeRO-2, checkpointing or not. Under ZeRO-3 DeepSpeed's linear casts ``weight.t()``, a view, which autocast does
+  not cache (measured: none alive at the end of the forward); only the classifier's convolutions keep theirs.
+- The text loss's logits: the fp32 log-softmax the loss saves (4 B per vocabulary entry and position), and at the
+  start of the backward its fp32 gradient and the 16-bit logits' (6 B more), at every position or rationale
+  positions only.
+- Not modelled: allocator fragmentation and the CUDA context, a fixed ``overhead_gib``; world > 1 (the bench runs
+  one rank: partitioning and the gathered working set follow DeepSpeed's code).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from megl_ray.planning.shapes import NO_LORA, Acts, Lora, ModelShape, TransformerShape
+
 GIB = 2**30
-
-
-@dataclass(frozen=True)
-class TransformerShape:
-    """A decoder (LM) or encoder (vision tower) stack."""
-
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int | None = None
-    vocab: int = 0
-    """LM vocabulary (0 for a vision tower)."""
-    tied_embeddings: bool = False
-    gated_mlp: bool = True
-    """SwiGLU MLP (three matrices, Llama/Qwen2) or a plain two-matrix MLP (CLIP)."""
-    patch_params: int = 0
-    """Patch embedding and position embeddings of a vision tower."""
-
-    def layer_params(self) -> int:
-        h, kv = self.hidden, self.kv_heads or self.heads
-        head_dim = h // self.heads
-        attention = h * h * 2 + 2 * h * kv * head_dim + 2 * h + 2 * kv * head_dim  # q, o, k, v (+ biases)
-        mlp = (3 if self.gated_mlp else 2) * h * self.intermediate
-        return attention + mlp + 4 * h  # norms
-
-    def params(self) -> int:
-        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
-        return self.layers * self.layer_params() + embeddings + self.patch_params + 2 * self.hidden
-
-    def lora_params(self, r: int, targets: tuple[str, ...]) -> int:
-        h, kv = self.hidden, self.kv_heads or self.heads
-        kv_dim = kv * (h // self.heads)
-        sizes = {
-            "q_proj": (h, h),
-            "k_proj": (h, kv_dim),
-            "v_proj": (h, kv_dim),
-            "o_proj": (h, h),
-            "gate_proj": (h, self.intermediate),
-            "up_proj": (h, self.intermediate),
-            "down_proj": (self.intermediate, h),
-        }
-        return self.layers * sum(r * (sizes[t][0] + sizes[t][1]) for t in targets if t in sizes)
-
-    def activation_bytes(self, tokens: int, batch: int, checkpointing: bool, flash: bool) -> float:
-        """Activations kept for the backward of the whole stack, 16-bit."""
-        s, b, h, a = tokens, batch, self.hidden, self.heads
-        per_layer = s * b * h * 34 + (0 if flash else 5 * a * s * s * b)
-        if checkpointing:
-            return self.layers * 2 * s * b * h + per_layer
-        return self.layers * per_layer
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """A MEGL model: classifier + CLIP tower + projector + LM, and what trains."""
-
-    name: str
-    classifier_params: int
-    classifier_act_bytes: float
-    """Activations per image of the classifier at its input size, fp32 without checkpointing (measured shapes of
-    torchvision's ResNets: ~100 MB per 224² image for ResNet-50)."""
-    vision: TransformerShape
-    lm: TransformerShape
-    image_tokens: int
-    text_tokens: int
-    rationale_tokens: int
-    lora_r: int = 0
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    freeze_vision: bool = True
-    freeze_lm: bool = False
-
-    def projector_params(self) -> int:
-        v, h = self.vision.hidden, self.lm.hidden
-        return v * h + h * h + 2 * h
-
-    def fusion_params(self, classifier_channels: int = 2048) -> int:
-        return classifier_channels * self.lm.hidden + self.lm.hidden
-
-    def trainable_frozen(self) -> tuple[int, int]:
-        trainable = self.classifier_params + self.projector_params() + self.fusion_params()
-        frozen = 0
-        if self.freeze_vision:
-            frozen += self.vision.params()
-        else:
-            trainable += self.vision.params()
-        if self.lora_r > 0 or self.freeze_lm:
-            frozen += self.lm.params()
-            trainable += self.lm.lora_params(self.lora_r, self.lora_targets) if self.lora_r else 0
-        else:
-            trainable += self.lm.params()
-        return trainable, frozen
 
 
 @dataclass(frozen=True)
@@ -133,20 +68,31 @@ class Setup:
     attn: str = "sdpa"
     rationale_only_logits: bool = True
     overhead_gib: float = 1.5
+    overlap_comm: bool = True
+    """DeepSpeed's ``overlap_comm`` (ZeRO-2/3): ``ds_config`` turns it on on GPUs, off on CPUs."""
+    grad_reduce_dtype: str = "fp32"
+    """``train.grad_reduce_dtype``: fp32, or autocast (nn.Linear/Conv gradients averaged in 16 bits)."""
+    dropout_mask_bytes: int = 1
+    """Bytes per element of a saved dropout mask: CUDA's fused kernel keeps bools; CPU's unfused dropout keeps the
+    mask in the input's dtype (4 in peft's fp32 LoRA path)."""
 
 
 @dataclass
 class MemoryEstimate:
     params: float
     grads: float
+    """Gradient partitions plus the reduction buckets (``buckets``)."""
     optimizer: float
     activations: float
+    """Saved activations, including autocast's cached 16-bit weight copies (``autocast_weights``)."""
     logits: float
     overhead: float
     host_offload: float = 0.0
     """Bytes held in host memory per worker (offloaded optimizer/parameters)."""
     trainable_params: int = 0
     frozen_params: int = 0
+    buckets: float = 0.0
+    autocast_weights: float = 0.0
 
     @property
     def total(self) -> float:
@@ -159,18 +105,70 @@ class MemoryEstimate:
         return out
 
 
+DEFAULT_BUCKET = 500_000_000
+"""DeepSpeed's default ``reduce_bucket_size`` / ``allgather_bucket_size`` (elements)."""
+MIN_BUCKET = 1_000_000
+"""Floor of the buckets ``ds_config`` sets: 4 MB, so that a model with next to nothing to train still reduces in
+one bucket of a size collectives run efficiently at."""
+SUB_GROUP = 1_000_000_000
+"""ZeRO-3's ``sub_group_size`` (DeepSpeed's default; ``ds_config`` does not set it)."""
+PREFETCH_BUCKET = 50_000_000
+"""ZeRO-3's ``stage3_prefetch_bucket_size`` in ``ds_config`` (DeepSpeed's default)."""
+
+
+def bucket_elements(trainable: int | None) -> int:
+    """``reduce_bucket_size`` for a model with ``trainable`` trainable parameters: a bucket larger than everything
+    there is to reduce is memory allocated for nothing at every backward (None: DeepSpeed's default)."""
+    if trainable is None:
+        return DEFAULT_BUCKET
+    return int(min(DEFAULT_BUCKET, max(trainable, MIN_BUCKET)))
+
+
+def bucket_bytes(trainable: int, setup: Setup) -> float:
+    """DeepSpeed's gradient reduction buckets for ``setup`` (see the module docstring)."""
+    if setup.zero_stage < 2:
+        return 0.0  # ZeRO-0/1 reduce at the end of the backward, out of the gradients themselves (no hooks)
+    elements = bucket_elements(trainable)
+    half = setup.precision in ("bf16", "fp16")
+    dtype_bytes = [4, 2] if half and setup.grad_reduce_dtype == "autocast" else [4]
+    if setup.zero_stage == 3:
+        return float(elements * sum(dtype_bytes))  # one bucket per communication dtype, in that dtype
+    # ZeRO-2: buffers in the parameters' dtype (fp32 masters) for every communication dtype, doubled to overlap
+    return float(elements * 4 * len(dtype_bytes) * (2 if setup.overlap_comm else 1))
+
+
+def logits_bytes(batch: int, positions: int, vocab: int, precision: str) -> tuple[float, float]:
+    """(saved, transient) bytes of the text loss's logits: the fp32 log-softmax the loss saves, and at the start of
+    the backward its fp32 gradient plus the 16-bit logits' gradient."""
+    n = batch * positions * vocab
+    return 4.0 * n, (6.0 if precision in ("bf16", "fp16") else 4.0) * n
+
+
 def model_states(trainable: int, frozen: int, setup: Setup) -> tuple[float, float, float]:
-    """(parameters, gradients, optimizer states) in bytes per worker for these parameter counts, partitioned as
-    ``setup``'s ZeRO stage does (ZeRO-3's gathered working layers and offload not included)."""
+    """(parameters, gradients with buckets, optimizer states) in bytes per worker for these parameter counts,
+    partitioned as ``setup``'s ZeRO stage does (ZeRO-3's gathered working layers and offload not included)."""
     if setup.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0-3, got {setup.zero_stage}")
     world = max(1, setup.world)
     half = setup.precision in ("bf16", "fp16")
     param_bytes = 4.0 * trainable + (2.0 if half else 4.0) * frozen
     params = param_bytes / world if setup.zero_stage == 3 else param_bytes
-    grads = 4.0 * trainable / (world if setup.zero_stage >= 2 else 1)
+    partition = trainable / (world if setup.zero_stage >= 2 else 1)
+    buckets = bucket_bytes(trainable, setup)
+    if setup.zero_stage == 3:  # the step flattens a sub-group's gradients into a new fp32 tensor (1e9 elements max)
+        grads = 4.0 * partition + buckets + 4.0 * min(partition, SUB_GROUP)  # ZeRO-3's buckets live for good
+    elif setup.zero_stage == 2:  # ZeRO-2 frees its buckets after the backward; the step flattens the partition
+        grads = 4.0 * partition + max(buckets, 4.0 * partition)
+    else:
+        grads = 4.0 * partition
+    # ZeRO-1/2/3 clone the fp32 partition as the optimizer's master (ZeRO-3's in-place branch compares a
+    # torch.device with a device-name string, so it is never taken); ZeRO-0 steps the parameters themselves
     optimizer = (12.0 * trainable / world) if setup.zero_stage >= 1 else 8.0 * trainable
     return params, grads, optimizer
+
+
+def world_of(setup: Setup) -> int:
+    return max(1, setup.world)
 
 
 def memory_per_gpu(model: ModelShape, setup: Setup) -> MemoryEstimate:
@@ -183,31 +181,58 @@ def memory_per_gpu(model: ModelShape, setup: Setup) -> MemoryEstimate:
         host, optimizer = optimizer, 0.0
         if setup.zero_stage == 3:  # the parameters' partition too
             host, params = host + params, 0.0
-    if setup.zero_stage == 3:
-        params += 2.0 * max(model.lm.layer_params(), model.vision.layer_params()) * 2  # gathered + prefetched layer
+        if setup.zero_stage >= 2:  # the gradient partition is copied out of the buckets to host memory (unmeasured)
+            partition = 4.0 * trainable / world_of(setup)
+            host, grads = host + partition, bucket_bytes(trainable, setup)
+    stacks = [(model.lm, model.image_tokens + model.text_tokens, model.lm_trains())]
+    if model.vision:
+        stacks.append((model.vision, model.image_tokens + 1, not model.freeze_vision))
+    if setup.zero_stage == 3 and world_of(setup) > 1:  # a gathered layer and a prefetched one (one rank: in place)
+        params += 2 * max(s.layer_params() * (4.0 if trains or not half else 2.0) for s, _, trains in stacks)
     b = setup.micro_batch
-    flash = setup.attn in ("sdpa", "flash_attention_2")
     ckpt = setup.gradient_checkpointing
-    act_scale = 1.0 if half else 2.0  # the transformer formula is for 16-bit activations; fp32 doubles it
-    seq = model.image_tokens + model.text_tokens
-    activations = (
-        model.lm.activation_bytes(seq, b, ckpt, flash)
-        + model.vision.activation_bytes(model.image_tokens + 1, b, ckpt, flash)
-    ) * act_scale
+    lora = Lora(model.lora_r, model.lora_targets, model.lora_dropout)
+    act_scale = 1.0 if half else 2.0  # the per-op counts are for 16-bit autocast; fp32 doubles the 16-bit tensors
+    activations = act_scale * sum(
+        stack.activation_bytes(
+            tokens,
+            b,
+            ckpt,
+            Acts(
+                trains=trains,
+                zero3=setup.zero_stage == 3,
+                flash=setup.attn in ("sdpa", "flash_attention_2"),
+                mask_bytes=setup.dropout_mask_bytes,
+                lora=lora if stack is model.lm else NO_LORA,
+            ),
+        )
+        for stack, tokens, trains in stacks
+    )
     classifier_act = model.classifier_act_bytes * b * (0.5 if half else 1.0)
     activations += classifier_act * (0.25 if ckpt else 1.0)  # per-stage checkpoints keep the stage inputs
-    positions = model.rationale_tokens if setup.rationale_only_logits else seq
-    logits = b * positions * model.lm.vocab * (4.0 + 4.0 + (2.0 if half else 0.0))  # fp32 logits + their grad
+    # autocast caches the 16-bit copy of each trainable fp32 weight it casts until the forward ends; under ZeRO-3
+    # DeepSpeed's linear casts a transposed view, which autocast does not cache: only convolutions' copies stay
+    # (an embedding table is looked up, never cast)
+    cast = (
+        model.classifier_params
+        if setup.zero_stage == 3
+        else trainable - model.lm.vocab * model.lm.hidden * model.lm_trains()
+    )
+    autocast_weights = 2.0 * cast if half else 0.0
+    positions = model.rationale_tokens if setup.rationale_only_logits else model.image_tokens + model.text_tokens
+    saved_logits, transient_logits = logits_bytes(b, positions, model.lm.vocab, setup.precision)
     return MemoryEstimate(
         params=params,
         grads=grads,
         optimizer=optimizer,
-        activations=activations,
-        logits=logits,
+        activations=activations + autocast_weights,
+        logits=saved_logits + transient_logits,
         overhead=setup.overhead_gib * GIB,
         host_offload=host,
         trainable_params=trainable,
         frozen_params=frozen,
+        buckets=bucket_bytes(trainable, setup),
+        autocast_weights=autocast_weights,
     )
 
 

@@ -22,7 +22,7 @@ from ray.train.torch import TorchTrainer
 
 from megl_ray.config import MEGLConfig, config_from_dict, megl_home
 from megl_ray.model import build_megl_model
-from megl_ray.training.ds_config import deepspeed_config
+from megl_ray.training.ds_config import deepspeed_config, trainable_parameters
 from megl_ray.training.local import make_batch
 from megl_ray.training.optim import build_optimizer, build_scheduler, plain_step
 
@@ -66,7 +66,7 @@ def run_steps(
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, use_gpu),
+            config=deepspeed_config(cfg, use_gpu, trainable_parameters(model)),
             dist_init_required=False,
         )
     losses, times = [], []

@@ -22,7 +22,7 @@ from megl_ray.config import MEGLConfig, config_from_dict
 from megl_ray.model import build_megl_model
 from megl_ray.probes.fixed_batch import fixed_batches, run_cpu_workers
 from megl_ray.training.checkpoints import TrainState, load_checkpoint, save_checkpoint
-from megl_ray.training.ds_config import deepspeed_config
+from megl_ray.training.ds_config import deepspeed_config, trainable_parameters
 from megl_ray.training.optim import build_optimizer, build_scheduler
 
 
@@ -52,7 +52,7 @@ def _engine(cfg: MEGLConfig, loop: dict[str, Any]):
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, False),
+        config=deepspeed_config(cfg, False, trainable_parameters(model)),
         dist_init_required=False,
     )
     return engine

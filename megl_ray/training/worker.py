@@ -47,7 +47,7 @@ from megl_ray.training.accounting import (
 from megl_ray.training.best_checkpoint import restore_best, with_metric
 from megl_ray.training.checkpoints import TrainState, load_checkpoint, save_checkpoint
 from megl_ray.training.collectives import all_gather_ids, route_metric_sync
-from megl_ray.training.ds_config import deepspeed_config, resolve_precision
+from megl_ray.training.ds_config import deepspeed_config, resolve_precision, trainable_parameters
 from megl_ray.training.gallery import draw_gallery
 from megl_ray.training.guards import DIVERGED_KEY, DivergenceGuard
 from megl_ray.training.host_batch import ready_on_host, to_device
@@ -127,7 +127,7 @@ def run_worker(plan: WorkerPlan) -> None:
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, plan.use_gpu),
+        config=deepspeed_config(cfg, plan.use_gpu, trainable_parameters(model)),
         dist_init_required=False,
     )
     reseed_rank(cfg.train.seed, rank)  # identical weights, different dropout masks per rank

@@ -24,7 +24,7 @@ def _engine(cfg, num_classes, tokenizer, prior):
     import deepspeed
 
     from megl_ray.model import build_megl_model
-    from megl_ray.training.ds_config import deepspeed_config
+    from megl_ray.training.ds_config import deepspeed_config, trainable_parameters
     from megl_ray.training.optim import build_optimizer, build_scheduler
 
     torch.manual_seed(cfg.train.seed)
@@ -34,7 +34,7 @@ def _engine(cfg, num_classes, tokenizer, prior):
         model=model,
         optimizer=optimizer,
         lr_scheduler=build_scheduler(optimizer, cfg.optim, 10),
-        config=deepspeed_config(cfg, False),
+        config=deepspeed_config(cfg, False, trainable_parameters(model)),
         dist_init_required=False,
     )
     return engine

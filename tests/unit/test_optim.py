@@ -72,7 +72,9 @@ def test_deepspeed_config_derives_the_global_batch_and_precision():
     assert ds["gradient_clipping"] == cfg.optim.grad_clip
     assert "torch_autocast" not in ds  # fp32 on CPUs by default
     gpu = deepspeed_config(cfg, use_gpu=True)
-    assert gpu["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in gpu
+    # every gradient averaged in fp32 (DeepSpeed would tag nn.Linear/Conv gradients for 16-bit reduction)
+    assert gpu["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert "bf16" not in gpu
     fp16 = load_config(None, ["train.precision=fp16", "train.offload=cpu", "train.zero_stage=3"])
     ds16 = deepspeed_config(fp16, use_gpu=False)
     assert ds16["torch_autocast"]["dtype"] == "float16"
