@@ -62,6 +62,24 @@ def test_tiny_cpu_run_reports_every_case():
     assert {k: result[k] for k in head} == head
 
 
+def test_the_real_shapes_are_the_presets_and_the_memory_model_counts_the_same_parameters():
+    """The GPU run's models, built on the meta device: the 7B preset's LM with LoRA r16 on q/k/v/o (32 layers x
+    r16 x (4 x 8192) = 16.8 M LoRA parameters), 16-bit frozen weights under fp32 trainable ones, the preset's batch."""
+    run = _bare(str(ROOT / "tests" / "support" / "gpu_step_shapes.py"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    cases = json.loads(run.stdout.strip().splitlines()[-1])
+    assert list(cases) == ["7b-lora", "7b-lora-ckpt-on", "0.5b-full"]
+    lora, ckpt, full = cases.values()
+    assert lora["input_ids"] == [4, 1 + 576 + 12 + 64] and lora["pixels"] == [4, 3, 336, 336]
+    assert lora["lora_params"] == 32 * 16 * 4 * (4096 + 4096) and not lora["checkpointing"] and ckpt["checkpointing"]
+    assert 6.9e9 < lora["frozen"] < 7.1e9 and full["input_ids"] == [8, 653] and full["lora_params"] == 0
+    for case in cases.values():
+        assert case["trainable_dtypes"] == ["torch.float32"] and "torch.bfloat16" in case["frozen_dtypes"]
+        assert case["predicted"]["trainable_params"] == pytest.approx(case["trainable"], rel=0.01)
+        assert case["predicted"]["frozen_params"] == pytest.approx(case["frozen"], rel=0.05)
+    assert ckpt["predicted"]["activations"] < lora["predicted"]["activations"]
+
+
 def test_both_loops_skip_and_count_a_non_finite_step():
     run = _bare(str(ROOT / "tests" / "support" / "gpu_step_nonfinite.py"))
     assert run.returncode == 0, run.stderr[-3000:]
