@@ -18,8 +18,8 @@ Last stdout line, one JSON object: the headline case (7b-lora) as ``megl_step_ms
 ``plain_step_ms``, ``ds_vs_plain`` (their quotient; goal on one H100/H200 <= 1.2), ``tokens_per_s`` (sequence
 tokens of the DeepSpeed step), ``peak_mem_gib`` (DeepSpeed phase: CUDA allocator peak; process RSS peak on CPU),
 ``predicted_mem_gib`` (``megl_ray.planning.memory_model.memory_per_gpu``), skipped steps, and ``cases``: every case
-in full. ``--device cpu --tiny`` runs the same code at tiny shapes (CI smoke test). Needs torch, transformers,
-torchvision, peft, deepspeed and megl_ray on the path; no Ray, pyarrow or boto3 (bench/README.md).
+in full. ``--device cpu --tiny`` runs the same code at tiny shapes, a few small steps (CI smoke test). Needs torch,
+transformers, torchvision, peft, deepspeed and megl_ray on the path; no Ray, pyarrow or boto3 (bench/README.md).
 """
 
 from __future__ import annotations
@@ -104,12 +104,17 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test)")
     p.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
-    p.add_argument("--steps", type=int, default=20, help="measured steps")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--batch", type=int, default=None, help="micro-batch (default: each preset's)")
-    p.add_argument("--rationale-tokens", type=int, default=None, help="default: each preset's max_text_tokens")
+    p.add_argument("--steps", type=int, default=None, help="measured steps (default 20; 2 with --tiny)")
+    p.add_argument("--warmup", type=int, default=None, help="default 3; 1 with --tiny")
+    p.add_argument("--batch", type=int, default=None, help="micro-batch (default: each preset's; 2 with --tiny)")
+    p.add_argument("--rationale-tokens", type=int, default=None, help="default: the preset's; 8 with --tiny")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one case, in this process
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # --tiny is the CI smoke test: a few small steps, so that three processes finish well within a minute
+    for key, full, tiny in (("steps", 20, 2), ("warmup", 3, 1), ("batch", None, 2), ("rationale_tokens", None, 8)):
+        if getattr(args, key) is None:
+            setattr(args, key, tiny if args.tiny else full)
+    return args
 
 
 # ------------------------------------------------------------------------------------------------ one case, one process
@@ -308,9 +313,19 @@ def run_child(name: str, argv: list[str], device: str) -> dict:
         return {"name": name, "error": f"exited {run.returncode} without a result"}
 
 
-def summary(cases: list[dict], args) -> dict:
+def _cuda_visible() -> bool:
     import torch
 
+    return torch.cuda.is_available()
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
+def summary(cases: list[dict], args) -> dict:
     head = next((c for c in cases if c.get("name") == HEADLINE and "error" not in c), {})
     keys = ("megl_step_ms", "plain_step_ms", "ds_vs_plain", "tokens_per_s", "peak_mem_gib", "predicted_mem_gib")
     return {
@@ -318,12 +333,12 @@ def summary(cases: list[dict], args) -> dict:
         "ds_skipped_steps": head.get("ds_skipped_steps"),
         "plain_skipped_steps": head.get("plain_skipped_steps"),
         "headline": HEADLINE,
-        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "none (cpu)",
+        "gpu": _gpu_name() if args.device == "cuda" else "none (cpu)",
         "device": args.device,
         "tiny": args.tiny,
         "steps": args.steps,
         "warmup": args.warmup,
-        "torch": torch.__version__,
+        "torch": importlib.metadata.version("torch"),
         "deepspeed": importlib.metadata.version("deepspeed"),
         "cases": cases,
     }
@@ -337,9 +352,7 @@ def main(argv=None) -> tuple[dict | None, int]:
         return {"error": "deepspeed not installed"}, 2
     if args.child:
         return None, child_main(args)
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not _cuda_visible():
         print("gpu_step: --device cuda but no CUDA device is visible (use --device cpu --tiny)", file=sys.stderr)
         return {"error": "no CUDA device"}, 2
     names = [c.name for c in CASES] if not args.cases else args.cases.split(",")

@@ -37,12 +37,11 @@ def test_the_blocker_is_the_sitecustomize_python_loads():
 
 def test_tiny_cpu_run_reports_every_case():
     bench = str(ROOT / "bench" / "gpu_step.py")
-    run = _bare(
-        bench, "--device", "cpu", "--tiny", "--steps", "2", "--warmup", "1", "--batch", "2", "--rationale-tokens", "8"
-    )
+    run = _bare(bench, "--device", "cpu", "--tiny")  # --tiny's defaults: 1 + 2 steps, batch 2, 8 rationale tokens
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["gpu"] == "none (cpu)" and result["tiny"] and result["headline"] == "7b-lora"
+    assert (result["steps"], result["warmup"]) == (2, 1)
     names = [c["name"] for c in result["cases"]]
     assert names == ["7b-lora", "7b-lora-ckpt-on", "0.5b-full"], result["cases"]
     for case in result["cases"]:
