@@ -1,5 +1,6 @@
 """The paper's efficiency table (Table 5) at MEGL-R18's shapes, random init from config (no downloads):
-ResNet-18 at 224², CLIP ViT-L/14-336 (576 image tokens) and Qwen2-0.5B (``bench/gpu_step.py``'s shapes), LoRA-free.
+ResNet-18 at 224², CLIP ViT-L/14-336 (576 image tokens) and Qwen2-0.5B (``bench/gpu_step_models.py``'s shapes),
+LoRA-free.
 
 Rows as ``python -m megl_ray.evaluate --efficiency`` prints them for an export
 (``megl_ray.evaluation.efficiency``): parameters,
@@ -38,7 +39,7 @@ def parse_args(argv=None):
 def build(tiny: bool):
     """An ``Exported`` at the benchmark's shapes (10 classes)."""
     import torch
-    from gpu_step import _vlm  # the large-model shapes, one definition for both GPU benches
+    from gpu_step_models import vlm_bundle  # the large-model shapes, one definition for both GPU benches
 
     from megl_ray.config import load_config, packaged_config
     from megl_ray.model import build_megl_model
@@ -49,7 +50,7 @@ def build(tiny: bool):
         overrides += ["model.classifier=resnet18", "model.image_size=224"]
     cfg = load_config(packaged_config("tiny"), overrides)
     torch.manual_seed(0)
-    model = build_megl_model(cfg, 10, vlm=_vlm(cfg, tiny))
+    model = build_megl_model(cfg, 10, vlm=vlm_bundle(cfg.model, "qwen2-0.5b", tiny))
     return Exported(model=model, config=cfg, classes=[f"class{i}" for i in range(10)], meta={})
 
 

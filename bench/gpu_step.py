@@ -1,156 +1,123 @@
-"""One MEGL training step at the large model's shapes: Ray Train + DeepSpeed versus plain PyTorch, in one run.
+"""One MEGL training step on one device: DeepSpeed (in-process, single rank) versus plain PyTorch, per shipped preset.
 
-  megl_step_ms   one Ray Train worker, DeepSpeed ZeRO-2, bf16 (the generated config: torch_autocast over fp32
-                 master weights), median of the measured steps
-  plain_step_ms  the same model, batch and optimizer in this process: torch.autocast(bf16) forward, backward,
-                 AdamW step, no Ray, no DeepSpeed
-  ds_vs_plain    their ratio (goal on one H100/H200: <= 1.2)
-  tokens_per_s   sequence tokens (image + prompt + rationale) per second of the MEGL step
-  peak_mem_gib   the MEGL worker's peak memory (CUDA allocator; process RSS on CPU)
-  gpu            the card, or "none (cpu)"
+Cases (``bench/gpu_step_models.py``), each in its own process so that peak memory is its own:
+  7b-lora           the shipped r50-llava-1.5-7b-lora preset at its real shapes: ResNet-50, LLaVA-1.5-7B's LM
+                    (Llama, hidden 4096, 32 layers, vocab 32,064) with LoRA r16 on q/k/v/o, frozen CLIP-L/14-336,
+                    ZeRO-2, bf16, micro-batch 4, 64 rationale tokens, checkpointing as the preset has it (off)
+  7b-lora-ckpt-on   the same with gradient checkpointing flipped (``--cases 7b-lora-ckpt-flip``)
+  0.5b-full         the shipped r18-qwen2-0.5b preset: ResNet-18, Qwen2-0.5B fine-tuned in full, frozen CLIP-L/336,
+                    ZeRO-2, bf16, micro-batch 8
+Random init from config, no downloads; the big models are built on the device in bf16. Each case runs the plain
+loop first (``torch.autocast`` bf16 forward over fp32 trainable weights, backward, clip, the project's AdamW and
+schedule from ``megl_ray.training.optim``), then hands the same model to ``deepspeed.initialize`` with the config
+training generates (``megl_ray.training.ds_config``). A step is one micro-batch: forward, backward, optimizer step.
+Non-finite steps: DeepSpeed skips them (``engine.skipped_steps``); the plain loop detects them the same way (a
+non-finite loss or gradient norm) and skips and counts them instead of applying them.
 
-Shapes, random init from config (no downloads): ResNet-50 at 224², CLIP ViT-L/14-336 (576 image tokens, LLaVA's
-feature layer -2), Qwen2-0.5B (vocab 151,936, tied embeddings), batch 8 × ~640 tokens (576 image + prompt + 48
-rationale tokens), all MEGL terms, vision tower frozen as in the paper. 3 warm-up steps, then 20 measured.
-``--device cpu --tiny`` runs the same code at tiny shapes (CI smoke test).
-
-On a fresh GPU machine with torch, transformers and torchvision: ``pip install ray[train] deepspeed`` from the wheels
-you bring, then ``python bench/gpu_step.py`` (about 3 minutes on an H100: two model builds, 46 steps). The last stdout
-line is one JSON object.
+Last stdout line, one JSON object: the headline case (7b-lora) as ``megl_step_ms`` (DeepSpeed step, median),
+``plain_step_ms``, ``ds_vs_plain`` (their quotient; goal on one H100/H200 <= 1.2), ``tokens_per_s`` (sequence
+tokens of the DeepSpeed step), ``peak_mem_gib`` (DeepSpeed phase: CUDA allocator peak; process RSS peak on CPU),
+``predicted_mem_gib`` (``megl_ray.planning.memory_model.memory_per_gpu``), skipped steps, and ``cases``: every case
+in full. ``--device cpu --tiny`` runs the same code at tiny shapes, a few small steps (CI smoke test). Needs torch,
+transformers, torchvision, peft, deepspeed and megl_ray on the path; no Ray, pyarrow or boto3 (bench/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.metadata
+import importlib.util
 import json
 import os
+import resource
+import socket
 import statistics
+import subprocess
 import sys
-import tempfile
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # megl_ray from this checkout when it is not installed
+sys.path.insert(0, str(HERE))
+
+INSTALL_HINT = (
+    "gpu_step: DeepSpeed is not installed; install the wheels bench/README.md lists: "
+    "pip install --no-index --find-links wheels/ deepspeed peft"
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measured configuration: a shipped preset, its LM's shapes, and whether checkpointing is flipped."""
+
+    name: str
+    preset: str
+    lm: str
+    flip_checkpointing: bool = False
+
+
+CASES = (
+    Case("7b-lora", "r50-llava-1.5-7b-lora", "llama-7b"),  # the headline: the 7B preset as it ships
+    Case("7b-lora-ckpt-flip", "r50-llava-1.5-7b-lora", "llama-7b", flip_checkpointing=True),
+    Case("0.5b-full", "r18-qwen2-0.5b", "qwen2-0.5b"),
+)
+HEADLINE = CASES[0].name
+
+
+def case_config(case: Case, tiny: bool, batch: int | None, rationale_tokens: int | None):
+    """The preset's config for one process on one device: one worker, one micro-batch per optimizer step (the
+    step measured is forward + backward + update), bf16 (what the presets resolve to on a GPU; forced so that
+    the CPU smoke test runs the same autocast path), random-init classifier (no torchvision download)."""
+    from megl_ray.config import load_config
+
+    preset = load_config(case.preset)
+    overrides = [
+        "train.num_workers=1",
+        "train.grad_accum=1",
+        "train.precision=bf16",
+        "model.classifier_weights=null",
+    ]
+    if case.flip_checkpointing:
+        overrides.append(f"model.gradient_checkpointing={str(not preset.model.gradient_checkpointing).lower()}")
+    if tiny:  # the tiny preset's CNN and image side: a ResNet at 224² would dominate a 2-core CPU's step
+        overrides += ["model.classifier=tiny", "model.image_size=64"]
+    if batch:
+        overrides.append(f"data.batch_size={batch}")
+    if rationale_tokens:
+        overrides.append(f"model.max_text_tokens={rationale_tokens}")
+    return load_config(case.preset, overrides)
+
+
+def case_name(case: Case, cfg) -> str:
+    """``7b-lora-ckpt-on`` (or ``-off``) for the flipped case; the case's own name otherwise."""
+    if not case.flip_checkpointing:
+        return case.name
+    return case.name.replace("flip", "on" if cfg.model.gradient_checkpointing else "off")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test)")
-    p.add_argument("--steps", type=int, default=20, help="measured steps")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--rationale-tokens", type=int, default=48)
-    return p.parse_args(argv)
+    p.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
+    p.add_argument("--steps", type=int, default=None, help="measured steps (default 20; 2 with --tiny)")
+    p.add_argument("--warmup", type=int, default=None, help="default 3; 1 with --tiny")
+    p.add_argument("--batch", type=int, default=None, help="micro-batch (default: each preset's; 2 with --tiny)")
+    p.add_argument("--rationale-tokens", type=int, default=None, help="default: the preset's; 8 with --tiny")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one case, in this process
+    args = p.parse_args(argv)
+    # --tiny is the CI smoke test: a few small steps, so that three processes finish well within a minute
+    for key, full, tiny in (("steps", 20, 2), ("warmup", 3, 1), ("batch", None, 2), ("rationale_tokens", None, 8)):
+        if getattr(args, key) is None:
+            setattr(args, key, tiny if args.tiny else full)
+    return args
 
 
-def _config(tiny: bool, batch: int, rationale_tokens: int):
-    from megl_ray.config import load_config, packaged_config
-
-    overrides = [
-        f"data.batch_size={batch}",
-        "train.num_workers=1",
-        "train.zero_stage=2",
-        "train.precision=bf16",
-        "model.freeze_vision=true",
-        f"model.max_text_tokens={rationale_tokens}",
-        "loss.dc_weight=0.5",
-    ]
-    if not tiny:
-        overrides += ["model.classifier=resnet50", "model.image_size=224"]
-    return load_config(packaged_config("tiny"), overrides)
-
-
-def _vlm(cfg, tiny: bool):
-    """A VLMBundle at the benchmark's shapes: CLIP-L/14-336 + Qwen2-0.5B, or the tiny preset's."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
-
-    from megl_ray.model.vlm import (
-        VLMBundle,
-        _num_image_tokens,
-        apply_training_mode,
-        set_memory_options,
-        tiny_llava_config,
-        train_tokenizer,
-    )
-
-    words = [f"word{i} shape{i % 7} colour{i % 5}" for i in range(200)]
-    tokenizer = train_tokenizer(words, 512)
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
-    if tiny:
-        config = tiny_llava_config(cfg.model, len(tokenizer), image_id, tokenizer.pad_token_id)
-    else:
-        vision = CLIPVisionConfig(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            image_size=336,
-            patch_size=14,
-            projection_dim=768,
-        )
-        text = Qwen2Config(
-            vocab_size=151936,
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            tie_word_embeddings=True,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        config = LlavaConfig(
-            vision_config=vision.to_dict(),
-            text_config=text.to_dict(),
-            image_token_id=image_id,
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-            tie_word_embeddings=True,
-        )
-    bundle = VLMBundle(
-        LlavaForConditionalGeneration(config),
-        tokenizer,
-        image_id,
-        _num_image_tokens(config),
-        config.vision_config.image_size,
-    )
-    apply_training_mode(bundle, cfg.model)
-    set_memory_options(bundle.model, cfg.model)
-    return bundle
-
-
-def build(tiny: bool, batch: int, rationale_tokens: int, seed: int = 0):
-    """(cfg, model, batch): the model built from config with ``seed``, and one fixed random batch."""
-    import torch
-
-    from megl_ray.model import build_megl_model
-
-    cfg = _config(tiny, batch, rationale_tokens)
-    torch.manual_seed(seed)
-    model = build_megl_model(cfg, 10, vlm=_vlm(cfg, tiny))
-    g = torch.Generator().manual_seed(seed)
-    size = model.pixel_size  # what the data pipeline decodes at: CLIP-L/336's side, above ResNet-50's 224
-    vocab = model.vlm.config.text_config.vocab_size
-    prompt = [model.tokenizer.bos_token_id] + [model.image_token_id] * model.num_image_tokens
-    text = torch.randint(10, vocab, (batch, 12 + rationale_tokens), generator=g)
-    text[text == model.image_token_id] = 11
-    ids = torch.cat([torch.tensor(prompt).expand(batch, -1), text], dim=1)
-    labels = torch.full_like(ids, -100)
-    labels[:, -rationale_tokens:] = ids[:, -rationale_tokens:]
-    masks = torch.zeros(batch, 64, 64)
-    masks[:, 16:48, 16:48] = 1.0
-    data = {
-        "pixels": torch.rand(batch, 3, size, size, generator=g),
-        "labels": torch.arange(batch) % 10,
-        "masks": masks,
-        "has_mask": torch.arange(batch) % 2 == 0,
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "text_labels": labels,
-        "sample_weight": torch.ones(batch),
-    }
-    return cfg, model, data
+# ------------------------------------------------------------------------------------------------ one case, one process
 
 
 def _sync(device: str) -> None:
@@ -160,9 +127,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _peak_gib(device: str) -> float:
-    import resource
+def _reset_peak(device: str) -> None:
+    import torch
 
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device: str) -> float:
+    """CUDA allocator peak since the last reset; on CPU the process's peak RSS (since it started: it covers the
+    plain phase too, which runs first)."""
     import torch
 
     if device == "cuda":
@@ -170,17 +146,71 @@ def _peak_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
 
 
-def megl_worker(config: dict) -> None:
-    """The Ray Train worker: DeepSpeed ZeRO-2 bf16 from the generated config, warm-up then measured steps."""
-    os.environ.update(config["env"])
+def _timed(device: str, step) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def plain_loop(model, cfg, batch: dict, device: str, warmup: int, steps: int) -> dict:
+    """The update rule DeepSpeed runs, by hand: autocast forward, backward, clip, AdamW, schedule, with a step whose
+    loss or gradient norm is not finite skipped (gradients dropped, schedule held) and counted, as DeepSpeed does."""
+    import torch
+
+    from megl_ray.model.precision import autocast_dtype
+    from megl_ray.training.optim import build_optimizer, build_scheduler
+
+    half = autocast_dtype(cfg.train.precision)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, 1000)
+    params = [p for p in model.parameters() if p.requires_grad]
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")  # inf: the norm without clipping
+    state = {"skipped": 0, "loss": float("nan")}
+
+    def step():
+        with torch.autocast(device, dtype=half or torch.float32, enabled=half is not None):
+            out = model(**batch)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        # one host sync, as DeepSpeed's own overflow check makes
+        if bool(torch.isfinite(norm) & torch.isfinite(out.loss.detach())):
+            optimizer.step()
+            scheduler.step()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            state["skipped"] += 1
+        state["loss"] = out.loss.item()
+
+    _reset_peak(device)
+    times = [_timed(device, step) for _ in range(warmup + steps)][warmup:]
+    result = {"step_s": times, "skipped": state["skipped"], "loss": state["loss"], "peak_gib": _peak_gib(device)}
+    optimizer.zero_grad(set_to_none=True)  # the gradients go; the optimizer's state goes with this frame
+    return result
+
+
+def init_single_rank(device: str) -> None:
+    """torch.distributed as one rank of one (what DeepSpeed needs), on a free local port: nccl on CUDA, gloo on CPU."""
     import deepspeed
-    import ray.train
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", auto_mpi_discovery=False)
+
+
+def deepspeed_loop(model, cfg, batch: dict, device: str, warmup: int, steps: int) -> dict:
+    """The training worker's step: ``deepspeed.initialize`` with the generated config and the project's optimizer
+    and schedule, then engine forward, backward, step."""
+    import deepspeed
 
     from megl_ray.training.ds_config import deepspeed_config, trainable_parameters
     from megl_ray.training.optim import build_optimizer, build_scheduler
 
-    device = config["device"]
-    cfg, model, batch = build(config["tiny"], config["batch"], config["rationale_tokens"])
+    _reset_peak(device)
     optimizer = build_optimizer(model, cfg.optim)
     engine, *_ = deepspeed.initialize(
         model=model,
@@ -190,119 +220,155 @@ def megl_worker(config: dict) -> None:
         dist_init_required=False,
     )
     batch = {k: v.to(engine.device) for k, v in batch.items()}
-    times, losses = [], []
-    for i in range(config["warmup"] + config["steps"]):
-        _sync(device)
-        start = time.perf_counter()
+    state = {"loss": float("nan")}
+
+    def step():
         out = engine(**batch)
         engine.backward(out.loss)
         engine.step()
-        _sync(device)
-        losses.append(out.loss.item())
-        if i >= config["warmup"]:
-            times.append(time.perf_counter() - start)
-    Path(config["out"]).write_text(json.dumps({"step_s": times, "losses": losses, "peak_gib": _peak_gib(device)}))
-    ray.train.report({"done": 1})
+        state["loss"] = out.loss.item()
+
+    times = [_timed(device, step) for _ in range(warmup + steps)][warmup:]
+    return {"step_s": times, "skipped": engine.skipped_steps, "loss": state["loss"], "peak_gib": _peak_gib(device)}
 
 
-def run_megl(args, tmp: str) -> dict:
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    gpu = args.device == "cuda"
-    env = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR",) if k in os.environ}
-    if not gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    ray.init(
-        num_cpus=os.cpu_count() or 2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
-    )
-    try:
-        out = str(Path(tmp) / "megl.json")
-        trainer = TorchTrainer(
-            megl_worker,
-            train_loop_config={
-                "env": env,
-                "device": args.device,
-                "tiny": args.tiny,
-                "batch": args.batch,
-                "rationale_tokens": args.rationale_tokens,
-                "warmup": args.warmup,
-                "steps": args.steps,
-                "out": out,
-            },
-            scaling_config=ScalingConfig(num_workers=1, use_gpu=gpu, resources_per_worker=None if gpu else {"CPU": 1}),
-            run_config=RunConfig(name="gpu_step", storage_path=tmp),
-        )
-        result = trainer.fit()
-        if result.error is not None:
-            raise result.error
-        return json.loads(Path(out).read_text())
-    finally:
-        ray.shutdown()
-
-
-def run_plain(args) -> dict:
-    """The same model and batch: torch.autocast bf16 over fp32 weights, AdamW, no Ray, no DeepSpeed."""
+def run_case(name: str, args) -> dict:
+    """Build the case's model and batch, time the plain loop then DeepSpeed on it, and set the memory model's
+    prediction beside the measured peak."""
+    import gpu_step_models as models
     import torch
 
-    from megl_ray.training.optim import build_optimizer, build_scheduler, plain_step
-
+    case = next(c for c in CASES if c.name == name)
+    cfg = case_config(case, args.tiny, args.batch, args.rationale_tokens)
     device = args.device
-    cfg, model, batch = build(args.tiny, args.batch, args.rationale_tokens)
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    init_single_rank(device)
+    model, batch = models.build(case.lm, cfg, args.tiny, device)
+    trainable, frozen = models.param_counts(model)
+    try:
+        predicted = models.predicted_memory(model, cfg, batch, device == "cuda")
+    except Exception as err:  # the memory model changes under another hand: a mismatch must not cost the timing
+        predicted = {"error": f"{type(err).__name__}: {err}"}
     model.to(device).train()
-    batch = {k: v.to(device) for k, v in batch.items()}
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, 1000)
-    times = []
-    for i in range(args.warmup + args.steps):
-        _sync(device)
-        start = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16):
-            plain_step(model, optimizer, scheduler, batch, cfg.optim.grad_clip)
-        _sync(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    return {"step_s": times}
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_step: --device cuda but no CUDA device is visible (use --device cpu --tiny)", file=sys.stderr)
-        return {"error": "no CUDA device"}
-    with tempfile.TemporaryDirectory(prefix="megl-gpu-step-") as tmp:
-        megl = run_megl(args, tmp)
-    plain = run_plain(args)
-    megl_s, plain_s = statistics.median(megl["step_s"]), statistics.median(plain["step_s"])
-    tokens = args.batch * build_tokens(args)
+    on_device = {k: v.to(device) for k, v in batch.items()}
+    plain = plain_loop(model, cfg, on_device, device, args.warmup, args.steps)
+    ds = deepspeed_loop(model, cfg, on_device, device, args.warmup, args.steps)
+    ds_s, plain_s = statistics.median(ds["step_s"]), statistics.median(plain["step_s"])
+    batch_size, seq = batch["input_ids"].shape
     return {
-        "megl_step_ms": round(megl_s * 1000, 2),
+        "name": case_name(case, cfg),
+        "preset": case.preset,
+        "lm": case.lm,
+        "lora_r": cfg.model.lora_r,
+        "gradient_checkpointing": cfg.model.gradient_checkpointing,
+        "zero_stage": cfg.train.zero_stage,
+        "precision": cfg.train.precision,
+        "batch": batch_size,
+        "seq_tokens": seq,
+        "trainable_params": trainable,
+        "frozen_params": frozen,
+        "megl_step_ms": round(ds_s * 1000, 2),
         "plain_step_ms": round(plain_s * 1000, 2),
-        "ds_vs_plain": round(megl_s / plain_s, 3),
-        "tokens_per_s": round(tokens / megl_s, 1),
-        "peak_mem_gib": round(megl["peak_gib"], 2),
-        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "none (cpu)",
-        "final_loss": round(megl["losses"][-1], 4),
-        "tiny": args.tiny,
-        "batch": args.batch,
-        "steps": args.steps,
-        "device": args.device,
+        "ds_vs_plain": round(ds_s / plain_s, 3),
+        "tokens_per_s": round(batch_size * seq / ds_s, 1),
+        "plain_tokens_per_s": round(batch_size * seq / plain_s, 1),
+        "peak_mem_gib": round(ds["peak_gib"], 2),
+        "plain_peak_mem_gib": round(plain["peak_gib"], 2),
+        "predicted_mem_gib": predicted.get("total"),
+        "predicted": predicted,
+        "ds_skipped_steps": ds["skipped"],
+        "plain_skipped_steps": plain["skipped"],
+        "ds_final_loss": round(ds["loss"], 4),
+        "plain_final_loss": round(plain["loss"], 4),
     }
 
 
-def build_tokens(args) -> int:
-    """Sequence length of the benchmark batch: BOS + image tokens + 12 prompt tokens + the rationale."""
-    image_tokens = 16 if args.tiny else 576
-    return 1 + image_tokens + 12 + args.rationale_tokens
+def child_main(args) -> int:
+    try:
+        print(json.dumps(run_case(args.child, args)), flush=True)
+        return 0
+    except Exception as err:  # one line in the summary; the traceback stays on stderr
+        traceback.print_exc()
+        print(json.dumps({"name": args.child, "error": f"{type(err).__name__}: {str(err).splitlines()[0]}"}))
+        return 1
+
+
+# ------------------------------------------------------------------------------------------------ the driver
+
+
+def run_child(name: str, argv: list[str], device: str) -> dict:
+    """One case in a fresh interpreter (its own CUDA context, allocator peak and RSS); stderr passes through."""
+    env = {**os.environ, "DS_ACCELERATOR": device}  # DeepSpeed picks its accelerator when first imported
+    run = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), *argv, "--child", name],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    lines = run.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"name": name, "error": f"exited {run.returncode} without a result"}
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
+def summary(cases: list[dict], args) -> dict:
+    head = next((c for c in cases if c.get("name") == HEADLINE and "error" not in c), {})
+    keys = ("megl_step_ms", "plain_step_ms", "ds_vs_plain", "tokens_per_s", "peak_mem_gib", "predicted_mem_gib")
+    return {
+        **{k: head.get(k) for k in keys},
+        "ds_skipped_steps": head.get("ds_skipped_steps"),
+        "plain_skipped_steps": head.get("plain_skipped_steps"),
+        "headline": HEADLINE,
+        "gpu": _gpu_name() if args.device == "cuda" else "none (cpu)",
+        "device": args.device,
+        "tiny": args.tiny,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "torch": importlib.metadata.version("torch"),
+        "deepspeed": importlib.metadata.version("deepspeed"),
+        "cases": cases,
+    }
+
+
+def main(argv=None) -> tuple[dict | None, int]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if importlib.util.find_spec("deepspeed") is None:
+        print(INSTALL_HINT, file=sys.stderr)
+        return {"error": "deepspeed not installed"}, 2
+    if args.child:
+        return None, child_main(args)
+    if args.device == "cuda" and not _cuda_visible():
+        print("gpu_step: --device cuda but no CUDA device is visible (use --device cpu --tiny)", file=sys.stderr)
+        return {"error": "no CUDA device"}, 2
+    names = [c.name for c in CASES] if not args.cases else args.cases.split(",")
+    unknown = set(names) - {c.name for c in CASES}
+    if unknown:
+        print(f"gpu_step: unknown case(s) {sorted(unknown)}; known: {[c.name for c in CASES]}", file=sys.stderr)
+        return {"error": "unknown case"}, 2
+    cases = []
+    for name in names:
+        print(f"gpu_step: {name} ...", file=sys.stderr, flush=True)
+        cases.append(run_child(name, argv, args.device))
+    return summary(cases, args), 1 if any("error" in c for c in cases) else 0
 
 
 if __name__ == "__main__":
-    result = main()
-    print(json.dumps(result), flush=True)
-    sys.exit(0 if "error" not in result else 2)
+    result, code = main()
+    if result is not None:  # a child prints its own case
+        print(json.dumps(result), flush=True)
+    sys.exit(code)

@@ -27,10 +27,9 @@ from megl_ray.data.dataset_info import (  # noqa: F401 - the format's names, imp
     DatasetInfo,
     load_dataset_info,
 )
+from megl_ray.data.prompt import IMAGE_TOKEN
 
 REJECTED_FILE = "rejected.jsonl"
-IMAGE_TOKEN = "<image>"
-"""Where the prompt's image tokens go: a rationale or class name holding it would add image tokens."""
 MAX_INT_DIGITS = 32
 """Longer JSON integers are not parsed (Python refuses > 4300 digits anyway): no id or count is that long."""
 

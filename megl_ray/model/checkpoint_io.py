@@ -13,13 +13,16 @@ import torch
 from filelock import FileLock
 from safetensors.torch import load as load_safetensors
 
-from megl_ray import storage
 from megl_ray.errors import UserError
 from megl_ray.model import hub
 
 
 def read_uri_bytes(uri: str) -> bytes:
     if uri.startswith("s3://"):
+        # Lazy: storage brings boto3 and pyarrow, which only an s3:// URI needs (bench/gpu_step.py's bare GPU box
+        # has torch and transformers, neither of them).
+        from megl_ray import storage  # noqa: PLC0415
+
         return storage.read_bytes(uri)
     path = Path(uri)
     if not path.is_file():
@@ -62,9 +65,12 @@ def local_dir(uri: str, allow_patterns: list[str] | None = None) -> Path:
         lock = fetch_lock_path(uri)
         lock.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(lock)):
-            if uri.startswith("s3://"):
-                return Path(storage.local_copy(uri, patterns=allow_patterns))
-            return hub.snapshot(uri, allow_patterns)
+            if not uri.startswith("s3://"):
+                return hub.snapshot(uri, allow_patterns)
+            # Lazy, as in read_uri_bytes: boto3 and pyarrow load only where an s3:// copy is fetched.
+            from megl_ray import storage  # noqa: PLC0415
+
+            return Path(storage.local_copy(uri, patterns=allow_patterns))
     path = Path(uri).expanduser()
     if not path.is_dir():
         raise UserError(f"model directory not found: {uri} (a local folder, s3://bucket/prefix or a hub id org/name)")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megl_ray.config import LossConfig, MEGLConfig, ModelConfig
-from megl_ray.data.transforms import encode_prompt, pad_sequences
+from megl_ray.data.prompt import encode_prompt, pad_sequences
 from megl_ray.model import losses
 from megl_ray.model.classifier import Classifier, build_classifier, fit_pixels
 from megl_ray.model.counterfactual import counterfactual_images, explained_region

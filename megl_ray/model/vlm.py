@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from megl_ray.config import ModelConfig
-from megl_ray.data.transforms import IMAGE_TOKEN
+from megl_ray.data.prompt import IMAGE_TOKEN
 from megl_ray.errors import ConfigError, UserError
 from megl_ray.model import hub
 from megl_ray.model.checkpoint_io import local_dir, read_uri_bytes
