@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
             return export_checkpoint(args.src, args.dst)
         # Lazy: torch, transformers and peft load only once the arguments are understood (`--help` answers at once).
-        from megl_ray.model.export_io import merge_export  # noqa: PLC0415
+        from megl_ray.model.export_merge import merge_export  # noqa: PLC0415
 
         return merge_export(args.src, args.dst, vlm_dtype=args.dtype, base_path=tuple(args.base_path))
 

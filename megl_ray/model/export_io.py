@@ -20,7 +20,7 @@ Loading rebuilds the model from ``config.yaml`` (real presets load their base ch
 then loads ``model.safetensors``; every tensor it lacks must be a frozen base tensor. safetensors holds tensors
 only, so loading never unpickles objects. Every file is checked where it is read (``check_export``, ``load_export``):
 a damaged or foreign export is one clear ``UserError`` naming the file, never a traceback from its parser.
-``merge_export`` (``python -m megl_ray.export --merge SRC DST``) writes a standalone export:
+``megl_ray.model.export_merge.merge_export`` (``python -m megl_ray.export --merge SRC DST``) writes a standalone export:
 LoRA merged into the base weights by peft, every tensor included, no base checkpoint needed, and ``vlm/``.
 """
 
@@ -384,38 +384,3 @@ def _without_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """An export's tensors under the names of the model without LoRA layers: adapters dropped (they are merged
     after loading), a wrapped layer's ``base_layer.`` removed (peft's own naming of the layer it wraps)."""
     return {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
-
-
-def merge_export(src: str, dst: str, vlm_dtype: str = "bfloat16", base_path: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A standalone export from ``src`` (its bases re-pointed by ``base_path``): LoRA merged, every tensor
-    written, loadable without base checkpoints; and ``vlm/``, the LLaVA for transformers alone, in ``vlm_dtype``
-    (``bfloat16`` by default: the base's own precision, half an fp32 export; ``float16``, or ``float32`` on
-    request). The model is built in ``vlm_dtype`` and written without copies: host RAM peaks near one model of that
-    dtype (measured in tests/integration/test_export_memory.py)."""
-    # Loaded in the dtype it is written in: a 7B merge holds one model in host RAM, not an fp32 one and its copies
-    exported = load_export(src, merge_lora=True, base_path=base_path, dtype=getattr(torch, vlm_dtype))
-    model, cfg = exported.model, exported.config
-    merged_cfg = config_from_dict(cfg.to_dict(), ["model.lora_r=0"])
-    model.cfg = merged_cfg.model
-    save_export(
-        model,
-        merged_cfg,
-        exported.classes,
-        dst,
-        standalone=True,
-        vlm_dtype=getattr(torch, vlm_dtype),
-        extra={
-            k: v
-            for k, v in exported.meta.items()
-            if k not in ("format_version", "classes", "num_classes", "omitted", "standalone")
-        },
-    )
-    return {
-        "export": dst,
-        "source": src,
-        "merged_lora_layers": exported.lora_merged,
-        "tensors": len(model.state_dict()),
-        "standalone": True,
-        "vlm": dst.rstrip("/") + "/" + VLM_DIR,
-        "vlm_dtype": vlm_dtype,
-    }

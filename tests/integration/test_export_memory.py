@@ -32,7 +32,7 @@ print(params)
 
 MERGE = """
 import json, resource, sys
-from megl_ray.model.export_io import merge_export
+from megl_ray.model.export_merge import merge_export
 def rss():
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))

@@ -26,7 +26,8 @@ from megl_ray.data.transforms import encode_prompt, format_prompt
 from megl_ray.errors import UserError
 from megl_ray.evaluation.inference import load_for_inference
 from megl_ray.model import build_megl_model
-from megl_ray.model.export_io import load_export, merge_export, save_export
+from megl_ray.model.export_io import load_export, save_export
+from megl_ray.model.export_merge import merge_export
 from megl_ray.model.vlm import CLIP_MEAN, CLIP_STD, build_tiny
 from tests.support.hf_cache import SHA1, place_in_cache
 
