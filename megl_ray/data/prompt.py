@@ -12,9 +12,7 @@ from typing import Any
 
 import torch
 
-IMAGE_TOKEN = "<image>"
-"""Where the prompt's image tokens go: a rationale or class name holding it would add image tokens."""
-IGNORE_INDEX = -100
+from megl_ray.data.tokens import IGNORE_INDEX, IMAGE_TOKEN
 
 
 def format_prompt(template: str, label_name: str) -> tuple[str, str]:

@@ -27,7 +27,7 @@ from megl_ray.data.dataset_info import (  # noqa: F401 - the format's names, imp
     DatasetInfo,
     load_dataset_info,
 )
-from megl_ray.data.prompt import IMAGE_TOKEN
+from megl_ray.data.tokens import IMAGE_TOKEN
 
 REJECTED_FILE = "rejected.jsonl"
 MAX_INT_DIGITS = 32

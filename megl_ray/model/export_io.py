@@ -222,13 +222,14 @@ def _standalone_vlm(root: Path, cfg: MEGLConfig, tokenizer: Any, dtype: torch.dt
     over it by ``load_export``). Built in ``dtype`` and without initialising its weights (transformers'
     ``no_init_weights``): random values for 7 B parameters would be minutes of CPU, all overwritten."""
     config = LlavaConfig.from_json_file(str(root / VLM_CONFIG_FILE))
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with no_init_weights():
-            model = LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default)
+    # The dtype asked for, not the one each (sub-)config was saved with, which transformers would build in
+    for part in (config, config.text_config, config.vision_config):
+        part.dtype = dtype
+    with no_init_weights():
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+    # Loaded to run or to be written again, not to train: frozen, so that a 16-bit load keeps it 16-bit (the
+    # precision rules keep trainable weights in fp32)
+    model.requires_grad_(False)
     set_memory_options(model, cfg.model)
     return VLMBundle(
         model, tokenizer, config.image_token_id, _num_image_tokens(config), config.vision_config.image_size

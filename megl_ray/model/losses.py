@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from megl_ray.config import LossConfig
+from megl_ray.data.tokens import IGNORE_INDEX
 from megl_ray.model.precision import compute_in_fp32
 from megl_ray.model.saliency import resize_map
-
-IGNORE_INDEX = -100
 
 
 @compute_in_fp32

@@ -181,7 +181,8 @@ def test_lora_checkpoint_excludes_frozen_tensors_resumes_exactly_and_exports_wha
 
     merged = str(tmp_path / "merged")
     run = subprocess.run(
-        [sys.executable, "-m", "megl_ray.export", "--merge", export, merged],
+        # fp32 on request (bf16 is the default): the merged model must then compute exactly what the LoRA one does
+        [sys.executable, "-m", "megl_ray.export", "--merge", export, merged, "--dtype", "float32"],
         capture_output=True,
         text=True,
         env=env,
