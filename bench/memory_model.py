@@ -168,7 +168,6 @@ LORA = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def predict(shape: Shape, stage: int, lora_r: int, ckpt: bool, extra: dict) -> dict[str, float]:
-    # CPU dropout keeps its mask in the input's dtype (fp32 in a LoRA adapter); CUDA's fused kernel, 1-byte bools
     """The memory model's four terms for this configuration (its transient logits gradient left out)."""
     lm = mm.TransformerShape(
         layers=shape.layers,
@@ -199,7 +198,7 @@ def predict(shape: Shape, stage: int, lora_r: int, ckpt: bool, extra: dict) -> d
         overlap_comm=extra.get("overlap_comm", False),
         grad_reduce_dtype=extra.get("grad_reduce_dtype", "fp32"),
         rationale_only_logits=False,
-        dropout_mask_bytes=4,
+        dropout_mask_bytes=4,  # CPU dropout keeps its mask in the input's dtype (fp32 in a LoRA adapter)
     )
     est = mm.memory_per_gpu(model, setup)
     saved_logits = mm.logits_bytes(shape.batch, shape.seq, shape.vocab, "bf16")[0]

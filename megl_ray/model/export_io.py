@@ -62,6 +62,7 @@ from megl_ray.model.hf_export import (
     save_vlm,
     write_card,
 )
+from megl_ray.model.precision import PRECISION_OF
 from megl_ray.model.safetensors_stream import write_safetensors
 from megl_ray.model.vlm import VLMBundle, _num_image_tokens, set_memory_options
 
@@ -73,7 +74,6 @@ META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
 CLASSIFIER_DIR = "classifier"
 log = logging.getLogger(__name__)
-PRECISION_OF = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass
@@ -132,7 +132,8 @@ def exported_state(
                         # A gathered ZeRO-3 parameter is released when its module's gather ends: keep a copy. A
                         # host tensor is written as it is (``write_safetensors`` takes shared storages): a copy of
                         # every tensor was a second model in host RAM while a 7B export was written.
-                        state[name] = value.clone() if gather is not None and value is tensor else value
+                        shared = value.data_ptr() == tensor.data_ptr()  # .cpu() of a host tensor copies nothing
+                        state[name] = value.clone() if gather is not None and shared else value
     return state if keep else None
 
 

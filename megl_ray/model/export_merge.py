@@ -23,8 +23,9 @@ def merge_export(src: str, dst: str, vlm_dtype: str = "bfloat16", base_path: tup
     (``bfloat16`` by default: the base's own precision, half an fp32 export; ``float16``, or ``float32`` on
     request). The model is built in ``vlm_dtype`` and written without copies: host RAM peaks near one model of that
     dtype (see the module docstring)."""
+    dtype = getattr(torch, vlm_dtype)
     # Loaded in the dtype it is written in: a 7B merge holds one model in host RAM, not an fp32 one and its copies
-    exported = load_export(src, merge_lora=True, base_path=base_path, dtype=getattr(torch, vlm_dtype))
+    exported = load_export(src, merge_lora=True, base_path=base_path, dtype=dtype)
     model, cfg = exported.model, exported.config
     merged_cfg = config_from_dict(cfg.to_dict(), ["model.lora_r=0"])
     model.cfg = merged_cfg.model
@@ -34,7 +35,7 @@ def merge_export(src: str, dst: str, vlm_dtype: str = "bfloat16", base_path: tup
         exported.classes,
         dst,
         standalone=True,
-        vlm_dtype=getattr(torch, vlm_dtype),
+        vlm_dtype=dtype,
         extra={
             k: v
             for k, v in exported.meta.items()

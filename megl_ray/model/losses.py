@@ -51,9 +51,9 @@ def rationale_positions(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:] != IGNORE_INDEX
 
 
-def host_rationale_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, columns) of ``rationale_positions(labels)``, for labels still on the host: the training loop finds
-    them there, where counting them costs no wait for the device."""
+def rationale_indices(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of ``rationale_positions(labels)``. The training loop takes them from the labels still on
+    the host (``training.host_batch``), where counting them costs no wait for the device."""
     return rationale_positions(labels).nonzero(as_tuple=True)
 
 
@@ -65,7 +65,7 @@ def text_loss_at(
     of those positions (``positions``, their (rows, columns), when already known), labels (B, T). Same value as
     ``text_loss`` on full-sequence logits."""
     keep = rationale_positions(labels)
-    rows, cols = positions if positions is not None else keep.nonzero(as_tuple=True)
+    rows, cols = positions if positions is not None else rationale_indices(labels)
     targets = labels[:, 1:][rows, cols]
     nll = F.cross_entropy(logits, targets, reduction="none")
     sums = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)

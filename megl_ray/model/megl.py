@@ -158,7 +158,7 @@ class MEGLModel(nn.Module):
         boolean selection on the device would wait for the GPU to count them, every micro-step."""
         hidden = self.vlm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
         if positions is None:
-            positions = losses.rationale_positions(text_labels).nonzero(as_tuple=True)
+            positions = losses.rationale_indices(text_labels)
         logits = self.vlm.lm_head(hidden[:, :-1][positions])  # a module call: ZeRO-3 gathers lm_head's weight
         return losses.text_loss_at(logits, text_labels, positions)
 
@@ -184,7 +184,7 @@ class MEGLModel(nn.Module):
         them at the rationale positions only). ``visual_scale`` multiplies λ_vis (the training loop's ramp,
         ``losses.visual_ramp``); the visual terms are computed and logged at 0 too (they are cheap beside the CAM),
         so their curves start at step 1. ``text_rows``/``text_cols``: the rationale positions, found on the host
-        (``losses.host_rationale_positions``).
+        (``losses.rationale_indices``).
 
         No host read of a device value on the default path: L_visual and L_dc are computed for every sample and
         selected per sample (``megl_objective``'s ``torch.where``), not skipped after asking the GPU whether any

@@ -34,6 +34,8 @@ import torch
 from torch import nn
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_OF = {torch.float32: "fp32", **{dtype: name for name, dtype in HALF.items()}}
+"""``train.precision``'s name of a dtype (the inverse of ``autocast_dtype``)."""
 
 
 def autocast_dtype(precision: str | None) -> torch.dtype | None:

@@ -63,14 +63,6 @@ class DivergenceGuard:
             raise TrainingDiverged(self.message)
 
 
-def _any_rank(flag: bool, device: Any = None) -> bool:
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=device)  # on the loss's device: NCCL has no CPU tensors
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item() > 0)
-
-
 def raise_if_diverged(metrics: dict[str, Any]) -> None:
     """Driver side: a run whose workers stopped on divergence ends as one ``UserError``."""
     if metrics.get(DIVERGED_KEY):

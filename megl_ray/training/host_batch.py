@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from megl_ray.model.losses import host_rationale_positions
+from megl_ray.model.losses import rationale_indices
 
 
 def right_padded(attention_mask: torch.Tensor) -> bool:
@@ -29,7 +29,7 @@ def ready_on_host(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``batch`` (host tensors) with the rationale positions added and a right-padding attention mask dropped."""
     batch = dict(batch)
     if "text_labels" in batch:
-        batch["text_rows"], batch["text_cols"] = host_rationale_positions(batch["text_labels"])
+        batch["text_rows"], batch["text_cols"] = rationale_indices(batch["text_labels"])
     if "attention_mask" in batch and right_padded(batch["attention_mask"]):
         del batch["attention_mask"]
     return batch

@@ -64,3 +64,30 @@ def test_an_export_trained_with_flash_attention_loads_with_sdpa_where_flash_attn
     assert loaded.model.vlm.config._attn_implementation == "sdpa"
     batch = make_batch(model, cfg, n=2)
     assert torch.equal(loaded.model.predict(batch["pixels"])[0], model.predict(batch["pixels"])[0])
+
+
+def test_tensors_taken_inside_a_zero3_gather_are_copies_that_outlive_it():
+    """Under ZeRO-3 a gathered parameter's memory is released (or reused) when its module's gather ends: the export
+    keeps a copy; outside a gather a host tensor is taken as it is (no second model in RAM)."""
+    import contextlib
+
+    from megl_ray.model.export_io import exported_state
+
+    torch.manual_seed(0)
+    cfg = load_config(packaged_config("tiny"))
+    model = build_megl_model(cfg, 4, corpus=corpus())
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @contextlib.contextmanager
+    def gather(params):
+        yield
+        with torch.no_grad():
+            for p in params:  # what a released gather buffer may hold next
+                p.zero_()
+
+    shared = exported_state(model, cfg)  # no gather: the parameters' own memory
+    weight = model.classifier.head.weight
+    assert shared["classifier.head.weight"].data_ptr() == weight.data_ptr()
+    state = exported_state(model, cfg, gather=gather)
+    assert state and all(torch.equal(state[k], before[k]) for k in state)  # the values seen inside the gathers
+    assert weight.abs().sum() == 0  # and the gathers did end by wiping them
