@@ -1,19 +1,22 @@
-"""The MEGL paper's ablation (arXiv 2411.13053, Table 4) as a benchmark, plus this project's two options.
+"""The MEGL paper's ablation (arXiv 2411.13053, Table 4) as a benchmark, plus this project's options.
 
-    python bench/ablation.py                       # bundled-style shortcut digits, 3 seeds, all rows
-    python bench/ablation.py --data DATASET --seeds 5 --rows ce,megl,megl_rrr --out bench/results/my_ablation
+    python bench/ablation.py                                  # shortcut digits, 3 seeds, the default rows
+    python bench/ablation.py --benchmark animals              # the second shortcut benchmark (framed animals)
+    python bench/ablation.py --data DATASET --seeds 5 --rows ce,megl --out bench/results/my_ablation [key=value ...]
 
-Each row × seed is one run of the real trainer, ``megl_ray.driver.fit.fit`` (Ray Train + DeepSpeed ZeRO-2, Ray Data),
-all on one Ray instance started once. Every exported model is then scored on the test split: accuracy, macro-F1,
-mIoU of Â against the ground-truth masks and BLEU-4 of greedy rationales (``megl_ray.evaluation.metrics``). Without
-``--data`` the dataset is ``python -m megl_ray.data.make_sample --shortcut``: a dark square whose position encodes
-the label in train and val and is random in test, so test accuracy is *decoy-free* accuracy: what the classifier
-learnt from the digit itself. At the default size (80 per class) one seed of the 7 default rows takes ~13 minutes on
-2 cores, three seeds ~39 (bench/results/ablation/README.md).
+Each row × seed is one training run of the tiny preset (``--trainer local``: ``megl_ray.training.local`` in this
+process, the global batch of the Ray run — ``data.batch_size`` × ``train.num_workers`` — in one step; ``--trainer
+ray``: ``megl_ray.driver.fit.fit``, Ray Train + DeepSpeed ZeRO-2, all runs on one Ray instance). Every model is
+scored on the test split: accuracy, macro-F1, mIoU of Â against the ground-truth masks, BLEU-4 of greedy
+rationales, and per test image whether it was right and its IoU, from which each row gets a paired difference to
+CE only with a 95 % bootstrap interval over test images (``bench/ablation_stats.py``). The generated benchmarks
+plant a shortcut in train/val that is random in test (``make_sample --shortcut``: a dark square whose position
+encodes the label; ``make_animals --shortcut``: a frame whose colour does), so test accuracy is *decoy-free*.
 
 Writes, under ``--out``: ``runs.jsonl`` (one line per finished run; re-running skips those, so an interrupted
-ablation resumes), ``ablation.md`` (mean ± std over seeds, beside the paper's ViT column), ``ablation.png`` (bar
-chart) and ``ablation.json``. Logs go to stderr; the last stdout line is one JSON object.
+ablation resumes), ``ablation.md`` (mean ± std over seeds, the paired intervals, the paper's ViT column),
+``ablation.png`` (chart with the intervals) and ``ablation.json``. Logs go to stderr; the last stdout line is one
+JSON object.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -33,74 +35,95 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from ablation_stats import METRICS, chart, iou_per_image, markdown, summarise  # noqa: E402
+
 from megl_ray.cli import ArgumentParser, run_cli, setup_logging  # noqa: E402
 from megl_ray.errors import UserError  # noqa: E402
 
 log = logging.getLogger("bench.ablation")
 
 LABEL_FREE_PROMPT = "USER: <image>\nWhat digit is this, and why? ASSISTANT:"
-# λ_cf 3, not 1: in-process checks on the 80-per-class shortcut digits (seed 0; 216 steps at global batch 32),
-# decoy-free test accuracy 0.60 at λ_cf 3 against 0.08 at λ_cf 1 (CE only: 0.11); seeds 1 and 2 at λ_cf 3: 0.32, 0.68.
-CF_WEIGHT = 3.0
 RRR_WEIGHT = 10.0
-# Table 4 rows (CE only, + visual, + text, + visual + text, + L_dc = full MEGL), then this project's options:
-# counterfactual-background consistency (loss.counterfactual_weight, item 3 of issue 11), the label-free prompt
-# (item 4) and, on request (--rows), the input-gradient penalty (loss.rrr_weight).
+# The counterfactual option as measured (bench/results/shortcut/): λ_cf 3 on regions from the ground-truth maps and,
+# for the other 90 %, the evidence prior's support; λ_vis 60 ramped in over 10-30 % of the run keeps the maps on
+# the object once the classifier reads it (at the preset's λ_vis 10 the same option gains as much accuracy but
+# mIoU falls to ~0.5: the row megl_cf_vis10).
+CF = ["loss.counterfactual_weight=3"]
+CF_VISUAL = ["loss.visual_weight=60", "loss.visual_ramp_start=0.1", "loss.visual_ramp_end=0.3"]
+# Table 4 rows (CE only, + visual, + text, + visual + text, + L_dc = full MEGL), then this project's options.
 ROWS: dict[str, tuple[str, list[str]]] = {
     "ce": ("CE only", ["loss.text_weight=0", "loss.visual_weight=0"]),
     "visual": ("+ visual", ["loss.text_weight=0", "loss.dc_weight=0"]),
     "text": ("+ text", ["loss.visual_weight=0"]),
     "visual_text": ("+ visual + text", ["loss.dc_weight=0"]),
     "megl": ("+ L_dc (full MEGL)", []),
-    "megl_cf": (
-        f"full MEGL + counterfactual backgrounds (loss.counterfactual_weight={CF_WEIGHT:g})",
-        [f"loss.counterfactual_weight={CF_WEIGHT}"],
+    # Diagnostic: full MEGL whose visual term only penalises attention outside the object (haics) instead of
+    # demanding it on every part of it (L1 to the whole-object map): does the whole-object target fight CE?
+    "megl_haics": ("full MEGL, one-sided visual target (haics)", ["loss.visual_transform=haics"]),
+    "megl_cf": ("full MEGL + counterfactuals (λ_cf 3, λ_vis 60)", CF + CF_VISUAL),
+    "megl_cf_vis10": ("full MEGL + counterfactuals at the preset's λ_vis 10", CF),
+    "megl_cf_saliency": (
+        "full MEGL + counterfactuals from Â (the earlier option)",
+        [*CF, "loss.counterfactual_regions=saliency"],
+    ),
+    "megl_cf_masks": (
+        "full MEGL + counterfactuals from masks only",
+        [*CF, *CF_VISUAL, "loss.counterfactual_regions=masks"],
     ),
     # json.dumps: a double-quoted YAML string, else "USER: <image>..." would be read as a mapping
     "megl_label_free": ("full MEGL, label-free prompt", [f"model.prompt_template={json.dumps(LABEL_FREE_PROMPT)}"]),
     "megl_rrr": (f"full MEGL + RRR (loss.rrr_weight={RRR_WEIGHT:g})", [f"loss.rrr_weight={RRR_WEIGHT}"]),
 }
-DEFAULT_ROWS = ("ce", "visual", "text", "visual_text", "megl", "megl_cf", "megl_label_free")
+PAPER_ROWS = ("ce", "visual", "text", "visual_text", "megl")
+DEFAULT_ROWS = (*PAPER_ROWS, "megl_cf", "megl_cf_vis10", "megl_cf_saliency")
 PAPER_VIT = {"ce": 0.7858, "visual": 0.8206, "text": 0.8220, "visual_text": 0.8234, "megl": 0.8317}
 """Table 4 of the paper, ViT backbone, accuracy (its own datasets, not ours)."""
-METRICS = ("accuracy", "macro_f1", "miou", "bleu4")
+BENCHMARKS = ("digits", "animals")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python bench/ablation.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", help="converted dataset (local dir or s3://); default: make_sample --shortcut")
-    p.add_argument("--n-per-class", type=int, default=80, help="images per class of the generated dataset")
+    p.add_argument("--data", help="converted dataset (local dir or s3://); default: the generated --benchmark")
+    p.add_argument("--benchmark", default="digits", choices=BENCHMARKS, help="shortcut benchmark to generate")
+    p.add_argument("--n-per-class", type=int, default=80, help="images per class of the generated digits")
     p.add_argument("--seeds", type=int, default=3, help="seeds per row (train.seed = 0..N-1)")
     p.add_argument(
         "--rows",
         default=",".join(DEFAULT_ROWS),
-        help=f"comma-separated rows (default {','.join(DEFAULT_ROWS)}; also: megl_rrr)",
+        help=f"comma-separated rows (default {','.join(DEFAULT_ROWS)}; all: {','.join(ROWS)})",
     )
+    p.add_argument("--trainer", default="local", choices=("local", "ray"), help="in-process or Ray Train runs")
+    p.add_argument("--threads", type=int, default=0, help="torch threads of --trainer local (0: torch's default)")
+    p.add_argument("--title", default="MEGL ablation", help="title of the table and the chart")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "ablation"), help="results folder")
     p.add_argument("--work", help="scratch folder for data and runs (default: a new temp dir)")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides applied to every row")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides applied to every row (before its own)")
     return p
 
 
-def make_dataset(work: Path, n_per_class: int) -> str:
-    from megl_ray.data import convert, make_sample
+def make_dataset(work: Path, benchmark: str, n_per_class: int) -> str:
+    from megl_ray.data import convert, make_animals, make_sample
     from megl_ray.data.schema import DATASET_INFO_FILE
 
-    src, dst = work / "shortcut-src", work / "shortcut"
+    src, dst = work / f"{benchmark}-src", work / benchmark
     if not (dst / DATASET_INFO_FILE).is_file():  # a --work folder of an earlier run: its dataset again
-        make_sample.main([str(src), "--shortcut", "--n-per-class", str(n_per_class), "--overwrite"])
+        if benchmark == "animals":
+            make_animals.main([str(src), "--shortcut", "--overwrite"])
+        else:
+            make_sample.main([str(src), "--shortcut", "--n-per-class", str(n_per_class), "--overwrite"])
         convert.main([str(src), str(dst), "--overwrite"])
     return str(dst)
 
 
-def score_export(export: str, data: str) -> dict[str, float | None]:
-    """Test-split accuracy, macro-F1, mIoU and BLEU-4 of an exported model, in this process."""
+def score_export(export: str, data: str) -> dict[str, Any]:
+    """Test-split accuracy, macro-F1, mIoU and BLEU-4 of an exported model, in this process, and per test image
+    whether it was right and its IoU (None without a mask): ``outcomes``, for the paired intervals."""
     import torch
 
     from megl_ray.data.reader import read_split
     from megl_ray.data.schema import load_dataset_info
     from megl_ray.evaluation.evaluate_run import predict_in_process
-    from megl_ray.evaluation.metrics import ClassificationMetrics, SaliencyMetrics
+    from megl_ray.evaluation.metrics import MASK_THRESHOLD, ClassificationMetrics, SaliencyMetrics, binarize_saliency
     from megl_ray.evaluation.text_metrics import bleu4
     from megl_ray.model.export_io import load_export
 
@@ -108,118 +131,63 @@ def score_export(export: str, data: str) -> dict[str, float | None]:
     table = read_split(data, "test", info)
     out = predict_in_process(load_export(export), table, info.mask_size, 64, num_beams=1, max_new_tokens=32)
     cls, sal = ClassificationMetrics(info.num_classes), SaliencyMetrics()
-    cls.update(torch.as_tensor(out["probs"]), torch.as_tensor(out["label"]))
-    sal.update(
-        torch.as_tensor(out["saliency"]), torch.as_tensor(out["mask"]).float() / 255.0, torch.as_tensor(out["has_mask"])
-    )
+    probs, labels = torch.as_tensor(out["probs"]), torch.as_tensor(out["label"])
+    saliency, masks = torch.as_tensor(out["saliency"]), torch.as_tensor(out["mask"]).float() / 255.0
+    has_mask = torch.as_tensor(out["has_mask"]).bool()
+    cls.update(probs, labels)
+    sal.update(saliency, masks, has_mask)
     c, s = cls.compute(), sal.compute()
     refs = [list(r) for r in table.column("rationales").to_pylist()]
+    pred = binarize_saliency(saliency, tuple(masks.shape[-2:])).numpy().astype(bool)
+    ious = iou_per_image(pred, (masks >= MASK_THRESHOLD).numpy())
     return {
         "accuracy": c["accuracy"],
         "macro_f1": c["macro_f1"],
         "miou": s["miou"],
         "bleu4": bleu4([str(g) for g in out["generated"]], refs),
+        "outcomes": {
+            "accuracy": (probs.argmax(1) == labels).int().tolist(),
+            "miou": [iou if bool(m) else None for iou, m in zip(ious, has_mask.tolist())],
+        },
     }
 
 
-def run_one(row: str, seed: int, data: str, runs: Path, overrides: Sequence[str]) -> dict[str, Any]:
+def run_one(row: str, seed: int, data: str, runs: Path, overrides: Sequence[str], trainer: str) -> dict[str, Any]:
     from megl_ray.config import load_config, packaged_config
-    from megl_ray.driver.fit import fit
 
     name = f"{row}-s{seed}"
-    cfg = load_config(
-        packaged_config("tiny"),
-        [
-            *overrides,
-            *ROWS[row][1],
-            f"train.seed={seed}",
-            f"data.uri={data}",
-            f"run.storage_path={runs}",
-            f"run.name={name}",
-            "run.log_every=1000",
-        ],
-    )
+    keys = [
+        *overrides,
+        *ROWS[row][1],
+        f"train.seed={seed}",
+        f"data.uri={data}",
+        f"run.storage_path={runs}",
+        f"run.name={name}",
+        "run.log_every=1000",
+    ]
+    cfg = load_config(packaged_config("tiny"), keys)
     started = time.monotonic()
-    result = fit(cfg, evaluate_test=False)
-    metrics = score_export(result["export"], data)
+    if trainer == "ray":
+        from megl_ray.driver.fit import fit
+
+        result = fit(cfg, evaluate_test=False)
+        export, steps = result["export"], result["steps"]
+    else:
+        from megl_ray.training.local import train
+
+        # one process steps on the Ray run's global batch (per-worker batch × workers), same schedule
+        cfg = load_config(
+            packaged_config("tiny"), [*keys, f"data.batch_size={cfg.data.batch_size * cfg.train.num_workers}"]
+        )
+        export = str(runs / name / "export")
+        steps = train(cfg, 0, export)["steps"]
     return {
         "row": row,
         "seed": seed,
-        **metrics,
-        "steps": result["steps"],
+        **score_export(export, data),
+        "steps": steps,
         "seconds": round(time.monotonic() - started, 1),
     }
-
-
-def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None, None
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
-def summarise(records: list[dict[str, Any]], rows: list[str]) -> dict[str, dict[str, Any]]:
-    summary = {}
-    for row in rows:
-        mine = [r for r in records if r["row"] == row]
-        if mine:
-            summary[row] = {
-                "label": ROWS[row][0],
-                "seeds": len(mine),
-                **{m: _mean_std([r[m] for r in mine]) for m in METRICS},
-            }
-    return summary
-
-
-def markdown(summary: dict[str, dict[str, Any]], context: str) -> str:
-    def cell(pair):
-        mean, std = pair
-        return "n/a" if mean is None else f"{mean:.3f} ± {std:.3f}"
-
-    lines = [
-        f"# MEGL ablation (Table 4 rows + options)\n\n{context}\n",
-        "| row | seeds | test accuracy (decoy-free) | macro-F1 | mIoU | BLEU-4 | paper ViT accuracy |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row, s in summary.items():
-        paper = f"{PAPER_VIT[row]:.4f}" if row in PAPER_VIT else "—"
-        lines.append(f"| {s['label']} | {s['seeds']} | " + " | ".join(cell(s[m]) for m in METRICS) + f" | {paper} |")
-    base = summary.get("ce", {}).get("accuracy", (None,))[0]
-    if base is not None:
-        lines.append("")
-        for row, s in summary.items():
-            if row != "ce" and s["accuracy"][0] is not None:
-                lines.append(
-                    f"- {s['label']}: {100 * (s['accuracy'][0] - base):+.1f} points of test accuracy over "
-                    "CE only"
-                    + (f" (paper: {100 * (PAPER_VIT[row] - PAPER_VIT['ce']):+.1f})" if row in PAPER_VIT else "")
-                )
-    return "\n".join(lines) + "\n"
-
-
-def chart(summary: dict[str, dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [s["label"].replace(" (", "\n(").replace(", ", ",\n") for s in summary.values()]
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(labels)), 4.5))
-    width = 0.8 / len(METRICS)
-    for i, metric in enumerate(METRICS):
-        means = [s[metric][0] or 0.0 for s in summary.values()]
-        stds = [s[metric][1] or 0.0 for s in summary.values()]
-        xs = [k + (i - (len(METRICS) - 1) / 2) * width for k in range(len(labels))]
-        ax.bar(xs, means, width, yerr=stds, capsize=2, label=metric)
-    ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels, fontsize=7)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("test split (mean ± std over seeds)")
-    ax.legend(fontsize=8, ncol=len(METRICS))
-    ax.set_title("MEGL ablation on shortcut digits")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -231,11 +199,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.seeds < 1:
         raise UserError("--seeds must be at least 1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="megl-ablation-"))
     work.mkdir(parents=True, exist_ok=True)
-    data = args.data or make_dataset(work, args.n_per_class)
+    data = args.data or make_dataset(work, args.benchmark, args.n_per_class)
     done_path = out / "runs.jsonl"
     records = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.is_file() else []
     started = time.monotonic()
@@ -245,29 +217,39 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if any(r["row"] == row and r["seed"] == seed for r in records):
                     continue
                 log.info("ablation: row %s seed %d", row, seed)
-                record = run_one(row, seed, data, work / "runs", args.overrides)
-                log.info("ablation: %s", record)
+                record = run_one(row, seed, data, work / "runs", args.overrides, args.trainer)
+                log.info("ablation: %s", {k: v for k, v in record.items() if k != "outcomes"})
                 records.append(record)
                 with done_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
     finally:
-        import ray
+        if args.trainer == "ray":
+            import ray
 
-        ray.shutdown()
-    summary = summarise(records, rows)
-    context = (
-        f"Dataset: `{args.data or f'make_sample --shortcut --n-per-class {args.n_per_class}'}`; the tiny "
-        f"preset (`megl_ray/config/presets/tiny.yaml`) with overrides {list(args.overrides) or 'none'}; "
-        "seeds (train.seed = 0, 1, ...) per row as in the table; through `megl_ray.driver.fit.fit` (2 Ray Train "
-        "workers, DeepSpeed "
-        "ZeRO-2, CPU). Test accuracy is decoy-free: the decoy's position is random in the test split. "
-        "The paper's column is its ViT Table 4 accuracy on its own datasets, for the direction of each row."
+            ray.shutdown()
+    summary = summarise(records, {row: ROWS[row][0] for row in rows})
+    what = args.data or (
+        f"make_sample --shortcut --n-per-class {args.n_per_class}"
+        if args.benchmark == "digits"
+        else "make_animals --shortcut"
     )
-    (out / "ablation.md").write_text(markdown(summary, context))
-    chart(summary, out / "ablation.png")
+    trainer = (
+        "one process (`megl_ray.training.local`, the Ray run's global batch per step)"
+        if args.trainer == "local"
+        else "`megl_ray.driver.fit.fit` (Ray Train workers, DeepSpeed ZeRO-2, CPU)"
+    )
+    context = (
+        f"Dataset: `{what}`; the tiny preset (`megl_ray/config/presets/tiny.yaml`) with overrides "
+        f"{list(args.overrides) or 'none'}, then each row's own; seeds train.seed = 0..{args.seeds - 1}; trained in "
+        f"{trainer}. The paper's column is its ViT Table 4 accuracy on its own datasets, for the direction of each row."
+    )
+    (out / "ablation.md").write_text(markdown(summary, args.title, context, PAPER_VIT))
+    chart(summary, out / "ablation.png", args.title)
     result = {
         "rows": {k: {m: v[m][0] for m in METRICS} for k, v in summary.items()},
         "std": {k: {m: v[m][1] for m in METRICS} for k, v in summary.items()},
+        "vs_ce": {k: v["vs_base"] for k, v in summary.items() if "vs_base" in v},
+        "accuracy_per_seed": {k: v["accuracy_per_seed"] for k, v in summary.items()},
         "seeds": args.seeds,
         "runs": len(records),
         "data": data,

@@ -27,6 +27,7 @@ COMMANDS = {
     "train-local": ("megl_ray.train_local", "train in this process, without Ray"),
     "convert": ("megl_ray.data.convert", "convert a dataset (authors' layout, manifests, HF, WebDataset) to shards"),
     "make-sample": ("megl_ray.data.make_sample", "build the bundled sample dataset"),
+    "make-animals": ("megl_ray.data.make_animals", "build the animal-silhouette benchmark (shortcut: a frame)"),
     "storage": ("megl_ray.storage.serve", "serve the embedded S3 store, or show and clear the model cache"),
 }
 

@@ -24,4 +24,9 @@ else
   # Same dependencies: only point the editable install at this checkout (a few seconds).
   "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$repo" >&2
 fi
+# The animal silhouettes of bench/ablation.py --benchmark animals (megl_ray.data.make_animals): data files only,
+# so without the package's declared dependencies (tensorflow, which nothing here uses).
+if ! "$venv/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('animal_mnist') is None)"; then
+  "$venv/bin/python" -m pip install -q --no-deps animal-mnist==0.4 >&2
+fi
 echo "$venv/bin/python"

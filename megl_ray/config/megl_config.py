@@ -168,18 +168,36 @@ class LossConfig:
     double backward: not available with train.zero_stage=3."""
 
     counterfactual_weight: float = 0.0
-    """λ_cf, an option beyond the paper (0 = off): counterfactual-background consistency. Every training image's
-    explained region (its ground-truth map where it has one, else its own Â above 0.5, detached) is pasted onto
-    another image's background — that image's object blanked, its background (and any shortcut in it) kept — and
-    the classifier must still predict the original label: CE(f(I_cf), y). A shortcut outside the explanation then
-    predicts the wrong class on every counterfactual, so the supervised explanation decides what the prediction
-    may use. After Chang et al., *Towards Robust Classification Model by Counterfactual and Invariant Data
-    Generation*, CVPR 2021, and Xiao et al., *Noise or Signal: The Role of Image Backgrounds in Object
-    Recognition*, ICLR 2021 (background swaps). One more classifier forward per step; no double backward, so it
-    works under ZeRO-3. Measured in bench/ablation.py."""
+    """λ_cf, an option beyond the paper (0 = off): counterfactual-background consistency. A training image's
+    explained region (its ground-truth map, dilated; see ``counterfactual_regions`` for the others) is pasted onto
+    another trusted image's background — that image's object blanked, its background (and any shortcut in it) kept —
+    and the classifier must still predict the original label: CE(f(I_cf), y). A shortcut outside the explanation
+    then predicts the wrong class on every counterfactual, so the annotated evidence decides what the prediction may
+    use. After Chang et al., *Towards Robust Classification Model by Counterfactual and Invariant Data Generation*,
+    CVPR 2021, and Xiao et al., *Noise or Signal: The Role of Image Backgrounds in Object Recognition*, ICLR 2021.
+    One more classifier forward per step (shared with ``background_weight``); no double backward, so it works under
+    ZeRO-3. Measured in bench/results/shortcut/."""
+    background_weight: float = 0.0
+    """λ_bg, an option beyond the paper (0 = off): the same trusted images with their explained region blanked (the
+    mean colour of the rest) must predict nothing: KL(uniform ‖ f(I_bg)). Whatever the background alone makes the
+    classifier say — a shortcut — is pushed to say nothing (Xiao et al.'s "Only-BG" images, as a loss)."""
+    counterfactual_regions: Literal["prior", "masks", "saliency"] = "prior"
+    """The explained region of a sample for ``counterfactual_weight`` and ``background_weight``: its ground-truth
+    map where it has one; for the others ``prior`` takes the support of the evidence prior Ā (where annotated
+    evidence occurs at all: what lies where no annotator ever marked evidence is background), ``masks`` leaves
+    them out (only annotated samples get the terms) and ``saliency`` takes their own Â ≥ 0.5 (early in training Â
+    sits on whatever CE found first — a shortcut — and the counterfactual then rewards it; kept to reproduce
+    bench/results/shortcut/)."""
 
     def __post_init__(self) -> None:
-        for name in ("text_weight", "visual_weight", "dc_weight", "rrr_weight", "counterfactual_weight"):
+        for name in (
+            "text_weight",
+            "visual_weight",
+            "dc_weight",
+            "rrr_weight",
+            "counterfactual_weight",
+            "background_weight",
+        ):
             value = getattr(self, name)
             _check(value >= 0, f"loss.{name}", f"must be >= 0, got {value}")
         _check(

@@ -2,8 +2,9 @@
 
 Per sample i:
     L_i = CE_i + λ_text·L_text,i + λ_vis·[I_V,i·L_visual,i + (1 − I_V,i)·λ_dc·L_dc,i]
-          (+ λ_rrr·I_V,i·L_rrr,i + λ_cf·CE(f(I_cf,i), y_i): the options ``loss.rrr_weight`` and
-          ``loss.counterfactual_weight``)
+          (+ λ_rrr·I_V,i·L_rrr,i + T_i·[λ_cf·CE(f(I_cf,i), y_i) + λ_bg·KL(U‖f(I_bg,i))]: the options
+          ``loss.rrr_weight``, ``loss.counterfactual_weight`` and ``loss.background_weight``; T_i says whether
+          sample i's explained region is trusted, see ``model/counterfactual.py``)
 and the batch loss is the mean of L_i. Every term is returned per sample, so that the masking by I_V is per sample,
 never per batch. No Ray here: these are plain tensor functions, testable on small hand-made tensors.
 
@@ -159,6 +160,14 @@ def input_gradient_penalty(input_grad: torch.Tensor, target: torch.Tensor) -> to
     return (outside * input_grad).pow(2).flatten(1).sum(dim=1)
 
 
+def uniform_kl(logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample KL(U‖softmax(logits)), (B,), U the uniform distribution over the K classes:
+    −log K − (1/K)·Σ_k log p_k. 0 exactly when the prediction is uniform (says nothing), > 0 otherwise. The target of
+    the background-only images of ``loss.background_weight``: with the object blanked, no class should win."""
+    log_p = F.log_softmax(logits.float(), dim=1)
+    return -math.log(logits.shape[1]) - log_p.mean(dim=1)
+
+
 def visual_ramp(step: int, total_steps: int, start: float, end: float) -> float:
     """Factor in [0, 1] on λ_vis at optimizer step ``step`` (0-based) of ``total_steps``: 0 before ``start``·total,
     linear up to 1 at ``end``·total, 1 after; always 1 when ``end`` is 0 (no ramp, the paper's constant weight)."""
@@ -184,10 +193,13 @@ def megl_objective(
     rrr: torch.Tensor | None = None,
     counterfactual: torch.Tensor | None = None,
     visual_scale: float = 1.0,
+    background: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over the batch of CE + λ_text·L_text + λ_vis·[I_V·L_visual + (1 − I_V)·λ_dc·L_dc] (+ λ_rrr·I_V·L_rrr
-    and λ_cf·L_cf, the options ``loss.rrr_weight`` and ``loss.counterfactual_weight``; ``counterfactual`` is the
-    per-sample CE on the counterfactual-background images); None terms are 0. ``visual_scale`` multiplies λ_vis
+    and λ_cf·L_cf + λ_bg·L_bg, the options ``loss.rrr_weight``, ``loss.counterfactual_weight`` and
+    ``loss.background_weight``; ``counterfactual`` is the per-sample CE on the counterfactual-background images,
+    ``background`` the per-sample KL to uniform on the background-only images, both 0 for untrusted samples);
+    None terms are 0. ``visual_scale`` multiplies λ_vis
     (the ramp of ``loss.visual_ramp_start/end``, see :func:`visual_ramp`).
 
     ``sample_weight`` (B,) makes it a weighted mean; rows that only pad a worker's shard carry weight 0."""
@@ -206,6 +218,8 @@ def megl_objective(
         per_sample = per_sample + weights.rrr_weight * torch.where(has_mask, rrr, torch.zeros_like(rrr))
     if counterfactual is not None:
         per_sample = per_sample + weights.counterfactual_weight * counterfactual
+    if background is not None:
+        per_sample = per_sample + weights.background_weight * background
     if sample_weight is None:
         return per_sample.mean()
     sample_weight = sample_weight.to(per_sample.dtype)

@@ -19,7 +19,13 @@ from megl_ray.config import LossConfig, MEGLConfig, ModelConfig
 from megl_ray.data.prompt import encode_prompt, pad_sequences
 from megl_ray.model import losses
 from megl_ray.model.classifier import Classifier, build_classifier, fit_pixels
-from megl_ray.model.counterfactual import counterfactual_images, explained_region
+from megl_ray.model.counterfactual import (
+    COUNTERFACTUAL_VIEWS,
+    BackgroundBank,
+    background_images,
+    counterfactual_images,
+    explained_region,
+)
 from megl_ray.model.precision import autocast_dtype, prepare_model
 from megl_ray.model.saliency import gradcam, upsample
 from megl_ray.model.vlm import CLIP_MEAN, CLIP_STD, VLMBundle, build_vlm
@@ -93,6 +99,7 @@ class MEGLModel(nn.Module):
         # Ā: the dataset's mean normalised ground-truth map. Uniform until the data pipeline provides one.
         self.register_buffer("prior", prior.float().clone() if prior is not None else torch.ones(8, 8))
         self.generate_defaults: dict[str, Any] = {}
+        self.background_bank = BackgroundBank()  # loss.counterfactual_weight's donors
         """Keyword arguments every ``generate`` passes to transformers' (the caller's win)."""
 
     def set_prior(self, prior: torch.Tensor) -> None:
@@ -206,12 +213,9 @@ class MEGLModel(nn.Module):
         out, sal = self.classify_with_saliency(pixels, labels if self.cfg.cam_target == "label" else "prediction")
         ce = losses.classification_loss(out.logits, labels)
 
-        visual = dc = text = text_logits = rrr = counterfactual = None
-        if w.counterfactual_weight > 0 and self.training and pixels.shape[0] > 1:
-            region = explained_region(sal, masks, has_mask, tuple(pixels.shape[-2:]))
-            cf = counterfactual_images(pixels.detach(), region)  # at the decoded side, then resized like f's input
-            cf_logits = self.classifier(fit_pixels(cf, self.cfg.image_size)).logits
-            counterfactual = losses.classification_loss(cf_logits, labels)
+        visual = dc = text = text_logits = rrr = counterfactual = background = trusted = None
+        if (w.counterfactual_weight > 0 or w.background_weight > 0) and self.training and pixels.shape[0] > 1:
+            counterfactual, background, trusted = self._counterfactual_terms(pixels, sal, labels, masks, has_mask)
         if rrr_on:
             # Σ_k log p_k of the annotated samples only; samples are independent (per-sample norms), so the others
             # get a zero input gradient and no penalty.
@@ -233,7 +237,7 @@ class MEGLModel(nn.Module):
                 text = self.rationale_text_loss(embeds, attention_mask, text_labels, positions)
 
         loss = losses.megl_objective(
-            ce, text, visual, dc, has_mask, w, sample_weight, rrr, counterfactual, visual_scale
+            ce, text, visual, dc, has_mask, w, sample_weight, rrr, counterfactual, visual_scale, background
         )
         terms = {"loss": loss.detach(), "ce": ce.detach().mean()}
         if text is not None:
@@ -245,8 +249,59 @@ class MEGLModel(nn.Module):
         if rrr is not None:
             terms["rrr"] = losses.masked_mean(rrr.detach(), has_mask)
         if counterfactual is not None:
-            terms["cf"] = counterfactual.detach().mean()
+            terms["cf"] = losses.masked_mean(counterfactual.detach(), trusted)
+        if background is not None:
+            terms["bg"] = losses.masked_mean(background.detach(), trusted)
         return MEGLOutput(loss=loss, logits=out.logits, saliency=sal, terms=terms, text_logits=text_logits, text=text)
+
+    def _counterfactual_terms(
+        self,
+        pixels: torch.Tensor,
+        sal: torch.Tensor,
+        labels: torch.Tensor,
+        masks: torch.Tensor | None,
+        has_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """Per-sample L_cf and L_bg (0 for untrusted samples; None when the weight is 0) and the trusted mask.
+
+        Donors are drawn from the bank of this rank's last trusted backgrounds (this micro-batch's included). With
+        ``counterfactual_regions=masks`` trusted samples are few (10 % carry a map: one or two in a micro-batch of
+        16), so each gets ``COUNTERFACTUAL_VIEWS`` counterfactuals; otherwise every sample is trusted, one view
+        each. Only trusted samples go through the classifier: one host read of how many there are (an option's
+        cost, not the default path's)."""
+        w = self.loss_cfg
+        trusted = has_mask | (w.counterfactual_regions != "masks")
+        zero = torch.zeros_like(labels, dtype=torch.float32)
+        counterfactual = zero if w.counterfactual_weight > 0 else None
+        background = zero if w.background_weight > 0 else None
+        index = trusted.nonzero().flatten()
+        if index.numel() == 0:
+            return counterfactual, background, trusted
+        own = pixels.detach()[index]
+        prior = self.prior if w.counterfactual_regions == "prior" else None
+        region = explained_region(
+            sal[index], None if masks is None else masks[index], has_mask[index], own.shape[-2:], prior
+        )
+        blanked = background_images(own, region)
+        self.background_bank.add(blanked)
+        # several views where only the annotated few are trusted; one where every sample is
+        views = COUNTERFACTUAL_VIEWS if w.counterfactual_regions == "masks" else 1
+        images = []  # at the decoded size, then resized like f's input
+        if w.counterfactual_weight > 0:
+            donors = self.background_bank.draw(own.shape[0] * views)
+            images.append(
+                counterfactual_images(own.repeat_interleave(views, 0), region.repeat_interleave(views, 0), donors)
+            )
+        if w.background_weight > 0:
+            images.append(blanked)
+        logits = self.classifier(fit_pixels(torch.cat(images), self.cfg.image_size)).logits
+        if counterfactual is not None:
+            cf_logits = logits[: own.shape[0] * views]
+            cf = losses.classification_loss(cf_logits, labels[index].repeat_interleave(views))
+            counterfactual = counterfactual.index_put((index,), cf.view(-1, views).mean(dim=1))
+        if background is not None:
+            background = background.index_put((index,), losses.uniform_kl(logits[-own.shape[0] :]))
+        return counterfactual, background, trusted
 
     # -- inference -----------------------------------------------------------------------------------------------
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-TERMS = ("loss", "ce", "text", "visual", "dc", "rrr", "cf")
+TERMS = ("loss", "ce", "text", "visual", "dc", "rrr", "cf", "bg")
 """Every term ``MEGLModel.forward`` may report; a term absent from a micro-batch (no mask in it, say) is averaged
 over the micro-batches that had it."""
-MASKED_TERMS = ("visual", "dc", "rrr")
-"""Means over some samples of a micro-batch (with a mask, without one): NaN where it has none, i.e. absent."""
+MASKED_TERMS = ("visual", "dc", "rrr", "cf", "bg")
+"""Means over some samples of a micro-batch (with a mask, without one, trusted): NaN where it has none, i.e.
+absent."""
 
 
 @dataclass

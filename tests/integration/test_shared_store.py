@@ -143,8 +143,8 @@ def test_two_runs_an_evaluation_a_killed_starter_and_a_ctrl_c_share_one_megl_hom
     starter, _ = _holder(env, export)  # starts the store; an earlier run's export goes into it
     reaped.append(starter)
 
-    def train(name: str) -> subprocess.Popen[str]:
-        args = ["--config", str(FAST), f"run.name={name}", "train.checkpoint_every=3"]
+    def train(name: str, epochs: int = 1) -> subprocess.Popen[str]:
+        args = ["--config", str(FAST), f"run.name={name}", "train.checkpoint_every=3", f"train.epochs={epochs}"]
         args.append(f"train.sample_log_dir={tmp_path / name}")
         proc = subprocess.Popen(
             [sys.executable, "-m", "megl_ray.train", *args],
@@ -157,7 +157,9 @@ def test_two_runs_an_evaluation_a_killed_starter_and_a_ctrl_c_share_one_megl_hom
         reaped.append(proc)
         return proc
 
-    one = train("one")
+    # run one trains 4 epochs (36 steps): still training after two's Ctrl-C, its shutdown (up to 60 s) and the
+    # starter's death; at one epoch it once finished before that (a race lost in CI)
+    one = train("one", epochs=4)
     time.sleep(2)
     two = train("two")
     # Ctrl-C of run "two" in its first epoch, after its step-3 checkpoint (and the 2 s Ray Train takes to see it)
@@ -178,6 +180,7 @@ def test_two_runs_an_evaluation_a_killed_starter_and_a_ctrl_c_share_one_megl_hom
     assert stated, lines[-4:]
     command = lines[-1].removeprefix("[megl] resume it with: ")
     assert command.startswith("python -m megl_ray.train --config ") and "run.name=two" in command
+    assert one.poll() is None, one.stderr.read()[-3000:]
     starter.kill()  # the process that started the store dies; the runs go on
     starter.wait()
     # resumed with exactly that command (python: this venv's), while run one still trains

@@ -164,3 +164,19 @@ def test_visual_ramp_bounds_are_validated():
 
     with pytest.raises(ConfigError, match="visual_ramp"):
         LossConfig(visual_ramp_start=0.6, visual_ramp_end=0.3)
+
+
+def test_uniform_kl_is_zero_for_a_uniform_prediction_and_the_kl_otherwise():
+    logits = torch.tensor([[3.0, 3.0, 3.0, 3.0], [math.log(0.7), math.log(0.1), math.log(0.1), math.log(0.1)]])
+    got = losses.uniform_kl(logits)
+    by_hand = sum(0.25 * math.log(0.25 / p) for p in (0.7, 0.1, 0.1, 0.1))  # KL(U‖p)
+    assert got[0].item() == pytest.approx(0.0, abs=1e-6) and got[1].item() == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_objective_adds_the_background_term_with_its_weight():
+    w = LossConfig(text_weight=0.0, visual_weight=0.0, counterfactual_weight=0.5, background_weight=2.0)
+    ce, cf, bg = torch.tensor([1.0, 2.0]), torch.tensor([4.0, 0.0]), torch.tensor([0.25, 0.0])
+    total = losses.megl_objective(
+        ce, None, None, None, torch.tensor([True, False]), w, counterfactual=cf, background=bg
+    )
+    assert total.item() == pytest.approx(((1 + 0.5 * 4.0 + 2.0 * 0.25) + 2) / 2)
