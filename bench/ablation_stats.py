@@ -4,6 +4,7 @@ the table and the chart. Plain numpy and matplotlib: no torch, no Ray (tested on
 from __future__ import annotations
 
 import statistics
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -98,11 +99,11 @@ def _cell(pair: tuple[float | None, float | None]) -> str:
     return "n/a" if mean is None else f"{mean:.3f} ± {std:.3f}"
 
 
-def _interval(value: tuple[float, float, float] | None, scale: float = 100.0, unit: str = "") -> str:
+def _interval(value: tuple[float, float, float] | None, scale: float = 100.0, digits: int = 1) -> str:
     if value is None:
         return "—"
-    d, lo, hi = value
-    return f"{scale * d:+.1f}{unit} [{scale * lo:+.1f}, {scale * hi:+.1f}]"
+    d, lo, hi = (scale * v for v in value)
+    return f"{d:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
 def markdown(summary: dict[str, dict[str, Any]], title: str, context: str, paper: dict[str, float]) -> str:
@@ -115,10 +116,10 @@ def markdown(summary: dict[str, dict[str, Any]], title: str, context: str, paper
     for row, s in summary.items():
         vs = s.get("vs_base", {})
         seeds = ", ".join(f"{a:.3f}" for a in s["accuracy_per_seed"])
+        accuracy, miou = _interval(vs.get("accuracy")), _interval(vs.get("miou"), 1.0, 2)
         lines.append(
-            f"| {s['label']} | {s['seeds']} | {_cell(s['accuracy'])} | {_interval(vs.get('accuracy'))} | {seeds} | "
-            f"{_cell(s['miou'])} | {_interval(vs.get('miou'), 1.0)} | {_cell(s['macro_f1'])} | {_cell(s['bleu4'])} | "
-            f"{paper.get(row, '—')} |"
+            f"| {s['label']} | {s['seeds']} | {_cell(s['accuracy'])} | {accuracy} | {seeds} | {_cell(s['miou'])} | "
+            f"{miou} | {_cell(s['macro_f1'])} | {_cell(s['bleu4'])} | {paper.get(row, '—')} |"
         )
     lines.append(
         "\nΔ: paired difference to CE only on the same test images, averaged over seeds (same seed against same "
@@ -136,7 +137,7 @@ def chart(summary: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [s["label"].replace(" (", "\n(").replace(", ", ",\n") for s in summary.values()]
+    labels = [textwrap.fill(s["label"], 16) for s in summary.values()]
     xs = np.arange(len(labels))
     fig, (left, right) = plt.subplots(1, 2, figsize=(max(10, 2.2 * len(labels)), 4.8))
     for offset, metric in ((-0.2, "accuracy"), (0.2, "miou")):
