@@ -93,6 +93,9 @@ def _gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return out.squeeze(1)
 
 
+MARGIN_LOW, MARGIN_HIGH = 0.4, 0.6  # the ``margin`` transform's bounds around mIoU's 0.5-of-peak threshold
+
+
 @compute_in_fp32
 def visual_loss(
     saliency: torch.Tensor, target: torch.Tensor, transform: str = "none", gaussian_sigma: float = 1.0
@@ -106,6 +109,9 @@ def visual_loss(
     - ``haics``: only attention outside the annotated region is penalised, mean(Â·(1 − A)): annotators mark where
       the evidence is, not how much of it every pixel holds.
     - ``gaussian``: A blurred by a Gaussian (σ in grid cells) and rescaled to peak 1, tolerating imprecise borders.
+    - ``margin``: only the side of the threshold mIoU reads (0.5 of the peak) with a margin: inside the region
+      (A > 0.5) Â is pushed up to 0.6, outside down to 0.4, and nothing more — the CAM may still peak on the
+      discriminative part CE wants, as long as the rest of the object stays above the threshold.
     """
     target = resize_map(target.to(saliency.dtype), tuple(saliency.shape[-2:]))
     if transform == "none":
@@ -114,12 +120,15 @@ def visual_loss(
         diff = saliency - (target > 0.5).to(saliency.dtype)
     elif transform == "haics":
         diff = saliency * (1 - target)
+    elif transform == "margin":
+        inside = (target > 0.5).to(saliency.dtype)
+        diff = inside * F.relu(MARGIN_HIGH - saliency) + (1 - inside) * F.relu(saliency - MARGIN_LOW)
     elif transform == "gaussian":
         blurred = _gaussian_blur(target, gaussian_sigma)
         blurred = blurred / blurred.flatten(1).amax(dim=1).clamp_min(1e-8).view(-1, 1, 1)
         diff = saliency - blurred
     else:
-        raise ValueError(f"unknown visual transform '{transform}' (none, gradia, haics, gaussian)")
+        raise ValueError(f"unknown visual transform '{transform}' (none, gradia, haics, gaussian, margin)")
     return diff.abs().flatten(1).mean(dim=1)
 
 

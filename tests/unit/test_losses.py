@@ -37,6 +37,10 @@ def test_visual_transforms_match_hand_computation():
     target = torch.tensor([[[0.6, 0.4], [0.0, 0.0]]])
     assert losses.visual_loss(sal, target, "gradia").item() == pytest.approx((0.2 + 0.2 + 0.4 + 0) / 4)
     assert losses.visual_loss(sal, target, "haics").item() == pytest.approx((0.8 * 0.4 + 0.2 * 0.6 + 0.4) / 4)
+    # margin: inside (A > 0.5: top-left) only below 0.6 counts, outside only above 0.4
+    margin = torch.tensor([[[0.5, 0.45], [0.4, 0.9]]])
+    assert losses.visual_loss(margin, target, "margin").item() == pytest.approx((0.1 + 0.05 + 0 + 0.5) / 4)
+    assert losses.visual_loss(torch.tensor([[[0.7, 0.3], [0.1, 0.0]]]), target, "margin").item() == 0.0
     point = torch.zeros(1, 5, 5)
     point[0, 2, 2] = 1.0
     blurred_loss = losses.visual_loss(torch.zeros(1, 5, 5), point, "gaussian", gaussian_sigma=1.0).item()
