@@ -99,8 +99,8 @@ class MEGLModel(nn.Module):
         # Ā: the dataset's mean normalised ground-truth map. Uniform until the data pipeline provides one.
         self.register_buffer("prior", prior.float().clone() if prior is not None else torch.ones(8, 8))
         self.generate_defaults: dict[str, Any] = {}
-        self.background_bank = BackgroundBank()  # loss.counterfactual_weight's donors
         """Keyword arguments every ``generate`` passes to transformers' (the caller's win)."""
+        self.background_bank = BackgroundBank()  # loss.counterfactual_weight's donors
 
     def set_prior(self, prior: torch.Tensor) -> None:
         self.prior = prior.to(self.prior.device, torch.float32).clone()
@@ -275,20 +275,23 @@ class MEGLModel(nn.Module):
         counterfactual = zero if w.counterfactual_weight > 0 else None
         background = zero if w.background_weight > 0 else None
         index = trusted.nonzero().flatten()
-        if index.numel() == 0:
-            return counterfactual, background, trusted
+        any_trusted = index.numel() > 0
+        if not any_trusted:  # a stand-in, zeroed below: every rank runs the same forwards (ZeRO-3 gathers in them)
+            index = torch.zeros(1, dtype=torch.long, device=labels.device)
         own = pixels.detach()[index]
         prior = self.prior if w.counterfactual_regions == "prior" else None
         region = explained_region(
             sal[index], None if masks is None else masks[index], has_mask[index], own.shape[-2:], prior
         )
         blanked = background_images(own, region)
-        self.background_bank.add(blanked)
+        if any_trusted:
+            self.background_bank.add(blanked)
         # several views where only the annotated few are trusted; one where every sample is
         views = COUNTERFACTUAL_VIEWS if w.counterfactual_regions == "masks" else 1
         images = []  # at the decoded size, then resized like f's input
         if w.counterfactual_weight > 0:
-            donors = self.background_bank.draw(own.shape[0] * views)
+            n = own.shape[0] * views
+            donors = self.background_bank.draw(n) if self.background_bank.items else blanked.repeat_interleave(views, 0)
             images.append(
                 counterfactual_images(own.repeat_interleave(views, 0), region.repeat_interleave(views, 0), donors)
             )
@@ -298,9 +301,10 @@ class MEGLModel(nn.Module):
         if counterfactual is not None:
             cf_logits = logits[: own.shape[0] * views]
             cf = losses.classification_loss(cf_logits, labels[index].repeat_interleave(views))
-            counterfactual = counterfactual.index_put((index,), cf.view(-1, views).mean(dim=1))
+            counterfactual = torch.where(trusted, zero.index_put((index,), cf.view(-1, views).mean(dim=1)), zero)
         if background is not None:
-            background = background.index_put((index,), losses.uniform_kl(logits[-own.shape[0] :]))
+            bg = zero.index_put((index,), losses.uniform_kl(logits[-own.shape[0] :]))
+            background = torch.where(trusted, bg, zero)
         return counterfactual, background, trusted
 
     # -- inference -----------------------------------------------------------------------------------------------

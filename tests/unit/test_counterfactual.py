@@ -120,3 +120,13 @@ def test_from_the_prior_every_sample_gets_one_counterfactual():
     seen = _count_classifier_images(model)
     out = model(pixels, labels)  # no masks at all: the prior's support is every sample's region
     assert seen == [4, 4] and torch.isfinite(out.terms["cf"]) and "bg" not in out.terms
+
+
+def test_without_an_annotated_sample_the_classifier_still_runs_once_and_adds_nothing():
+    # ZeRO-3 gathers parameters inside module calls: every rank must make the same calls, whatever its batch holds
+    model = _model("loss.counterfactual_weight=1.0", "loss.counterfactual_regions=masks", "loss.visual_weight=0")
+    pixels, labels = torch.rand(4, 3, 64, 64), torch.tensor([0, 1, 2, 0])
+    seen = _count_classifier_images(model)
+    out = model(pixels, labels, masks=torch.zeros(4, 64, 64), has_mask=torch.zeros(4, dtype=torch.bool))
+    assert seen == [4, COUNTERFACTUAL_VIEWS] and not model.background_bank.items  # a stand-in, not banked
+    assert torch.isnan(out.terms["cf"]) and out.loss.item() == pytest.approx(out.terms["ce"].item(), rel=1e-6)
