@@ -147,7 +147,7 @@ def score_export(export: str, data: str) -> dict[str, Any]:
         "bleu4": bleu4([str(g) for g in out["generated"]], refs),
         "outcomes": {
             "accuracy": (probs.argmax(1) == labels).int().tolist(),
-            "miou": [iou if bool(m) else None for iou, m in zip(ious, has_mask.tolist())],
+            "miou": [round(iou, 4) if bool(m) and iou is not None else None for iou, m in zip(ious, has_mask.tolist())],
         },
     }
 

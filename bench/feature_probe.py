@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python bench/feature_probe.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "megl-paper-regime"), help="paper_regime's")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "paper_regime"), help="results folder")
-    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of each row")
+    p.add_argument("--variants", default="", help="comma-separated variants (default: every one under --work)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     return p
 
 
@@ -110,8 +112,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     work, out = Path(args.work), Path(args.out)
     data = str(work / "benchmark")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results: dict[str, dict[str, dict[str, float]]] = {}
-    for variant in sorted(p.name for p in work.iterdir() if (p / "runs").is_dir()):
+    chosen = [v for v in args.variants.split(",") if v] or sorted(
+        p.name for p in work.iterdir() if (p / "runs").is_dir()
+    )
+    for variant in chosen:
         for row in ROWS:
             per_seed = [
                 probe(str(export), data)
@@ -122,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 results.setdefault(variant, {})[row] = {
                     k: statistics.fmean(r[k] for r in per_seed) for k in per_seed[0]
                 } | {"seeds": len(per_seed)}
+    out.mkdir(parents=True, exist_ok=True)
+    earlier = out / "features.json"  # variants probed before (another --variants) are kept
+    results = (json.loads(earlier.read_text()) if earlier.is_file() else {}) | results
     lines = [
         "# What the visual term does to the classifier (paper regime, test split, mean over seeds)\n",
         "`python bench/feature_probe.py`: accuracy as trained; linear probe = logistic regression on the frozen "
@@ -137,7 +147,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 f"| {variant} | {row} | {r['seeds']} | {r['accuracy']:.3f} | {r['linear_probe']:.3f} | "
                 f"{r['object_only']:.3f} | {r['cam_in_mask']:.3f} |"
             )
-    out.mkdir(parents=True, exist_ok=True)
     (out / "features.md").write_text("\n".join(lines) + "\n")
     (out / "features.json").write_text(json.dumps(results, indent=2) + "\n")
     return {"variants": results, "out": str(out)}
