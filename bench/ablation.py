@@ -34,6 +34,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # ablation_stats, also when this file is loaded by path (the tests)
 
 from ablation_stats import METRICS, chart, iou_per_image, markdown, summarise  # noqa: E402
 
