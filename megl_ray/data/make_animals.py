@@ -25,10 +25,8 @@ import dataclasses
 import functools
 import gzip
 import importlib.util
-import json
 import os
 import pickle
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from megl_ray.cli import ArgumentParser, options_from, run_cli, setup_logging
-from megl_ray.data.make_sample import _png_bytes
+from megl_ray.data.generated import png_bytes, prepare_folder, write_layout
 from megl_ray.errors import UserError
 
 CLASS_NAMES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
@@ -184,22 +182,6 @@ class AnimalOptions:
     overwrite: bool = False
 
 
-def _prepare(out: str, overwrite: bool) -> None:
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise UserError(f"{out} exists and is not a folder; choose a new or empty folder")
-    if os.path.isdir(out) and os.listdir(out):
-        if not overwrite:
-            raise UserError(f"{out} is not empty; choose a new folder or pass --overwrite")
-        for name in ("images", "masks", "exp_annotation.json", "label_class_id_mapping.json", "README.md"):
-            path = os.path.join(out, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-    os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    os.makedirs(os.path.join(out, "masks"), exist_ok=True)
-
-
 def build(args: AnimalOptions) -> dict[str, Any]:
     """Write the folder; return a summary dict."""
     counts = {"train": args.train_per_class, "val": args.val_per_class, "test": args.test_per_class}
@@ -208,7 +190,7 @@ def build(args: AnimalOptions) -> dict[str, Any]:
     if args.part not in ("main", "pretrain"):
         raise UserError(f"--part must be main or pretrain, got {args.part}")
     images, labels = silhouettes()
-    _prepare(args.out, args.overwrite)
+    prepare_folder(args.out, args.overwrite)
     rng = np.random.default_rng(args.seed)
     items = []  # (class, silhouette row, split, has mask)
     for c in range(len(CLASS_NAMES)):
@@ -227,7 +209,7 @@ def build(args: AnimalOptions) -> dict[str, Any]:
             frame = int(rng.integers(len(CLASS_NAMES))) if split == "test" else class_id
         rgb, alpha, fill = render(images[row], rng, frame)
         with open(os.path.join(args.out, "images", f"{record_id}.png"), "wb") as f:
-            f.write(_png_bytes(rgb))
+            f.write(png_bytes(rgb))
         name = CLASS_NAMES[class_id]
         evidence = _describe(alpha, fill)
         shapes = SHAPES[name]
@@ -243,12 +225,7 @@ def build(args: AnimalOptions) -> dict[str, Any]:
             "ans": name,
             "split": split,
         }
-    with open(os.path.join(args.out, "exp_annotation.json"), "w", encoding="utf-8") as f:
-        f.write(json.dumps(annotations, indent=1) + "\n")
-    with open(os.path.join(args.out, "label_class_id_mapping.json"), "w", encoding="utf-8") as f:
-        f.write(json.dumps({n: i for i, n in enumerate(CLASS_NAMES)}, indent=1) + "\n")
-    with open(os.path.join(args.out, "README.md"), "w", encoding="utf-8") as f:
-        f.write(_readme(args, len(items)))
+    write_layout(args.out, annotations, CLASS_NAMES, _readme(args, len(items)))
     masks = sum(1 for item in items if item[3])
     return {"out": args.out, "images": len(items), "with_mask": masks, "shortcut": args.shortcut, "part": args.part}
 

