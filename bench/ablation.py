@@ -28,7 +28,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,18 +102,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_dataset(work: Path, benchmark: str, n_per_class: int) -> str:
-    from megl_ray.data import convert, make_animals, make_sample
+def generated_dataset(work: Path, name: str, generate: Callable[[list[str]], Any], flags: list[str]) -> str:
+    """``work/name``: a generator's (``make_sample.main``, ``make_animals.main``) output with ``flags``, converted;
+    a ``--work`` folder of an earlier run keeps its dataset (nothing generated again)."""
+    from megl_ray.data import convert
     from megl_ray.data.schema import DATASET_INFO_FILE
 
-    src, dst = work / f"{benchmark}-src", work / benchmark
-    if not (dst / DATASET_INFO_FILE).is_file():  # a --work folder of an earlier run: its dataset again
-        if benchmark == "animals":
-            make_animals.main([str(src), "--shortcut", "--overwrite"])
-        else:
-            make_sample.main([str(src), "--shortcut", "--n-per-class", str(n_per_class), "--overwrite"])
+    src, dst = work / f"{name}-src", work / name
+    if not (dst / DATASET_INFO_FILE).is_file():
+        generate([str(src), *flags, "--overwrite"])
         convert.main([str(src), str(dst), "--overwrite"])
     return str(dst)
+
+
+def make_dataset(work: Path, benchmark: str, n_per_class: int) -> str:
+    from megl_ray.data import make_animals, make_sample
+
+    if benchmark == "animals":
+        return generated_dataset(work, benchmark, make_animals.main, ["--shortcut"])
+    return generated_dataset(work, benchmark, make_sample.main, ["--shortcut", "--n-per-class", str(n_per_class)])
 
 
 def score_export(export: str, data: str) -> dict[str, Any]:

@@ -31,6 +31,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # ablation's helpers, also when this file is loaded by path
+
+from ablation import generated_dataset  # noqa: E402
 
 from megl_ray.cli import ArgumentParser, run_cli, setup_logging  # noqa: E402
 
@@ -62,14 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dataset(work: Path, name: str, flags: list[str]) -> str:
-    from megl_ray.data import convert, make_animals
-    from megl_ray.data.schema import DATASET_INFO_FILE
+    from megl_ray.data import make_animals
 
-    dst = work / name
-    if not (dst / DATASET_INFO_FILE).is_file():
-        make_animals.main([str(work / f"{name}-src"), *flags, "--overwrite"])
-        convert.main([str(work / f"{name}-src"), str(dst), "--overwrite"])
-    return str(dst)
+    return generated_dataset(work, name, make_animals.main, flags)
 
 
 def pretrain(work: Path, per_class: int, epochs: int) -> str:
